@@ -1,0 +1,81 @@
+//! Well-known SPIFFE IDs and random identifiers.
+
+use ring::rand::{SecureRandom, SystemRandom};
+use spiffe::{SpiffeId, TrustDomain};
+
+/// Path of the server's own SVID inside its trust domain.
+pub const SERVER_PATH: &str = "/sigil/server";
+
+/// The server's SPIFFE ID: `spiffe://<td>/sigil/server`.
+pub fn server_id(td: &TrustDomain) -> SpiffeId {
+    #[expect(clippy::expect_used, reason = "constant, valid path segments")]
+    SpiffeId::from_segments(td.clone(), &["sigil", "server"]).expect("valid server id")
+}
+
+/// The ID of an agent attested by `attestor` with a unique suffix:
+/// `spiffe://<td>/sigil/agent/<attestor>/<unique>`.
+pub fn agent_id(
+    td: &TrustDomain,
+    attestor: &str,
+    unique: &str,
+) -> Result<SpiffeId, spiffe::SpiffeIdError> {
+    SpiffeId::from_segments(td.clone(), &["sigil", "agent", attestor, unique])
+}
+
+/// Random bytes from the system CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // SystemRandom only fails if the OS RNG is unavailable, which is fatal.
+    #[expect(clippy::expect_used, reason = "an unavailable OS RNG is unrecoverable")]
+    SystemRandom::new().fill(&mut b).expect("system RNG");
+    b
+}
+
+/// A new random entry ID in UUID (v4) text form.
+pub fn new_entry_id() -> String {
+    let mut b = random_bytes::<16>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// SHA-256 of `data`, hex encoded.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_and_agent_ids_are_in_the_trust_domain() {
+        let td = TrustDomain::new("example.org").unwrap();
+        assert_eq!(
+            server_id(&td).to_string(),
+            "spiffe://example.org/sigil/server"
+        );
+        assert_eq!(
+            agent_id(&td, "join_token", "abc").unwrap().to_string(),
+            "spiffe://example.org/sigil/agent/join_token/abc"
+        );
+        assert!(agent_id(&td, "join_token", "a/b").is_err());
+    }
+
+    #[test]
+    fn entry_ids_are_unique_uuids() {
+        let a = new_entry_id();
+        let b = new_entry_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
+}

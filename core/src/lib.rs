@@ -1,0 +1,24 @@
+//! sigil-core: the pure types and logic of Sigil, with no sockets and no files.
+//!
+//! - [`duration`]: the `300` / `300s` / `5m` / `1h` duration syntax of the CLI and configs.
+//! - [`selector`]: validated `type:key:value` selectors and selector-set matching.
+//! - [`entry`]: registration entries, validated from their wire form.
+//! - [`x509`]: the CA, X.509-SVID minting from CSRs, SVID inspection.
+//! - [`ids`]: well-known SPIFFE IDs (server, agents) and random identifiers.
+//!
+//! SPIFFE IDs and trust domains are the `spiffe` crate's validated types.
+
+#![warn(missing_docs)]
+
+pub mod duration;
+pub mod entry;
+pub mod ids;
+pub mod selector;
+pub mod x509;
+
+pub use spiffe::{SpiffeId, TrustDomain};
+
+/// Seconds since the Unix epoch, now.
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}

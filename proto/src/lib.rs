@@ -1,0 +1,32 @@
+//! sigil-proto: the wire contracts of Sigil and nothing else.
+//!
+//! - [`workload`]: the SPIFFE Workload API, wire-exact (no proto package, so
+//!   the gRPC paths are `/SpiffeWorkloadAPI/<Method>`).
+//! - [`agent`]: the agent <-> server API (attestation, sync, minting).
+//! - [`admin`]: the operator CLI <-> server admin socket API.
+//! - [`common`]: messages shared by the two Sigil APIs.
+
+#![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+
+/// SPIFFE Workload API messages and service (no proto package).
+pub mod workload {
+    tonic::include_proto!("_");
+}
+
+/// Messages shared by the agent and admin APIs.
+pub mod common {
+    tonic::include_proto!("sigil.common");
+}
+
+/// Agent <-> server API.
+pub mod agent {
+    tonic::include_proto!("sigil.agent");
+}
+
+/// Operator CLI <-> server admin API.
+pub mod admin {
+    tonic::include_proto!("sigil.admin");
+}
+
+/// The gRPC metadata key every Workload API request must carry with value `true`.
+pub const WORKLOAD_API_HEADER: &str = "workload.spiffe.io";
