@@ -4,12 +4,14 @@
 //! - [`selector`]: validated `type:key:value` selectors and selector-set matching.
 //! - [`entry`]: registration entries, validated from their wire form.
 //! - [`x509`]: the CA, X.509-SVID minting from CSRs, SVID inspection.
+//! - [`bundle`]: the SPIFFE bundle (JWKS) encoding of trust bundles.
 //! - [`ids`]: well-known SPIFFE IDs (server, agents) and random identifiers.
 //!
 //! SPIFFE IDs and trust domains are the `spiffe` crate's validated types.
 
 #![warn(missing_docs)]
 
+pub mod bundle;
 pub mod duration;
 pub mod entry;
 pub mod ids;

@@ -1,0 +1,217 @@
+//! The admin API on the server's Unix socket. Only root and the server's own
+//! uid may call it (checked from the socket's peer credentials on every call).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_core::SpiffeId;
+use sigil_proto::admin::admin_api_server::AdminApi;
+use sigil_proto::admin::{
+    Agent, AgentId, Bundle, DeleteResponse, EntryId, GenerateTokenRequest, GenerateTokenResponse,
+    GetBundleRequest, HealthRequest, HealthResponse, ListAgentsRequest, ListAgentsResponse,
+    ListEntriesRequest, ListEntriesResponse, UpdateEntryRequest,
+};
+use sigil_proto::common::Entry as PbEntry;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::state::ServerState;
+
+/// Longest join token lifetime.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+pub struct AdminService {
+    state: Arc<ServerState>,
+    own_uid: u32,
+}
+
+impl AdminService {
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self {
+            state,
+            own_uid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let uid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .map(|c| c.uid())
+            .ok_or_else(|| {
+                Status::permission_denied("admin socket peer credentials unavailable")
+            })?;
+        if uid == 0 || uid == self.own_uid {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "uid {uid} may not use the admin API"
+            )))
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("worker task failed"))?
+}
+
+#[tonic::async_trait]
+impl AdminApi for AdminService {
+    async fn health(
+        &self,
+        req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        self.authorize(&req)?;
+        let state = self.state.clone();
+        let (entries, agents) =
+            blocking(move || Ok((state.list_entries()?.len(), state.list_agents()?.len()))).await?;
+        Ok(Response::new(HealthResponse {
+            trust_domain: self.state.trust_domain().to_string(),
+            entries: entries as u64,
+            agents: agents as u64,
+        }))
+    }
+
+    async fn create_entry(&self, req: Request<PbEntry>) -> Result<Response<PbEntry>, Status> {
+        self.authorize(&req)?;
+        let state = self.state.clone();
+        let pb = req.into_inner();
+        let e = blocking(move || state.create_entry(pb)).await?;
+        tracing::info!(entry = %e.id, spiffe_id = %e.spiffe_id, "entry created");
+        Ok(Response::new(e.to_proto()))
+    }
+
+    async fn update_entry(
+        &self,
+        req: Request<UpdateEntryRequest>,
+    ) -> Result<Response<PbEntry>, Status> {
+        self.authorize(&req)?;
+        let state = self.state.clone();
+        let r = req.into_inner();
+        let pb = r
+            .entry
+            .ok_or_else(|| Status::invalid_argument("invalid field `entry`: missing"))?;
+        let e = blocking(move || state.update_entry(pb, &r.set_fields)).await?;
+        tracing::info!(entry = %e.id, revision = e.revision, "entry updated");
+        Ok(Response::new(e.to_proto()))
+    }
+
+    async fn get_entry(&self, req: Request<EntryId>) -> Result<Response<PbEntry>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(
+            self.state.get_entry(&req.into_inner().id)?.to_proto(),
+        ))
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<ListEntriesRequest>,
+    ) -> Result<Response<ListEntriesResponse>, Status> {
+        self.authorize(&req)?;
+        let f = req.into_inner();
+        let entries = self
+            .state
+            .list_entries()?
+            .into_iter()
+            .filter(|e| f.by_spiffe_id.is_empty() || e.spiffe_id.to_string() == f.by_spiffe_id)
+            .filter(|e| f.by_parent_id.is_empty() || e.parent_id.to_string() == f.by_parent_id)
+            .map(|e| e.to_proto())
+            .collect();
+        Ok(Response::new(ListEntriesResponse { entries }))
+    }
+
+    async fn delete_entry(
+        &self,
+        req: Request<EntryId>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.authorize(&req)?;
+        let state = self.state.clone();
+        let id = req.into_inner().id;
+        blocking(move || state.delete_entry(&id)).await?;
+        Ok(Response::new(DeleteResponse {}))
+    }
+
+    async fn generate_token(
+        &self,
+        req: Request<GenerateTokenRequest>,
+    ) -> Result<Response<GenerateTokenResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let id = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::new(&r.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "invalid field `spiffe_id`: {:?}: {e}",
+                    r.spiffe_id
+                ))
+            })?)
+        };
+        if r.ttl_seconds <= 0 {
+            return Err(Status::invalid_argument(
+                "invalid field `ttl`: must be positive",
+            ));
+        }
+        let ttl = Duration::from_secs(r.ttl_seconds as u64);
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument(
+                "invalid field `ttl`: at most 7 days",
+            ));
+        }
+        let state = self.state.clone();
+        let id2 = id.clone();
+        let (token, expires_at) = blocking(move || state.generate_token(id2, ttl)).await?;
+        Ok(Response::new(GenerateTokenResponse {
+            token,
+            spiffe_id: id.map(|i| i.to_string()).unwrap_or_default(),
+            expires_at,
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: self.state.list_agents()?,
+        }))
+    }
+
+    async fn get_agent(&self, req: Request<AgentId>) -> Result<Response<Agent>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(
+            self.state.get_agent(&req.into_inner().spiffe_id)?,
+        ))
+    }
+
+    async fn evict_agent(&self, req: Request<AgentId>) -> Result<Response<DeleteResponse>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().spiffe_id;
+        self.state.evict_agent(&id)?;
+        tracing::warn!(agent = %id, "agent evicted");
+        Ok(Response::new(DeleteResponse {}))
+    }
+
+    async fn ban_agent(&self, req: Request<AgentId>) -> Result<Response<Agent>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().spiffe_id;
+        let a = self.state.ban_agent(&id)?;
+        tracing::warn!(agent = %id, "agent banned");
+        Ok(Response::new(a))
+    }
+
+    async fn get_bundle(&self, req: Request<GetBundleRequest>) -> Result<Response<Bundle>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(Bundle {
+            trust_domain: self.state.trust_domain().to_string(),
+            x509_authorities: self.state.bundle(),
+            sequence: 1,
+        }))
+    }
+}

@@ -1,0 +1,184 @@
+//! The agent API (gRPC over TLS): node attestation, agent SVID renewal,
+//! the pushed entry sync stream, and batched workload SVID minting.
+
+use std::sync::Arc;
+
+use sigil_core::SpiffeId;
+use sigil_proto::agent::agent_api_server::AgentApi;
+use sigil_proto::agent::{
+    AttestRequest, AttestResponse, MintResult, MintX509SvidsRequest, MintX509SvidsResponse,
+    RenewAgentRequest, RenewAgentResponse, SyncRequest, SyncUpdate, attest_request::Evidence,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::state::ServerState;
+
+/// Most CSRs accepted in one mint call.
+pub const MAX_MINT_BATCH: usize = 1000;
+
+pub struct AgentService {
+    state: Arc<ServerState>,
+}
+
+impl AgentService {
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+}
+
+fn peer_leaf<T>(req: &Request<T>) -> Result<Vec<u8>, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("an agent X.509-SVID (mTLS) is required"))?;
+    certs
+        .first()
+        .map(|c| c.to_vec())
+        .ok_or_else(|| Status::unauthenticated("an agent X.509-SVID (mTLS) is required"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("worker task failed"))?
+}
+
+impl AgentService {
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<(SpiffeId, Vec<u8>), Status> {
+        let leaf = peer_leaf(req)?;
+        let id = self.state.authenticate_agent(&leaf)?;
+        Ok((id, leaf))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    async fn attest(
+        &self,
+        req: Request<AttestRequest>,
+    ) -> Result<Response<AttestResponse>, Status> {
+        let req = req.into_inner();
+        let state = self.state.clone();
+        let issued = match req.evidence {
+            Some(Evidence::JoinToken(t)) => {
+                if t.token.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "invalid field `join_token`: empty",
+                    ));
+                }
+                blocking(move || state.attest_join_token(&t.token, &req.csr)).await?
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "invalid field `evidence`: missing",
+                ));
+            }
+        };
+        Ok(Response::new(AttestResponse {
+            svid_chain: issued.chain,
+            bundle: self.state.bundle(),
+            spiffe_id: issued.spiffe_id.to_string(),
+        }))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<RenewAgentRequest>,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
+        let (id, _) = self.authenticate(&req)?;
+        let csr = req.into_inner().csr;
+        let state = self.state.clone();
+        let chain = blocking(move || state.renew_agent(&id, &csr)).await?;
+        Ok(Response::new(RenewAgentResponse {
+            svid_chain: chain,
+            bundle: self.state.bundle(),
+        }))
+    }
+
+    type SyncStream = ReceiverStream<Result<SyncUpdate, Status>>;
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
+        let (id, leaf) = self.authenticate(&req)?;
+        let state = self.state.clone();
+        let (tx, rx) = mpsc::channel(4);
+        let mut changes = state.subscribe();
+        tokio::spawn(async move {
+            let mut last: Option<SyncUpdate> = None;
+            loop {
+                changes.borrow_and_update();
+                // A banned or evicted agent loses its stream at the next change.
+                if let Err(st) = state.authenticate_agent(&leaf) {
+                    let _ = tx.send(Err(st)).await;
+                    return;
+                }
+                let update = match state.entries_for_agent(&id) {
+                    Ok(entries) => SyncUpdate {
+                        entries: entries.iter().map(|e| e.to_proto()).collect(),
+                        bundle: state.bundle(),
+                        revision: state.revision(),
+                    },
+                    Err(st) => {
+                        let _ = tx.send(Err(st)).await;
+                        return;
+                    }
+                };
+                let changed = last
+                    .as_ref()
+                    .is_none_or(|l| l.entries != update.entries || l.bundle != update.bundle);
+                if changed {
+                    if tx.send(Ok(update.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(update);
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn mint_x509_svids(
+        &self,
+        req: Request<MintX509SvidsRequest>,
+    ) -> Result<Response<MintX509SvidsResponse>, Status> {
+        let (id, _) = self.authenticate(&req)?;
+        let csrs: Vec<(String, Vec<u8>)> = req
+            .into_inner()
+            .csrs
+            .into_iter()
+            .map(|c| (c.entry_id, c.csr))
+            .collect();
+        if csrs.len() > MAX_MINT_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "invalid field `csrs`: at most {MAX_MINT_BATCH} per call"
+            )));
+        }
+        let state = self.state.clone();
+        let ids: Vec<String> = csrs.iter().map(|c| c.0.clone()).collect();
+        let results = blocking(move || state.mint_for_agent(&id, &csrs)).await?;
+        Ok(Response::new(MintX509SvidsResponse {
+            results: ids
+                .into_iter()
+                .zip(results)
+                .map(|(entry_id, r)| match r {
+                    Ok(chain) => MintResult {
+                        entry_id,
+                        svid_chain: chain,
+                        error: String::new(),
+                    },
+                    Err(error) => MintResult {
+                        entry_id,
+                        svid_chain: vec![],
+                        error,
+                    },
+                })
+                .collect(),
+        }))
+    }
+}

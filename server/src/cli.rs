@@ -1,0 +1,611 @@
+//! Operator subcommands: gRPC calls to the admin socket and their output,
+//! human-readable by default and `--output json` for tools.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use sigil_core::duration::parse_duration;
+use sigil_core::x509::certs_to_pem;
+use sigil_proto::admin::admin_api_client::AdminApiClient;
+use sigil_proto::admin::{
+    Agent, AgentId, EntryId, GenerateTokenRequest, GetBundleRequest, HealthRequest,
+    ListAgentsRequest, ListEntriesRequest, UpdateEntryRequest,
+};
+use sigil_proto::common::Entry as PbEntry;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::DEFAULT_ADMIN_SOCKET;
+
+#[derive(Args, Clone)]
+pub struct AdminArgs {
+    /// Path to the server's admin socket.
+    #[arg(long, env = "SIGIL_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+    admin_socket: PathBuf,
+}
+
+#[derive(Copy, Clone, ValueEnum, Default, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Args, Clone)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Pretty)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Generate a single-use join token.
+    Generate {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// SPIFFE ID the attested agent will get.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Token lifetime.
+        #[arg(long, default_value = "600s")]
+        ttl: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct EntryFields {
+    /// SPIFFE ID the workload receives.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Agent (or node-alias) SPIFFE ID this entry is delivered to.
+    #[arg(long)]
+    parent_id: Option<String>,
+    /// Selector type:key:value; repeat for several.
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// X.509-SVID TTL (e.g. 300s, 5m).
+    #[arg(long)]
+    x509_ttl: Option<String>,
+    /// JWT-SVID TTL.
+    #[arg(long)]
+    jwt_ttl: Option<String>,
+    /// DNS SAN; repeat for several.
+    #[arg(long = "dns")]
+    dns_names: Vec<String>,
+    /// Hint delivered with the SVID.
+    #[arg(long)]
+    hint: Option<String>,
+    /// Trust domain whose bundle the workload receives; repeat for several.
+    #[arg(long = "federates-with")]
+    federates_with: Vec<String>,
+    /// Admin identity (reserved).
+    #[arg(long)]
+    admin: bool,
+    /// Downstream identity (reserved).
+    #[arg(long)]
+    downstream: bool,
+    /// Node-alias entry.
+    #[arg(long)]
+    node: bool,
+    /// Who owns this identity.
+    #[arg(long)]
+    owner: Option<String>,
+    /// RFC 3339 time after which the entry is no longer served.
+    #[arg(long)]
+    expires_at: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum EntryCmd {
+    /// Create an entry.
+    Create {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// List entries.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only entries with this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only entries with this parent.
+        #[arg(long)]
+        parent_id: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Show one entry.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Update fields of an entry; fields not given are kept.
+    Update {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Delete an entry.
+    Delete {
+        #[command(flatten)]
+        admin: AdminArgs,
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentCmd {
+    /// List attested agents.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Show one agent.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+        spiffe_id: String,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Evict an agent: it must attest again.
+    Evict {
+        #[command(flatten)]
+        admin: AdminArgs,
+        spiffe_id: String,
+    },
+    /// Ban an agent: it may not renew, sync or re-attest.
+    Ban {
+        #[command(flatten)]
+        admin: AdminArgs,
+        spiffe_id: String,
+    },
+}
+
+#[derive(Copy, Clone, ValueEnum, PartialEq, Eq)]
+pub enum BundleFormat {
+    Pem,
+    Spiffe,
+}
+
+#[derive(Subcommand)]
+pub enum BundleCmd {
+    /// Print the trust domain's bundle.
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+}
+
+async fn connect(a: &AdminArgs) -> Result<AdminApiClient<Channel>, String> {
+    let path = a.admin_socket.clone();
+    if !path.exists() {
+        return Err(format!(
+            "admin socket {} does not exist (is the server running? set --admin-socket or SIGIL_ADMIN_SOCKET)",
+            path.display()
+        ));
+    }
+    let ch = Endpoint::from_static("http://admin.sigil")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to admin socket {}: {e}",
+                a.admin_socket.display()
+            )
+        })?;
+    Ok(AdminApiClient::new(ch))
+}
+
+fn status(e: tonic::Status) -> String {
+    e.message().to_string()
+}
+
+fn secs_from(field: &str, v: &Option<String>) -> Result<i64, String> {
+    match v {
+        None => Ok(0),
+        Some(s) => parse_duration(s)
+            .map(|d| d.as_secs() as i64)
+            .map_err(|e| format!("--{field}: {e}")),
+    }
+}
+
+fn rfc3339(ts: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ts)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ts.to_string())
+}
+
+impl EntryFields {
+    /// Builds the wire entry plus the names of the fields that were given.
+    fn to_proto(&self) -> Result<(PbEntry, Vec<String>), String> {
+        let mut set = Vec::new();
+        let mut mark = |present: bool, f: &str| {
+            if present {
+                set.push(f.to_string());
+            }
+        };
+        mark(self.spiffe_id.is_some(), "spiffe_id");
+        mark(self.parent_id.is_some(), "parent_id");
+        mark(!self.selectors.is_empty(), "selectors");
+        mark(self.x509_ttl.is_some(), "x509_svid_ttl");
+        mark(self.jwt_ttl.is_some(), "jwt_svid_ttl");
+        mark(!self.dns_names.is_empty(), "dns_names");
+        mark(self.hint.is_some(), "hint");
+        mark(!self.federates_with.is_empty(), "federates_with");
+        mark(self.admin, "admin");
+        mark(self.downstream, "downstream");
+        mark(self.node, "node");
+        mark(self.owner.is_some(), "owner");
+        mark(self.expires_at.is_some(), "expires_at");
+        let expires_at = match &self.expires_at {
+            None => 0,
+            Some(s) => {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| format!("--expires-at: {s:?} is not an RFC 3339 time: {e}"))?
+                    .unix_timestamp()
+            }
+        };
+        let pb = PbEntry {
+            spiffe_id: self.spiffe_id.clone().unwrap_or_default(),
+            parent_id: self.parent_id.clone().unwrap_or_default(),
+            selectors: self.selectors.clone(),
+            x509_svid_ttl: secs_from("x509-ttl", &self.x509_ttl)?,
+            jwt_svid_ttl: secs_from("jwt-ttl", &self.jwt_ttl)?,
+            dns_names: self.dns_names.clone(),
+            hint: self.hint.clone().unwrap_or_default(),
+            federates_with: self.federates_with.clone(),
+            admin: self.admin,
+            downstream: self.downstream,
+            node: self.node,
+            owner: self.owner.clone().unwrap_or_default(),
+            expires_at,
+            ..Default::default()
+        };
+        Ok((pb, set))
+    }
+}
+
+pub fn entry_json(e: &PbEntry) -> Value {
+    json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors,
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "dns_names": e.dns_names,
+        "hint": e.hint,
+        "federates_with": e.federates_with,
+        "admin": e.admin,
+        "downstream": e.downstream,
+        "node": e.node,
+        "owner": e.owner,
+        "expires_at": if e.expires_at == 0 { Value::Null } else { json!(rfc3339(e.expires_at)) },
+        "revision": e.revision,
+        "created_at": rfc3339(e.created_at),
+    })
+}
+
+fn print_entry(e: &PbEntry) {
+    let ttl = |v: i64| {
+        if v == 0 {
+            "default".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    println!("Entry ID         : {}", e.id);
+    println!("SPIFFE ID        : {}", e.spiffe_id);
+    println!("Parent ID        : {}", e.parent_id);
+    println!("Revision         : {}", e.revision);
+    println!("X509-SVID TTL    : {}", ttl(e.x509_svid_ttl));
+    println!("JWT-SVID TTL     : {}", ttl(e.jwt_svid_ttl));
+    for s in &e.selectors {
+        println!("Selector         : {s}");
+    }
+    for d in &e.dns_names {
+        println!("DNS name         : {d}");
+    }
+    for f in &e.federates_with {
+        println!("FederatesWith    : {f}");
+    }
+    if !e.hint.is_empty() {
+        println!("Hint             : {}", e.hint);
+    }
+    if !e.owner.is_empty() {
+        println!("Owner            : {}", e.owner);
+    }
+    if e.expires_at != 0 {
+        println!("Expires at       : {}", rfc3339(e.expires_at));
+    }
+    if e.node {
+        println!("Node             : true");
+    }
+    if e.admin {
+        println!("Admin            : true");
+    }
+    if e.downstream {
+        println!("Downstream       : true");
+    }
+    println!();
+}
+
+fn print_json(v: &Value) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn agent_json(a: &Agent) -> Value {
+    json!({
+        "spiffe_id": a.spiffe_id,
+        "attestation_type": a.attestation_type,
+        "selectors": a.selectors,
+        "serial": a.serial,
+        "svid_expires_at": rfc3339(a.svid_expires_at),
+        "last_attested_at": rfc3339(a.last_attested_at),
+        "banned": a.banned,
+        "created_at": rfc3339(a.created_at),
+    })
+}
+
+fn print_agent(a: &Agent) {
+    println!("SPIFFE ID         : {}", a.spiffe_id);
+    println!("Attestation type  : {}", a.attestation_type);
+    println!("Expiration time   : {}", rfc3339(a.svid_expires_at));
+    println!("Serial number     : {}", a.serial);
+    println!("Last attested     : {}", rfc3339(a.last_attested_at));
+    println!("Banned            : {}", a.banned);
+    for s in &a.selectors {
+        println!("Selector          : {s}");
+    }
+    println!();
+}
+
+pub async fn healthcheck(a: &AdminArgs) -> Result<(), String> {
+    let mut c = connect(a).await?;
+    c.health(HealthRequest {}).await.map_err(status)?;
+    println!("Server is healthy.");
+    Ok(())
+}
+
+pub async fn token(cmd: TokenCmd) -> Result<(), String> {
+    let TokenCmd::Generate {
+        admin,
+        spiffe_id,
+        ttl,
+        out,
+    } = cmd;
+    let ttl = parse_duration(&ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let mut c = connect(&admin).await?;
+    let r = c
+        .generate_token(GenerateTokenRequest {
+            spiffe_id: spiffe_id.unwrap_or_default(),
+            ttl_seconds: ttl.as_secs() as i64,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    if out.output == Output::Json {
+        return print_json(
+            &json!({"value": r.token, "spiffe_id": r.spiffe_id, "expires_at": rfc3339(r.expires_at)}),
+        );
+    }
+    println!("Token: {}", r.token);
+    Ok(())
+}
+
+pub async fn entry(cmd: EntryCmd) -> Result<(), String> {
+    match cmd {
+        EntryCmd::Create { admin, fields, out } => {
+            let (pb, _) = fields.to_proto()?;
+            if pb.spiffe_id.is_empty() {
+                return Err("--spiffe-id is required".into());
+            }
+            if pb.parent_id.is_empty() {
+                return Err("--parent-id is required".into());
+            }
+            let e = connect(&admin)
+                .await?
+                .create_entry(pb)
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out.output == Output::Json {
+                return print_json(&entry_json(&e));
+            }
+            println!("Entry created.\n");
+            print_entry(&e);
+        }
+        EntryCmd::List {
+            admin,
+            spiffe_id,
+            parent_id,
+            out,
+        } => {
+            let r = connect(&admin)
+                .await?
+                .list_entries(ListEntriesRequest {
+                    by_spiffe_id: spiffe_id.unwrap_or_default(),
+                    by_parent_id: parent_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out.output == Output::Json {
+                return print_json(
+                    &json!({"entries": r.entries.iter().map(entry_json).collect::<Vec<_>>()}),
+                );
+            }
+            println!(
+                "Found {} entr{}\n",
+                r.entries.len(),
+                if r.entries.len() == 1 { "y" } else { "ies" }
+            );
+            r.entries.iter().for_each(print_entry);
+        }
+        EntryCmd::Show { admin, id, out } => {
+            let e = connect(&admin)
+                .await?
+                .get_entry(EntryId { id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out.output == Output::Json {
+                return print_json(&entry_json(&e));
+            }
+            print_entry(&e);
+        }
+        EntryCmd::Update {
+            admin,
+            id,
+            fields,
+            out,
+        } => {
+            let (mut pb, set_fields) = fields.to_proto()?;
+            if set_fields.is_empty() {
+                return Err("nothing to update: give at least one field flag".into());
+            }
+            pb.id = id;
+            let e = connect(&admin)
+                .await?
+                .update_entry(UpdateEntryRequest {
+                    entry: Some(pb),
+                    set_fields,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out.output == Output::Json {
+                return print_json(&entry_json(&e));
+            }
+            println!("Entry updated.\n");
+            print_entry(&e);
+        }
+        EntryCmd::Delete { admin, id } => {
+            connect(&admin)
+                .await?
+                .delete_entry(EntryId { id: id.clone() })
+                .await
+                .map_err(status)?;
+            println!("Deleted entry with ID: {id}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn agent(cmd: AgentCmd) -> Result<(), String> {
+    match cmd {
+        AgentCmd::List { admin, out } => {
+            let r = connect(&admin)
+                .await?
+                .list_agents(ListAgentsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out.output == Output::Json {
+                return print_json(
+                    &json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}),
+                );
+            }
+            println!(
+                "Found {} attested agent{}:\n",
+                r.agents.len(),
+                if r.agents.len() == 1 { "" } else { "s" }
+            );
+            r.agents.iter().for_each(print_agent);
+        }
+        AgentCmd::Show {
+            admin,
+            spiffe_id,
+            out,
+        } => {
+            let a = connect(&admin)
+                .await?
+                .get_agent(AgentId { spiffe_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if out.output == Output::Json {
+                return print_json(&agent_json(&a));
+            }
+            print_agent(&a);
+        }
+        AgentCmd::Evict { admin, spiffe_id } => {
+            connect(&admin)
+                .await?
+                .evict_agent(AgentId { spiffe_id })
+                .await
+                .map_err(status)?;
+            println!("Agent evicted successfully");
+        }
+        AgentCmd::Ban { admin, spiffe_id } => {
+            connect(&admin)
+                .await?
+                .ban_agent(AgentId { spiffe_id })
+                .await
+                .map_err(status)?;
+            println!("Agent banned successfully");
+        }
+    }
+    Ok(())
+}
+
+pub async fn bundle(cmd: BundleCmd) -> Result<(), String> {
+    let BundleCmd::Show { admin, format } = cmd;
+    let b = connect(&admin)
+        .await?
+        .get_bundle(GetBundleRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    match format {
+        BundleFormat::Pem => print!(
+            "{}",
+            certs_to_pem(b.x509_authorities.iter().map(Vec::as_slice))
+        ),
+        BundleFormat::Spiffe => {
+            let doc = sigil_core::bundle::x509_authorities_to_spiffe_bundle(
+                &b.x509_authorities,
+                b.sequence,
+                300,
+            )
+            .map_err(|e| e.to_string())?;
+            print_json(&doc)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! `server.toml`: the keys of ../shared/DESIGN.md, unknown keys refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sigil_core::TrustDomain;
+use sigil_core::duration::parse_duration;
+
+/// Built-in admin socket path (DESIGN.md).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: String,
+    #[serde(default = "default_bind_address")]
+    bind_address: String,
+    #[serde(default = "default_bind_port")]
+    bind_port: u16,
+    data_dir: PathBuf,
+    #[serde(default)]
+    admin_socket: Option<PathBuf>,
+    #[serde(default = "default_ca_ttl")]
+    ca_ttl: String,
+    #[serde(default = "default_x509_ttl")]
+    default_x509_svid_ttl: String,
+    #[serde(default = "default_jwt_ttl")]
+    default_jwt_svid_ttl: String,
+    #[serde(default = "default_agent_ttl")]
+    agent_svid_ttl: String,
+    #[serde(default)]
+    log_level: Option<String>,
+    #[serde(default)]
+    datastore: Option<RawDatastore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatastore {
+    kind: String,
+    #[serde(default)]
+    url: Option<String>,
+}
+
+fn default_bind_address() -> String {
+    "127.0.0.1".into()
+}
+fn default_bind_port() -> u16 {
+    8081
+}
+fn default_ca_ttl() -> String {
+    "24h".into()
+}
+fn default_x509_ttl() -> String {
+    "1h".into()
+}
+fn default_jwt_ttl() -> String {
+    "5m".into()
+}
+fn default_agent_ttl() -> String {
+    "1h".into()
+}
+
+/// Which datastore backs the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatastoreKind {
+    /// redb file under `data_dir` (default).
+    Redb,
+}
+
+/// A validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub trust_domain: TrustDomain,
+    pub bind_address: std::net::IpAddr,
+    pub bind_port: u16,
+    pub data_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub ca_ttl: Duration,
+    pub default_x509_svid_ttl: Duration,
+    pub default_jwt_svid_ttl: Duration,
+    pub agent_svid_ttl: Duration,
+    pub log_level: String,
+    pub datastore: DatastoreKind,
+}
+
+/// A config error, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config {0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("config key `{key}`: {reason}")]
+    Key { key: &'static str, reason: String },
+}
+
+fn key_err(key: &'static str, reason: impl ToString) -> ConfigError {
+    ConfigError::Key {
+        key,
+        reason: reason.to_string(),
+    }
+}
+
+impl ServerConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse(_, m) => ConfigError::Parse(path.into(), m),
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse(PathBuf::new(), e.message().to_string()))?;
+        let trust_domain = TrustDomain::new(&raw.trust_domain)
+            .map_err(|e| key_err("trust_domain", format!("{:?}: {e}", raw.trust_domain)))?;
+        let bind_address = raw.bind_address.parse().map_err(|_| {
+            key_err(
+                "bind_address",
+                format!("{:?} is not an IP address", raw.bind_address),
+            )
+        })?;
+        let dur = |key: &'static str, v: &str| parse_duration(v).map_err(|e| key_err(key, e));
+        let ca_ttl = dur("ca_ttl", &raw.ca_ttl)?;
+        let default_x509_svid_ttl = dur("default_x509_svid_ttl", &raw.default_x509_svid_ttl)?;
+        let default_jwt_svid_ttl = dur("default_jwt_svid_ttl", &raw.default_jwt_svid_ttl)?;
+        let agent_svid_ttl = dur("agent_svid_ttl", &raw.agent_svid_ttl)?;
+        if default_x509_svid_ttl > ca_ttl {
+            return Err(key_err("default_x509_svid_ttl", "must not exceed ca_ttl"));
+        }
+        let datastore = match raw.datastore {
+            None => DatastoreKind::Redb,
+            Some(d) => match d.kind.as_str() {
+                "redb" => {
+                    if d.url.is_some() {
+                        return Err(key_err("datastore.url", "not used by the redb datastore"));
+                    }
+                    DatastoreKind::Redb
+                }
+                "postgres" => {
+                    return Err(key_err(
+                        "datastore.kind",
+                        "postgres is not available in this build yet",
+                    ));
+                }
+                other => {
+                    return Err(key_err(
+                        "datastore.kind",
+                        format!("unknown kind {other:?} (expected redb)"),
+                    ));
+                }
+            },
+        };
+        if raw.data_dir.as_os_str().is_empty() {
+            return Err(key_err("data_dir", "must not be empty"));
+        }
+        Ok(ServerConfig {
+            trust_domain,
+            bind_address,
+            bind_port: raw.bind_port,
+            data_dir: raw.data_dir,
+            admin_socket: raw
+                .admin_socket
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            ca_ttl,
+            default_x509_svid_ttl,
+            default_jwt_svid_ttl,
+            agent_svid_ttl,
+            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+            datastore,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c =
+            ServerConfig::parse("trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+        assert_eq!(c.bind_port, 8081);
+        assert_eq!(c.default_x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n";
+        let e = ServerConfig::parse(&format!("{base}bogus_key = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus_key"), "{e}");
+        let e = ServerConfig::parse(&format!("{base}ca_ttl = \"soon\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ca_ttl"), "{e}");
+        let e = ServerConfig::parse("trust_domain = \"Not A Domain\"\ndata_dir = \"/x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trust_domain"), "{e}");
+        let e = ServerConfig::parse(&format!("{base}bind_address = \"nowhere\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bind_address"), "{e}");
+    }
+}

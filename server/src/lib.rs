@@ -1,0 +1,23 @@
+//! sigil-server as a library: everything the `sigil-server` binary runs,
+//! importable by benchmarks and tests.
+//!
+//! - [`config`]: `server.toml` parsing and validation.
+//! - [`datastore`]: persistence behind the [`datastore::Datastore`] trait (redb).
+//! - [`ca_store`]: the CA on disk (0600 key) and file-mode helpers.
+//! - [`state`]: entries, agents, tokens and change notification.
+//! - [`agent_api`]: attestation, renewal, sync stream, minting (gRPC over TLS).
+//! - [`admin_api`]: the operator API on the admin Unix socket.
+//! - [`tls`]: the server's TLS identity and client-SVID verification.
+//! - [`run`]: wiring and serving; [`cli`]: operator subcommands.
+
+#![allow(missing_docs)]
+
+pub mod admin_api;
+pub mod agent_api;
+pub mod ca_store;
+pub mod cli;
+pub mod config;
+pub mod datastore;
+pub mod run;
+pub mod state;
+pub mod tls;

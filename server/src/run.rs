@@ -1,0 +1,119 @@
+//! `sigil-server run`: wires the datastore, CA, agent API (TLS) and admin
+//! socket together and serves until SIGINT/SIGTERM.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_proto::admin::admin_api_server::AdminApiServer;
+use sigil_proto::agent::agent_api_server::AgentApiServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+
+use crate::admin_api::AdminService;
+use crate::agent_api::AgentService;
+use crate::ca_store;
+use crate::config::{DatastoreKind, ServerConfig};
+use crate::datastore::{Datastore, RedbStore};
+use crate::state::ServerState;
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Binds a Unix socket at `path`: creates a missing parent directory with
+/// mode 0700 and leaves an existing one alone; the socket itself is 0600.
+pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        ca_store::ensure_private_dir(parent)?;
+    }
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn run(cfg: ServerConfig) -> Result<(), String> {
+    ca_store::ensure_private_dir(&cfg.data_dir)
+        .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
+    let store: Arc<dyn Datastore> = match cfg.datastore {
+        DatastoreKind::Redb => Arc::new(
+            RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
+        ),
+    };
+    let ca = ca_store::load_or_create(&cfg.data_dir, &cfg.trust_domain, cfg.ca_ttl)?;
+    let state = Arc::new(ServerState::new(cfg.clone(), store, ca).map_err(|e| e.to_string())?);
+
+    let (tls, renew) = crate::tls::server_config(state.clone())?;
+    tokio::spawn(renew);
+
+    let addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
+    let tcp = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("bind {addr}: {e}"))?;
+    let acceptor = TlsAcceptor::from(tls);
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (sock, peer) = match tcp.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let conn_tx = conn_tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+
+    let admin_listener = bind_private_socket(&cfg.admin_socket)
+        .map_err(|e| format!("admin_socket {}: {e}", cfg.admin_socket.display()))?;
+
+    let agent_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(AgentApiServer::new(AgentService::new(state.clone())))
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown_signal());
+    let admin_server = tonic::transport::Server::builder()
+        .add_service(AdminApiServer::new(AdminService::new(state.clone())))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
+
+    tracing::info!(trust_domain = %cfg.trust_domain, %addr, admin_socket = %cfg.admin_socket.display(), "sigil-server ready");
+    let r = tokio::try_join!(agent_server, admin_server);
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    r.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

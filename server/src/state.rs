@@ -1,0 +1,435 @@
+//! The server's state machine: entries (persisted, indexed by parent in
+//! memory), agents, join tokens, and the CA. Every mutation is written to the
+//! datastore first and then published by bumping a revision on a `watch`
+//! channel, which wakes every agent's sync stream.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sigil_core::entry::Entry;
+use sigil_core::ids::{agent_id, new_entry_id, random_bytes, sha256_hex};
+use sigil_core::x509::{BACKDATE, Ca, SvidInfo};
+use sigil_core::{SpiffeId, TrustDomain, now_unix};
+use sigil_proto::admin::Agent;
+use sigil_proto::common::Entry as PbEntry;
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::config::ServerConfig;
+use crate::datastore::{Datastore, StoreError, TokenRecord};
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "datastore failure");
+        Status::internal("datastore failure")
+    }
+}
+
+/// In-memory index of the validated entries.
+#[derive(Default)]
+struct EntryIndex {
+    by_id: HashMap<String, Arc<Entry>>,
+    by_parent: HashMap<SpiffeId, BTreeSet<String>>,
+}
+
+impl EntryIndex {
+    fn insert(&mut self, e: Arc<Entry>) {
+        self.remove(&e.id);
+        self.by_parent
+            .entry(e.parent_id.clone())
+            .or_default()
+            .insert(e.id.clone());
+        self.by_id.insert(e.id.clone(), e);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Entry>> {
+        let old = self.by_id.remove(id)?;
+        if let Some(set) = self.by_parent.get_mut(&old.parent_id) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_parent.remove(&old.parent_id);
+            }
+        }
+        Some(old)
+    }
+}
+
+/// A freshly attested or renewed agent SVID.
+pub struct IssuedAgentSvid {
+    pub spiffe_id: SpiffeId,
+    pub chain: Vec<Vec<u8>>,
+}
+
+/// Shared server state.
+pub struct ServerState {
+    pub cfg: ServerConfig,
+    store: Arc<dyn Datastore>,
+    ca: Ca,
+    entries: RwLock<EntryIndex>,
+    revision: watch::Sender<u64>,
+}
+
+fn poisoned() -> Status {
+    Status::internal("internal lock poisoned")
+}
+
+impl ServerState {
+    /// Loads entries from the datastore and builds the index.
+    pub fn new(cfg: ServerConfig, store: Arc<dyn Datastore>, ca: Ca) -> Result<Self, StoreError> {
+        let mut index = EntryIndex::default();
+        for pb in store.list_entries()? {
+            let e = Entry::from_proto(&pb, &cfg.trust_domain)
+                .map_err(|e| StoreError::Corrupt(format!("entry {}: {e}", pb.id)))?;
+            index.insert(Arc::new(e));
+        }
+        let (revision, _) = watch::channel(0);
+        Ok(Self {
+            cfg,
+            store,
+            ca,
+            entries: RwLock::new(index),
+            revision,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
+    }
+
+    pub fn ca(&self) -> &Ca {
+        &self.ca
+    }
+
+    /// The X.509 authorities of the trust domain (DER).
+    pub fn bundle(&self) -> Vec<Vec<u8>> {
+        vec![self.ca.cert_der().to_vec()]
+    }
+
+    /// Subscribes to change notifications (entries, agents, bundle).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// Current change revision.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    fn bump(&self) {
+        self.revision.send_modify(|r| *r += 1);
+    }
+
+    // ---- entries -------------------------------------------------------
+
+    fn validate(&self, pb: &PbEntry) -> Result<Entry, Status> {
+        Entry::from_proto(pb, self.trust_domain())
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    /// Creates an entry. Refuses an exact duplicate (same SPIFFE ID, parent
+    /// and selectors).
+    pub fn create_entry(&self, mut pb: PbEntry) -> Result<Entry, Status> {
+        if !pb.id.is_empty() {
+            return Err(Status::invalid_argument(
+                "invalid entry field `id`: assigned by the server",
+            ));
+        }
+        pb.id = new_entry_id();
+        pb.revision = 0;
+        pb.created_at = now_unix();
+        let e = self.validate(&pb)?;
+        let mut idx = self.entries.write().map_err(|_| poisoned())?;
+        let dup = idx
+            .by_parent
+            .get(&e.parent_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| idx.by_id.get(id))
+            .any(|o| o.spiffe_id == e.spiffe_id && o.selectors == e.selectors);
+        if dup {
+            return Err(Status::already_exists(
+                "an entry with this spiffe_id, parent_id and selectors already exists",
+            ));
+        }
+        self.store.put_entry(&e.to_proto())?;
+        idx.insert(Arc::new(e.clone()));
+        drop(idx);
+        self.bump();
+        Ok(e)
+    }
+
+    /// Replaces the fields named in `set_fields` (wire names) of entry `pb.id`.
+    pub fn update_entry(&self, pb: PbEntry, set_fields: &[String]) -> Result<Entry, Status> {
+        let mut idx = self.entries.write().map_err(|_| poisoned())?;
+        let old = idx
+            .by_id
+            .get(&pb.id)
+            .ok_or_else(|| Status::not_found(format!("no entry with id {:?}", pb.id)))?;
+        let mut next = old.to_proto();
+        for f in set_fields {
+            match f.as_str() {
+                "spiffe_id" => next.spiffe_id = pb.spiffe_id.clone(),
+                "parent_id" => next.parent_id = pb.parent_id.clone(),
+                "selectors" => next.selectors = pb.selectors.clone(),
+                "x509_svid_ttl" => next.x509_svid_ttl = pb.x509_svid_ttl,
+                "jwt_svid_ttl" => next.jwt_svid_ttl = pb.jwt_svid_ttl,
+                "dns_names" => next.dns_names = pb.dns_names.clone(),
+                "hint" => next.hint = pb.hint.clone(),
+                "federates_with" => next.federates_with = pb.federates_with.clone(),
+                "admin" => next.admin = pb.admin,
+                "downstream" => next.downstream = pb.downstream,
+                "node" => next.node = pb.node,
+                "owner" => next.owner = pb.owner.clone(),
+                "expires_at" => next.expires_at = pb.expires_at,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid field `set_fields`: unknown field {other:?}"
+                    )));
+                }
+            }
+        }
+        next.revision = old.revision + 1;
+        let e = self.validate(&next)?;
+        self.store.put_entry(&e.to_proto())?;
+        idx.insert(Arc::new(e.clone()));
+        drop(idx);
+        self.bump();
+        Ok(e)
+    }
+
+    pub fn get_entry(&self, id: &str) -> Result<Arc<Entry>, Status> {
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        idx.by_id
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no entry with id {id:?}")))
+    }
+
+    pub fn list_entries(&self) -> Result<Vec<Arc<Entry>>, Status> {
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        let mut v: Vec<_> = idx.by_id.values().cloned().collect();
+        v.sort_by(|a, b| (a.spiffe_id.to_string(), &a.id).cmp(&(b.spiffe_id.to_string(), &b.id)));
+        Ok(v)
+    }
+
+    pub fn delete_entry(&self, id: &str) -> Result<(), Status> {
+        let mut idx = self.entries.write().map_err(|_| poisoned())?;
+        if !idx.by_id.contains_key(id) {
+            return Err(Status::not_found(format!("no entry with id {id:?}")));
+        }
+        self.store.delete_entry(id)?;
+        idx.remove(id);
+        drop(idx);
+        self.bump();
+        Ok(())
+    }
+
+    /// Entries an agent is authorized for: those whose parent is the agent,
+    /// minus expired ones. Sorted by ID for stable output.
+    pub fn entries_for_agent(&self, agent: &SpiffeId) -> Result<Vec<Arc<Entry>>, Status> {
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        let now = now_unix();
+        Ok(idx
+            .by_parent
+            .get(agent)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| idx.by_id.get(id))
+            .filter(|e| !e.is_expired(now))
+            .cloned()
+            .collect())
+    }
+
+    // ---- join tokens and agents ------------------------------------------
+
+    /// Generates a single-use join token. Only its SHA-256 is stored.
+    pub fn generate_token(
+        &self,
+        spiffe_id: Option<SpiffeId>,
+        ttl: Duration,
+    ) -> Result<(String, i64), Status> {
+        if let Some(id) = &spiffe_id {
+            if !id.is_member_of(self.trust_domain()) {
+                return Err(Status::invalid_argument(format!(
+                    "invalid field `spiffe_id`: {id} is not in trust domain {}",
+                    self.trust_domain()
+                )));
+            }
+            if id.path().is_empty() {
+                return Err(Status::invalid_argument(
+                    "invalid field `spiffe_id`: must have a path",
+                ));
+            }
+        }
+        let token = hex::encode(random_bytes::<16>());
+        let expires_at = now_unix() + ttl.as_secs() as i64;
+        let rec = TokenRecord {
+            spiffe_id: spiffe_id.map(|s| s.to_string()),
+            expires_at,
+        };
+        self.store.put_token(&sha256_hex(token.as_bytes()), &rec)?;
+        Ok((token, expires_at))
+    }
+
+    /// Join-token node attestation: consumes the token (even if it turns out
+    /// expired) and issues the agent SVID.
+    pub fn attest_join_token(&self, token: &str, csr: &[u8]) -> Result<IssuedAgentSvid, Status> {
+        let hash = sha256_hex(token.trim().as_bytes());
+        let rec = self
+            .store
+            .take_token(&hash)?
+            .ok_or_else(|| Status::permission_denied("join token is unknown or already used"))?;
+        if rec.expires_at <= now_unix() {
+            return Err(Status::permission_denied("join token has expired"));
+        }
+        let id = match &rec.spiffe_id {
+            Some(s) => {
+                SpiffeId::new(s).map_err(|e| Status::internal(format!("stored token id: {e}")))?
+            }
+            None => agent_id(self.trust_domain(), "join_token", &hash[..32])
+                .map_err(|e| Status::internal(e.to_string()))?,
+        };
+        if let Some(existing) = self.store.get_agent(&id.to_string())?
+            && existing.banned
+        {
+            return Err(Status::permission_denied(format!("agent {id} is banned")));
+        }
+        let chain = self.sign_agent(&id, csr)?;
+        let info = SvidInfo::from_der(&chain[0]).map_err(|e| Status::internal(e.to_string()))?;
+        let now = now_unix();
+        let agent = Agent {
+            spiffe_id: id.to_string(),
+            attestation_type: "join_token".into(),
+            selectors: vec![],
+            serial: info.serial,
+            svid_expires_at: info.not_after,
+            last_attested_at: now,
+            banned: false,
+            created_at: now,
+        };
+        self.store.put_agent(&agent)?;
+        self.bump();
+        tracing::info!(agent = %id, "agent attested with join token");
+        Ok(IssuedAgentSvid {
+            spiffe_id: id,
+            chain,
+        })
+    }
+
+    fn sign_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, Status> {
+        let leaf = self
+            .ca
+            .sign_svid(csr, id, &[], self.cfg.agent_svid_ttl)
+            .map_err(|e| Status::invalid_argument(format!("invalid field `csr`: {e}")))?;
+        Ok(vec![leaf])
+    }
+
+    /// Checks the client certificate of an mTLS call and returns the agent's
+    /// ID. The chain was already verified against the CA by the TLS layer;
+    /// here the agent must still be registered, not banned, and the
+    /// certificate must not predate the agent's current attestation.
+    pub fn authenticate_agent(&self, leaf_der: &[u8]) -> Result<SpiffeId, Status> {
+        let info =
+            SvidInfo::from_der(leaf_der).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let rec = self
+            .store
+            .get_agent(&info.spiffe_id.to_string())?
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "agent {} is not attested (evicted?)",
+                    info.spiffe_id
+                ))
+            })?;
+        if rec.banned {
+            return Err(Status::permission_denied(format!(
+                "agent {} is banned",
+                info.spiffe_id
+            )));
+        }
+        if info.not_before + (BACKDATE.as_secs() as i64) + 1 < rec.created_at {
+            return Err(Status::permission_denied(
+                "agent SVID predates the agent's current attestation",
+            ));
+        }
+        Ok(info.spiffe_id)
+    }
+
+    /// Renews an authenticated agent's SVID.
+    pub fn renew_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, Status> {
+        let mut rec = self
+            .store
+            .get_agent(&id.to_string())?
+            .ok_or_else(|| Status::permission_denied("agent is not attested"))?;
+        let chain = self.sign_agent(id, csr)?;
+        let info = SvidInfo::from_der(&chain[0]).map_err(|e| Status::internal(e.to_string()))?;
+        rec.serial = info.serial;
+        rec.svid_expires_at = info.not_after;
+        self.store.put_agent(&rec)?;
+        Ok(chain)
+    }
+
+    pub fn list_agents(&self) -> Result<Vec<Agent>, Status> {
+        let mut v = self.store.list_agents()?;
+        v.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        Ok(v)
+    }
+
+    pub fn get_agent(&self, id: &str) -> Result<Agent, Status> {
+        self.store
+            .get_agent(id)?
+            .ok_or_else(|| Status::not_found(format!("no agent {id:?}")))
+    }
+
+    /// Removes the agent: it must re-attest with a new token.
+    pub fn evict_agent(&self, id: &str) -> Result<(), Status> {
+        if !self.store.delete_agent(id)? {
+            return Err(Status::not_found(format!("no agent {id:?}")));
+        }
+        self.bump();
+        Ok(())
+    }
+
+    /// Bans the agent: it can neither renew, sync, nor re-attest under this ID.
+    pub fn ban_agent(&self, id: &str) -> Result<Agent, Status> {
+        let mut rec = self.get_agent(id)?;
+        rec.banned = true;
+        self.store.put_agent(&rec)?;
+        self.bump();
+        Ok(rec)
+    }
+
+    /// Signs workload CSRs for an agent, each against an entry the agent is
+    /// authorized for. Per-CSR failures are reported per CSR.
+    pub fn mint_for_agent(
+        &self,
+        agent: &SpiffeId,
+        csrs: &[(String, Vec<u8>)],
+    ) -> Result<Vec<Result<Vec<Vec<u8>>, String>>, Status> {
+        let now = now_unix();
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        let entries: Vec<Option<Arc<Entry>>> = csrs
+            .iter()
+            .map(|(id, _)| idx.by_id.get(id).cloned())
+            .collect();
+        drop(idx);
+        Ok(csrs
+            .iter()
+            .zip(entries)
+            .map(|((id, csr), e)| {
+                let e = e.ok_or_else(|| format!("no entry {id:?}"))?;
+                if &e.parent_id != agent {
+                    return Err(format!("entry {id:?} is not authorized for this agent"));
+                }
+                if e.is_expired(now) {
+                    return Err(format!("entry {id:?} has expired"));
+                }
+                let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
+                self.ca
+                    .sign_svid(csr, &e.spiffe_id, &e.dns_names, ttl)
+                    .map(|leaf| vec![leaf])
+                    .map_err(|e| e.to_string())
+            })
+            .collect())
+    }
+}

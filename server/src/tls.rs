@@ -1,0 +1,92 @@
+//! TLS for the agent API: the server presents its own X.509-SVID
+//! (`spiffe://<td>/sigil/server`, renewed at half-life) and optionally
+//! verifies an agent's client SVID against the trust domain CA. The client
+//! certificate is optional at the TLS layer because node attestation happens
+//! before an agent has one; every RPC but `Attest` requires it.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sigil_core::ids::server_id;
+use sigil_core::x509::{SvidInfo, new_key_and_csr};
+
+use crate::state::ServerState;
+
+/// Serves whatever server SVID is current.
+#[derive(Debug)]
+pub struct ServerCertResolver {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for ServerCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|c| c.clone())
+    }
+}
+
+/// Issues a server SVID; returns it and its notAfter.
+fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), String> {
+    let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
+    let id = server_id(state.trust_domain());
+    let leaf = state
+        .ca()
+        .sign_svid(&csr, &id, &[], state.cfg.agent_svid_ttl)
+        .map_err(|e| e.to_string())?;
+    let not_after = SvidInfo::from_der(&leaf)
+        .map_err(|e| e.to_string())?
+        .not_after;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| e.to_string())?;
+    let chain = vec![CertificateDer::from(leaf)];
+    Ok((Arc::new(CertifiedKey::new(chain, signer)), not_after))
+}
+
+/// Builds the rustls server config and returns the task that renews the
+/// server SVID at half-life.
+pub fn server_config(
+    state: Arc<ServerState>,
+) -> Result<(Arc<rustls::ServerConfig>, impl Future<Output = ()>), String> {
+    let (ck, mut not_after) = issue(&state)?;
+    let resolver = Arc::new(ServerCertResolver {
+        current: RwLock::new(ck),
+    });
+    let mut roots = RootCertStore::empty();
+    for der in state.bundle() {
+        roots
+            .add(CertificateDer::from(der))
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver.clone());
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let renew = async move {
+        loop {
+            let now = sigil_core::now_unix();
+            let wait = ((not_after - now) / 2).max(1) as u64;
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            match issue(&state) {
+                Ok((ck, na)) => {
+                    if let Ok(mut cur) = resolver.current.write() {
+                        *cur = ck;
+                    }
+                    not_after = na;
+                    tracing::debug!("renewed server SVID");
+                }
+                Err(e) => tracing::error!(error = %e, "server SVID renewal failed; retrying"),
+            }
+        }
+    };
+    Ok((Arc::new(cfg), renew))
+}
