@@ -1,0 +1,311 @@
+//! The SVID cache: one task owns all refresh state. It takes entry/bundle
+//! updates from the sync stream, mints missing or due SVIDs in CSR batches,
+//! renews each at half its lifetime (keeping the old one while renewal
+//! fails), and publishes an immutable [`Snapshot`] on a `watch` channel that
+//! Workload API streams read without locks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_core::entry::Entry;
+use sigil_core::x509::{SvidInfo, new_key_and_csr};
+use sigil_core::{TrustDomain, now_unix};
+use sigil_proto::agent::agent_api_client::AgentApiClient;
+use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+/// Largest CSR batch sent in one mint call.
+const MINT_BATCH: usize = 500;
+/// First retry delay after a failed mint; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The fields of an entry that shape its X.509-SVID; a change re-mints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SvidSpec {
+    spiffe_id: String,
+    dns_names: Vec<String>,
+    ttl: Option<Duration>,
+}
+
+impl SvidSpec {
+    fn of(e: &Entry) -> Self {
+        Self {
+            spiffe_id: e.spiffe_id.to_string(),
+            dns_names: e.dns_names.clone(),
+            ttl: e.x509_svid_ttl,
+        }
+    }
+}
+
+/// One issued workload SVID and its key.
+pub struct CachedSvid {
+    pub entry_id: String,
+    pub spiffe_id: String,
+    /// DER certificates, leaf first, concatenated (the Workload API form).
+    pub chain_der: Vec<u8>,
+    /// PKCS#8 DER private key.
+    pub key_der: Vec<u8>,
+    pub not_before: i64,
+    pub not_after: i64,
+    /// Unix seconds when renewal is due: half-way from receipt to expiry
+    /// (notBefore is backdated for clock skew, so it is not the start).
+    refresh_at: i64,
+    spec: SvidSpec,
+}
+
+impl CachedSvid {
+    fn refresh_at(&self) -> i64 {
+        self.refresh_at
+    }
+}
+
+/// The trust domain's CA certificates.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Bundle {
+    pub certs: Vec<Vec<u8>>,
+    /// The certificates concatenated (the Workload API form).
+    pub concat: Vec<u8>,
+}
+
+impl Bundle {
+    pub fn new(certs: Vec<Vec<u8>>) -> Self {
+        let concat = certs.concat();
+        Self { certs, concat }
+    }
+}
+
+/// What the agent can serve right now.
+#[derive(Default)]
+pub struct Snapshot {
+    pub trust_domain: Option<TrustDomain>,
+    /// Entries this agent is authorized for.
+    pub entries: Vec<Arc<Entry>>,
+    /// SVIDs by entry ID.
+    pub svids: HashMap<String, Arc<CachedSvid>>,
+    pub bundle: Arc<Bundle>,
+    /// True once the first sync from the server has arrived.
+    pub synced: bool,
+}
+
+/// A sync message from the server, already validated.
+pub struct SyncState {
+    pub entries: Vec<Entry>,
+    pub bundle: Vec<Vec<u8>>,
+}
+
+/// The cache worker.
+pub struct Cache {
+    td: TrustDomain,
+    channel: watch::Receiver<Channel>,
+    updates: mpsc::Receiver<SyncState>,
+    out: watch::Sender<Arc<Snapshot>>,
+    entries: HashMap<String, Arc<Entry>>,
+    svids: HashMap<String, Arc<CachedSvid>>,
+    bundle: Arc<Bundle>,
+    synced: bool,
+    backoff: Duration,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Cache {
+    pub fn new(
+        td: TrustDomain,
+        channel: watch::Receiver<Channel>,
+        updates: mpsc::Receiver<SyncState>,
+        bundle: Vec<Vec<u8>>,
+    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let bundle = Arc::new(Bundle::new(bundle));
+        let (out, rx) = watch::channel(Arc::new(Snapshot {
+            trust_domain: Some(td.clone()),
+            bundle: bundle.clone(),
+            ..Default::default()
+        }));
+        (
+            Self {
+                td,
+                channel,
+                updates,
+                out,
+                entries: HashMap::new(),
+                svids: HashMap::new(),
+                bundle,
+                synced: false,
+                backoff: MIN_BACKOFF,
+                retry_at: None,
+            },
+            rx,
+        )
+    }
+
+    fn apply(&mut self, s: SyncState) {
+        self.entries = s
+            .entries
+            .into_iter()
+            .map(|e| (e.id.clone(), Arc::new(e)))
+            .collect();
+        self.svids.retain(|id, _| self.entries.contains_key(id));
+        if s.bundle != self.bundle.certs {
+            self.bundle = Arc::new(Bundle::new(s.bundle));
+        }
+        self.synced = true;
+    }
+
+    fn due(&self, now: i64) -> Vec<Arc<Entry>> {
+        self.entries
+            .values()
+            .filter(|e| match self.svids.get(&e.id) {
+                None => true,
+                Some(s) => s.spec != SvidSpec::of(e) || now >= s.refresh_at() || now >= s.not_after,
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn publish(&self) {
+        let mut entries: Vec<Arc<Entry>> = self.entries.values().cloned().collect();
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        self.out.send_replace(Arc::new(Snapshot {
+            trust_domain: Some(self.td.clone()),
+            entries,
+            svids: self.svids.clone(),
+            bundle: self.bundle.clone(),
+            synced: self.synced,
+        }));
+    }
+
+    /// Mints one batch; returns how many SVIDs were stored.
+    async fn mint(&mut self, batch: &[Arc<Entry>]) -> Result<usize, tonic::Status> {
+        let mut keys = HashMap::with_capacity(batch.len());
+        let mut csrs = Vec::with_capacity(batch.len());
+        for e in batch {
+            let (csr, key) =
+                new_key_and_csr().map_err(|e| tonic::Status::internal(e.to_string()))?;
+            keys.insert(e.id.clone(), key);
+            csrs.push(CsrForEntry {
+                entry_id: e.id.clone(),
+                csr,
+            });
+        }
+        let ch = self.channel.borrow().clone();
+        let resp = AgentApiClient::new(ch)
+            .mint_x509_svids(MintX509SvidsRequest { csrs })
+            .await?
+            .into_inner();
+        let mut stored = 0;
+        let received = now_unix();
+        for r in resp.results {
+            if !r.error.is_empty() {
+                tracing::warn!(entry = %r.entry_id, error = %r.error, "server refused to mint");
+                continue;
+            }
+            let (Some(key), Some(entry)) =
+                (keys.remove(&r.entry_id), self.entries.get(&r.entry_id))
+            else {
+                continue;
+            };
+            let Some(leaf) = r.svid_chain.first() else {
+                continue;
+            };
+            let info = match SvidInfo::from_der(leaf) {
+                Ok(i) if i.spiffe_id == entry.spiffe_id => i,
+                Ok(i) => {
+                    tracing::error!(entry = %r.entry_id, got = %i.spiffe_id, "server minted the wrong SPIFFE ID; discarded");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(entry = %r.entry_id, error = %e, "server returned an invalid SVID; discarded");
+                    continue;
+                }
+            };
+            self.svids.insert(
+                r.entry_id.clone(),
+                Arc::new(CachedSvid {
+                    entry_id: r.entry_id,
+                    spiffe_id: info.spiffe_id.to_string(),
+                    chain_der: r.svid_chain.concat(),
+                    key_der: key,
+                    not_before: info.not_before,
+                    not_after: info.not_after,
+                    refresh_at: received + ((info.not_after - received) / 2).max(1),
+                    spec: SvidSpec::of(entry),
+                }),
+            );
+            stored += 1;
+        }
+        Ok(stored)
+    }
+
+    /// Runs until the update channel closes.
+    pub async fn run(mut self) {
+        loop {
+            let now = now_unix();
+            let can_try = self
+                .retry_at
+                .is_none_or(|t| tokio::time::Instant::now() >= t);
+            let due = if can_try { self.due(now) } else { vec![] };
+            let mut changed = false;
+            if !due.is_empty() {
+                let mut failed = false;
+                for chunk in due.chunks(MINT_BATCH) {
+                    match self.mint(chunk).await {
+                        Ok(n) => changed |= n > 0,
+                        Err(st) => {
+                            tracing::warn!(code = ?st.code(), error = %st.message(), "minting failed; keeping current SVIDs and retrying");
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                if failed {
+                    self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                } else {
+                    self.retry_at = None;
+                    self.backoff = MIN_BACKOFF;
+                }
+            }
+            // Expired SVIDs are never served.
+            let before = self.svids.len();
+            self.svids.retain(|_, s| s.not_after > now);
+            changed |= self.svids.len() != before;
+            if changed {
+                self.publish();
+            }
+
+            // Sleep until the next refresh, a retry, or an update.
+            let next_refresh = self
+                .svids
+                .values()
+                .map(|s| s.refresh_at().min(s.not_after))
+                .min();
+            let mut wake = match next_refresh {
+                Some(t) => {
+                    tokio::time::Instant::now()
+                        + Duration::from_secs((t - now_unix()).max(0) as u64)
+                }
+                None => tokio::time::Instant::now() + Duration::from_secs(3600),
+            };
+            if let Some(r) = self.retry_at {
+                wake = wake.min(r);
+            }
+            tokio::select! {
+                u = self.updates.recv() => match u {
+                    Some(s) => {
+                        self.apply(s);
+                        // Drain whatever else queued up; only the newest matters.
+                        while let Ok(s) = self.updates.try_recv() {
+                            self.apply(s);
+                        }
+                        self.retry_at = None;
+                        self.publish();
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}

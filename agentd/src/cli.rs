@@ -1,0 +1,259 @@
+//! Workload-side subcommands: `api fetch x509` through the Workload API
+//! (as any workload would call it) and `healthcheck` on the admin socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use sigil_core::x509::{SvidInfo, certs_to_pem};
+use sigil_proto::WORKLOAD_API_HEADER;
+use sigil_proto::admin::HealthRequest;
+use sigil_proto::admin::agent_admin_api_client::AgentAdminApiClient;
+use sigil_proto::workload::X509svidRequest;
+use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tonic::transport::{Channel, Endpoint};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::config::{DEFAULT_ADMIN_SOCKET, DEFAULT_SOCKET_PATH};
+
+#[derive(Subcommand)]
+pub enum ApiCmd {
+    /// Fetch from the Workload API.
+    #[command(subcommand)]
+    Fetch(FetchCmd),
+}
+
+#[derive(Args, Clone)]
+pub struct SocketArgs {
+    /// Workload API socket (unix:/path, unix:///path or /path).
+    /// Defaults to SPIFFE_ENDPOINT_SOCKET, then the built-in path.
+    #[arg(long)]
+    socket: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum FetchCmd {
+    /// Fetch X.509-SVIDs and the bundle.
+    X509 {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Write svid.pem, svid.key and bundle.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+}
+
+/// Resolves the socket path from the flag, SPIFFE_ENDPOINT_SOCKET, or the default.
+pub fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
+    let raw = match flag {
+        Some(s) => s.to_string(),
+        None => std::env::var("SPIFFE_ENDPOINT_SOCKET")
+            .unwrap_or_else(|_| DEFAULT_SOCKET_PATH.to_string()),
+    };
+    let path = if let Some(rest) = raw.strip_prefix("unix://") {
+        if !rest.starts_with('/') {
+            return Err(format!(
+                "socket {raw:?}: unix:// addresses must not have an authority (use unix:///path)"
+            ));
+        }
+        rest
+    } else if let Some(rest) = raw.strip_prefix("unix:") {
+        rest
+    } else if raw.starts_with('/') {
+        raw.as_str()
+    } else {
+        return Err(format!("socket {raw:?}: expected unix:///path"));
+    };
+    Ok(PathBuf::from(path))
+}
+
+async fn uds_channel(path: &Path) -> Result<Channel, String> {
+    let p = path.to_path_buf();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move {
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))
+}
+
+fn rfc3339(ts: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ts)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ts.to_string())
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let (rest, _) = X509Certificate::from_der(b)
+            .map_err(|e| format!("bad certificate in response: {e}"))?;
+        out.push(b[..b.len() - rest.len()].to_vec());
+        b = rest;
+    }
+    Ok(out)
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(data)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub async fn api(cmd: ApiCmd) -> Result<(), String> {
+    let ApiCmd::Fetch(FetchCmd::X509 { socket, write }) = cmd;
+    let path = socket_path(socket.socket.as_deref())?;
+    let start = Instant::now();
+    let mut client = SpiffeWorkloadApiClient::new(uds_channel(&path).await?);
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut().insert(
+        WORKLOAD_API_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let mut stream = client
+        .fetch_x509svid(req)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let resp = stream
+        .message()
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .ok_or("the Workload API closed the stream without an SVID")?;
+    let elapsed = start.elapsed();
+    println!(
+        "Received {} svid{} after {:.3}ms\n",
+        resp.svids.len(),
+        if resp.svids.len() == 1 { "" } else { "s" },
+        elapsed.as_secs_f64() * 1000.0
+    );
+    for (i, s) in resp.svids.iter().enumerate() {
+        let chain = split_der(&s.x509_svid)?;
+        let bundle = split_der(&s.bundle)?;
+        let leaf = chain.first().ok_or("empty SVID chain")?;
+        let info = SvidInfo::from_der(leaf).map_err(|e| e.to_string())?;
+        println!("SPIFFE ID:\t\t{}", s.spiffe_id);
+        if !s.hint.is_empty() {
+            println!("Hint:\t\t\t{}", s.hint);
+        }
+        println!("SVID Valid After:\t{}", rfc3339(info.not_before));
+        println!("SVID Valid Until:\t{}", rfc3339(info.not_after));
+        for (n, ca) in bundle.iter().enumerate() {
+            if let Ok((_, c)) = X509Certificate::from_der(ca) {
+                println!(
+                    "CA #{} Valid After:\t{}",
+                    n + 1,
+                    rfc3339(c.validity().not_before.timestamp())
+                );
+                println!(
+                    "CA #{} Valid Until:\t{}",
+                    n + 1,
+                    rfc3339(c.validity().not_after.timestamp())
+                );
+            }
+        }
+        println!();
+        if let Some(dir) = &write {
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!(".{i}")
+            };
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", s.x509_svid_key.clone()));
+            write_file(
+                &dir.join(format!("svid{suffix}.pem")),
+                certs_to_pem(chain.iter().map(Vec::as_slice)).as_bytes(),
+                0o644,
+            )?;
+            write_file(
+                &dir.join(format!("svid{suffix}.key")),
+                key_pem.as_bytes(),
+                0o600,
+            )?;
+            write_file(
+                &dir.join(format!("bundle{suffix}.pem")),
+                certs_to_pem(bundle.iter().map(Vec::as_slice)).as_bytes(),
+                0o644,
+            )?;
+            println!(
+                "Writing SVID #{i} to file {}",
+                dir.join(format!("svid{suffix}.pem")).display()
+            );
+            println!(
+                "Writing key #{i} to file {}",
+                dir.join(format!("svid{suffix}.key")).display()
+            );
+            println!(
+                "Writing bundle #{i} to file {}\n",
+                dir.join(format!("bundle{suffix}.pem")).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn healthcheck(admin_socket: Option<PathBuf>, verbose: bool) -> Result<(), String> {
+    let path = admin_socket.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    let mut c = AgentAdminApiClient::new(uds_channel(&path).await?);
+    let h = c
+        .agent_health(HealthRequest {})
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    if !h.synced {
+        return Err("agent is up but has not synced with the server yet".into());
+    }
+    println!("Agent is healthy.");
+    if verbose {
+        println!(
+            "SPIFFE ID: {}\nEntries: {}\nSVIDs: {}\nAgent SVID valid until: {}",
+            h.spiffe_id,
+            h.entries,
+            h.svids,
+            rfc3339(h.agent_svid_expires_at)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses() {
+        assert_eq!(
+            socket_path(Some("unix:///run/a.sock")).unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        assert_eq!(
+            socket_path(Some("unix:/run/a.sock")).unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        assert_eq!(
+            socket_path(Some("/run/a.sock")).unwrap(),
+            PathBuf::from("/run/a.sock")
+        );
+        assert!(socket_path(Some("unix://host/run/a.sock")).is_err());
+        assert!(socket_path(Some("tcp://1.2.3.4:5")).is_err());
+    }
+}

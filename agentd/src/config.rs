@@ -1,0 +1,175 @@
+//! `agent.toml`: the keys of ../shared/DESIGN.md, unknown keys refused.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sigil_core::TrustDomain;
+
+/// Built-in agent admin socket path.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/agent/private/admin.sock";
+/// Built-in Workload API socket path.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil/agent/public/api.sock";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: String,
+    server_address: String,
+    #[serde(default = "default_port")]
+    server_port: u16,
+    #[serde(default)]
+    socket_path: Option<PathBuf>,
+    #[serde(default)]
+    admin_socket: Option<PathBuf>,
+    data_dir: PathBuf,
+    #[serde(default)]
+    trust_bundle_path: Option<PathBuf>,
+    #[serde(default)]
+    insecure_bootstrap: bool,
+    #[serde(default)]
+    join_token: Option<String>,
+    #[serde(default)]
+    log_level: Option<String>,
+}
+
+fn default_port() -> u16 {
+    8081
+}
+
+/// How the agent authenticates the server before it has a bundle of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// PEM file with the trust domain's CA certificates.
+    BundleFile(PathBuf),
+    /// Trust the first server answering (loudly logged).
+    Insecure,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub trust_domain: TrustDomain,
+    pub server_address: String,
+    pub server_port: u16,
+    pub socket_path: PathBuf,
+    pub admin_socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub bootstrap: Bootstrap,
+    pub join_token: Option<String>,
+    pub log_level: String,
+}
+
+/// A config error, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {reason}")]
+    Key { key: &'static str, reason: String },
+}
+
+fn key_err(key: &'static str, reason: impl ToString) -> ConfigError {
+    ConfigError::Key {
+        key,
+        reason: reason.to_string(),
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.message().to_string()))?;
+        let trust_domain = TrustDomain::new(&raw.trust_domain)
+            .map_err(|e| key_err("trust_domain", format!("{:?}: {e}", raw.trust_domain)))?;
+        if raw.server_address.is_empty()
+            || raw.server_address.parse::<IpAddr>().is_err()
+                && raw
+                    .server_address
+                    .contains(|c: char| c.is_whitespace() || c == '/')
+        {
+            return Err(key_err(
+                "server_address",
+                format!("{:?} is not a host name or IP address", raw.server_address),
+            ));
+        }
+        if raw.server_port == 0 {
+            return Err(key_err("server_port", "must not be 0"));
+        }
+        let bootstrap = match (raw.trust_bundle_path, raw.insecure_bootstrap) {
+            (Some(_), true) => {
+                return Err(key_err(
+                    "insecure_bootstrap",
+                    "cannot be combined with trust_bundle_path",
+                ));
+            }
+            (Some(p), false) => Bootstrap::BundleFile(p),
+            (None, true) => Bootstrap::Insecure,
+            (None, false) => {
+                return Err(key_err(
+                    "trust_bundle_path",
+                    "required unless insecure_bootstrap = true",
+                ));
+            }
+        };
+        if raw.data_dir.as_os_str().is_empty() {
+            return Err(key_err("data_dir", "must not be empty"));
+        }
+        Ok(AgentConfig {
+            trust_domain,
+            server_address: raw.server_address,
+            server_port: raw.server_port,
+            socket_path: raw
+                .socket_path
+                .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+            admin_socket: raw
+                .admin_socket
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            data_dir: raw.data_dir,
+            bootstrap,
+            join_token: raw.join_token,
+            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1\"\ndata_dir = \"/tmp/a\"\n";
+
+    #[test]
+    fn minimal_config_parses() {
+        let c = AgentConfig::parse(&format!("{BASE}insecure_bootstrap = true\n")).unwrap();
+        assert_eq!(c.server_port, 8081);
+        assert_eq!(c.bootstrap, Bootstrap::Insecure);
+        assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\nsocket_pth = \"/x\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("socket_pth"), "{e}");
+        let e = AgentConfig::parse(BASE).unwrap_err().to_string();
+        assert!(e.contains("trust_bundle_path"), "{e}");
+        let e = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\ntrust_bundle_path = \"/b\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("insecure_bootstrap"), "{e}");
+    }
+}

@@ -1,0 +1,320 @@
+//! The agent's own identity: node attestation with a join token, the agent
+//! SVID and key on disk (`agent_svid.pem`, `agent_svid.key` 0600,
+//! `bundle.pem` under `data_dir`), renewal at half-life, and the sync stream
+//! that feeds the SVID cache, reconnecting with backoff.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sigil_core::entry::Entry;
+use sigil_core::ids::server_id;
+use sigil_core::x509::{SvidInfo, certs_to_pem, new_key_and_csr, pem_to_certs};
+use sigil_core::{SpiffeId, TrustDomain, now_unix};
+use sigil_proto::agent::agent_api_client::AgentApiClient;
+use sigil_proto::agent::{
+    AttestRequest, JoinToken, RenewAgentRequest, SyncRequest, attest_request::Evidence,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+use crate::cache::SyncState;
+use crate::config::{AgentConfig, Bootstrap};
+use crate::server_client;
+use crate::spiffe_tls::{AgentCertResolver, ServerTrust, SharedBundle, client_config};
+
+/// The agent's SVID and key.
+#[derive(Clone)]
+pub struct AgentSvid {
+    pub spiffe_id: SpiffeId,
+    pub chain: Vec<Vec<u8>>,
+    pub key: Vec<u8>,
+    pub not_after: i64,
+    /// Unix seconds this SVID was obtained (start of its renewal clock).
+    pub received_at: i64,
+}
+
+impl AgentSvid {
+    fn new(chain: Vec<Vec<u8>>, key: Vec<u8>, received_at: i64) -> Result<Self, String> {
+        let leaf = chain.first().ok_or("empty agent SVID chain")?;
+        let info = SvidInfo::from_der(leaf).map_err(|e| format!("agent SVID: {e}"))?;
+        Ok(Self {
+            spiffe_id: info.spiffe_id,
+            chain,
+            key,
+            not_after: info.not_after,
+            received_at,
+        })
+    }
+
+    fn renew_at(&self) -> i64 {
+        self.received_at + ((self.not_after - self.received_at) / 2).max(1)
+    }
+}
+
+fn write_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+/// Creates `dir` with mode 0700.
+pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Persists the agent SVID, key (0600) and bundle.
+pub fn store_identity(data_dir: &Path, svid: &AgentSvid, bundle: &[Vec<u8>]) -> Result<(), String> {
+    let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.clone()));
+    let e = |p: &str, err: std::io::Error| format!("{}: {err}", data_dir.join(p).display());
+    write_mode(&data_dir.join("agent_svid.key"), key_pem.as_bytes(), 0o600)
+        .map_err(|err| e("agent_svid.key", err))?;
+    write_mode(
+        &data_dir.join("agent_svid.pem"),
+        certs_to_pem(svid.chain.iter().map(Vec::as_slice)).as_bytes(),
+        0o644,
+    )
+    .map_err(|err| e("agent_svid.pem", err))?;
+    write_mode(
+        &data_dir.join("bundle.pem"),
+        certs_to_pem(bundle.iter().map(Vec::as_slice)).as_bytes(),
+        0o644,
+    )
+    .map_err(|err| e("bundle.pem", err))?;
+    Ok(())
+}
+
+/// Loads a stored, unexpired identity, if any.
+pub fn load_identity(data_dir: &Path, td: &TrustDomain) -> Option<(AgentSvid, Vec<Vec<u8>>)> {
+    let key_path = data_dir.join("agent_svid.key");
+    let mode = fs::metadata(&key_path).ok()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %key_path.display(), "agent key is readable by others; ignoring it and re-attesting");
+        return None;
+    }
+    let key = pem::parse(fs::read_to_string(&key_path).ok()?)
+        .ok()?
+        .into_contents();
+    let chain = pem_to_certs(&fs::read_to_string(data_dir.join("agent_svid.pem")).ok()?).ok()?;
+    let bundle = pem_to_certs(&fs::read_to_string(data_dir.join("bundle.pem")).ok()?).ok()?;
+    let svid = AgentSvid::new(chain, key, now_unix()).ok()?;
+    if svid.not_after <= now_unix() + 1 || !svid.spiffe_id.is_member_of(td) {
+        return None;
+    }
+    Some((svid, bundle))
+}
+
+/// Attests the node with a join token; returns the agent SVID and bundle.
+pub async fn attest_with_token(
+    cfg: &AgentConfig,
+    token: &str,
+) -> Result<(AgentSvid, Vec<Vec<u8>>), String> {
+    let trust = match &cfg.bootstrap {
+        Bootstrap::BundleFile(p) => {
+            let text = fs::read_to_string(p)
+                .map_err(|e| format!("trust_bundle_path {}: {e}", p.display()))?;
+            let certs = pem_to_certs(&text)
+                .map_err(|e| format!("trust_bundle_path {}: {e}", p.display()))?;
+            ServerTrust::Spiffe {
+                bundle: Arc::new(RwLock::new(certs)),
+                expected: server_id(&cfg.trust_domain),
+            }
+        }
+        Bootstrap::Insecure => {
+            tracing::warn!(
+                "insecure_bootstrap: the server is NOT authenticated for node attestation; use trust_bundle_path in production"
+            );
+            ServerTrust::Insecure
+        }
+    };
+    let tls = client_config(trust, Arc::new(AgentCertResolver::default()))?;
+    let ch = server_client::channel(&cfg.server_address, cfg.server_port, tls)?;
+    let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
+    let resp = AgentApiClient::new(ch)
+        .attest(AttestRequest {
+            evidence: Some(Evidence::JoinToken(JoinToken {
+                token: token.to_string(),
+            })),
+            csr,
+        })
+        .await
+        .map_err(|s| format!("node attestation failed: {}", s.message()))?
+        .into_inner();
+    let svid = AgentSvid::new(resp.svid_chain, key, now_unix())?;
+    if !svid.spiffe_id.is_member_of(&cfg.trust_domain) {
+        return Err(format!(
+            "server issued {} outside trust domain {}",
+            svid.spiffe_id, cfg.trust_domain
+        ));
+    }
+    if resp.bundle.is_empty() {
+        return Err("server returned an empty trust bundle".into());
+    }
+    Ok((svid, resp.bundle))
+}
+
+/// The agent's live connection to the server: the current SVID (presented
+/// as client certificate), the bundle used to verify the server, and the
+/// channel, replaced after every renewal so new calls use the new SVID.
+pub struct ServerLink {
+    cfg: AgentConfig,
+    pub svid: watch::Sender<AgentSvid>,
+    pub bundle: SharedBundle,
+    resolver: Arc<AgentCertResolver>,
+    pub channel: watch::Sender<Channel>,
+}
+
+impl ServerLink {
+    pub fn new(
+        cfg: AgentConfig,
+        svid: AgentSvid,
+        bundle: Vec<Vec<u8>>,
+    ) -> Result<Arc<Self>, String> {
+        let resolver = Arc::new(AgentCertResolver::default());
+        resolver.set(&svid.chain, &svid.key)?;
+        let bundle: SharedBundle = Arc::new(RwLock::new(bundle));
+        let ch = Self::make_channel(&cfg, &bundle, &resolver)?;
+        Ok(Arc::new(Self {
+            cfg,
+            svid: watch::channel(svid).0,
+            bundle,
+            resolver,
+            channel: watch::channel(ch).0,
+        }))
+    }
+
+    fn make_channel(
+        cfg: &AgentConfig,
+        bundle: &SharedBundle,
+        resolver: &Arc<AgentCertResolver>,
+    ) -> Result<Channel, String> {
+        let trust = ServerTrust::Spiffe {
+            bundle: bundle.clone(),
+            expected: server_id(&cfg.trust_domain),
+        };
+        let tls = client_config(trust, resolver.clone())?;
+        server_client::channel(&cfg.server_address, cfg.server_port, tls)
+    }
+
+    fn set_bundle(&self, certs: &[Vec<u8>]) {
+        if let Ok(mut b) = self.bundle.write()
+            && *b != certs
+        {
+            *b = certs.to_vec();
+        }
+    }
+
+    /// Renews the agent SVID at half-life, forever; retries with backoff.
+    pub async fn renew_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let at = self.svid.borrow().renew_at();
+            let wait = (at - now_unix()).max(0) as u64;
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            match self.renew_once().await {
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    tracing::info!(
+                        not_after = self.svid.borrow().not_after,
+                        "renewed agent SVID"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    async fn renew_once(&self) -> Result<(), String> {
+        let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
+        let ch = self.channel.borrow().clone();
+        let resp = AgentApiClient::new(ch)
+            .renew_agent(RenewAgentRequest { csr })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let svid = AgentSvid::new(resp.svid_chain, key, now_unix())?;
+        if svid.spiffe_id != self.svid.borrow().spiffe_id {
+            return Err(format!(
+                "server renewed as {}, expected {}",
+                svid.spiffe_id,
+                self.svid.borrow().spiffe_id
+            ));
+        }
+        self.resolver.set(&svid.chain, &svid.key)?;
+        self.set_bundle(&resp.bundle);
+        store_identity(&self.cfg.data_dir, &svid, &resp.bundle)?;
+        self.svid.send_replace(svid);
+        // New connections present the new SVID.
+        let ch = Self::make_channel(&self.cfg, &self.bundle, &self.resolver)?;
+        self.channel.send_replace(ch);
+        Ok(())
+    }
+
+    /// Keeps one sync stream open and forwards validated updates to the
+    /// cache. Reconnects with backoff; restarts on channel replacement.
+    pub async fn sync_loop(self: Arc<Self>, out: mpsc::Sender<SyncState>) {
+        let mut backoff = Duration::from_millis(200);
+        let mut channels = self.channel.subscribe();
+        loop {
+            let ch = channels.borrow_and_update().clone();
+            let result = async {
+                let mut stream = AgentApiClient::new(ch).sync(SyncRequest {}).await?.into_inner();
+                loop {
+                    tokio::select! {
+                        msg = stream.message() => match msg? {
+                            Some(u) => {
+                                let entries = u
+                                    .entries
+                                    .iter()
+                                    .filter_map(|p| match Entry::from_proto(p, &self.cfg.trust_domain) {
+                                        Ok(e) => Some(e),
+                                        Err(err) => {
+                                            tracing::warn!(entry = %p.id, error = %err, "ignoring invalid entry from server");
+                                            None
+                                        }
+                                    })
+                                    .collect();
+                                if !u.bundle.is_empty() {
+                                    self.set_bundle(&u.bundle);
+                                }
+                                tracing::debug!(revision = u.revision, "sync update");
+                                if out.send(SyncState { entries, bundle: u.bundle }).await.is_err() {
+                                    return Ok(true);
+                                }
+                            }
+                            None => return Ok::<bool, tonic::Status>(false),
+                        },
+                        _ = channels.changed() => return Ok(false),
+                    }
+                }
+            }
+            .await;
+            match result {
+                Ok(true) => return,
+                Ok(false) => {
+                    backoff = Duration::from_millis(200);
+                }
+                Err(st) => {
+                    tracing::warn!(code = ?st.code(), error = %st.message(), "sync stream failed; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}

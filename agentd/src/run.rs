@@ -1,0 +1,127 @@
+//! `sigil-agent run`: attest (or reuse the stored identity), start the
+//! renewal, sync and cache tasks, and serve the Workload API and the agent
+//! admin socket until SIGINT/SIGTERM.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use sigil_proto::admin::agent_admin_api_server::{AgentAdminApi, AgentAdminApiServer};
+use sigil_proto::admin::{AgentHealthResponse, HealthRequest};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::cache::{Cache, Snapshot};
+use crate::config::AgentConfig;
+use crate::node::{self, AgentSvid, ServerLink};
+use crate::workload_api::{self, WorkloadApi};
+
+struct AgentAdmin {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    svid: watch::Receiver<AgentSvid>,
+}
+
+#[tonic::async_trait]
+impl AgentAdminApi for AgentAdmin {
+    async fn agent_health(
+        &self,
+        _req: Request<HealthRequest>,
+    ) -> Result<Response<AgentHealthResponse>, Status> {
+        let snap = self.snapshots.borrow().clone();
+        let svid = self.svid.borrow().clone();
+        Ok(Response::new(AgentHealthResponse {
+            spiffe_id: svid.spiffe_id.to_string(),
+            trust_domain: svid.spiffe_id.trust_domain_name().to_string(),
+            synced: snap.synced,
+            entries: snap.entries.len() as u64,
+            svids: snap.svids.len() as u64,
+            agent_svid_expires_at: svid.not_after,
+        }))
+    }
+}
+
+fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        node::ensure_private_dir(parent)?;
+    }
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), String> {
+    node::ensure_private_dir(&cfg.data_dir)
+        .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
+    let (svid, bundle) = match node::load_identity(&cfg.data_dir, &cfg.trust_domain) {
+        Some(found) => {
+            tracing::info!(spiffe_id = %found.0.spiffe_id, "using stored agent identity");
+            found
+        }
+        None => {
+            let token = join_token
+                .or_else(|| cfg.join_token.clone())
+                .ok_or("no stored agent identity and no join token: pass --join-token (see `sigil-server token generate`)")?;
+            let (svid, bundle) = node::attest_with_token(&cfg, &token).await?;
+            node::store_identity(&cfg.data_dir, &svid, &bundle)?;
+            tracing::info!(spiffe_id = %svid.spiffe_id, "node attested");
+            (svid, bundle)
+        }
+    };
+
+    let link = ServerLink::new(cfg.clone(), svid, bundle.clone())?;
+    let (sync_tx, sync_rx) = mpsc::channel(16);
+    let (cache, snapshots) = Cache::new(
+        cfg.trust_domain.clone(),
+        link.channel.subscribe(),
+        sync_rx,
+        bundle,
+    );
+    tokio::spawn(cache.run());
+    tokio::spawn(link.clone().sync_loop(sync_tx));
+    tokio::spawn(link.clone().renew_loop());
+
+    let api_listener = workload_api::bind_public_socket(&cfg.socket_path)
+        .map_err(|e| format!("socket_path {}: {e}", cfg.socket_path.display()))?;
+    let admin_listener = bind_private_socket(&cfg.admin_socket)
+        .map_err(|e| format!("admin_socket {}: {e}", cfg.admin_socket.display()))?;
+
+    let api = tonic::transport::Server::builder()
+        .add_service(WorkloadApi::new(snapshots.clone()))
+        .serve_with_incoming_shutdown(workload_api::incoming(api_listener), shutdown_signal());
+    let admin = tonic::transport::Server::builder()
+        .add_service(AgentAdminApiServer::new(AgentAdmin {
+            snapshots,
+            svid: link.svid.subscribe(),
+        }))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
+    tracing::info!(socket = %cfg.socket_path.display(), "sigil-agent serving the Workload API");
+    let r = tokio::try_join!(api, admin);
+    let _ = std::fs::remove_file(&cfg.socket_path);
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    r.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
