@@ -103,10 +103,15 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
         }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
     tracing::info!(socket = %cfg.socket_path.display(), "sigil-agent serving the Workload API");
-    let r = tokio::try_join!(api, admin);
+    // Workload API streams are long-lived: short grace period, then exit.
+    let r = tokio::select! {
+        r = async { tokio::try_join!(api, admin) } => r.map(|_| ()).map_err(|e| e.to_string()),
+        _ = async { shutdown_signal().await; tokio::time::sleep(std::time::Duration::from_millis(500)).await } => Ok(()),
+    };
     let _ = std::fs::remove_file(&cfg.socket_path);
     let _ = std::fs::remove_file(&cfg.admin_socket);
-    r.map(|_| ()).map_err(|e| e.to_string())
+    tracing::info!("sigil-agent stopped");
+    r
 }
 
 /// Resolves on SIGINT or SIGTERM.

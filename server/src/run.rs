@@ -22,6 +22,8 @@ use crate::state::ServerState;
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight calls may run after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// Binds a Unix socket at `path`: creates a missing parent directory with
 /// mode 0700 and leaves an existing one alone; the socket itself is 0600.
@@ -97,9 +99,15 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
 
     tracing::info!(trust_domain = %cfg.trust_domain, %addr, admin_socket = %cfg.admin_socket.display(), "sigil-server ready");
-    let r = tokio::try_join!(agent_server, admin_server);
+    // Long-lived sync streams would hold a graceful shutdown open forever:
+    // give in-flight calls a short grace period, then exit.
+    let r = tokio::select! {
+        r = async { tokio::try_join!(agent_server, admin_server) } => r.map(|_| ()).map_err(|e| e.to_string()),
+        _ = async { shutdown_signal().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
+    };
     let _ = std::fs::remove_file(&cfg.admin_socket);
-    r.map(|_| ()).map_err(|e| e.to_string())
+    tracing::info!("sigil-server stopped");
+    r
 }
 
 /// Resolves on SIGINT or SIGTERM.

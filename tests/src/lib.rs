@@ -1,1 +1,333 @@
-//! e2e
+//! Test harness for Sigil's end-to-end tests: starts the real
+//! `sigil-server` and `sigil-agent` binaries in a throwaway directory with
+//! free ports, drives them through their CLIs, and stops them on drop.
+//!
+//! The binaries are looked up next to the test executable's target
+//! directory (`target/<profile>/`); build them first with
+//! `cargo build --workspace --bins` (the project's test script does).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the built binaries.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for b in ["sigil-server", "sigil-agent"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} missing: run `cargo build --workspace --bins` first",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// Path of one built binary.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A unique scratch directory under the system temp dir, world-traversable
+/// so that a probe running as another uid can reach the Workload API socket.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("sigil-e2e-{tag}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running server (and optionally an agent) for one test.
+pub struct Cluster {
+    pub dir: Scratch,
+    pub port: u16,
+    pub trust_domain: String,
+    server: Option<Child>,
+    agent: Option<Child>,
+    pub agent_id: String,
+}
+
+impl Cluster {
+    /// Starts a server with `extra` appended to its config.
+    pub fn start_with(extra: &str) -> Self {
+        let dir = Scratch::new("c");
+        let port = free_port();
+        let cfg = format!(
+            "trust_domain = \"example.org\"\nbind_port = {port}\ndata_dir = \"{d}/server\"\nadmin_socket = \"{d}/admin/admin.sock\"\nlog_level = \"debug\"\n{extra}",
+            d = dir.0.display()
+        );
+        fs::write(dir.0.join("server.toml"), cfg).unwrap();
+        let mut c = Cluster {
+            dir,
+            port,
+            trust_domain: "example.org".into(),
+            server: None,
+            agent: None,
+            agent_id: String::new(),
+        };
+        c.start_server();
+        c
+    }
+
+    /// Starts a server with the default config.
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a server and an agent attested as `spiffe://example.org/test-agent`.
+    pub fn with_agent() -> Self {
+        let mut c = Self::start();
+        c.start_agent("spiffe://example.org/test-agent");
+        c
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.0.join("admin/admin.sock")
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.0.join("agent/public/api.sock")
+    }
+
+    /// `unix:///...` address of the Workload API.
+    pub fn api_addr(&self) -> String {
+        format!("unix://{}", self.api_socket().display())
+    }
+
+    pub fn start_server(&mut self) {
+        assert!(self.server.is_none(), "server already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("server.log"))
+            .unwrap();
+        let child = Command::new(bin("sigil-server"))
+            .args(["run", "--config"])
+            .arg(self.dir.0.join("server.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(child);
+        wait_for("server admin socket", Duration::from_secs(20), || {
+            self.server_cli(&["healthcheck"]).status.success()
+        });
+    }
+
+    pub fn stop_server(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// Runs a `sigil-server` subcommand against this cluster's admin socket.
+    pub fn server_cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("sigil-server"))
+            .args(args)
+            .env("SIGIL_ADMIN_SOCKET", self.admin_socket())
+            .output()
+            .unwrap()
+    }
+
+    /// Like [`Self::server_cli`] but asserts success and returns stdout.
+    pub fn server_ok(&self, args: &[&str]) -> String {
+        let out = self.server_cli(args);
+        assert!(
+            out.status.success(),
+            "sigil-server {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Generates a join token.
+    pub fn token(&self, spiffe_id: &str) -> String {
+        let out = self.server_ok(&[
+            "token",
+            "generate",
+            "--spiffe-id",
+            spiffe_id,
+            "--output",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["value"].as_str().unwrap().to_string()
+    }
+
+    /// Writes the agent config (bundle bootstrap) and returns its path.
+    pub fn write_agent_config(&self) -> PathBuf {
+        let bundle = self.server_ok(&["bundle", "show"]);
+        fs::write(self.dir.0.join("bundle.pem"), bundle).unwrap();
+        let d = self.dir.0.display();
+        let cfg = format!(
+            "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1\"\nserver_port = {}\nsocket_path = \"{d}/agent/public/api.sock\"\nadmin_socket = \"{d}/agent/private/admin.sock\"\ndata_dir = \"{d}/agent/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\nlog_level = \"debug\"\n",
+            self.port
+        );
+        let p = self.dir.0.join("agent.toml");
+        fs::write(&p, cfg).unwrap();
+        p
+    }
+
+    /// Spawns the agent process (with a token if given), without waiting.
+    pub fn spawn_agent(&self, token: Option<&str>) -> Child {
+        let cfg = self.write_agent_config();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("agent.log"))
+            .unwrap();
+        let mut cmd = Command::new(bin("sigil-agent"));
+        cmd.args(["run", "--config"]).arg(cfg);
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    }
+
+    /// Attests and starts an agent; waits until it has synced.
+    pub fn start_agent(&mut self, agent_id: &str) {
+        let token = self.token(agent_id);
+        let child = self.spawn_agent(Some(&token));
+        self.agent = Some(child);
+        self.agent_id = agent_id.to_string();
+        self.wait_agent_healthy();
+    }
+
+    /// Restarts the agent from its stored identity (no token).
+    pub fn restart_agent(&mut self) {
+        self.stop_agent();
+        self.agent = Some(self.spawn_agent(None));
+        self.wait_agent_healthy();
+    }
+
+    pub fn wait_agent_healthy(&self) {
+        let sock = self.dir.0.join("agent/private/admin.sock");
+        wait_for("agent healthy", Duration::from_secs(20), || {
+            Command::new(bin("sigil-agent"))
+                .arg("healthcheck")
+                .arg("--admin-socket")
+                .arg(&sock)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
+    }
+
+    pub fn stop_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            kill(&mut c);
+        }
+    }
+
+    /// Creates an entry under this cluster's agent; returns the entry ID.
+    pub fn create_entry(&self, spiffe_id: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--parent-id",
+            &self.agent_id,
+            "--spiffe-id",
+            spiffe_id,
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(&self.server_ok(&args)).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// The server and agent logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let r = |n: &str| fs::read_to_string(self.dir.0.join(n)).unwrap_or_default();
+        format!(
+            "--- server.log\n{}\n--- agent.log\n{}",
+            r("server.log"),
+            r("agent.log")
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_agent();
+        self.stop_server();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// The current effective uid.
+pub fn my_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// `--selector unix:uid:<my uid>` as owned strings.
+pub fn my_uid_selector() -> String {
+    format!("unix:uid:{}", my_uid())
+}

@@ -1,0 +1,421 @@
+//! End-to-end: restarts, outages, eviction/ban and refusal of bad input.
+
+use std::process::Command;
+use std::time::Duration;
+
+use sigil_tests::{Cluster, bin, my_uid_selector, wait_for};
+use spiffe::WorkloadApiClient;
+
+const LONG: Duration = Duration::from_secs(20);
+
+async fn fetch_id(addr: &str) -> Result<String, String> {
+    let client = WorkloadApiClient::connect_to(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .fetch_x509_svid()
+        .await
+        .map(|s| s.spiffe_id().to_string())
+        .map_err(|e| e.to_string())
+}
+
+async fn wait_fetch(addr: &str, want: &str) {
+    for _ in 0..200 {
+        if fetch_id(addr).await.as_deref() == Ok(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never fetched {want}: last = {:?}", fetch_id(addr).await);
+}
+
+async fn all_ids(addr: &str) -> Vec<String> {
+    let client = WorkloadApiClient::connect_to(addr).await.unwrap();
+    let mut v: Vec<String> = client
+        .fetch_all_x509_svids()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn server_restart_keeps_entries_agents_and_ca() {
+    let mut c = Cluster::with_agent();
+    c.create_entry(
+        "spiffe://example.org/a",
+        &["--selector", &my_uid_selector()],
+    );
+    wait_fetch(&c.api_addr(), "spiffe://example.org/a").await;
+    let bundle_before = c.server_ok(&["bundle", "show"]);
+    let entries_before = c.server_ok(&["entry", "list", "--output", "json"]);
+
+    c.stop_server();
+    c.start_server();
+
+    assert_eq!(
+        c.server_ok(&["bundle", "show"]),
+        bundle_before,
+        "CA changed across restart"
+    );
+    assert_eq!(
+        c.server_ok(&["entry", "list", "--output", "json"]),
+        entries_before
+    );
+    let agents: serde_json::Value =
+        serde_json::from_str(&c.server_ok(&["agent", "list", "--output", "json"])).unwrap();
+    assert_eq!(
+        agents["agents"][0]["spiffe_id"],
+        "spiffe://example.org/test-agent"
+    );
+
+    // The agent reconnects by itself and receives changes made after the restart.
+    c.create_entry(
+        "spiffe://example.org/b",
+        &["--selector", &my_uid_selector()],
+    );
+    let addr = c.api_addr();
+    for _ in 0..200 {
+        if all_ids(&addr).await.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        all_ids(&addr).await,
+        vec!["spiffe://example.org/a", "spiffe://example.org/b"]
+    );
+
+    // A restarted agent comes back from its stored identity without a token.
+    c.restart_agent();
+    for _ in 0..200 {
+        if WorkloadApiClient::connect_to(&addr).await.is_ok()
+            && fetch_id(&addr).await.is_ok()
+            && all_ids(&addr).await.len() == 2
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("restarted agent did not serve both SVIDs");
+}
+
+#[tokio::test]
+async fn agent_keeps_serving_while_server_is_down() {
+    let mut c = Cluster::with_agent();
+    c.create_entry(
+        "spiffe://example.org/a",
+        &["--selector", &my_uid_selector()],
+    );
+    wait_fetch(&c.api_addr(), "spiffe://example.org/a").await;
+    c.stop_server();
+    for _ in 0..5 {
+        assert_eq!(
+            fetch_id(&c.api_addr()).await.as_deref(),
+            Ok("spiffe://example.org/a")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    c.start_server();
+    c.create_entry(
+        "spiffe://example.org/b",
+        &["--selector", &my_uid_selector()],
+    );
+    let addr = c.api_addr();
+    for _ in 0..300 {
+        if all_ids(&addr).await.len() == 2 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("agent did not reconnect: {:?}", all_ids(&addr).await);
+}
+
+#[tokio::test]
+async fn banned_agent_gets_no_new_entries_and_cannot_reattest() {
+    let c = Cluster::with_agent();
+    c.create_entry(
+        "spiffe://example.org/a",
+        &["--selector", &my_uid_selector()],
+    );
+    wait_fetch(&c.api_addr(), "spiffe://example.org/a").await;
+    c.server_ok(&["agent", "ban", "spiffe://example.org/test-agent"]);
+    let shown: serde_json::Value = serde_json::from_str(&c.server_ok(&[
+        "agent",
+        "show",
+        "spiffe://example.org/test-agent",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(shown["banned"], true);
+    c.create_entry(
+        "spiffe://example.org/b",
+        &["--selector", &my_uid_selector()],
+    );
+    // Give a healthy agent ample time to sync the new entry; a banned one must not.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(all_ids(&c.api_addr()).await, vec!["spiffe://example.org/a"]);
+    wait_for("sync refusal logged", LONG, || {
+        c.logs().contains("is banned")
+    });
+
+    // A fresh token for the banned ID does not get it back.
+    let token = c.token("spiffe://example.org/test-agent");
+    let mut second = Cluster::start();
+    // Attest against the *first* server from a new data dir.
+    second.port = c.port;
+    std::fs::write(
+        second.dir.0.join("bundle.pem"),
+        c.server_ok(&["bundle", "show"]),
+    )
+    .unwrap();
+    let cfg = format!(
+        "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1\"\nserver_port = {}\nsocket_path = \"{d}/a2/api.sock\"\nadmin_socket = \"{d}/a2/admin.sock\"\ndata_dir = \"{d}/a2/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\n",
+        c.port,
+        d = second.dir.0.display()
+    );
+    std::fs::write(second.dir.0.join("a2.toml"), cfg).unwrap();
+    let out = Command::new(bin("sigil-agent"))
+        .args(["run", "--config"])
+        .arg(second.dir.0.join("a2.toml"))
+        .args(["--join-token", &token])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("banned"), "{err}");
+    second.stop_server();
+}
+
+#[tokio::test]
+async fn evicted_agent_cannot_sync() {
+    let c = Cluster::with_agent();
+    c.create_entry(
+        "spiffe://example.org/a",
+        &["--selector", &my_uid_selector()],
+    );
+    wait_fetch(&c.api_addr(), "spiffe://example.org/a").await;
+    c.server_ok(&["agent", "evict", "spiffe://example.org/test-agent"]);
+    let list: serde_json::Value =
+        serde_json::from_str(&c.server_ok(&["agent", "list", "--output", "json"])).unwrap();
+    assert_eq!(list["agents"].as_array().unwrap().len(), 0);
+    c.create_entry(
+        "spiffe://example.org/b",
+        &["--selector", &my_uid_selector()],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(all_ids(&c.api_addr()).await, vec!["spiffe://example.org/a"]);
+    wait_for("sync refusal logged", LONG, || {
+        c.logs().contains("not attested")
+    });
+}
+
+#[test]
+fn join_tokens_are_single_use_and_expire() {
+    let c = Cluster::start();
+    let token = c.token("spiffe://example.org/n1");
+    let mut first = c.spawn_agent(Some(&token));
+    // Wait for the first agent to attest, then reuse its token from a second data dir.
+    wait_for("first attestation", LONG, || {
+        c.logs().contains("agent attested")
+    });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = first.wait();
+    let cfg = std::fs::read_to_string(c.dir.0.join("agent.toml"))
+        .unwrap()
+        .replace("/agent/", "/agent2/");
+    std::fs::write(c.dir.0.join("agent2.toml"), cfg).unwrap();
+    let out = Command::new(bin("sigil-agent"))
+        .args(["run", "--config"])
+        .arg(c.dir.0.join("agent2.toml"))
+        .args(["--join-token", &token])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown or already used"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let short = {
+        let out = c.server_ok(&["token", "generate", "--ttl", "1s", "--output", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = Command::new(bin("sigil-agent"))
+        .args(["run", "--config"])
+        .arg(c.dir.0.join("agent2.toml"))
+        .args(["--join-token", &short])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expired"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
+    let c = Cluster::start();
+    let before = c.server_ok(&["entry", "list", "--output", "json"]);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "spiffe://example.org/a",
+                "--spiffe-id",
+                "spiffe://example.org/bad path",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "spiffe_id",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "spiffe://example.org/a",
+                "--spiffe-id",
+                "https://example.org/x",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "spiffe_id",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "not-an-id",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "parent_id",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "spiffe://example.org/a",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--selector",
+                "unix:uid:abc",
+            ],
+            "selector",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "spiffe://example.org/a",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--selector",
+                "bogus:thing",
+            ],
+            "selector",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "spiffe://example.org/a",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--selector",
+                "unix:uid:1",
+                "--x509-ttl",
+                "5 minutes",
+            ],
+            "x509-ttl",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "spiffe://example.org/a",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--selector",
+                "unix:uid:1",
+                "--dns",
+                "bad_dns!",
+            ],
+            "dns",
+        ),
+        (
+            &["token", "generate", "--spiffe-id", "spiffe://other.org/x"],
+            "spiffe_id",
+        ),
+        (&["token", "generate", "--ttl", "0s"], "ttl"),
+    ];
+    for (args, field) in cases {
+        let out = c.server_cli(args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(field),
+            "{args:?}: error does not name {field}: {err}"
+        );
+    }
+    assert_eq!(
+        c.server_ok(&["entry", "list", "--output", "json"]),
+        before,
+        "a refused request changed state"
+    );
+
+    // Config errors name the key.
+    let bad = c.dir.0.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\nbind_prot = 1\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("sigil-server"))
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bind_prot"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&bad, "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1\"\ndata_dir = \"/tmp/x\"\ninsecure_bootstrap = true\nsocket = \"/x\"\n").unwrap();
+    let out = Command::new(bin("sigil-agent"))
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("socket"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
