@@ -6,6 +6,7 @@
 //! - [`server_client`]: the TLS channel to the server's agent API.
 //! - [`cache`]: the workload SVID cache, minting and half-life rotation.
 //! - [`workload_api`]: the SPIFFE Workload API server on a Unix socket.
+//! - [`h2_authority`]: accepts gRPC C-core clients' socket-path `:authority`.
 //! - [`run`]: wiring; [`cli`]: `api fetch x509`, `healthcheck`.
 
 #![allow(missing_docs)]
@@ -13,6 +14,7 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod h2_authority;
 pub mod node;
 pub mod run;
 pub mod server_client;

@@ -29,11 +29,31 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::cache::Snapshot;
+use crate::h2_authority::AuthorityRewriter;
 
-/// A Workload API connection together with the kernel's account of its peer.
+/// A Workload API connection together with the kernel's account of its
+/// peer. Bytes from the client pass through [`AuthorityRewriter`] so that
+/// gRPC C-core clients (py-spiffe) are accepted.
 pub struct PeerStream {
     inner: UnixStream,
     peer: Arc<Peer>,
+    rewriter: AuthorityRewriter,
+    out: Vec<u8>,
+    out_pos: usize,
+    scratch: Box<[u8]>,
+}
+
+impl PeerStream {
+    fn new(inner: UnixStream, peer: Peer) -> Self {
+        Self {
+            inner,
+            peer: Arc::new(peer),
+            rewriter: AuthorityRewriter::default(),
+            out: Vec::new(),
+            out_pos: 0,
+            scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
+        }
+    }
 }
 
 /// Connect info tonic attaches to every request of a [`PeerStream`].
@@ -49,11 +69,35 @@ impl Connected for PeerStream {
 
 impl AsyncRead for PeerStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        loop {
+            if this.out_pos < this.out.len() {
+                let n = buf.remaining().min(this.out.len() - this.out_pos);
+                buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                if this.out_pos == this.out.len() {
+                    this.out.clear();
+                    this.out_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut this.scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Ok(())); // EOF
+                    }
+                    this.rewriter.feed(&this.scratch[..n], &mut this.out);
+                }
+            }
+        }
     }
 }
 
@@ -92,14 +136,7 @@ pub fn incoming(listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>
             match listener.accept().await {
                 Ok((sock, _)) => match Peer::from_socket(&sock) {
                     Ok(peer) => {
-                        if tx
-                            .send(Ok(PeerStream {
-                                inner: sock,
-                                peer: Arc::new(peer),
-                            }))
-                            .await
-                            .is_err()
-                        {
+                        if tx.send(Ok(PeerStream::new(sock, peer))).await.is_err() {
                             return;
                         }
                     }

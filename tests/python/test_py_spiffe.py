@@ -1,0 +1,141 @@
+"""py-spiffe (the `spiffe` package on PyPI) against real Sigil binaries.
+
+Starts sigil-server and sigil-agent from SIGIL_BIN_DIR (default:
+<repo>/target/debug), registers the current uid, and fetches the X.509-SVID
+with py-spiffe's WorkloadApiClient, as any Python workload would.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from spiffe import WorkloadApiClient
+from spiffe.workloadapi.errors import FetchX509SvidError
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("SIGIL_BIN_DIR", REPO / "target" / "debug"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what, fn, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if fn():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Cluster:
+    def __init__(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="sigil-py-"))
+        self.port = free_port()
+        self.env = dict(os.environ, SIGIL_ADMIN_SOCKET=str(self.dir / "admin" / "admin.sock"))
+        (self.dir / "server.toml").write_text(
+            f'trust_domain = "example.org"\nbind_port = {self.port}\n'
+            f'data_dir = "{self.dir}/server"\nadmin_socket = "{self.dir}/admin/admin.sock"\n'
+        )
+        self.procs = []
+        self.procs.append(self._spawn(["sigil-server", "run", "--config", str(self.dir / "server.toml")], "server.log"))
+        wait_for("server", lambda: self.cli("healthcheck", check=False).returncode == 0)
+        (self.dir / "bundle.pem").write_text(self.cli("bundle", "show").stdout)
+        token = json.loads(self.cli("token", "generate", "--spiffe-id", "spiffe://example.org/py-agent", "--output", "json").stdout)["value"]
+        (self.dir / "agent.toml").write_text(
+            f'trust_domain = "example.org"\nserver_address = "127.0.0.1"\nserver_port = {self.port}\n'
+            f'socket_path = "{self.dir}/agent/public/api.sock"\nadmin_socket = "{self.dir}/agent/private/admin.sock"\n'
+            f'data_dir = "{self.dir}/agent/data"\ntrust_bundle_path = "{self.dir}/bundle.pem"\n'
+        )
+        self.procs.append(self._spawn(["sigil-agent", "run", "--config", str(self.dir / "agent.toml"), "--join-token", token], "agent.log"))
+        self.socket = self.dir / "agent" / "public" / "api.sock"
+        wait_for("agent", lambda: subprocess.run(
+            [str(BIN / "sigil-agent"), "healthcheck", "--admin-socket", str(self.dir / "agent" / "private" / "admin.sock")],
+            capture_output=True).returncode == 0)
+
+    def _spawn(self, argv, log):
+        return subprocess.Popen([str(BIN / argv[0])] + argv[1:], stdout=subprocess.DEVNULL,
+                                stderr=open(self.dir / log, "ab"), env=self.env)
+
+    def cli(self, *args, check=True):
+        r = subprocess.run([str(BIN / "sigil-server"), *args], capture_output=True, text=True, env=self.env)
+        if check and r.returncode != 0:
+            raise AssertionError(f"sigil-server {args}: {r.stderr}")
+        return r
+
+    def close(self):
+        for p in reversed(self.procs):
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster()
+    yield c
+    c.close()
+
+
+def fetch_when_ready(client, want, timeout=15.0):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            svid = client.fetch_x509_svid()
+            if str(svid.spiffe_id) == want:
+                return svid
+            last = str(svid.spiffe_id)
+        except FetchX509SvidError as e:
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"never fetched {want}; last: {last}")
+
+
+def test_py_spiffe_fetches_the_x509_svid(cluster):
+    uid = os.geteuid()
+    cluster.cli("entry", "create", "--parent-id", "spiffe://example.org/py-agent",
+                "--spiffe-id", "spiffe://example.org/py-workload", "--selector", f"unix:uid:{uid}",
+                "--x509-ttl", "5m", "--hint", "py")
+    with WorkloadApiClient(f"unix://{cluster.socket}", default_timeout=10) as client:
+        svid = fetch_when_ready(client, "spiffe://example.org/py-workload")
+        assert str(svid.spiffe_id.trust_domain) == "example.org"
+        leaf = svid.leaf
+        lifetime = leaf.not_valid_after_utc.timestamp() - time.time()
+        assert 250 < lifetime <= 305, lifetime
+        assert isinstance(svid.private_key, ec.EllipticCurvePrivateKey)
+        assert svid.private_key.public_key().public_numbers() == leaf.public_key().public_numbers()
+
+        ctx = client.fetch_x509_context()
+        bundle = ctx.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        assert bundle is not None
+        (ca,) = bundle.x509_authorities
+        # The leaf is signed by the bundle's CA.
+        leaf.verify_directly_issued_by(ca)
+
+
+def test_py_spiffe_sees_permission_denied_without_an_entry(cluster):
+    other = os.geteuid() + 1
+    cluster.cli("entry", "create", "--parent-id", "spiffe://example.org/py-agent",
+                "--spiffe-id", "spiffe://example.org/someone-else", "--selector", f"unix:uid:{other}")
+    time.sleep(0.5)
+    with WorkloadApiClient(f"unix://{cluster.socket}", default_timeout=10) as client:
+        with pytest.raises(FetchX509SvidError) as err:
+            client.fetch_x509_svid()
+        cause = err.value.__cause__
+        assert isinstance(cause, grpc.RpcError), repr(cause)
+        assert cause.code() == grpc.StatusCode.PERMISSION_DENIED
