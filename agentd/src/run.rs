@@ -27,8 +27,20 @@ struct AgentAdmin {
 impl AgentAdminApi for AgentAdmin {
     async fn agent_health(
         &self,
-        _req: Request<HealthRequest>,
+        req: Request<HealthRequest>,
     ) -> Result<Response<AgentHealthResponse>, Status> {
+        // Only root and the agent's own uid (the socket is also 0600).
+        let uid = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .map(|c| c.uid());
+        let own = nix::unistd::geteuid().as_raw();
+        if !matches!(uid, Some(u) if u == 0 || u == own) {
+            return Err(Status::permission_denied(
+                "only root or the agent's uid may use the agent admin socket",
+            ));
+        }
         let snap = self.snapshots.borrow().clone();
         let svid = self.svid.borrow().clone();
         Ok(Response::new(AgentHealthResponse {

@@ -2,8 +2,9 @@
 //! the pushed entry sync stream, and batched workload SVID minting.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use sigil_core::SpiffeId;
+use sigil_core::{SpiffeId, now_unix};
 use sigil_proto::agent::agent_api_server::AgentApi;
 use sigil_proto::agent::{
     AttestRequest, AttestResponse, MintResult, MintX509SvidsRequest, MintX509SvidsResponse,
@@ -114,16 +115,20 @@ impl AgentApi for AgentService {
                     let _ = tx.send(Err(st)).await;
                     return;
                 }
-                let update = match state.entries_for_agent(&id) {
-                    Ok(entries) => SyncUpdate {
-                        entries: entries.iter().map(|e| e.to_proto()).collect(),
-                        bundle: state.bundle(),
-                        revision: state.revision(),
-                    },
+                // Wake up when the next of this agent's entries expires, so an
+                // expired entry is withdrawn without waiting for another change.
+                let entries = match state.entries_for_agent(&id) {
+                    Ok(entries) => entries,
                     Err(st) => {
                         let _ = tx.send(Err(st)).await;
                         return;
                     }
+                };
+                let next_expiry = entries.iter().filter_map(|e| e.expires_at).min();
+                let update = SyncUpdate {
+                    entries: entries.iter().map(|e| e.to_proto()).collect(),
+                    bundle: state.bundle(),
+                    revision: state.revision(),
                 };
                 let changed = last
                     .as_ref()
@@ -134,9 +139,17 @@ impl AgentApi for AgentService {
                     }
                     last = Some(update);
                 }
+                let expiry_wait =
+                    next_expiry.map(|t| Duration::from_secs((t - now_unix()).max(0) as u64 + 1));
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = async {
+                        match expiry_wait {
+                            Some(d) => tokio::time::sleep(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                 }
             }
         });

@@ -261,6 +261,13 @@ impl ServerState {
                     "invalid field `spiffe_id`: must have a path",
                 ));
             }
+            // The /sigil/ namespace belongs to the server; an agent holding the
+            // server's ID could impersonate it to other agents.
+            if id.path().starts_with("/sigil/") && !id.path().starts_with("/sigil/agent/") {
+                return Err(Status::invalid_argument(format!(
+                    "invalid field `spiffe_id`: {id} is reserved for the server"
+                )));
+            }
         }
         let token = hex::encode(random_bytes::<16>());
         let expires_at = now_unix() + ttl.as_secs() as i64;

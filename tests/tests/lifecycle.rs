@@ -372,6 +372,30 @@ fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
             "spiffe_id",
         ),
         (&["token", "generate", "--ttl", "0s"], "ttl"),
+        (
+            &[
+                "token",
+                "generate",
+                "--spiffe-id",
+                "spiffe://example.org/sigil/server",
+            ],
+            "spiffe_id",
+        ),
+        (
+            &[
+                "entry",
+                "create",
+                "--parent-id",
+                "spiffe://example.org/a",
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--selector",
+                "unix:uid:1",
+                "--expires-at",
+                "tomorrow",
+            ],
+            "expires-at",
+        ),
     ];
     for (args, field) in cases {
         let out = c.server_cli(args);
@@ -418,4 +442,40 @@ fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn expired_entry_is_withdrawn_from_the_workload() {
+    let c = Cluster::with_agent();
+    let at = time_in(3);
+    c.create_entry(
+        "spiffe://example.org/temp",
+        &["--selector", &my_uid_selector(), "--expires-at", &at],
+    );
+    wait_fetch(&c.api_addr(), "spiffe://example.org/temp").await;
+    for _ in 0..100 {
+        if let Err(e) = fetch_id(&c.api_addr()).await {
+            assert!(
+                e.contains("no identity issued") || e.contains("permission denied"),
+                "{e}"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("expired entry still served");
+}
+
+/// RFC 3339 UTC time `secs` from now.
+fn time_in(secs: u64) -> String {
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("+{secs} seconds"),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

@@ -54,8 +54,14 @@ impl Peer {
     pub fn from_socket(sock: &impl AsFd) -> Result<Peer, AttestError> {
         let cred = getsockopt(sock, sockopt::PeerCredentials)
             .map_err(|e| AttestError::PeerCredentials(e.to_string()))?;
-        // Absent on kernels older than 6.5: fall back to start-time checks.
-        let pidfd = getsockopt(sock, sockopt::PeerPidfd).ok();
+        // SO_PEERPIDFD is absent before Linux 6.5 (ENOPROTOOPT/EINVAL): only
+        // then fall back to start-time checks. Any other error (for example
+        // ESRCH: the peer already exited) refuses the connection.
+        let pidfd = match getsockopt(sock, sockopt::PeerPidfd) {
+            Ok(fd) => Some(fd),
+            Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => None,
+            Err(e) => return Err(AttestError::PeerCredentials(format!("SO_PEERPIDFD: {e}"))),
+        };
         Ok(Peer {
             pid: cred.pid(),
             uid: cred.uid(),
