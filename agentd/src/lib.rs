@@ -1,13 +1,13 @@
 //! sigil-agent as a library: everything the `sigil-agent` binary runs.
 //!
-//! - [`config`]: `agent.toml`.
-//! - [`node`]: node attestation, the agent SVID on disk, renewal, the sync stream.
-//! - [`spiffe_tls`]: SPIFFE-ID based server verification and client SVIDs for rustls.
-//! - [`server_client`]: the TLS channel to the server's agent API.
-//! - [`cache`]: the workload SVID cache, minting and half-life rotation.
-//! - [`workload_api`]: the SPIFFE Workload API server on a Unix socket.
-//! - [`h2_authority`]: accepts gRPC C-core clients' socket-path `:authority`.
-//! - [`run`]: wiring; [`cli`]: `api fetch x509`, `healthcheck`.
+//! - [`config`] — `agent.toml`.
+//! - [`node`] — node attestation, the agent SVID on disk, renewal, the sync stream.
+//! - [`spiffe_tls`] — SPIFFE-ID based server verification and client SVIDs for rustls.
+//! - [`server_client`] — the TLS channel to the server's agent API.
+//! - [`cache`] — the workload SVID cache, minting and half-life rotation.
+//! - [`workload_api`] — the SPIFFE Workload API server on a Unix socket.
+//! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
+//! - [`run`] — wiring; [`cli`] — `api fetch x509`, `healthcheck`.
 
 #![allow(missing_docs)]
 

@@ -330,9 +330,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = self.caller(&req).await?;
         // Refuse at once (rather than in-stream) when the caller has no identity.
-        if let Err(st) = x509_response(&self.snapshots.borrow(), &selectors) {
-            return Err(st);
-        }
+        x509_response(&self.snapshots.borrow(), &selectors)?;
         Ok(Response::new(stream_updates(
             self.snapshots.clone(),
             move |s| x509_response(s, &selectors),
@@ -344,9 +342,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let selectors = self.caller(&req).await?;
-        if let Err(st) = x509_bundles_response(&self.snapshots.borrow(), &selectors) {
-            return Err(st);
-        }
+        x509_bundles_response(&self.snapshots.borrow(), &selectors)?;
         Ok(Response::new(stream_updates(
             self.snapshots.clone(),
             move |s| x509_bundles_response(s, &selectors),

@@ -1,6 +1,6 @@
 //! sigil-attestors: how Sigil learns facts about callers.
 //!
-//! - [`workload::unix`]: the peer of a Workload API connection (pid, uid,
+//! - [`workload::unix`] — the peer of a Workload API connection (pid, uid,
 //!   gid from the socket, bound to the process with a pidfd) and its `unix:*`
 //!   selectors read from /proc.
 //!

@@ -260,7 +260,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::Entry)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut pb::Entry)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "spiffe_id",
                 Box::new(|e| e.spiffe_id = "http://example.org/x".into()),

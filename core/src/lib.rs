@@ -1,11 +1,11 @@
 //! sigil-core: the pure types and logic of Sigil, with no sockets and no files.
 //!
-//! - [`duration`]: the `300` / `300s` / `5m` / `1h` duration syntax of the CLI and configs.
-//! - [`selector`]: validated `type:key:value` selectors and selector-set matching.
-//! - [`entry`]: registration entries, validated from their wire form.
-//! - [`x509`]: the CA, X.509-SVID minting from CSRs, SVID inspection.
-//! - [`bundle`]: the SPIFFE bundle (JWKS) encoding of trust bundles.
-//! - [`ids`]: well-known SPIFFE IDs (server, agents) and random identifiers.
+//! - [`duration`] — the `300` / `300s` / `5m` / `1h` duration syntax of the CLI and configs.
+//! - [`selector`] — validated `type:key:value` selectors and selector-set matching.
+//! - [`entry`] — registration entries, validated from their wire form.
+//! - [`x509`] — the CA, X.509-SVID minting from CSRs, SVID inspection.
+//! - [`bundle`] — the SPIFFE bundle (JWKS) encoding of trust bundles.
+//! - [`ids`] — well-known SPIFFE IDs (server, agents) and random identifiers.
 //!
 //! SPIFFE IDs and trust domains are the `spiffe` crate's validated types.
 

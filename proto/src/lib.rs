@@ -1,10 +1,10 @@
 //! sigil-proto: the wire contracts of Sigil and nothing else.
 //!
-//! - [`workload`]: the SPIFFE Workload API, wire-exact (no proto package, so
+//! - [`workload`] — the SPIFFE Workload API, wire-exact (no proto package, so
 //!   the gRPC paths are `/SpiffeWorkloadAPI/<Method>`).
-//! - [`agent`]: the agent <-> server API (attestation, sync, minting).
-//! - [`admin`]: the operator CLI <-> server admin socket API.
-//! - [`common`]: messages shared by the two Sigil APIs.
+//! - [`agent`] — the agent <-> server API (attestation, sync, minting).
+//! - [`admin`] — the operator CLI <-> server admin socket API.
+//! - [`common`] — messages shared by the two Sigil APIs.
 
 #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 

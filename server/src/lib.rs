@@ -1,14 +1,14 @@
 //! sigil-server as a library: everything the `sigil-server` binary runs,
 //! importable by benchmarks and tests.
 //!
-//! - [`config`]: `server.toml` parsing and validation.
-//! - [`datastore`]: persistence behind the [`datastore::Datastore`] trait (redb).
-//! - [`ca_store`]: the CA on disk (0600 key) and file-mode helpers.
-//! - [`state`]: entries, agents, tokens and change notification.
-//! - [`agent_api`]: attestation, renewal, sync stream, minting (gRPC over TLS).
-//! - [`admin_api`]: the operator API on the admin Unix socket.
-//! - [`tls`]: the server's TLS identity and client-SVID verification.
-//! - [`run`]: wiring and serving; [`cli`]: operator subcommands.
+//! - [`config`] — `server.toml` parsing and validation.
+//! - [`datastore`] — persistence behind the [`datastore::Datastore`] trait (redb).
+//! - [`ca_store`] — the CA on disk (0600 key) and file-mode helpers.
+//! - [`state`] — entries, agents, tokens and change notification.
+//! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
+//! - [`admin_api`] — the operator API on the admin Unix socket.
+//! - [`tls`] — the server's TLS identity and client-SVID verification.
+//! - [`run`] — wiring and serving; [`cli`] — operator subcommands.
 
 #![allow(missing_docs)]
 

@@ -34,7 +34,7 @@ enum Cmd {
     Token(cli::TokenCmd),
     /// Registration entries.
     #[command(subcommand)]
-    Entry(cli::EntryCmd),
+    Entry(Box<cli::EntryCmd>),
     /// Attested agents.
     #[command(subcommand)]
     Agent(cli::AgentCmd),
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
             }
             Cmd::Healthcheck(a) => cli::healthcheck(&a).await,
             Cmd::Token(c) => cli::token(c).await,
-            Cmd::Entry(c) => cli::entry(c).await,
+            Cmd::Entry(c) => cli::entry(*c).await,
             Cmd::Agent(c) => cli::agent(c).await,
             Cmd::Bundle(c) => cli::bundle(c).await,
         }

@@ -61,6 +61,9 @@ pub struct IssuedAgentSvid {
     pub chain: Vec<Vec<u8>>,
 }
 
+/// One CSR's result: the signed chain (DER, leaf first) or why it was refused.
+pub type MintOutcome = Result<Vec<Vec<u8>>, String>;
+
 /// Shared server state.
 pub struct ServerState {
     pub cfg: ServerConfig,
@@ -412,7 +415,7 @@ impl ServerState {
         &self,
         agent: &SpiffeId,
         csrs: &[(String, Vec<u8>)],
-    ) -> Result<Vec<Result<Vec<Vec<u8>>, String>>, Status> {
+    ) -> Result<Vec<MintOutcome>, Status> {
         let now = now_unix();
         let idx = self.entries.read().map_err(|_| poisoned())?;
         let entries: Vec<Option<Arc<Entry>>> = csrs

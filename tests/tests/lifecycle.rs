@@ -1,5 +1,11 @@
 //! End-to-end: restarts, outages, eviction/ban and refusal of bad input.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a test failure"
+)]
+
 use std::process::Command;
 use std::time::Duration;
 

@@ -1,6 +1,12 @@
 //! End-to-end: the real server and agent binaries, with the public `spiffe`
 //! crate as the Workload API client.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a test failure"
+)]
+
 use std::process::Command;
 use std::time::Duration;
 
