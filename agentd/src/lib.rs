@@ -2,7 +2,6 @@
 //!
 //! - [`config`] — `agent.toml`.
 //! - [`node`] — node attestation, the agent SVID on disk, renewal, the sync stream.
-//! - [`spiffe_tls`] — SPIFFE-ID based server verification and client SVIDs for rustls.
 //! - [`server_client`] — the TLS channel to the server's agent API.
 //! - [`cache`] — the workload SVID cache, minting and half-life rotation.
 //! - [`workload_api`] — the SPIFFE Workload API server on a Unix socket.
@@ -18,5 +17,4 @@ pub mod h2_authority;
 pub mod node;
 pub mod run;
 pub mod server_client;
-pub mod spiffe_tls;
 pub mod workload_api;

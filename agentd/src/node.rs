@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use crate::cache::SyncState;
 use crate::config::{AgentConfig, Bootstrap};
 use crate::server_client;
-use crate::spiffe_tls::{AgentCertResolver, ServerTrust, SharedBundle, client_config};
+use sigil_core::tls::{ServerTrust, SharedBundle, SvidCertResolver, client_config};
 
 /// The agent's SVID and key.
 #[derive(Clone)]
@@ -138,7 +138,7 @@ pub async fn attest_with_token(
             ServerTrust::Insecure
         }
     };
-    let tls = client_config(trust, Arc::new(AgentCertResolver::default()))?;
+    let tls = client_config(trust, Arc::new(SvidCertResolver::default()))?;
     let ch = server_client::channel(&cfg.server_address, cfg.server_port, tls)?;
     let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
     let resp = AgentApiClient::new(ch)
@@ -171,7 +171,7 @@ pub struct ServerLink {
     cfg: AgentConfig,
     pub svid: watch::Sender<AgentSvid>,
     pub bundle: SharedBundle,
-    resolver: Arc<AgentCertResolver>,
+    resolver: Arc<SvidCertResolver>,
     pub channel: watch::Sender<Channel>,
 }
 
@@ -181,7 +181,7 @@ impl ServerLink {
         svid: AgentSvid,
         bundle: Vec<Vec<u8>>,
     ) -> Result<Arc<Self>, String> {
-        let resolver = Arc::new(AgentCertResolver::default());
+        let resolver = Arc::new(SvidCertResolver::default());
         resolver.set(&svid.chain, &svid.key)?;
         let bundle: SharedBundle = Arc::new(RwLock::new(bundle));
         let ch = Self::make_channel(&cfg, &bundle, &resolver)?;
@@ -197,7 +197,7 @@ impl ServerLink {
     fn make_channel(
         cfg: &AgentConfig,
         bundle: &SharedBundle,
-        resolver: &Arc<AgentCertResolver>,
+        resolver: &Arc<SvidCertResolver>,
     ) -> Result<Channel, String> {
         let trust = ServerTrust::Spiffe {
             bundle: bundle.clone(),

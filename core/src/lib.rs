@@ -5,6 +5,8 @@
 //! - [`entry`] — registration entries, validated from their wire form.
 //! - [`x509`] — the CA, X.509-SVID minting from CSRs, SVID inspection.
 //! - [`bundle`] — the SPIFFE bundle (JWKS) encoding of trust bundles.
+//! - [`jwt`] — JWT-SVID signing, JWKS bundles and validation.
+//! - [`tls`] — rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`ids`] — well-known SPIFFE IDs (server, agents) and random identifiers.
 //!
 //! SPIFFE IDs and trust domains are the `spiffe` crate's validated types.
@@ -15,7 +17,9 @@ pub mod bundle;
 pub mod duration;
 pub mod entry;
 pub mod ids;
+pub mod jwt;
 pub mod selector;
+pub mod tls;
 pub mod x509;
 
 pub use spiffe::{SpiffeId, TrustDomain};

@@ -1,20 +1,22 @@
-//! rustls pieces for talking to the server as a SPIFFE peer: a server
-//! certificate verifier that checks the chain against the current trust
-//! bundle and the server's SPIFFE ID (no DNS names involved), and a client
-//! certificate resolver that always presents the agent's current SVID.
+//! rustls pieces for SPIFFE peers: certificate verifiers that check a chain
+//! against a (changing) trust bundle and authorize the peer by SPIFFE ID
+//! instead of DNS names, and a client certificate resolver that always
+//! presents the current SVID.
 
 use std::sync::{Arc, RwLock};
 
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use sigil_core::SpiffeId;
-use sigil_core::x509::SvidInfo;
+use spiffe::SpiffeId;
 
-/// Trust bundle shared between the verifier and whoever updates it.
+use crate::x509::SvidInfo;
+
+/// Trust bundle (DER CA certificates) shared between verifiers and whoever updates it.
 pub type SharedBundle = Arc<RwLock<Vec<Vec<u8>>>>;
 
 /// How the server is authenticated.
@@ -22,13 +24,16 @@ pub type SharedBundle = Arc<RwLock<Vec<Vec<u8>>>>;
 pub enum ServerTrust {
     /// Chain to the bundle and present this SPIFFE ID.
     Spiffe {
+        /// CA certificates the chain must end in.
         bundle: SharedBundle,
+        /// The only SPIFFE ID the server may present.
         expected: SpiffeId,
     },
     /// Accept any certificate (insecure bootstrap only).
     Insecure,
 }
 
+/// Verifies a server's certificate as an X.509-SVID.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     trust: ServerTrust,
@@ -36,6 +41,7 @@ pub struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
+    /// A verifier for `trust`, using `provider`'s signature algorithms.
     pub fn new(trust: ServerTrust, provider: Arc<CryptoProvider>) -> Self {
         Self { trust, provider }
     }
@@ -145,14 +151,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// Presents the agent's current SVID, if it has one.
+/// Presents the current SVID, if there is one.
 #[derive(Debug, Default)]
-pub struct AgentCertResolver {
+pub struct SvidCertResolver {
     current: RwLock<Option<Arc<CertifiedKey>>>,
 }
 
-impl AgentCertResolver {
-    /// Replaces the presented SVID.
+impl SvidCertResolver {
+    /// Replaces the presented SVID (chain DER, leaf first; PKCS#8 key).
     pub fn set(&self, chain: &[Vec<u8>], pkcs8_key: &[u8]) -> Result<(), String> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8_key.to_vec()));
         let signer =
@@ -170,7 +176,7 @@ impl AgentCertResolver {
     }
 }
 
-impl ResolvesClientCert for AgentCertResolver {
+impl ResolvesClientCert for SvidCertResolver {
     fn resolve(
         &self,
         _root_hint_subjects: &[&[u8]],
@@ -184,10 +190,11 @@ impl ResolvesClientCert for AgentCertResolver {
     }
 }
 
-/// A TLS 1.3 client config for the agent API.
+/// A TLS 1.3 client config that authenticates the server by `trust` and
+/// presents the SVID held by `resolver`. ALPN is set to HTTP/2 for gRPC.
 pub fn client_config(
     trust: ServerTrust,
-    resolver: Arc<AgentCertResolver>,
+    resolver: Arc<SvidCertResolver>,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(SpiffeServerVerifier::new(trust, provider.clone()));
@@ -199,4 +206,115 @@ pub fn client_config(
         .with_client_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Verifies client certificates as X.509-SVIDs chaining to the bundle.
+/// Client authentication is offered but optional, so that a peer without an
+/// SVID yet (an agent attesting its node) can still connect; the service
+/// decides per call whether it needs one.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundle: SharedBundle,
+    provider: Arc<CryptoProvider>,
+}
+
+impl SpiffeClientVerifier {
+    /// A verifier trusting whatever `bundle` holds at handshake time.
+    pub fn new(bundle: SharedBundle, provider: Arc<CryptoProvider>) -> Self {
+        Self { bundle, provider }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let roots = self
+            .bundle
+            .read()
+            .map_err(|_| rustls::Error::General("bundle lock poisoned".into()))?
+            .clone();
+        verify_svid_chain(&roots, end_entity, intermediates, now, false)
+            .map_err(rustls::Error::General)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::x509::{Ca, new_key_and_csr};
+    use spiffe::TrustDomain;
+    use std::time::Duration;
+
+    #[test]
+    fn chain_verification_follows_the_bundle() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let (ca, _) = Ca::generate(&td, Duration::from_secs(600)).unwrap();
+        let (other, _) = Ca::generate(&td, Duration::from_secs(600)).unwrap();
+        let (csr, _) = new_key_and_csr().unwrap();
+        let id = SpiffeId::new("spiffe://example.org/sigil/server").unwrap();
+        let leaf = ca
+            .sign_svid(&csr, &id, &[], Duration::from_secs(60))
+            .unwrap();
+        let now = UnixTime::now();
+        let ee = CertificateDer::from(leaf.as_slice());
+        assert_eq!(
+            verify_svid_chain(&[ca.cert_der().to_vec()], &ee, &[], now, true).unwrap(),
+            id
+        );
+        assert!(verify_svid_chain(&[other.cert_der().to_vec()], &ee, &[], now, true).is_err());
+        // Both CAs published (as during a rotation): accepted.
+        let both = vec![other.cert_der().to_vec(), ca.cert_der().to_vec()];
+        assert!(verify_svid_chain(&both, &ee, &[], now, false).is_ok());
+    }
 }

@@ -1,0 +1,412 @@
+//! JWT-SVIDs (spiffe/spiffe `standards/JWT-SVID.md`): signing with the
+//! server's key, JWKS encoding of JWT authorities, and validation against a
+//! trust domain's JWT bundle. Only asymmetric algorithms exist here: `none`
+//! and HMAC can neither be produced nor accepted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::Serialize;
+use serde_json::{Value, json};
+use spiffe::{SpiffeId, TrustDomain};
+
+/// A JWT operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwtError {
+    /// The token is not a well-formed JWS.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The header names an algorithm JWT-SVIDs may not use.
+    #[error(
+        "unsupported algorithm {0:?} (allowed: ES256, ES384, RS256, RS384, RS512, PS256, PS384, PS512)"
+    )]
+    Algorithm(String),
+    /// The `sub` claim is missing or not a SPIFFE ID.
+    #[error("invalid subject: {0}")]
+    Subject(String),
+    /// No bundle for the token's trust domain, or no key with its `kid`.
+    #[error("no JWT authority with key ID {kid:?} for trust domain {td}")]
+    UnknownKey {
+        /// The token's trust domain.
+        td: String,
+        /// The header's `kid`.
+        kid: String,
+    },
+    /// Signature, expiry or audience did not check out.
+    #[error("token rejected: {0}")]
+    Rejected(String),
+    /// A JWKS document could not be parsed.
+    #[error("invalid JWT bundle: {0}")]
+    Bundle(String),
+    /// Key handling failed.
+    #[error("crypto: {0}")]
+    Crypto(String),
+}
+
+const ALLOWED: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+/// The claims of a JWT-SVID as Sigil issues them.
+#[derive(Debug, Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    aud: &'a [String],
+    exp: i64,
+    iat: i64,
+}
+
+/// A JWT signing key (ECDSA P-256, `ES256`).
+#[derive(Clone)]
+pub struct JwtSigner {
+    /// Key ID published in the bundle and put in every token header.
+    pub kid: String,
+    pkcs8: Vec<u8>,
+    /// The public key as a JWK (`kty`, `crv`, `x`, `y`, `kid`, `use`).
+    pub public_jwk: Value,
+    /// Unix seconds after which the key signs nothing and is unpublished.
+    pub not_after: i64,
+}
+
+impl std::fmt::Debug for JwtSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSigner")
+            .field("kid", &self.kid)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtSigner {
+    /// A fresh P-256 key with a random `kid`.
+    pub fn generate(not_after: i64) -> Result<Self, JwtError> {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .map_err(|_| JwtError::Crypto("key generation failed".into()))?;
+        let kid = URL_SAFE_NO_PAD.encode(crate::ids::random_bytes::<18>());
+        Self::from_pkcs8(kid, doc.as_ref().to_vec(), not_after)
+    }
+
+    /// Loads a stored key.
+    pub fn from_pkcs8(kid: String, pkcs8: Vec<u8>, not_after: i64) -> Result<Self, JwtError> {
+        let rng = ring::rand::SystemRandom::new();
+        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &pkcs8,
+            &rng,
+        )
+        .map_err(|e| JwtError::Crypto(format!("bad JWT key: {e}")))?;
+        use ring::signature::KeyPair;
+        let point = kp.public_key().as_ref();
+        if point.len() != 65 {
+            return Err(JwtError::Crypto("unexpected public key size".into()));
+        }
+        let public_jwk = json!({
+            "kty": "EC",
+            "crv": "P-256",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+            "kid": kid,
+            "use": "jwt-svid",
+        });
+        Ok(Self {
+            kid,
+            pkcs8,
+            public_jwk,
+            not_after,
+        })
+    }
+
+    /// The private key (PKCS#8 DER), for persistence.
+    pub fn pkcs8(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// Signs a JWT-SVID for `sub` and `audience`, valid for `ttl` but never
+    /// past this key's own expiry.
+    pub fn sign(
+        &self,
+        sub: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: i64,
+    ) -> Result<String, JwtError> {
+        if audience.is_empty() || audience.iter().any(String::is_empty) {
+            return Err(JwtError::Malformed("audience must be non-empty".into()));
+        }
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        let exp = (now + ttl.as_secs() as i64).min(self.not_after);
+        let sub = sub.to_string();
+        let claims = Claims {
+            sub: &sub,
+            aud: audience,
+            exp,
+            iat: now,
+        };
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(&self.pkcs8))
+            .map_err(|e| JwtError::Crypto(e.to_string()))
+    }
+}
+
+/// The JWKS document (`{"keys": [...]}`) for a set of public JWKs, as the
+/// Workload API's `JWTBundlesResponse` carries it.
+pub fn jwks(keys: &[Value]) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "keys": keys })).unwrap_or_default()
+}
+
+/// JWT authorities of one trust domain, by key ID.
+#[derive(Debug, Clone, Default)]
+pub struct JwtBundle {
+    keys: HashMap<String, Jwk>,
+}
+
+impl JwtBundle {
+    /// Parses a JWKS document. Keys without `kid`, and symmetric keys, are refused.
+    pub fn from_jwks(doc: &[u8]) -> Result<Self, JwtError> {
+        let set: JwkSet =
+            serde_json::from_slice(doc).map_err(|e| JwtError::Bundle(e.to_string()))?;
+        let mut keys = HashMap::new();
+        for k in set.keys {
+            // Skip X.509 authorities in a combined SPIFFE bundle.
+            if let Some(u) = &k.common.public_key_use
+                && !matches!(u, jsonwebtoken::jwk::PublicKeyUse::Other(s) if s == "jwt-svid")
+                && !matches!(u, jsonwebtoken::jwk::PublicKeyUse::Signature)
+            {
+                continue;
+            }
+            let kid = k
+                .common
+                .key_id
+                .clone()
+                .ok_or_else(|| JwtError::Bundle("a JWT authority has no kid".into()))?;
+            if matches!(k.algorithm, AlgorithmParameters::OctetKey(_)) {
+                return Err(JwtError::Bundle(
+                    "symmetric keys are not JWT-SVID authorities".into(),
+                ));
+            }
+            keys.insert(kid, k);
+        }
+        Ok(Self { keys })
+    }
+
+    /// Number of authorities.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when there are no authorities.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// A validated JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct ValidatedJwt {
+    /// The `sub` claim.
+    pub spiffe_id: SpiffeId,
+    /// All claims.
+    pub claims: serde_json::Map<String, Value>,
+}
+
+/// Reads the trust domain a token claims to be from (unverified), to pick
+/// the bundle to validate it with.
+pub fn peek_trust_domain(token: &str) -> Result<TrustDomain, JwtError> {
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| JwtError::Malformed("expected three dot-separated parts".into()))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|e| JwtError::Malformed(e.to_string()))?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    let sub = v
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or_else(|| JwtError::Subject("missing sub".into()))?;
+    let id = SpiffeId::new(sub).map_err(|e| JwtError::Subject(format!("{sub:?}: {e}")))?;
+    TrustDomain::new(id.trust_domain_name()).map_err(|e| JwtError::Subject(e.to_string()))
+}
+
+/// Validates `token` for `audience` against `bundles` (trust domain →
+/// bundle): signature by a known `kid`, `exp` in the future, `aud` contains
+/// `audience`, `sub` a SPIFFE ID of the bundle's trust domain.
+pub fn validate(
+    token: &str,
+    audience: &str,
+    bundles: &BTreeMap<TrustDomain, JwtBundle>,
+) -> Result<ValidatedJwt, JwtError> {
+    if audience.is_empty() {
+        return Err(JwtError::Rejected("audience is required".into()));
+    }
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    if !ALLOWED.contains(&header.alg) {
+        return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+    }
+    let td = peek_trust_domain(token)?;
+    let kid = header.kid.clone().unwrap_or_default();
+    let jwk = bundles
+        .get(&td)
+        .and_then(|b| b.keys.get(&kid))
+        .ok_or_else(|| JwtError::UnknownKey {
+            td: td.to_string(),
+            kid: kid.clone(),
+        })?;
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Bundle(e.to_string()))?;
+    let mut v = Validation::new(header.alg);
+    v.algorithms = vec![header.alg];
+    v.set_audience(&[audience]);
+    v.set_required_spec_claims(&["exp", "sub", "aud"]);
+    v.leeway = 0;
+    let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key, &v)
+        .map_err(|e| JwtError::Rejected(e.to_string()))?;
+    let sub = data
+        .claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let spiffe_id = SpiffeId::new(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
+    Ok(ValidatedJwt {
+        spiffe_id,
+        claims: data.claims,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (JwtSigner, BTreeMap<TrustDomain, JwtBundle>) {
+        let s = JwtSigner::generate(crate::now_unix() + 3600).unwrap();
+        let doc = jwks(std::slice::from_ref(&s.public_jwk));
+        let b = JwtBundle::from_jwks(&doc).unwrap();
+        (
+            s,
+            BTreeMap::from([(TrustDomain::new("example.org").unwrap(), b)]),
+        )
+    }
+
+    #[test]
+    fn signed_token_validates_for_its_audience_only() {
+        let (s, bundles) = setup();
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let t = s
+            .sign(
+                &id,
+                &["api".into(), "db".into()],
+                Duration::from_secs(60),
+                crate::now_unix(),
+            )
+            .unwrap();
+        let v = validate(&t, "db", &bundles).unwrap();
+        assert_eq!(v.spiffe_id, id);
+        assert_eq!(v.claims["aud"], json!(["api", "db"]));
+        assert!(matches!(
+            validate(&t, "other", &bundles),
+            Err(JwtError::Rejected(_))
+        ));
+    }
+
+    #[test]
+    fn expired_tampered_foreign_and_unsigned_tokens_are_refused() {
+        let (s, bundles) = setup();
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let old = s
+            .sign(
+                &id,
+                &["a".into()],
+                Duration::from_secs(1),
+                crate::now_unix() - 100,
+            )
+            .unwrap();
+        assert!(matches!(
+            validate(&old, "a", &bundles),
+            Err(JwtError::Rejected(_))
+        ));
+
+        let t = s
+            .sign(
+                &id,
+                &["a".into()],
+                Duration::from_secs(60),
+                crate::now_unix(),
+            )
+            .unwrap();
+        let mut parts: Vec<String> = t.split('.').map(String::from).collect();
+        let forged = URL_SAFE_NO_PAD
+            .encode(br#"{"sub":"spiffe://example.org/admin","aud":["a"],"exp":9999999999}"#);
+        parts[1] = forged;
+        assert!(validate(&parts.join("."), "a", &bundles).is_err());
+
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let none = format!("{none_header}.{}.", t.split('.').nth(1).unwrap());
+        assert!(validate(&none, "a", &bundles).is_err());
+
+        let other = SpiffeId::new("spiffe://other.org/svc").unwrap();
+        let foreign = s
+            .sign(
+                &other,
+                &["a".into()],
+                Duration::from_secs(60),
+                crate::now_unix(),
+            )
+            .unwrap();
+        assert!(matches!(
+            validate(&foreign, "a", &bundles),
+            Err(JwtError::UnknownKey { .. })
+        ));
+    }
+
+    #[test]
+    fn token_never_outlives_its_key() {
+        let s = JwtSigner::generate(crate::now_unix() + 10).unwrap();
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let t = s
+            .sign(
+                &id,
+                &["a".into()],
+                Duration::from_secs(3600),
+                crate::now_unix(),
+            )
+            .unwrap();
+        let td = peek_trust_domain(&t).unwrap();
+        assert_eq!(td.as_str(), "example.org");
+        let payload: Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(t.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(payload["exp"].as_i64().unwrap() <= s.not_after);
+    }
+
+    #[test]
+    fn symmetric_and_kidless_bundles_are_refused() {
+        assert!(
+            JwtBundle::from_jwks(br#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"x"}]}"#).is_err()
+        );
+        assert!(
+            JwtBundle::from_jwks(br#"{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#)
+                .is_err()
+        );
+    }
+}
