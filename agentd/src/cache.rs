@@ -4,15 +4,17 @@
 //! fails), and publishes an immutable [`Snapshot`] on a `watch` channel that
 //! Workload API streams read without locks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sigil_core::entry::Entry;
+use sigil_core::jwt::JwtBundle;
 use sigil_core::x509::{SvidInfo, new_key_and_csr};
 use sigil_core::{TrustDomain, now_unix};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
 use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest};
+use sigil_proto::common::FederatedBundle;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
@@ -86,14 +88,67 @@ pub struct Snapshot {
     /// SVIDs by entry ID.
     pub svids: HashMap<String, Arc<CachedSvid>>,
     pub bundle: Arc<Bundle>,
+    /// JWT bundles and federated bundles.
+    pub trust: Arc<TrustMaterial>,
     /// True once the first sync from the server has arrived.
     pub synced: bool,
+}
+
+/// Trust material beyond the own X.509 bundle, replaced as a whole when
+/// the server sends a change.
+#[derive(Default)]
+pub struct TrustMaterial {
+    /// This trust domain's JWKS document, as received.
+    pub jwks: Vec<u8>,
+    /// Federated bundles by trust domain name, as received.
+    pub federated: BTreeMap<String, FederatedBundle>,
+    /// Federated X.509 authorities, concatenated DER, by trust domain ID (`spiffe://td`).
+    pub federated_x509: BTreeMap<String, Vec<u8>>,
+    /// Parsed JWT bundles (own and federated) for validation.
+    pub jwt_bundles: BTreeMap<TrustDomain, JwtBundle>,
+}
+
+impl TrustMaterial {
+    fn new(td: &TrustDomain, jwks: Vec<u8>, federated: BTreeMap<String, FederatedBundle>) -> Self {
+        let mut jwt_bundles = BTreeMap::new();
+        match JwtBundle::from_jwks(&jwks) {
+            Ok(b) => {
+                jwt_bundles.insert(td.clone(), b);
+            }
+            Err(e) if !jwks.is_empty() => {
+                tracing::warn!(error = %e, "server sent an invalid JWT bundle")
+            }
+            Err(_) => {}
+        }
+        let mut federated_x509 = BTreeMap::new();
+        for (name, b) in &federated {
+            let Ok(ftd) = TrustDomain::new(name) else {
+                continue;
+            };
+            if !b.x509_authorities.is_empty() {
+                federated_x509.insert(ftd.id_string(), b.x509_authorities.concat());
+            }
+            if !b.jwt_bundle.is_empty()
+                && let Ok(j) = JwtBundle::from_jwks(&b.jwt_bundle)
+            {
+                jwt_bundles.insert(ftd, j);
+            }
+        }
+        Self {
+            jwks,
+            federated,
+            federated_x509,
+            jwt_bundles,
+        }
+    }
 }
 
 /// A sync message from the server, already validated.
 pub struct SyncState {
     pub entries: Vec<Entry>,
     pub bundle: Vec<Vec<u8>>,
+    pub jwt_bundle: Vec<u8>,
+    pub federated: BTreeMap<String, FederatedBundle>,
 }
 
 /// The cache worker.
@@ -105,6 +160,7 @@ pub struct Cache {
     entries: HashMap<String, Arc<Entry>>,
     svids: HashMap<String, Arc<CachedSvid>>,
     bundle: Arc<Bundle>,
+    trust: Arc<TrustMaterial>,
     synced: bool,
     backoff: Duration,
     retry_at: Option<tokio::time::Instant>,
@@ -132,6 +188,7 @@ impl Cache {
                 entries: HashMap::new(),
                 svids: HashMap::new(),
                 bundle,
+                trust: Arc::new(TrustMaterial::default()),
                 synced: false,
                 backoff: MIN_BACKOFF,
                 retry_at: None,
@@ -149,6 +206,9 @@ impl Cache {
         self.svids.retain(|id, _| self.entries.contains_key(id));
         if s.bundle != self.bundle.certs {
             self.bundle = Arc::new(Bundle::new(s.bundle));
+        }
+        if s.jwt_bundle != self.trust.jwks || s.federated != self.trust.federated {
+            self.trust = Arc::new(TrustMaterial::new(&self.td, s.jwt_bundle, s.federated));
         }
         self.synced = true;
     }
@@ -172,6 +232,7 @@ impl Cache {
             entries,
             svids: self.svids.clone(),
             bundle: self.bundle.clone(),
+            trust: self.trust.clone(),
             synced: self.synced,
         }));
     }

@@ -9,8 +9,10 @@ use sigil_core::x509::{SvidInfo, certs_to_pem};
 use sigil_proto::WORKLOAD_API_HEADER;
 use sigil_proto::admin::HealthRequest;
 use sigil_proto::admin::agent_admin_api_client::AgentAdminApiClient;
-use sigil_proto::workload::X509svidRequest;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil_proto::workload::{
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest,
+};
 use tonic::transport::{Channel, Endpoint};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -21,6 +23,24 @@ pub enum ApiCmd {
     /// Fetch from the Workload API.
     #[command(subcommand)]
     Fetch(FetchCmd),
+    /// Validate through the Workload API.
+    #[command(subcommand)]
+    Validate(ValidateCmd),
+}
+
+#[derive(Subcommand)]
+pub enum ValidateCmd {
+    /// Validate a JWT-SVID for an audience.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// The audience the token must carry.
+        #[arg(long)]
+        audience: String,
+        /// The token.
+        #[arg(long)]
+        token: String,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -40,6 +60,17 @@ pub enum FetchCmd {
         /// Write svid.pem, svid.key and bundle.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
+    },
+    /// Fetch JWT-SVIDs for an audience, and the JWT bundles.
+    Jwt {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Audience; repeat for several.
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
     },
 }
 
@@ -118,8 +149,85 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        WORKLOAD_API_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
+}
+
+fn grpc_err(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
 pub async fn api(cmd: ApiCmd) -> Result<(), String> {
-    let ApiCmd::Fetch(FetchCmd::X509 { socket, write }) = cmd;
+    match cmd {
+        ApiCmd::Fetch(FetchCmd::X509 { socket, write }) => fetch_x509(socket, write).await,
+        ApiCmd::Fetch(FetchCmd::Jwt {
+            socket,
+            audience,
+            spiffe_id,
+        }) => {
+            let path = socket_path(socket.socket.as_deref())?;
+            let mut client = SpiffeWorkloadApiClient::new(uds_channel(&path).await?);
+            let r = client
+                .fetch_jwtsvid(with_header(JwtsvidRequest {
+                    audience,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                }))
+                .await
+                .map_err(grpc_err)?
+                .into_inner();
+            for s in &r.svids {
+                println!("token({}):\n\t{}", s.spiffe_id, s.svid);
+                if !s.hint.is_empty() {
+                    println!("hint({}):\n\t{}", s.spiffe_id, s.hint);
+                }
+            }
+            let mut bundles = client
+                .fetch_jwt_bundles(with_header(JwtBundlesRequest {}))
+                .await
+                .map_err(grpc_err)?
+                .into_inner();
+            if let Some(b) = bundles.message().await.map_err(grpc_err)? {
+                let mut tds: Vec<_> = b.bundles.into_iter().collect();
+                tds.sort();
+                for (td, jwks) in tds {
+                    println!("bundle({td}):\n\t{}", String::from_utf8_lossy(&jwks));
+                }
+            }
+            Ok(())
+        }
+        ApiCmd::Validate(ValidateCmd::Jwt {
+            socket,
+            audience,
+            token,
+        }) => {
+            let path = socket_path(socket.socket.as_deref())?;
+            let mut client = SpiffeWorkloadApiClient::new(uds_channel(&path).await?);
+            let r = client
+                .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+                    audience,
+                    svid: token,
+                }))
+                .await
+                .map_err(grpc_err)?
+                .into_inner();
+            println!("SVID is valid.");
+            println!("SPIFFE ID : {}", r.spiffe_id);
+            if let Some(c) = r.claims {
+                let mut keys: Vec<_> = c.fields.keys().cloned().collect();
+                keys.sort();
+                println!("Claims    : {}", keys.join(", "));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn fetch_x509(socket: SocketArgs, write: Option<PathBuf>) -> Result<(), String> {
     let path = socket_path(socket.socket.as_deref())?;
     let start = Instant::now();
     let mut client = SpiffeWorkloadApiClient::new(uds_channel(&path).await?);

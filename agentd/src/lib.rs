@@ -5,6 +5,7 @@
 //! - [`server_client`] — the TLS channel to the server's agent API.
 //! - [`cache`] — the workload SVID cache, minting and half-life rotation.
 //! - [`workload_api`] — the SPIFFE Workload API server on a Unix socket.
+//! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
 //! - [`run`] — wiring; [`cli`] — `api fetch x509`, `healthcheck`.
 
@@ -18,3 +19,4 @@ pub mod node;
 pub mod run;
 pub mod server_client;
 pub mod workload_api;
+pub mod workload_socket;

@@ -293,7 +293,13 @@ impl ServerLink {
                                     self.set_bundle(&u.bundle);
                                 }
                                 tracing::debug!(revision = u.revision, "sync update");
-                                if out.send(SyncState { entries, bundle: u.bundle }).await.is_err() {
+                                let state = SyncState {
+                                    entries,
+                                    bundle: u.bundle,
+                                    jwt_bundle: u.jwt_bundle,
+                                    federated: u.federated.into_iter().collect(),
+                                };
+                                if out.send(state).await.is_err() {
                                     return Ok(true);
                                 }
                             }

@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status};
 use crate::cache::{Cache, Snapshot};
 use crate::config::AgentConfig;
 use crate::node::{self, AgentSvid, ServerLink};
-use crate::workload_api::{self, WorkloadApi};
+use crate::workload_api::WorkloadApi;
+use crate::workload_socket;
 
 struct AgentAdmin {
     snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -100,14 +101,17 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
     tokio::spawn(link.clone().sync_loop(sync_tx));
     tokio::spawn(link.clone().renew_loop());
 
-    let api_listener = workload_api::bind_public_socket(&cfg.socket_path)
+    let api_listener = workload_socket::bind_public_socket(&cfg.socket_path)
         .map_err(|e| format!("socket_path {}: {e}", cfg.socket_path.display()))?;
     let admin_listener = bind_private_socket(&cfg.admin_socket)
         .map_err(|e| format!("admin_socket {}: {e}", cfg.admin_socket.display()))?;
 
     let api = tonic::transport::Server::builder()
-        .add_service(WorkloadApi::new(snapshots.clone()))
-        .serve_with_incoming_shutdown(workload_api::incoming(api_listener), shutdown_signal());
+        .add_service(WorkloadApi::new(
+            snapshots.clone(),
+            link.channel.subscribe(),
+        ))
+        .serve_with_incoming_shutdown(workload_socket::incoming(api_listener), shutdown_signal());
     let admin = tonic::transport::Server::builder()
         .add_service(AgentAdminApiServer::new(AgentAdmin {
             snapshots,

@@ -1,187 +1,65 @@
-//! The SPIFFE Workload API on a Unix socket. Each connection is bound to its
-//! peer process when accepted (see `sigil_attestors::workload::unix`); each
-//! call attests that process and serves the SVIDs of every entry whose
-//! selectors are a subset of the process's selectors.
+//! The SPIFFE Workload API service. Each call checks the security header,
+//! attests the calling process, and serves what every entry whose selectors
+//! are a subset of the process's selectors entitles it to: X.509-SVIDs,
+//! JWT-SVIDs, and the bundles of its own and its federated trust domains.
+//! Streams are fed from the cache's immutable snapshots and send a message
+//! only when the caller's view changed.
 
-use std::collections::HashMap;
-use std::io;
-use std::path::Path;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
-use sigil_attestors::workload::unix::{Peer, UnixAttestor};
+use prost_types::value::Kind;
+use sigil_attestors::workload::unix::UnixAttestor;
+use sigil_core::SpiffeId;
+use sigil_core::entry::Entry;
+use sigil_core::now_unix;
 use sigil_core::selector::SelectorSet;
 use sigil_proto::WORKLOAD_API_HEADER;
+use sigil_proto::agent::MintJwtSvidRequest;
+use sigil_proto::agent::agent_api_client::AgentApiClient;
 use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use sigil_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::cache::Snapshot;
-use crate::h2_authority::AuthorityRewriter;
+use crate::workload_socket::PeerInfo;
 
-/// A Workload API connection together with the kernel's account of its
-/// peer. Bytes from the client pass through [`AuthorityRewriter`] so that
-/// gRPC C-core clients (py-spiffe) are accepted.
-pub struct PeerStream {
-    inner: UnixStream,
-    peer: Arc<Peer>,
-    rewriter: AuthorityRewriter,
-    out: Vec<u8>,
-    out_pos: usize,
-    scratch: Box<[u8]>,
+/// A cached JWT-SVID: reused while more than half its lifetime remains.
+struct CachedJwt {
+    token: String,
+    issued_at: i64,
+    expires_at: i64,
 }
 
-impl PeerStream {
-    fn new(inner: UnixStream, peer: Peer) -> Self {
-        Self {
-            inner,
-            peer: Arc::new(peer),
-            rewriter: AuthorityRewriter::default(),
-            out: Vec::new(),
-            out_pos: 0,
-            scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
-        }
-    }
-}
-
-/// Connect info tonic attaches to every request of a [`PeerStream`].
-#[derive(Clone)]
-pub struct PeerInfo(pub Arc<Peer>);
-
-impl Connected for PeerStream {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        PeerInfo(self.peer.clone())
-    }
-}
-
-impl AsyncRead for PeerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            if this.out_pos < this.out.len() {
-                let n = buf.remaining().min(this.out.len() - this.out_pos);
-                buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
-                this.out_pos += n;
-                if this.out_pos == this.out.len() {
-                    this.out.clear();
-                    this.out_pos = 0;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            let mut rb = ReadBuf::new(&mut this.scratch);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
-                        return Poll::Ready(Ok(())); // EOF
-                    }
-                    this.rewriter.feed(&this.scratch[..n], &mut this.out);
-                }
-            }
-        }
-    }
-}
-
-impl AsyncWrite for PeerStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-/// Accepts connections and pins each to its peer; connections whose peer
-/// cannot be read are dropped.
-pub fn incoming(listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>> {
-    let (tx, rx) = mpsc::channel(128);
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((sock, _)) => match Peer::from_socket(&sock) {
-                    Ok(peer) => {
-                        if tx.send(Ok(PeerStream::new(sock, peer))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "dropping Workload API connection"),
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "Workload API accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
-/// Binds the public Workload API socket: parent directory 0755 if created,
-/// socket 0777 so any local user may connect (authorization is by attestation).
-pub fn bind_public_socket(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.exists()
-    {
-        std::fs::create_dir_all(parent)?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
-    }
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
-    Ok(l)
-}
+type JwtKey = (String, Vec<String>);
 
 /// The Workload API service.
 pub struct WorkloadApi {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    server: watch::Receiver<Channel>,
     attestor: Arc<UnixAttestor>,
+    jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
 }
 
 impl WorkloadApi {
-    pub fn new(snapshots: watch::Receiver<Arc<Snapshot>>) -> SpiffeWorkloadApiServer<Self> {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        server: watch::Receiver<Channel>,
+    ) -> SpiffeWorkloadApiServer<Self> {
         SpiffeWorkloadApiServer::new(Self {
             snapshots,
+            server,
             attestor: Arc::new(UnixAttestor::new()),
+            jwts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -211,25 +89,84 @@ impl WorkloadApi {
                 Status::permission_denied("could not attest the calling process")
             })
     }
+
+    /// A JWT-SVID for `entry` and `audience`, from the cache or the server.
+    async fn jwt_for(&self, entry: &Entry, audience: &[String]) -> Result<String, Status> {
+        let key = (entry.id.clone(), audience.to_vec());
+        let now = now_unix();
+        if let Ok(cache) = self.jwts.lock()
+            && let Some(c) = cache.get(&key)
+            && now < c.issued_at + (c.expires_at - c.issued_at) / 2
+        {
+            return Ok(c.token.clone());
+        }
+        let ch = self.server.borrow().clone();
+        let token = AgentApiClient::new(ch)
+            .mint_jwt_svid(MintJwtSvidRequest {
+                entry_id: entry.id.clone(),
+                audience: audience.to_vec(),
+            })
+            .await
+            .map_err(|s| {
+                Status::unavailable(format!(
+                    "could not obtain a JWT-SVID from the server: {}",
+                    s.message()
+                ))
+            })?
+            .into_inner()
+            .token;
+        let expires_at = sigil_core::jwt::peek_claims(&token)
+            .ok()
+            .and_then(|c| c.get("exp").and_then(serde_json::Value::as_i64))
+            .unwrap_or(now);
+        if let Ok(mut cache) = self.jwts.lock() {
+            cache.retain(|_, c| c.expires_at > now);
+            cache.insert(
+                key,
+                CachedJwt {
+                    token: token.clone(),
+                    issued_at: now,
+                    expires_at,
+                },
+            );
+        }
+        Ok(token)
+    }
 }
 
-/// The X.509 response for a caller with `selectors`, or why there is none.
-/// `Ok(None)` means: entitled, but no SVID minted yet (wait for the next snapshot).
+/// Entries of the snapshot that the caller's selectors satisfy.
+fn entitled<'a>(snap: &'a Snapshot, selectors: &SelectorSet) -> Vec<&'a Arc<Entry>> {
+    snap.entries
+        .iter()
+        .filter(|e| selectors.satisfies(&e.selectors))
+        .collect()
+}
+
+/// Federated trust domains (`spiffe://td`) any of `entries` federates with.
+fn federations(entries: &[&Arc<Entry>]) -> BTreeSet<String> {
+    entries
+        .iter()
+        .flat_map(|e| e.federates_with.iter().map(|t| t.id_string()))
+        .collect()
+}
+
+fn no_identity(snap: &Snapshot) -> Result<(), Status> {
+    if snap.synced {
+        Err(Status::permission_denied("no identity issued"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The X.509 response for a caller, or why there is none. `Ok(None)` means
+/// entitled but nothing minted yet (wait for the next snapshot).
 fn x509_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509svidResponse>, Status> {
-    let matching: Vec<_> = snap
-        .entries
-        .iter()
-        .filter(|e| selectors.satisfies(&e.selectors))
-        .collect();
+    let matching = entitled(snap, selectors);
     if matching.is_empty() {
-        return if snap.synced {
-            Err(Status::permission_denied("no identity issued"))
-        } else {
-            Ok(None)
-        };
+        return no_identity(snap).map(|()| None);
     }
     let svids: Vec<X509svid> = matching
         .iter()
@@ -245,10 +182,14 @@ fn x509_response(
     if svids.is_empty() {
         return Ok(None);
     }
+    let federated_bundles = federations(&matching)
+        .into_iter()
+        .filter_map(|td| snap.trust.federated_x509.get(&td).map(|b| (td, b.clone())))
+        .collect();
     Ok(Some(X509svidResponse {
         svids,
         crl: vec![],
-        federated_bundles: HashMap::new(),
+        federated_bundles,
     }))
 }
 
@@ -256,16 +197,9 @@ fn x509_bundles_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509BundlesResponse>, Status> {
-    let entitled = snap
-        .entries
-        .iter()
-        .any(|e| selectors.satisfies(&e.selectors));
-    if !entitled {
-        return if snap.synced {
-            Err(Status::permission_denied("no identity issued"))
-        } else {
-            Ok(None)
-        };
+    let matching = entitled(snap, selectors);
+    if matching.is_empty() {
+        return no_identity(snap).map(|()| None);
     }
     let Some(td) = &snap.trust_domain else {
         return Ok(None);
@@ -273,10 +207,47 @@ fn x509_bundles_response(
     if snap.bundle.certs.is_empty() {
         return Ok(None);
     }
+    let mut bundles: HashMap<String, Vec<u8>> = federations(&matching)
+        .into_iter()
+        .filter_map(|ftd| {
+            snap.trust
+                .federated_x509
+                .get(&ftd)
+                .map(|b| (ftd, b.clone()))
+        })
+        .collect();
+    bundles.insert(td.id_string(), snap.bundle.concat.clone());
     Ok(Some(X509BundlesResponse {
         crl: vec![],
-        bundles: HashMap::from([(td.id_string(), snap.bundle.concat.clone())]),
+        bundles,
     }))
+}
+
+fn jwt_bundles_response(
+    snap: &Snapshot,
+    selectors: &SelectorSet,
+) -> Result<Option<JwtBundlesResponse>, Status> {
+    let matching = entitled(snap, selectors);
+    if matching.is_empty() {
+        return no_identity(snap).map(|()| None);
+    }
+    let Some(td) = &snap.trust_domain else {
+        return Ok(None);
+    };
+    if snap.trust.jwks.is_empty() {
+        return Ok(None);
+    }
+    let mut bundles: HashMap<String, Vec<u8>> = HashMap::new();
+    for ftd in federations(&matching) {
+        let name = ftd.trim_start_matches("spiffe://");
+        if let Some(b) = snap.trust.federated.get(name)
+            && !b.jwt_bundle.is_empty()
+        {
+            bundles.insert(ftd, b.jwt_bundle.clone());
+        }
+    }
+    bundles.insert(td.id_string(), snap.trust.jwks.clone());
+    Ok(Some(JwtBundlesResponse { bundles }))
 }
 
 /// Streams `build(snapshot)` to the caller whenever it changes; ends the
@@ -318,6 +289,30 @@ where
     ReceiverStream::new(rx)
 }
 
+/// JSON → protobuf `Value`, for the claims `Struct`.
+fn to_prost_value(v: &serde_json::Value) -> prost_types::Value {
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(to_prost_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(to_prost_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn to_prost_struct(m: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: m
+            .iter()
+            .map(|(k, v)| (k.clone(), to_prost_value(v)))
+            .collect(),
+    }
+}
+
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
@@ -353,20 +348,52 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        self.caller(&req).await?;
-        Err(Status::unimplemented(
-            "JWT-SVIDs are not available in this version",
-        ))
+        let selectors = self.caller(&req).await?;
+        let r = req.into_inner();
+        let mut audience: Vec<String> = r.audience.into_iter().filter(|a| !a.is_empty()).collect();
+        if audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        audience.sort();
+        audience.dedup();
+        let wanted =
+            if r.spiffe_id.is_empty() {
+                None
+            } else {
+                Some(SpiffeId::new(&r.spiffe_id).map_err(|e| {
+                    Status::invalid_argument(format!("invalid field `spiffe_id`: {e}"))
+                })?)
+            };
+        let snap = self.snapshots.borrow().clone();
+        let matching: Vec<Arc<Entry>> = entitled(&snap, &selectors)
+            .into_iter()
+            .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
+            .cloned()
+            .collect();
+        if matching.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        let mut svids = Vec::with_capacity(matching.len());
+        for e in &matching {
+            svids.push(Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: self.jwt_for(e, &audience).await?,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.caller(&req).await?;
-        Err(Status::unimplemented(
-            "JWT bundles are not available in this version",
-        ))
+        let selectors = self.caller(&req).await?;
+        jwt_bundles_response(&self.snapshots.borrow(), &selectors)?;
+        Ok(Response::new(stream_updates(
+            self.snapshots.clone(),
+            move |s| jwt_bundles_response(s, &selectors),
+        )))
     }
 
     async fn validate_jwtsvid(
@@ -374,8 +401,19 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         self.caller(&req).await?;
-        Err(Status::unimplemented(
-            "JWT-SVID validation is not available in this version",
-        ))
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let snap = self.snapshots.borrow().clone();
+        let v = sigil_core::jwt::validate(&r.svid, &r.audience, &snap.trust.jwt_bundles)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(to_prost_struct(&v.claims)),
+        }))
     }
 }

@@ -10,9 +10,11 @@ use x509_parser::public_key::PublicKey;
 
 use crate::x509::X509Error;
 
-/// Encodes X.509 authorities (DER) as a SPIFFE bundle document.
-pub fn x509_authorities_to_spiffe_bundle(
+/// Encodes X.509 authorities (DER) and JWT authorities (public JWKs) as a
+/// SPIFFE bundle document.
+pub fn spiffe_bundle(
     certs: &[Vec<u8>],
+    jwt_keys: &[Value],
     sequence: u64,
     refresh_hint_secs: u64,
 ) -> Result<Value, X509Error> {
@@ -59,11 +61,77 @@ pub fn x509_authorities_to_spiffe_bundle(
         key["x5c"] = json!([STANDARD.encode(der)]);
         keys.push(key);
     }
+    for k in jwt_keys {
+        let mut k = k.clone();
+        k["use"] = json!("jwt-svid");
+        keys.push(k);
+    }
     Ok(json!({
         "keys": keys,
         "spiffe_sequence": sequence,
         "spiffe_refresh_hint": refresh_hint_secs,
     }))
+}
+
+/// A parsed SPIFFE bundle document.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParsedBundle {
+    /// DER CA certificates of `x509-svid` keys.
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// `jwt-svid` keys as JWKs.
+    pub jwt_authorities: Vec<Value>,
+    /// `spiffe_sequence`, if present.
+    pub sequence: Option<u64>,
+    /// `spiffe_refresh_hint` in seconds, if present.
+    pub refresh_hint: Option<u64>,
+}
+
+/// Parses a SPIFFE bundle document. Every `x509-svid` key must carry exactly
+/// one certificate in `x5c`; every `jwt-svid` key must have a `kid`.
+pub fn parse_spiffe_bundle(doc: &[u8]) -> Result<ParsedBundle, X509Error> {
+    let bad = |m: String| X509Error::Certificate(format!("SPIFFE bundle: {m}"));
+    let v: Value = serde_json::from_slice(doc).map_err(|e| bad(e.to_string()))?;
+    let keys = v
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("missing \"keys\" array".into()))?;
+    let mut out = ParsedBundle {
+        sequence: v.get("spiffe_sequence").and_then(Value::as_u64),
+        refresh_hint: v.get("spiffe_refresh_hint").and_then(Value::as_u64),
+        ..Default::default()
+    };
+    for k in keys {
+        match k.get("use").and_then(Value::as_str) {
+            Some("x509-svid") => {
+                let x5c = k
+                    .get("x5c")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad("x509-svid key without x5c".into()))?;
+                let [cert] = x5c.as_slice() else {
+                    return Err(bad(
+                        "x509-svid key must have exactly one x5c certificate".into()
+                    ));
+                };
+                let der = STANDARD
+                    .decode(cert.as_str().unwrap_or_default())
+                    .map_err(|e| bad(format!("x5c: {e}")))?;
+                X509Certificate::from_der(&der).map_err(|e| bad(format!("x5c: {e}")))?;
+                out.x509_authorities.push(der);
+            }
+            Some("jwt-svid") => {
+                if k.get("kid")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    return Err(bad("jwt-svid key without kid".into()));
+                }
+                out.jwt_authorities.push(k.clone());
+            }
+            // Unknown uses are ignored, as the spec asks.
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 fn strip_zero(b: &[u8]) -> &[u8] {
@@ -88,7 +156,14 @@ mod tests {
             Duration::from_secs(60),
         )
         .unwrap();
-        let doc = x509_authorities_to_spiffe_bundle(&[ca.cert_der().to_vec()], 3, 300).unwrap();
+        let jwt = crate::jwt::JwtSigner::generate(crate::now_unix() + 60).unwrap();
+        let doc = spiffe_bundle(
+            &[ca.cert_der().to_vec()],
+            std::slice::from_ref(&jwt.public_jwk),
+            3,
+            300,
+        )
+        .unwrap();
         let k = &doc["keys"][0];
         assert_eq!(k["use"], "x509-svid");
         assert_eq!(k["kty"], "EC");
@@ -105,5 +180,29 @@ mod tests {
             ca.cert_der()
         );
         assert_eq!(doc["spiffe_sequence"], 3);
+        assert_eq!(doc["keys"][1]["use"], "jwt-svid");
+
+        let parsed = parse_spiffe_bundle(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.x509_authorities, vec![ca.cert_der().to_vec()]);
+        assert_eq!(parsed.jwt_authorities.len(), 1);
+        assert_eq!(parsed.sequence, Some(3));
+        assert_eq!(parsed.refresh_hint, Some(300));
+    }
+
+    #[test]
+    fn malformed_bundles_are_refused() {
+        for bad in [
+            &b"{}"[..],
+            b"not json",
+            br#"{"keys":[{"use":"x509-svid","x5c":[]}]}"#,
+            br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#,
+            br#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#,
+        ] {
+            assert!(
+                parse_spiffe_bundle(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -226,9 +226,9 @@ pub struct ValidatedJwt {
     pub claims: serde_json::Map<String, Value>,
 }
 
-/// Reads the trust domain a token claims to be from (unverified), to pick
-/// the bundle to validate it with.
-pub fn peek_trust_domain(token: &str) -> Result<TrustDomain, JwtError> {
+/// The claims of a token, *unverified*: only for routing (which bundle to
+/// validate with) and bookkeeping (cache expiry of tokens we minted).
+pub fn peek_claims(token: &str) -> Result<serde_json::Map<String, Value>, JwtError> {
     let payload = token
         .split('.')
         .nth(1)
@@ -236,8 +236,13 @@ pub fn peek_trust_domain(token: &str) -> Result<TrustDomain, JwtError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|e| JwtError::Malformed(e.to_string()))?;
-    let v: Value =
-        serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(e.to_string()))
+}
+
+/// Reads the trust domain a token claims to be from (unverified), to pick
+/// the bundle to validate it with.
+pub fn peek_trust_domain(token: &str) -> Result<TrustDomain, JwtError> {
+    let v = peek_claims(token)?;
     let sub = v
         .get("sub")
         .and_then(Value::as_str)

@@ -62,6 +62,7 @@ fn offset(t: OffsetDateTime, d: Duration, forward: bool) -> OffsetDateTime {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert_der: Vec<u8>,
+    not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     trust_domain: TrustDomain,
 }
@@ -122,11 +123,13 @@ impl Ca {
                 "CA certificate does not match the CA key".into(),
             ));
         }
+        let not_before = parsed.validity().not_before.to_datetime();
         let not_after = parsed.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&cert_der.to_vec().into(), key).map_err(crypto)?;
         Ok(Ca {
             issuer,
             cert_der: cert_der.to_vec(),
+            not_before,
             not_after,
             trust_domain: td.clone(),
         })
@@ -135,6 +138,11 @@ impl Ca {
     /// The CA certificate (DER), the trust bundle's authority.
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der
+    }
+
+    /// When the CA certificate became valid (backdated by [`BACKDATE`]).
+    pub fn not_before(&self) -> OffsetDateTime {
+        self.not_before
     }
 
     /// When the CA certificate expires.

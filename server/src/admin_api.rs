@@ -11,6 +11,10 @@ use sigil_proto::admin::{
     GetBundleRequest, HealthRequest, HealthResponse, ListAgentsRequest, ListAgentsResponse,
     ListEntriesRequest, ListEntriesResponse, UpdateEntryRequest,
 };
+use sigil_proto::admin::{
+    ListFederatedBundlesRequest, ListFederatedBundlesResponse, SetFederatedBundleRequest,
+    TrustDomainId,
+};
 use sigil_proto::common::Entry as PbEntry;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
@@ -211,7 +215,59 @@ impl AdminApi for AdminService {
         Ok(Response::new(Bundle {
             trust_domain: self.state.trust_domain().to_string(),
             x509_authorities: self.state.bundle(),
-            sequence: 1,
+            sequence: self.state.bundle_sequence(),
+            jwt_bundle: self.state.jwt_bundle(),
         }))
     }
+
+    async fn set_federated_bundle(
+        &self,
+        req: Request<SetFederatedBundleRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let td = parse_td(&r.trust_domain)?;
+        let b = r
+            .bundle
+            .ok_or_else(|| Status::invalid_argument("invalid field `bundle`: missing"))?;
+        for der in &b.x509_authorities {
+            x509_parser::parse_x509_certificate(der).map_err(|e| {
+                Status::invalid_argument(format!("invalid field `bundle`: bad certificate: {e}"))
+            })?;
+        }
+        if !b.jwt_bundle.is_empty() {
+            sigil_core::jwt::JwtBundle::from_jwks(&b.jwt_bundle)
+                .map_err(|e| Status::invalid_argument(format!("invalid field `bundle`: {e}")))?;
+        }
+        self.state.set_federated_bundle(&td, b)?;
+        tracing::info!(trust_domain = %td, "federated bundle set");
+        Ok(Response::new(DeleteResponse {}))
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        req: Request<ListFederatedBundlesRequest>,
+    ) -> Result<Response<ListFederatedBundlesResponse>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(ListFederatedBundlesResponse {
+            bundles: self.state.federated_bundles().into_iter().collect(),
+        }))
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        req: Request<TrustDomainId>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        self.authorize(&req)?;
+        let td = parse_td(&req.into_inner().trust_domain)?;
+        self.state.delete_federated_bundle(&td)?;
+        tracing::info!(trust_domain = %td, "federated bundle deleted");
+        Ok(Response::new(DeleteResponse {}))
+    }
+}
+
+/// Accepts `example.org` or `spiffe://example.org`.
+fn parse_td(s: &str) -> Result<sigil_core::TrustDomain, Status> {
+    sigil_core::TrustDomain::new(s)
+        .map_err(|e| Status::invalid_argument(format!("invalid field `id`: {s:?}: {e}")))
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use sigil_core::{SpiffeId, now_unix};
 use sigil_proto::agent::agent_api_server::AgentApi;
 use sigil_proto::agent::{
-    AttestRequest, AttestResponse, MintResult, MintX509SvidsRequest, MintX509SvidsResponse,
-    RenewAgentRequest, RenewAgentResponse, SyncRequest, SyncUpdate, attest_request::Evidence,
+    AttestRequest, AttestResponse, MintJwtSvidRequest, MintJwtSvidResponse, MintResult,
+    MintX509SvidsRequest, MintX509SvidsResponse, RenewAgentRequest, RenewAgentResponse,
+    SyncRequest, SyncUpdate, attest_request::Evidence,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -129,10 +130,15 @@ impl AgentApi for AgentService {
                     entries: entries.iter().map(|e| e.to_proto()).collect(),
                     bundle: state.bundle(),
                     revision: state.revision(),
+                    jwt_bundle: state.jwt_bundle(),
+                    federated: state.federated_for(&entries),
                 };
-                let changed = last
-                    .as_ref()
-                    .is_none_or(|l| l.entries != update.entries || l.bundle != update.bundle);
+                let changed = last.as_ref().is_none_or(|l| {
+                    l.entries != update.entries
+                        || l.bundle != update.bundle
+                        || l.jwt_bundle != update.jwt_bundle
+                        || l.federated != update.federated
+                });
                 if changed {
                     if tx.send(Ok(update.clone())).await.is_err() {
                         return;
@@ -174,7 +180,7 @@ impl AgentApi for AgentService {
         }
         let state = self.state.clone();
         let ids: Vec<String> = csrs.iter().map(|c| c.0.clone()).collect();
-        let results = blocking(move || state.mint_for_agent(&id, &csrs)).await?;
+        let results = blocking(move || Ok(state.mint_for_agent(&id, &csrs))).await?;
         Ok(Response::new(MintX509SvidsResponse {
             results: ids
                 .into_iter()
@@ -193,5 +199,17 @@ impl AgentApi for AgentService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<MintJwtSvidRequest>,
+    ) -> Result<Response<MintJwtSvidResponse>, Status> {
+        let (id, _) = self.authenticate(&req)?;
+        let r = req.into_inner();
+        let state = self.state.clone();
+        let token =
+            blocking(move || state.mint_jwt_for_agent(&id, &r.entry_id, &r.audience)).await?;
+        Ok(Response::new(MintJwtSvidResponse { token }))
     }
 }

@@ -12,7 +12,8 @@ use sigil_proto::admin::{
     Agent, AgentId, EntryId, GenerateTokenRequest, GetBundleRequest, HealthRequest,
     ListAgentsRequest, ListEntriesRequest, UpdateEntryRequest,
 };
-use sigil_proto::common::Entry as PbEntry;
+use sigil_proto::admin::{ListFederatedBundlesRequest, SetFederatedBundleRequest, TrustDomainId};
+use sigil_proto::common::{Entry as PbEntry, FederatedBundle};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::DEFAULT_ADMIN_SOCKET;
@@ -187,12 +188,40 @@ pub enum BundleFormat {
 
 #[derive(Subcommand)]
 pub enum BundleCmd {
-    /// Print the trust domain's bundle.
+    /// Print this trust domain's bundle.
     Show {
         #[command(flatten)]
         admin: AdminArgs,
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
+    },
+    /// Set (create or replace) a federated trust domain's bundle.
+    Set {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Trust domain ID, e.g. spiffe://other.org.
+        #[arg(long)]
+        id: String,
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+        /// File holding the bundle; `-` for standard input.
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// List federated bundles.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+    /// Delete a federated bundle.
+    Delete {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Trust domain ID, e.g. spiffe://other.org.
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -584,27 +613,130 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), String> {
     Ok(())
 }
 
-pub async fn bundle(cmd: BundleCmd) -> Result<(), String> {
-    let BundleCmd::Show { admin, format } = cmd;
-    let b = connect(&admin)
-        .await?
-        .get_bundle(GetBundleRequest {})
-        .await
-        .map_err(status)?
-        .into_inner();
+fn render_bundle(
+    format: BundleFormat,
+    x509: &[Vec<u8>],
+    jwks: &[u8],
+    sequence: u64,
+) -> Result<String, String> {
     match format {
-        BundleFormat::Pem => print!(
-            "{}",
-            certs_to_pem(b.x509_authorities.iter().map(Vec::as_slice))
-        ),
+        BundleFormat::Pem => Ok(certs_to_pem(x509.iter().map(Vec::as_slice))),
         BundleFormat::Spiffe => {
-            let doc = sigil_core::bundle::x509_authorities_to_spiffe_bundle(
-                &b.x509_authorities,
-                b.sequence,
-                300,
-            )
-            .map_err(|e| e.to_string())?;
-            print_json(&doc)?;
+            let jwt_keys: Vec<Value> = if jwks.is_empty() {
+                vec![]
+            } else {
+                serde_json::from_slice::<Value>(jwks)
+                    .map_err(|e| e.to_string())?
+                    .get("keys")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let doc = sigil_core::bundle::spiffe_bundle(x509, &jwt_keys, sequence, 300)
+                .map_err(|e| e.to_string())?;
+            serde_json::to_string_pretty(&doc)
+                .map(|s| s + "\n")
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn read_input(path: &PathBuf) -> Result<Vec<u8>, String> {
+    if path.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .map_err(|e| format!("--path -: {e}"))?;
+        Ok(buf)
+    } else {
+        std::fs::read(path).map_err(|e| format!("--path {}: {e}", path.display()))
+    }
+}
+
+pub async fn bundle(cmd: BundleCmd) -> Result<(), String> {
+    match cmd {
+        BundleCmd::Show { admin, format } => {
+            let b = connect(&admin)
+                .await?
+                .get_bundle(GetBundleRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print!(
+                "{}",
+                render_bundle(format, &b.x509_authorities, &b.jwt_bundle, b.sequence)?
+            );
+        }
+        BundleCmd::Set {
+            admin,
+            id,
+            format,
+            path,
+        } => {
+            let data = read_input(&path)?;
+            let bundle = match format {
+                BundleFormat::Pem => {
+                    let text = String::from_utf8(data)
+                        .map_err(|_| "--path: not a PEM text file".to_string())?;
+                    let certs = sigil_core::x509::pem_to_certs(&text)
+                        .map_err(|e| format!("--path: {e}"))?;
+                    FederatedBundle {
+                        x509_authorities: certs,
+                        jwt_bundle: vec![],
+                        sequence: 0,
+                    }
+                }
+                BundleFormat::Spiffe => {
+                    let p = sigil_core::bundle::parse_spiffe_bundle(&data)
+                        .map_err(|e| format!("--path: {e}"))?;
+                    let jwt_bundle = if p.jwt_authorities.is_empty() {
+                        vec![]
+                    } else {
+                        sigil_core::jwt::jwks(&p.jwt_authorities)
+                    };
+                    FederatedBundle {
+                        x509_authorities: p.x509_authorities,
+                        jwt_bundle,
+                        sequence: p.sequence.unwrap_or(0),
+                    }
+                }
+            };
+            connect(&admin)
+                .await?
+                .set_federated_bundle(SetFederatedBundleRequest {
+                    trust_domain: id,
+                    bundle: Some(bundle),
+                })
+                .await
+                .map_err(status)?;
+            println!("bundle set.");
+        }
+        BundleCmd::List { admin, format } => {
+            let r = connect(&admin)
+                .await?
+                .list_federated_bundles(ListFederatedBundlesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut tds: Vec<_> = r.bundles.into_iter().collect();
+            tds.sort_by(|a, b| a.0.cmp(&b.0));
+            for (td, b) in tds {
+                println!("****************************************");
+                println!("* spiffe://{td}");
+                println!("****************************************");
+                print!(
+                    "{}",
+                    render_bundle(format, &b.x509_authorities, &b.jwt_bundle, b.sequence)?
+                );
+                println!();
+            }
+        }
+        BundleCmd::Delete { admin, id } => {
+            connect(&admin)
+                .await?
+                .delete_federated_bundle(TrustDomainId { trust_domain: id })
+                .await
+                .map_err(status)?;
+            println!("bundle deleted.");
         }
     }
     Ok(())

@@ -3,7 +3,8 @@
 //!
 //! - [`config`] — `server.toml` parsing and validation.
 //! - [`datastore`] — persistence behind the [`datastore::Datastore`] trait (redb).
-//! - [`ca_store`] — the CA on disk (0600 key) and file-mode helpers.
+//! - [`keys`] — X.509 CAs and JWT keys: persistence (0600) and rotation.
+//! - [`ca_store`] — file-mode helpers for secrets on disk.
 //! - [`state`] — entries, agents, tokens and change notification.
 //! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
 //! - [`admin_api`] — the operator API on the admin Unix socket.
@@ -18,6 +19,7 @@ pub mod ca_store;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod keys;
 pub mod run;
 pub mod state;
 pub mod tls;

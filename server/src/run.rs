@@ -18,6 +18,7 @@ use crate::agent_api::AgentService;
 use crate::ca_store;
 use crate::config::{DatastoreKind, ServerConfig};
 use crate::datastore::{Datastore, RedbStore};
+use crate::keys::Keys;
 use crate::state::ServerState;
 
 /// How long a client has to finish the TLS handshake.
@@ -50,8 +51,21 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
             RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
         ),
     };
-    let ca = ca_store::load_or_create(&cfg.data_dir, &cfg.trust_domain, cfg.ca_ttl)?;
-    let state = Arc::new(ServerState::new(cfg.clone(), store, ca).map_err(|e| e.to_string())?);
+    let keys = Keys::load_or_create(&cfg.data_dir, &cfg.trust_domain, cfg.ca_ttl)?;
+    let state = Arc::new(ServerState::new(cfg.clone(), store, keys).map_err(|e| e.to_string())?);
+
+    // Key rotation: cheap checks once a second; changes are persisted and
+    // pushed to every agent by rotate_keys().
+    let rot = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = rot.rotate_keys() {
+                tracing::error!(error = %e, "key rotation failed; retrying");
+            }
+        }
+    });
 
     let (tls, renew) = crate::tls::server_config(state.clone())?;
     tokio::spawn(renew);

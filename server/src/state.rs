@@ -3,21 +3,24 @@
 //! datastore first and then published by bumping a revision on a `watch`
 //! channel, which wakes every agent's sync stream.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sigil_core::entry::Entry;
 use sigil_core::ids::{agent_id, new_entry_id, random_bytes, sha256_hex};
+use sigil_core::tls::SharedBundle;
 use sigil_core::x509::{BACKDATE, Ca, SvidInfo};
 use sigil_core::{SpiffeId, TrustDomain, now_unix};
 use sigil_proto::admin::Agent;
 use sigil_proto::common::Entry as PbEntry;
+use sigil_proto::common::FederatedBundle;
 use tokio::sync::watch;
 use tonic::Status;
 
 use crate::config::ServerConfig;
 use crate::datastore::{Datastore, StoreError, TokenRecord};
+use crate::keys::Keys;
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
@@ -68,8 +71,12 @@ pub type MintOutcome = Result<Vec<Vec<u8>>, String>;
 pub struct ServerState {
     pub cfg: ServerConfig,
     store: Arc<dyn Datastore>,
-    ca: Ca,
+    keys: RwLock<Keys>,
+    /// The published X.509 authorities, shared with the TLS client verifier.
+    x509_bundle: SharedBundle,
     entries: RwLock<EntryIndex>,
+    /// Bundles of federated trust domains, by trust domain name.
+    federated: RwLock<BTreeMap<String, FederatedBundle>>,
     revision: watch::Sender<u64>,
 }
 
@@ -79,19 +86,26 @@ fn poisoned() -> Status {
 
 impl ServerState {
     /// Loads entries from the datastore and builds the index.
-    pub fn new(cfg: ServerConfig, store: Arc<dyn Datastore>, ca: Ca) -> Result<Self, StoreError> {
+    pub fn new(
+        cfg: ServerConfig,
+        store: Arc<dyn Datastore>,
+        keys: Keys,
+    ) -> Result<Self, StoreError> {
         let mut index = EntryIndex::default();
         for pb in store.list_entries()? {
             let e = Entry::from_proto(&pb, &cfg.trust_domain)
                 .map_err(|e| StoreError::Corrupt(format!("entry {}: {e}", pb.id)))?;
             index.insert(Arc::new(e));
         }
+        let federated = store.list_bundles()?.into_iter().collect();
         let (revision, _) = watch::channel(0);
         Ok(Self {
             cfg,
             store,
-            ca,
+            x509_bundle: Arc::new(RwLock::new(keys.x509_authorities())),
+            keys: RwLock::new(keys),
             entries: RwLock::new(index),
+            federated: RwLock::new(federated),
             revision,
         })
     }
@@ -100,13 +114,59 @@ impl ServerState {
         &self.cfg.trust_domain
     }
 
-    pub fn ca(&self) -> &Ca {
-        &self.ca
+    /// The CA that signs now.
+    pub fn ca(&self) -> Arc<Ca> {
+        // A poisoned lock means a panic while rotating; the keys themselves
+        // are still consistent (rotation only appends, then switches index).
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .active_ca()
     }
 
-    /// The X.509 authorities of the trust domain (DER).
+    /// The X.509 authorities of the trust domain (DER), every published CA.
     pub fn bundle(&self) -> Vec<Vec<u8>> {
-        vec![self.ca.cert_der().to_vec()]
+        self.x509_bundle
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_default()
+    }
+
+    /// The same authorities as a shared handle, for TLS verification.
+    pub fn shared_bundle(&self) -> SharedBundle {
+        self.x509_bundle.clone()
+    }
+
+    /// The JWT authorities as a JWKS document.
+    pub fn jwt_bundle(&self) -> Vec<u8> {
+        sigil_core::jwt::jwks(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .jwt_authorities(),
+        )
+    }
+
+    /// The bundle's sequence number (bumped on every key change).
+    pub fn bundle_sequence(&self) -> u64 {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).sequence
+    }
+
+    /// Advances key rotation; on change persists the keys and pushes the new
+    /// bundle to every agent.
+    pub fn rotate_keys(&self) -> Result<bool, String> {
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if !keys.rotate(now_unix())? {
+            return Ok(false);
+        }
+        keys.persist()?;
+        if let Ok(mut b) = self.x509_bundle.write() {
+            *b = keys.x509_authorities();
+        }
+        drop(keys);
+        self.bump();
+        Ok(true)
     }
 
     /// Subscribes to change notifications (entries, agents, bundle).
@@ -244,6 +304,63 @@ impl ServerState {
             .collect())
     }
 
+    // ---- federation ------------------------------------------------------
+
+    /// Bundles of the trust domains that any of `entries` federates with.
+    pub fn federated_for(&self, entries: &[Arc<Entry>]) -> HashMap<String, FederatedBundle> {
+        let fed = self.federated.read().unwrap_or_else(|p| p.into_inner());
+        entries
+            .iter()
+            .flat_map(|e| e.federates_with.iter())
+            .filter_map(|td| fed.get(td.as_str()).map(|b| (td.to_string(), b.clone())))
+            .collect()
+    }
+
+    /// Sets (creates or replaces) a federated trust domain's bundle.
+    pub fn set_federated_bundle(&self, td: &TrustDomain, b: FederatedBundle) -> Result<(), Status> {
+        if td == self.trust_domain() {
+            return Err(Status::invalid_argument(
+                "invalid field `id`: that is this server's own trust domain",
+            ));
+        }
+        if b.x509_authorities.is_empty() && b.jwt_bundle.is_empty() {
+            return Err(Status::invalid_argument(
+                "invalid field `bundle`: no authorities",
+            ));
+        }
+        let mut fed = self.federated.write().map_err(|_| poisoned())?;
+        self.store.put_bundle(td.as_str(), &b)?;
+        let changed = fed.get(td.as_str()) != Some(&b);
+        fed.insert(td.to_string(), b);
+        drop(fed);
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    /// Removes a federated bundle.
+    pub fn delete_federated_bundle(&self, td: &TrustDomain) -> Result<(), Status> {
+        let mut fed = self.federated.write().map_err(|_| poisoned())?;
+        if !self.store.delete_bundle(td.as_str())? {
+            return Err(Status::not_found(format!(
+                "no bundle for trust domain {td}"
+            )));
+        }
+        fed.remove(td.as_str());
+        drop(fed);
+        self.bump();
+        Ok(())
+    }
+
+    /// All federated bundles.
+    pub fn federated_bundles(&self) -> BTreeMap<String, FederatedBundle> {
+        self.federated
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     // ---- join tokens and agents ------------------------------------------
 
     /// Generates a single-use join token. Only its SHA-256 is stored.
@@ -329,7 +446,7 @@ impl ServerState {
 
     fn sign_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, Status> {
         let leaf = self
-            .ca
+            .ca()
             .sign_svid(csr, id, &[], self.cfg.agent_svid_ttl)
             .map_err(|e| Status::invalid_argument(format!("invalid field `csr`: {e}")))?;
         Ok(vec![leaf])
@@ -409,37 +526,72 @@ impl ServerState {
         Ok(rec)
     }
 
-    /// Signs workload CSRs for an agent, each against an entry the agent is
-    /// authorized for. Per-CSR failures are reported per CSR.
-    pub fn mint_for_agent(
+    /// The entry `entry_id` if `agent` may obtain SVIDs for it.
+    fn authorized_entry(
         &self,
         agent: &SpiffeId,
-        csrs: &[(String, Vec<u8>)],
-    ) -> Result<Vec<MintOutcome>, Status> {
+        entry_id: &str,
+        now: i64,
+    ) -> Result<Arc<Entry>, String> {
+        let e = self
+            .entries
+            .read()
+            .map_err(|_| "internal lock poisoned".to_string())?
+            .by_id
+            .get(entry_id)
+            .cloned()
+            .ok_or_else(|| format!("no entry {entry_id:?}"))?;
+        if &e.parent_id != agent {
+            return Err(format!(
+                "entry {entry_id:?} is not authorized for this agent"
+            ));
+        }
+        if e.is_expired(now) {
+            return Err(format!("entry {entry_id:?} has expired"));
+        }
+        Ok(e)
+    }
+
+    /// Signs workload CSRs for an agent, each against an entry the agent is
+    /// authorized for. Per-CSR failures are reported per CSR.
+    pub fn mint_for_agent(&self, agent: &SpiffeId, csrs: &[(String, Vec<u8>)]) -> Vec<MintOutcome> {
         let now = now_unix();
-        let idx = self.entries.read().map_err(|_| poisoned())?;
-        let entries: Vec<Option<Arc<Entry>>> = csrs
-            .iter()
-            .map(|(id, _)| idx.by_id.get(id).cloned())
-            .collect();
-        drop(idx);
-        Ok(csrs
-            .iter()
-            .zip(entries)
-            .map(|((id, csr), e)| {
-                let e = e.ok_or_else(|| format!("no entry {id:?}"))?;
-                if &e.parent_id != agent {
-                    return Err(format!("entry {id:?} is not authorized for this agent"));
-                }
-                if e.is_expired(now) {
-                    return Err(format!("entry {id:?} has expired"));
-                }
+        let ca = self.ca();
+        csrs.iter()
+            .map(|(id, csr)| {
+                let e = self.authorized_entry(agent, id, now)?;
                 let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
-                self.ca
-                    .sign_svid(csr, &e.spiffe_id, &e.dns_names, ttl)
+                ca.sign_svid(csr, &e.spiffe_id, &e.dns_names, ttl)
                     .map(|leaf| vec![leaf])
                     .map_err(|e| e.to_string())
             })
-            .collect())
+            .collect()
+    }
+
+    /// Signs a JWT-SVID for an entry the agent is authorized for.
+    pub fn mint_jwt_for_agent(
+        &self,
+        agent: &SpiffeId,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<String, Status> {
+        if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
+            return Err(Status::invalid_argument(
+                "invalid field `audience`: at least one non-empty audience is required",
+            ));
+        }
+        let now = now_unix();
+        let e = self
+            .authorized_entry(agent, entry_id, now)
+            .map_err(Status::permission_denied)?;
+        let ttl = e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl);
+        let signer = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .active_jwt();
+        signer
+            .sign(&e.spiffe_id, audience, ttl, now)
+            .map_err(|e| Status::internal(e.to_string()))
     }
 }

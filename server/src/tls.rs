@@ -1,17 +1,18 @@
 //! TLS for the agent API: the server presents its own X.509-SVID
 //! (`spiffe://<td>/sigil/server`, renewed at half-life) and optionally
-//! verifies an agent's client SVID against the trust domain CA. The client
+//! verifies an agent's client SVID against the currently published CAs
+//! (so agents keep connecting across a CA rotation). The client
 //! certificate is optional at the TLS layer because node attestation happens
 //! before an agent has one; every RPC but `Attest` requires it.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rustls::RootCertStore;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_core::ids::server_id;
+use sigil_core::tls::SpiffeClientVerifier;
 use sigil_core::x509::{SvidInfo, new_key_and_csr};
 
 use crate::state::ServerState;
@@ -54,17 +55,11 @@ pub fn server_config(
     let resolver = Arc::new(ServerCertResolver {
         current: RwLock::new(ck),
     });
-    let mut roots = RootCertStore::empty();
-    for der in state.bundle() {
-        roots
-            .add(CertificateDer::from(der))
-            .map_err(|e| e.to_string())?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        state.shared_bundle(),
+        provider.clone(),
+    ));
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?

@@ -7,6 +7,7 @@ pub use redb_store::RedbStore;
 
 use sigil_proto::admin::Agent;
 use sigil_proto::common::Entry as PbEntry;
+use sigil_proto::common::FederatedBundle;
 
 /// A stored join token. The token text itself is never stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,4 +48,10 @@ pub trait Datastore: Send + Sync + 'static {
     /// Removes and returns the token with this hash, atomically: a token
     /// can be taken once.
     fn take_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Inserts or replaces a federated trust domain's bundle.
+    fn put_bundle(&self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError>;
+    /// Removes a federated bundle; false if absent.
+    fn delete_bundle(&self, trust_domain: &str) -> Result<bool, StoreError>;
+    /// All federated bundles by trust domain.
+    fn list_bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError>;
 }

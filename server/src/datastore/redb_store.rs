@@ -6,12 +6,14 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sigil_proto::admin::Agent;
 use sigil_proto::common::Entry as PbEntry;
+use sigil_proto::common::FederatedBundle;
 
 use super::{Datastore, StoreError, TokenRecord};
 
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("federated_bundles");
 
 fn be(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -31,6 +33,7 @@ impl RedbStore {
             tx.open_table(ENTRIES).map_err(be)?;
             tx.open_table(AGENTS).map_err(be)?;
             tx.open_table(TOKENS).map_err(be)?;
+            tx.open_table(BUNDLES).map_err(be)?;
         }
         tx.commit().map_err(be)?;
         Ok(Self { db })
@@ -75,12 +78,19 @@ impl RedbStore {
     }
 
     fn all(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self.all_keyed(table)?.into_iter().map(|(_, v)| v).collect())
+    }
+
+    fn all_keyed(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let tx = self.db.begin_read().map_err(be)?;
         let t = tx.open_table(table).map_err(be)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(be)? {
-            let (_, v) = item.map_err(be)?;
-            out.push(v.value().to_vec());
+            let (k, v) = item.map_err(be)?;
+            out.push((k.value().to_string(), v.value().to_vec()));
         }
         Ok(out)
     }
@@ -120,6 +130,18 @@ impl Datastore for RedbStore {
         self.take(TOKENS, hash)?
             .map(|b| serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
             .transpose()
+    }
+    fn put_bundle(&self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError> {
+        self.put(BUNDLES, trust_domain, &b.encode_to_vec())
+    }
+    fn delete_bundle(&self, trust_domain: &str) -> Result<bool, StoreError> {
+        Ok(self.take(BUNDLES, trust_domain)?.is_some())
+    }
+    fn list_bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError> {
+        self.all_keyed(BUNDLES)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, decode(&v)?)))
+            .collect()
     }
 }
 

@@ -1,0 +1,374 @@
+//! The trust domain's signing keys, X.509 CAs and JWT keys, and their
+//! rotation. Each kind keeps a list of published keys and one active key:
+//!
+//! - at half of the active key's life a successor is generated and
+//!   *published* (it appears in bundles, so every verifier learns it);
+//! - at five sixths it is *activated* (it starts signing);
+//! - a retired key stays published until its own expiry, and nothing it
+//!   signed outlives it (SVID and token lifetimes are clamped to the key).
+//!
+//! All of it is persisted in `<data_dir>/keys.json`, mode 0600.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+use sigil_core::TrustDomain;
+use sigil_core::jwt::JwtSigner;
+use sigil_core::x509::{BACKDATE, Ca, certs_to_pem, pem_to_certs};
+
+use crate::ca_store::{check_key_mode, ensure_private_dir, write_file_mode};
+
+#[derive(Serialize, Deserialize)]
+struct StoredCa {
+    cert_pem: String,
+    key_pem: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredJwt {
+    kid: String,
+    pkcs8: String,
+    issued_at: i64,
+    not_after: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    cas: Vec<StoredCa>,
+    active_ca: usize,
+    jwt_keys: Vec<StoredJwt>,
+    active_jwt: usize,
+    sequence: u64,
+}
+
+/// A JWT key and when it was made.
+#[derive(Clone)]
+pub struct JwtSlot {
+    pub signer: Arc<JwtSigner>,
+    pub issued_at: i64,
+}
+
+/// Published and active keys.
+pub struct Keys {
+    td: TrustDomain,
+    ttl: Duration,
+    path: PathBuf,
+    cas: Vec<(Arc<Ca>, String)>,
+    active_ca: usize,
+    jwts: Vec<JwtSlot>,
+    active_jwt: usize,
+    /// Bumped whenever the published set changes (the bundle's `spiffe_sequence`).
+    pub sequence: u64,
+}
+
+fn unix(t: time::OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+/// Where a key is in its life.
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Young,
+    Prepare,
+    Activate,
+}
+
+fn phase(issued: i64, not_after: i64, now: i64) -> Phase {
+    let life = (not_after - issued).max(1);
+    if now >= not_after - life / 6 {
+        Phase::Activate
+    } else if now >= issued + life / 2 {
+        Phase::Prepare
+    } else {
+        Phase::Young
+    }
+}
+
+impl Keys {
+    /// Loads `<data_dir>/keys.json` or creates the first CA and JWT key.
+    pub fn load_or_create(
+        data_dir: &Path,
+        td: &TrustDomain,
+        ttl: Duration,
+    ) -> Result<Keys, String> {
+        ensure_private_dir(data_dir)
+            .map_err(|e| format!("data_dir {}: {e}", data_dir.display()))?;
+        let path = data_dir.join("keys.json");
+        let mut keys = Keys {
+            td: td.clone(),
+            ttl,
+            path: path.clone(),
+            cas: vec![],
+            active_ca: 0,
+            jwts: vec![],
+            active_jwt: 0,
+            sequence: 1,
+        };
+        if path.exists() {
+            check_key_mode(&path)?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let s: Stored =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            for c in &s.cas {
+                let der =
+                    pem_to_certs(&c.cert_pem).map_err(|e| format!("{}: {e}", path.display()))?;
+                let ca = Ca::load(&der[0], &c.key_pem, td)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                keys.cas.push((Arc::new(ca), c.key_pem.clone()));
+            }
+            for j in &s.jwt_keys {
+                let pkcs8 = STANDARD
+                    .decode(&j.pkcs8)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let signer = JwtSigner::from_pkcs8(j.kid.clone(), pkcs8, j.not_after)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                keys.jwts.push(JwtSlot {
+                    signer: Arc::new(signer),
+                    issued_at: j.issued_at,
+                });
+            }
+            keys.active_ca = s.active_ca.min(keys.cas.len().saturating_sub(1));
+            keys.active_jwt = s.active_jwt.min(keys.jwts.len().saturating_sub(1));
+            keys.sequence = s.sequence;
+        }
+        keys.rotate(sigil_core::now_unix())?;
+        keys.persist()?;
+        Ok(keys)
+    }
+
+    fn new_ca(&self) -> Result<(Arc<Ca>, String), String> {
+        let (ca, key) = Ca::generate(&self.td, self.ttl).map_err(|e| e.to_string())?;
+        tracing::info!(not_after = %ca.not_after(), "generated X.509 CA");
+        Ok((Arc::new(ca), key))
+    }
+
+    fn new_jwt(&self, now: i64) -> Result<JwtSlot, String> {
+        let signer =
+            JwtSigner::generate(now + self.ttl.as_secs() as i64).map_err(|e| e.to_string())?;
+        tracing::info!(kid = %signer.kid, "generated JWT key");
+        Ok(JwtSlot {
+            signer: Arc::new(signer),
+            issued_at: now,
+        })
+    }
+
+    /// Advances rotation to `now`. Returns true when keys changed (the
+    /// caller persists and republishes).
+    pub fn rotate(&mut self, now: i64) -> Result<bool, String> {
+        let mut changed = false;
+        // X.509: drop expired, make sure an unexpired CA is active.
+        let before = self.cas.len();
+        let active_cert = self
+            .cas
+            .get(self.active_ca)
+            .map(|c| c.0.cert_der().to_vec());
+        self.cas.retain(|(ca, _)| unix(ca.not_after()) > now);
+        self.active_ca = active_cert
+            .and_then(|d| self.cas.iter().position(|c| c.0.cert_der() == d))
+            .unwrap_or(usize::MAX);
+        changed |= self.cas.len() != before;
+        if self.active_ca == usize::MAX {
+            if self.cas.is_empty() {
+                let c = self.new_ca()?;
+                self.cas.push(c);
+            }
+            self.active_ca = self.cas.len() - 1;
+            changed = true;
+        }
+        let active = &self.cas[self.active_ca].0;
+        let issued = unix(active.not_before()) + BACKDATE.as_secs() as i64;
+        let has_next = self.active_ca + 1 < self.cas.len();
+        match phase(issued, unix(active.not_after()), now) {
+            Phase::Prepare if !has_next => {
+                let c = self.new_ca()?;
+                self.cas.push(c);
+                changed = true;
+            }
+            Phase::Activate => {
+                if !has_next {
+                    let c = self.new_ca()?;
+                    self.cas.push(c);
+                }
+                self.active_ca = self.cas.len() - 1;
+                tracing::info!("activated the next X.509 CA");
+                changed = true;
+            }
+            _ => {}
+        }
+
+        // JWT keys: same life cycle.
+        let before = self.jwts.len();
+        let active_kid = self.jwts.get(self.active_jwt).map(|j| j.signer.kid.clone());
+        self.jwts.retain(|j| j.signer.not_after > now);
+        self.active_jwt = active_kid
+            .and_then(|k| self.jwts.iter().position(|j| j.signer.kid == k))
+            .unwrap_or(usize::MAX);
+        changed |= self.jwts.len() != before;
+        if self.active_jwt == usize::MAX {
+            if self.jwts.is_empty() {
+                let j = self.new_jwt(now)?;
+                self.jwts.push(j);
+            }
+            self.active_jwt = self.jwts.len() - 1;
+            changed = true;
+        }
+        let active = &self.jwts[self.active_jwt];
+        let has_next = self.active_jwt + 1 < self.jwts.len();
+        match phase(active.issued_at, active.signer.not_after, now) {
+            Phase::Prepare if !has_next => {
+                let j = self.new_jwt(now)?;
+                self.jwts.push(j);
+                changed = true;
+            }
+            Phase::Activate => {
+                if !has_next {
+                    let j = self.new_jwt(now)?;
+                    self.jwts.push(j);
+                }
+                self.active_jwt = self.jwts.len() - 1;
+                tracing::info!("activated the next JWT key");
+                changed = true;
+            }
+            _ => {}
+        }
+        if changed {
+            self.sequence += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Writes keys.json (0600).
+    pub fn persist(&self) -> Result<(), String> {
+        let s = Stored {
+            cas: self
+                .cas
+                .iter()
+                .map(|(ca, key)| StoredCa {
+                    cert_pem: certs_to_pem([ca.cert_der()]),
+                    key_pem: key.clone(),
+                })
+                .collect(),
+            active_ca: self.active_ca,
+            jwt_keys: self
+                .jwts
+                .iter()
+                .map(|j| StoredJwt {
+                    kid: j.signer.kid.clone(),
+                    pkcs8: STANDARD.encode(j.signer.pkcs8()),
+                    issued_at: j.issued_at,
+                    not_after: j.signer.not_after,
+                })
+                .collect(),
+            active_jwt: self.active_jwt,
+            sequence: self.sequence,
+        };
+        let text = serde_json::to_vec_pretty(&s).map_err(|e| e.to_string())?;
+        write_file_mode(&self.path, &text, 0o600)
+            .map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+
+    /// The CA that signs now.
+    pub fn active_ca(&self) -> Arc<Ca> {
+        self.cas[self.active_ca].0.clone()
+    }
+
+    /// The JWT key that signs now.
+    pub fn active_jwt(&self) -> Arc<JwtSigner> {
+        self.jwts[self.active_jwt].signer.clone()
+    }
+
+    /// Every published CA certificate (DER), oldest first.
+    pub fn x509_authorities(&self) -> Vec<Vec<u8>> {
+        self.cas
+            .iter()
+            .map(|(c, _)| c.cert_der().to_vec())
+            .collect()
+    }
+
+    /// Every published JWT key as a public JWK, oldest first.
+    pub fn jwt_authorities(&self) -> Vec<serde_json::Value> {
+        self.jwts
+            .iter()
+            .map(|j| j.signer.public_jwk.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn keys_persist_with_private_mode_and_survive_restart() {
+        let dir = std::env::temp_dir().join(format!("sigil-keys-{}", std::process::id()));
+        let a = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600)).unwrap();
+        let mode = std::fs::metadata(dir.join("keys.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let b = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            a.x509_authorities(),
+            b.x509_authorities(),
+            "restart keeps the CA"
+        );
+        assert_eq!(
+            a.active_jwt().kid,
+            b.active_jwt().kid,
+            "restart keeps the JWT key"
+        );
+        std::fs::set_permissions(
+            dir.join("keys.json"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(
+            Keys::load_or_create(&dir, &td(), Duration::from_secs(3600)).is_err(),
+            "world-readable keys refused"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn next_key_is_published_before_it_signs_and_old_stays_until_expiry() {
+        let dir = std::env::temp_dir().join(format!("sigil-keys-rot-{}", std::process::id()));
+        let mut k = Keys::load_or_create(&dir, &td(), Duration::from_secs(600)).unwrap();
+        let first_ca = k.active_ca().cert_der().to_vec();
+        let first_kid = k.active_jwt().kid.clone();
+        let t0 = sigil_core::now_unix();
+        // Young: nothing happens.
+        assert!(!k.rotate(t0 + 10).unwrap());
+        // Half-life: the successor is published but not active.
+        assert!(k.rotate(t0 + 310).unwrap());
+        assert_eq!(k.x509_authorities().len(), 2);
+        assert_eq!(k.jwt_authorities().len(), 2);
+        assert_eq!(k.active_ca().cert_der(), first_ca.as_slice());
+        assert_eq!(k.active_jwt().kid, first_kid);
+        // Five sixths: the successor signs; the old one is still published.
+        assert!(k.rotate(t0 + 510).unwrap());
+        assert_ne!(k.active_ca().cert_der(), first_ca.as_slice());
+        assert_ne!(k.active_jwt().kid, first_kid);
+        assert!(k.x509_authorities().contains(&first_ca));
+        // After its expiry the old one is gone.
+        k.rotate(t0 + 620).unwrap();
+        assert!(!k.x509_authorities().contains(&first_ca));
+        assert!(
+            k.jwt_authorities()
+                .iter()
+                .all(|j| j["kid"] != first_kid.as_str())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
