@@ -18,7 +18,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import WorkloadApiClient
-from spiffe.workloadapi.errors import FetchX509SvidError
+from spiffe.workloadapi.errors import FetchX509SvidError, ValidateJwtSvidError
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("SIGIL_BIN_DIR", REPO / "target" / "debug"))
@@ -139,3 +139,39 @@ def test_py_spiffe_sees_permission_denied_without_an_entry(cluster):
         cause = err.value.__cause__
         assert isinstance(cause, grpc.RpcError), repr(cause)
         assert cause.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_py_spiffe_fetches_and_validates_a_jwt_svid(cluster):
+    uid = os.geteuid()
+    cluster.cli("entry", "create", "--parent-id", "spiffe://example.org/py-agent",
+                "--spiffe-id", "spiffe://example.org/py-jwt", "--selector", f"unix:uid:{uid}",
+                "--jwt-ttl", "90s")
+    with WorkloadApiClient(f"unix://{cluster.socket}", default_timeout=10) as client:
+        deadline = time.time() + 15
+        while True:
+            try:
+                jwt_svid = client.fetch_jwt_svid(audience={"py-audience"})
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert str(jwt_svid.spiffe_id) == "spiffe://example.org/py-jwt"
+        assert "py-audience" in jwt_svid.audience
+        assert 60 < jwt_svid.expiry - time.time() <= 91
+
+        bundles = client.fetch_jwt_bundles()
+        bundle = bundles.get_bundle_for_trust_domain(jwt_svid.spiffe_id.trust_domain)
+        assert bundle is not None and bundle.jwt_authorities
+
+        # Verify the signature ourselves with the bundle's key, as a service would.
+        import jwt as pyjwt
+        kid = pyjwt.get_unverified_header(jwt_svid.token)["kid"]
+        key = bundle.jwt_authorities[kid]
+        claims = pyjwt.decode(jwt_svid.token, key=key, algorithms=["ES256"], audience="py-audience")
+        assert claims["sub"] == "spiffe://example.org/py-jwt"
+
+        validated = client.validate_jwt_svid(jwt_svid.token, "py-audience")
+        assert str(validated.spiffe_id) == "spiffe://example.org/py-jwt"
+        with pytest.raises(ValidateJwtSvidError):
+            client.validate_jwt_svid(jwt_svid.token, "another-audience")

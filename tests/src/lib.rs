@@ -115,17 +115,22 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a server with `extra` appended to its config.
     pub fn start_with(extra: &str) -> Self {
+        Self::start_td("example.org", extra)
+    }
+
+    /// Starts a server for trust domain `td` with `extra` appended to its config.
+    pub fn start_td(td: &str, extra: &str) -> Self {
         let dir = Scratch::new("c");
         let port = free_port();
         let cfg = format!(
-            "trust_domain = \"example.org\"\nbind_port = {port}\ndata_dir = \"{d}/server\"\nadmin_socket = \"{d}/admin/admin.sock\"\nlog_level = \"debug\"\n{extra}",
+            "trust_domain = \"{td}\"\nbind_port = {port}\ndata_dir = \"{d}/server\"\nadmin_socket = \"{d}/admin/admin.sock\"\nlog_level = \"debug\"\n{extra}",
             d = dir.0.display()
         );
         fs::write(dir.0.join("server.toml"), cfg).unwrap();
         let mut c = Cluster {
             dir,
             port,
-            trust_domain: "example.org".into(),
+            trust_domain: td.into(),
             server: None,
             agent: None,
             agent_id: String::new(),
@@ -225,8 +230,8 @@ impl Cluster {
         fs::write(self.dir.0.join("bundle.pem"), bundle).unwrap();
         let d = self.dir.0.display();
         let cfg = format!(
-            "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1\"\nserver_port = {}\nsocket_path = \"{d}/agent/public/api.sock\"\nadmin_socket = \"{d}/agent/private/admin.sock\"\ndata_dir = \"{d}/agent/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\nlog_level = \"debug\"\n",
-            self.port
+            "trust_domain = \"{}\"\nserver_address = \"127.0.0.1\"\nserver_port = {}\nsocket_path = \"{d}/agent/public/api.sock\"\nadmin_socket = \"{d}/agent/private/admin.sock\"\ndata_dir = \"{d}/agent/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\nlog_level = \"debug\"\n",
+            self.trust_domain, self.port
         );
         let p = self.dir.0.join("agent.toml");
         fs::write(&p, cfg).unwrap();
