@@ -66,6 +66,8 @@ struct Claims<'a> {
     aud: &'a [String],
     exp: i64,
     iat: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
 }
 
 /// A JWT signing key (ECDSA P-256, `ES256`).
@@ -138,13 +140,14 @@ impl JwtSigner {
     }
 
     /// Signs a JWT-SVID for `sub` and `audience`, valid for `ttl` but never
-    /// past this key's own expiry.
+    /// past this key's own expiry; `issuer` becomes the `iss` claim if given.
     pub fn sign(
         &self,
         sub: &SpiffeId,
         audience: &[String],
         ttl: Duration,
         now: i64,
+        issuer: Option<&str>,
     ) -> Result<String, JwtError> {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(JwtError::Malformed("audience must be non-empty".into()));
@@ -159,6 +162,7 @@ impl JwtSigner {
             aud: audience,
             exp,
             iat: now,
+            iss: issuer,
         };
         jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(&self.pkcs8))
             .map_err(|e| JwtError::Crypto(e.to_string()))
@@ -320,6 +324,7 @@ mod tests {
                 &["api".into(), "db".into()],
                 Duration::from_secs(60),
                 crate::now_unix(),
+                None,
             )
             .unwrap();
         let v = validate(&t, "db", &bundles).unwrap();
@@ -341,6 +346,7 @@ mod tests {
                 &["a".into()],
                 Duration::from_secs(1),
                 crate::now_unix() - 100,
+                None,
             )
             .unwrap();
         assert!(matches!(
@@ -354,6 +360,7 @@ mod tests {
                 &["a".into()],
                 Duration::from_secs(60),
                 crate::now_unix(),
+                None,
             )
             .unwrap();
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
@@ -373,6 +380,7 @@ mod tests {
                 &["a".into()],
                 Duration::from_secs(60),
                 crate::now_unix(),
+                None,
             )
             .unwrap();
         assert!(matches!(
@@ -391,6 +399,7 @@ mod tests {
                 &["a".into()],
                 Duration::from_secs(3600),
                 crate::now_unix(),
+                None,
             )
             .unwrap();
         let td = peek_trust_domain(&t).unwrap();

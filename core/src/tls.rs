@@ -29,6 +29,11 @@ pub enum ServerTrust {
         /// The only SPIFFE ID the server may present.
         expected: SpiffeId,
     },
+    /// Web PKI: chain to these roots and match the DNS name / IP address.
+    WebPki {
+        /// DER root certificates.
+        roots: Vec<Vec<u8>>,
+    },
     /// Accept any certificate (insecure bootstrap only).
     Insecure,
 }
@@ -93,12 +98,25 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         match &self.trust {
             ServerTrust::Insecure => Ok(ServerCertVerified::assertion()),
+            ServerTrust::WebPki { roots } => {
+                let mut store = rustls::RootCertStore::empty();
+                for r in roots {
+                    store.add(CertificateDer::from(r.clone()))?;
+                }
+                let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(store),
+                    self.provider.clone(),
+                )
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+                v.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
             ServerTrust::Spiffe { bundle, expected } => {
                 let roots = bundle
                     .read()
@@ -188,6 +206,23 @@ impl ResolvesClientCert for SvidCertResolver {
     fn has_certs(&self) -> bool {
         self.current.read().map(|c| c.is_some()).unwrap_or(false)
     }
+}
+
+/// Like [`client_config`] but for HTTP/1.1 (bundle endpoints), TLS 1.2 or 1.3.
+pub fn client_config_http1(
+    trust: ServerTrust,
+    resolver: Arc<SvidCertResolver>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(SpiffeServerVerifier::new(trust, provider.clone()));
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// A TLS 1.3 client config that authenticates the server by `trust` and

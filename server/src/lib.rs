@@ -8,6 +8,7 @@
 //! - [`state`] — entries, agents, tokens and change notification.
 //! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
 //! - [`admin_api`] — the operator API on the admin Unix socket.
+//! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
 //! - [`run`] — wiring and serving; [`cli`] — operator subcommands.
 
@@ -19,6 +20,7 @@ pub mod ca_store;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod endpoints;
 pub mod keys;
 pub mod run;
 pub mod state;

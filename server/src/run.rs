@@ -16,8 +16,9 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use crate::admin_api::AdminService;
 use crate::agent_api::AgentService;
 use crate::ca_store;
-use crate::config::{DatastoreKind, ServerConfig};
+use crate::config::{DatastoreKind, EndpointProfile, ServerConfig};
 use crate::datastore::{Datastore, RedbStore};
+use crate::endpoints;
 use crate::keys::Keys;
 use crate::state::ServerState;
 
@@ -67,8 +68,27 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         }
     });
 
-    let (tls, renew) = crate::tls::server_config(state.clone())?;
+    let (tls, resolver, renew) = crate::tls::server_config(state.clone())?;
     tokio::spawn(renew);
+
+    if let Some(be) = &cfg.bundle_endpoint {
+        let tls = match be.profile {
+            EndpointProfile::HttpsSpiffe => crate::tls::bundle_endpoint_spiffe(resolver.clone())?,
+            EndpointProfile::HttpsWeb => {
+                let (Some(c), Some(k)) = (&be.cert_path, &be.key_path) else {
+                    return Err("bundle_endpoint: https_web needs cert_path and key_path".into());
+                };
+                crate::tls::bundle_endpoint_web(c, k)?
+            }
+        };
+        endpoints::start_bundle_endpoint(state.clone(), be.addr, tls, be.refresh_hint).await?;
+    }
+    for f in &cfg.federation {
+        tokio::spawn(endpoints::federation_loop(state.clone(), f.clone()));
+    }
+    if let Some(o) = &cfg.oidc {
+        endpoints::start_oidc(state.clone(), o.addr, o.issuer.clone()).await?;
+    }
 
     let addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
     let tcp = TcpListener::bind(addr)

@@ -591,7 +591,13 @@ impl ServerState {
             .unwrap_or_else(|p| p.into_inner())
             .active_jwt();
         signer
-            .sign(&e.spiffe_id, audience, ttl, now)
+            .sign(
+                &e.spiffe_id,
+                audience,
+                ttl,
+                now,
+                self.cfg.jwt_issuer.as_deref(),
+            )
             .map_err(|e| Status::internal(e.to_string()))
     }
 }

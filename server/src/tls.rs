@@ -50,7 +50,14 @@ fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), String> {
 /// server SVID at half-life.
 pub fn server_config(
     state: Arc<ServerState>,
-) -> Result<(Arc<rustls::ServerConfig>, impl Future<Output = ()>), String> {
+) -> Result<
+    (
+        Arc<rustls::ServerConfig>,
+        Arc<ServerCertResolver>,
+        impl Future<Output = ()>,
+    ),
+    String,
+> {
     let (ck, mut not_after) = issue(&state)?;
     let resolver = Arc::new(ServerCertResolver {
         current: RwLock::new(ck),
@@ -66,6 +73,7 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let shared_resolver = resolver.clone();
     let renew = async move {
         loop {
             let now = sigil_core::now_unix();
@@ -83,5 +91,59 @@ pub fn server_config(
             }
         }
     };
-    Ok((Arc::new(cfg), renew))
+    Ok((Arc::new(cfg), shared_resolver, renew))
+}
+
+/// TLS for the `https_spiffe` bundle endpoint: the server's SVID, no client
+/// authentication, HTTP/1.1.
+pub fn bundle_endpoint_spiffe(
+    resolver: Arc<ServerCertResolver>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// TLS for the `https_web` bundle endpoint: a Web PKI certificate from files.
+pub fn bundle_endpoint_web(
+    cert_path: &std::path::Path,
+    key_path: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let cert_text = std::fs::read_to_string(cert_path)
+        .map_err(|e| format!("bundle_endpoint.cert_path {}: {e}", cert_path.display()))?;
+    let chain = sigil_core::x509::pem_to_certs(&cert_text)
+        .map_err(|e| format!("bundle_endpoint.cert_path {}: {e}", cert_path.display()))?;
+    crate::ca_store::check_key_mode(key_path)
+        .map_err(|e| format!("bundle_endpoint.key_path: {e}"))?;
+    let key_text = std::fs::read_to_string(key_path)
+        .map_err(|e| format!("bundle_endpoint.key_path {}: {e}", key_path.display()))?;
+    let key_pem = pem::parse_many(&key_text)
+        .map_err(|e| format!("bundle_endpoint.key_path: {e}"))?
+        .into_iter()
+        .find(|p| p.tag().ends_with("PRIVATE KEY"))
+        .ok_or("bundle_endpoint.key_path: no PRIVATE KEY block")?;
+    let key = match key_pem.tag() {
+        "PRIVATE KEY" => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pem.into_contents())),
+        "EC PRIVATE KEY" => PrivateKeyDer::Sec1(key_pem.into_contents().into()),
+        "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(key_pem.into_contents().into()),
+        other => {
+            return Err(format!(
+                "bundle_endpoint.key_path: unsupported key block {other}"
+            ));
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain.into_iter().map(CertificateDer::from).collect(), key)
+        .map_err(|e| format!("bundle_endpoint: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
 }

@@ -338,3 +338,176 @@ fn pem(tag: &str, der: &[u8]) -> String {
     let _ = write!(s, "-----BEGIN {tag}-----\n{b64}-----END {tag}-----\n");
     s
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A throwaway Web PKI: a CA and a server certificate for 127.0.0.1.
+fn web_pki(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "webca.key",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "webca.key",
+            "-out",
+            "webca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=Test Web CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "web.key",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-key",
+            "web.key",
+            "-out",
+            "web.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "web.csr",
+            "-CA",
+            "webca.pem",
+            "-CAkey",
+            "webca.key",
+            "-CAcreateserial",
+            "-out",
+            "web.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("web.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+#[tokio::test]
+async fn two_servers_federate_through_their_bundle_endpoints() {
+    let pki = sigil_tests::Scratch::new("webpki");
+    web_pki(&pki.0);
+    let (pa, pb) = (sigil_tests::free_port(), sigil_tests::free_port());
+    let d = pki.0.display();
+    // example.org serves https_spiffe and pulls other.org over https_web;
+    // other.org serves https_web and pulls example.org over https_spiffe.
+    let a = Cluster::start_td(
+        "example.org",
+        &format!(
+            "[bundle_endpoint]\nport = {pa}\nprofile = \"https_spiffe\"\nrefresh_hint = \"1s\"\n\n[[federation]]\ntrust_domain = \"other.org\"\nbundle_endpoint_url = \"https://127.0.0.1:{pb}/\"\nprofile = \"https_web\"\nca_bundle_path = \"{d}/webca.pem\"\n"
+        ),
+    );
+    let b = Cluster::start_td(
+        "other.org",
+        &format!(
+            "[bundle_endpoint]\nport = {pb}\nprofile = \"https_web\"\ncert_path = \"{d}/web.pem\"\nkey_path = \"{d}/web.key\"\nrefresh_hint = \"1s\"\n\n[[federation]]\ntrust_domain = \"example.org\"\nbundle_endpoint_url = \"https://127.0.0.1:{pa}/\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://example.org/sigil/server\"\n"
+        ),
+    );
+    // https_web needs no bootstrap: example.org learns other.org by itself.
+    let list = |c: &Cluster| -> serde_json::Value {
+        let out = c.server_ok(&["bundle", "list", "--format", "spiffe"]);
+        let docs: Vec<serde_json::Value> = out
+            .split("****************************************")
+            .filter_map(|chunk| chunk.find('{').map(|i| &chunk[i..]))
+            .filter_map(|j| serde_json::from_str(j.trim()).ok())
+            .collect();
+        serde_json::Value::Array(docs)
+    };
+    sigil_tests::wait_for(
+        "example.org fetches other.org's bundle",
+        Duration::from_secs(20),
+        || {
+            a.server_ok(&["bundle", "list"])
+                .contains("spiffe://other.org")
+        },
+    );
+    let fetched = &list(&a)[0];
+    let b_own: serde_json::Value =
+        serde_json::from_str(&b.server_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    assert_eq!(
+        fetched["keys"], b_own["keys"],
+        "the fetched bundle is other.org's bundle, X.509 and JWT keys"
+    );
+
+    // https_spiffe is bootstrapped once with a PEM bundle (no JWT keys) ...
+    let pem_path = b.dir.0.join("example-org.pem");
+    std::fs::write(&pem_path, a.server_ok(&["bundle", "show"])).unwrap();
+    b.server_ok(&[
+        "bundle",
+        "set",
+        "--id",
+        "spiffe://example.org",
+        "--format",
+        "pem",
+        "--path",
+        pem_path.to_str().unwrap(),
+    ]);
+    // ... and then refreshed from the endpoint, authenticated by SPIFFE ID: the JWT keys appear.
+    sigil_tests::wait_for(
+        "other.org refreshes example.org's bundle over https_spiffe",
+        Duration::from_secs(20),
+        || {
+            list(&b)
+                .as_array()
+                .and_then(|a| a.first().cloned())
+                .is_some_and(|doc| {
+                    doc["keys"]
+                        .as_array()
+                        .is_some_and(|k| k.iter().any(|k| k["use"] == "jwt-svid"))
+                })
+        },
+    );
+}

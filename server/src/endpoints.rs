@@ -1,0 +1,292 @@
+//! HTTP endpoints for verifiers outside the SPIFFE Workload API:
+//!
+//! - the **bundle endpoint** (SPIFFE Federation): this trust domain's bundle
+//!   as a SPIFFE bundle document at `/`, over TLS with profile `https_spiffe`
+//!   (the server's own SVID) or `https_web` (a Web PKI certificate);
+//! - the **bundle endpoint client**: for each `[[federation]]`, fetches the
+//!   foreign bundle, authenticating the endpoint by SPIFFE ID against the
+//!   foreign bundle we already hold (`https_spiffe`) or by configured Web
+//!   PKI roots (`https_web`), and refreshes it on its `spiffe_refresh_hint`;
+//! - **OIDC discovery**: `/.well-known/openid-configuration` and `/keys`, so
+//!   that off-the-shelf JWT libraries verify JWT-SVIDs (plain HTTP: put a TLS
+//!   terminator in front in production).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+use sigil_core::tls::{ServerTrust, SvidCertResolver, client_config_http1};
+use sigil_proto::common::FederatedBundle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{EndpointProfile, FederationConfig};
+use crate::state::ServerState;
+
+/// Most bytes accepted from a foreign bundle endpoint.
+const MAX_BUNDLE_BYTES: usize = 1 << 20;
+
+type Handler = Arc<dyn Fn(&str) -> Response<Full<Bytes>> + Send + Sync>;
+
+fn json_response(v: &Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r
+}
+
+/// Serves GET requests with `handler` on `listener`, over TLS if given.
+async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, handler: Handler) {
+    loop {
+        let Ok((sock, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let tls = tls.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let handler = handler.clone();
+                async move {
+                    if req.method() != http::Method::GET {
+                        let mut r =
+                            Response::new(Full::new(Bytes::from_static(b"method not allowed\n")));
+                        *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                        return Ok::<_, std::convert::Infallible>(r);
+                    }
+                    Ok(handler(req.uri().path()))
+                }
+            });
+            let builder = hyper::server::conn::http1::Builder::new();
+            let result = match tls {
+                Some(acc) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acc.accept(sock)).await {
+                        Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), svc).await,
+                        _ => return,
+                    }
+                }
+                None => builder.serve_connection(TokioIo::new(sock), svc).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "endpoint connection ended");
+            }
+        });
+    }
+}
+
+/// The SPIFFE bundle document of this trust domain.
+pub fn bundle_document(state: &ServerState, refresh_hint: Duration) -> Value {
+    let jwks: Value = serde_json::from_slice(&state.jwt_bundle()).unwrap_or(json!({"keys": []}));
+    let jwt_keys = jwks
+        .get("keys")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    sigil_core::bundle::spiffe_bundle(
+        &state.bundle(),
+        &jwt_keys,
+        state.bundle_sequence(),
+        refresh_hint.as_secs(),
+    )
+    .unwrap_or_else(|e| json!({"error": e.to_string()}))
+}
+
+/// Starts the bundle endpoint.
+pub async fn start_bundle_endpoint(
+    state: Arc<ServerState>,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    refresh_hint: Duration,
+) -> Result<(), String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("bundle_endpoint {addr}: {e}"))?;
+    let handler: Handler = Arc::new(move |path| match path {
+        "/" => json_response(&bundle_document(&state, refresh_hint)),
+        _ => not_found(),
+    });
+    tracing::info!(%addr, "bundle endpoint listening");
+    tokio::spawn(serve(listener, Some(TlsAcceptor::from(tls)), handler));
+    Ok(())
+}
+
+/// Starts the OIDC discovery endpoint.
+pub async fn start_oidc(
+    state: Arc<ServerState>,
+    addr: SocketAddr,
+    issuer: String,
+) -> Result<(), String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("oidc {addr}: {e}"))?;
+    let handler: Handler = Arc::new(move |path| match path {
+        "/.well-known/openid-configuration" => json_response(&json!({
+            "issuer": issuer,
+            "jwks_uri": format!("{issuer}/keys"),
+            "authorization_endpoint": "",
+            "response_types_supported": ["id_token"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+        })),
+        "/keys" => {
+            // OIDC verifiers look for `use: sig` keys.
+            let jwks: Value =
+                serde_json::from_slice(&state.jwt_bundle()).unwrap_or(json!({"keys": []}));
+            let keys: Vec<Value> = jwks
+                .get("keys")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|k| {
+                    let mut k = k.clone();
+                    k["use"] = json!("sig");
+                    k["alg"] = json!("ES256");
+                    k
+                })
+                .collect();
+            json_response(&json!({ "keys": keys }))
+        }
+        _ => not_found(),
+    });
+    tracing::info!(%addr, "OIDC discovery listening");
+    tokio::spawn(serve(listener, None, handler));
+    Ok(())
+}
+
+/// Fetches a foreign bundle once.
+async fn fetch_bundle(
+    state: &ServerState,
+    f: &FederationConfig,
+) -> Result<sigil_core::bundle::ParsedBundle, String> {
+    let host = f
+        .url
+        .host()
+        .ok_or("url has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = f.url.port_u16().unwrap_or(443);
+    let trust = match f.profile {
+        EndpointProfile::HttpsSpiffe => {
+            let known = state
+                .federated_bundles()
+                .get(f.trust_domain.as_str())
+                .map(|b| b.x509_authorities.clone())
+                .unwrap_or_default();
+            if known.is_empty() {
+                return Err(format!(
+                    "no bundle for {} yet: bootstrap it once with `sigil-server bundle set`",
+                    f.trust_domain
+                ));
+            }
+            let expected = f
+                .endpoint_spiffe_id
+                .clone()
+                .ok_or("endpoint_spiffe_id missing")?;
+            ServerTrust::Spiffe {
+                bundle: Arc::new(RwLock::new(known)),
+                expected,
+            }
+        }
+        EndpointProfile::HttpsWeb => {
+            let path = f.ca_bundle_path.as_ref().ok_or("ca_bundle_path missing")?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            ServerTrust::WebPki {
+                roots: sigil_core::x509::pem_to_certs(&text)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            }
+        }
+    };
+    let cfg = client_config_http1(trust, Arc::new(SvidCertResolver::default()))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| format!("connect: {e}"))?;
+    let name =
+        ServerName::try_from(host.clone()).map_err(|e| format!("server name {host:?}: {e}"))?;
+    let tls = TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let path = f.url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let req = Request::get(path)
+        .header(http::header::HOST, host.as_str())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .map_err(|_| "request timed out".to_string())?
+        .map_err(|e| format!("HTTP: {e}"))?;
+    if resp.status() != StatusCode::OK {
+        return Err(format!("HTTP status {}", resp.status()));
+    }
+    let body = http_body_util::Limited::new(resp.into_body(), MAX_BUNDLE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    sigil_core::bundle::parse_spiffe_bundle(&body).map_err(|e| e.to_string())
+}
+
+/// Keeps one foreign bundle fresh, forever.
+pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match fetch_bundle(&state, &f).await {
+            Ok(p) => {
+                backoff = Duration::from_secs(1);
+                let hint = Duration::from_secs(p.refresh_hint.unwrap_or(300).clamp(1, 3600));
+                let jwt_bundle = if p.jwt_authorities.is_empty() {
+                    vec![]
+                } else {
+                    sigil_core::jwt::jwks(&p.jwt_authorities)
+                };
+                let b = FederatedBundle {
+                    x509_authorities: p.x509_authorities,
+                    jwt_bundle,
+                    sequence: p.sequence.unwrap_or(0),
+                };
+                match state.set_federated_bundle(&f.trust_domain, b) {
+                    Ok(()) => {
+                        tracing::debug!(trust_domain = %f.trust_domain, "federated bundle refreshed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(trust_domain = %f.trust_domain, error = %e.message(), "refused federated bundle")
+                    }
+                }
+                tokio::time::sleep(hint).await;
+            }
+            Err(e) => {
+                tracing::warn!(trust_domain = %f.trust_domain, url = %f.url, error = %e, "bundle endpoint fetch failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
