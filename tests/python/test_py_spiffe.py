@@ -40,13 +40,14 @@ def wait_for(what, fn, timeout=20.0):
 
 
 class Cluster:
-    def __init__(self):
+    def __init__(self, extra_config=""):
         self.dir = Path(tempfile.mkdtemp(prefix="sigil-py-"))
         self.port = free_port()
         self.env = dict(os.environ, SIGIL_ADMIN_SOCKET=str(self.dir / "admin" / "admin.sock"))
         (self.dir / "server.toml").write_text(
             f'trust_domain = "example.org"\nbind_port = {self.port}\n'
             f'data_dir = "{self.dir}/server"\nadmin_socket = "{self.dir}/admin/admin.sock"\n'
+            + extra_config
         )
         self.procs = []
         self.procs.append(self._spawn(["sigil-server", "run", "--config", str(self.dir / "server.toml")], "server.log"))
@@ -175,3 +176,39 @@ def test_py_spiffe_fetches_and_validates_a_jwt_svid(cluster):
         assert str(validated.spiffe_id) == "spiffe://example.org/py-jwt"
         with pytest.raises(ValidateJwtSvidError):
             client.validate_jwt_svid(jwt_svid.token, "another-audience")
+
+
+def test_oidc_discovery_lets_pyjwt_verify_a_jwt_svid():
+    """An off-the-shelf verifier (PyJWT + its JWKS client) accepts JWT-SVIDs
+    through the server's OIDC discovery document."""
+    import urllib.request
+    import jwt as pyjwt
+
+    oidc_port = free_port()
+    issuer = f"http://127.0.0.1:{oidc_port}"
+    c = Cluster(f'\n[oidc]\nport = {oidc_port}\nissuer = "{issuer}"\n')
+    try:
+        c.cli("entry", "create", "--parent-id", "spiffe://example.org/py-agent",
+              "--spiffe-id", "spiffe://example.org/oidc-client", "--selector", f"unix:uid:{os.geteuid()}")
+        with WorkloadApiClient(f"unix://{c.socket}", default_timeout=10) as client:
+            deadline = time.time() + 15
+            while True:
+                try:
+                    token = client.fetch_jwt_svid(audience={"https://api.example.org"}).token
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.1)
+        with urllib.request.urlopen(f"{issuer}/.well-known/openid-configuration", timeout=10) as r:
+            discovery = json.load(r)
+        assert discovery["issuer"] == issuer
+        jwks_client = pyjwt.PyJWKClient(discovery["jwks_uri"])
+        key = jwks_client.get_signing_key_from_jwt(token)
+        claims = pyjwt.decode(token, key.key, algorithms=discovery["id_token_signing_alg_values_supported"],
+                              audience="https://api.example.org", issuer=issuer)
+        assert claims["sub"] == "spiffe://example.org/oidc-client"
+        with pytest.raises(pyjwt.InvalidAudienceError):
+            pyjwt.decode(token, key.key, algorithms=["ES256"], audience="https://other.example.org", issuer=issuer)
+    finally:
+        c.close()
