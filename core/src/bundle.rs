@@ -156,7 +156,9 @@ mod tests {
             Duration::from_secs(60),
         )
         .unwrap();
-        let jwt = crate::jwt::JwtSigner::generate(crate::now_unix() + 60).unwrap();
+        let jwt =
+            crate::jwt::JwtSigner::generate(crate::jwt::JwtKeyType::EcP256, crate::now_unix() + 60)
+                .unwrap();
         let doc = spiffe_bundle(
             &[ca.cert_der().to_vec()],
             std::slice::from_ref(&jwt.public_jwk),

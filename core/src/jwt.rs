@@ -70,11 +70,58 @@ struct Claims<'a> {
     iss: Option<&'a str>,
 }
 
-/// A JWT signing key (ECDSA P-256, `ES256`).
+/// The key types a JWT signing key may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JwtKeyType {
+    /// ECDSA P-256, signs `ES256` (the default).
+    #[default]
+    EcP256,
+    /// ECDSA P-384, signs `ES384`.
+    EcP384,
+}
+
+impl JwtKeyType {
+    /// Parses the config spelling (`ec-p256`, `ec-p384`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "ec-p256" => Ok(Self::EcP256),
+            "ec-p384" => Ok(Self::EcP384),
+            other => Err(format!(
+                "unknown key type {other:?} (expected ec-p256 or ec-p384)"
+            )),
+        }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::EcP384 => "ec-p384",
+        }
+    }
+
+    fn ring_alg(self) -> &'static ring::signature::EcdsaSigningAlgorithm {
+        match self {
+            Self::EcP256 => &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            Self::EcP384 => &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+        }
+    }
+
+    fn jose(self) -> (Algorithm, &'static str, usize) {
+        match self {
+            Self::EcP256 => (Algorithm::ES256, "P-256", 32),
+            Self::EcP384 => (Algorithm::ES384, "P-384", 48),
+        }
+    }
+}
+
+/// A JWT signing key.
 #[derive(Clone)]
 pub struct JwtSigner {
     /// Key ID published in the bundle and put in every token header.
     pub kid: String,
+    /// The key type (and so the `alg`).
+    pub key_type: JwtKeyType,
     pkcs8: Vec<u8>,
     /// The public key as a JWK (`kty`, `crv`, `x`, `y`, `kid`, `use`).
     pub public_jwk: Value,
@@ -86,48 +133,49 @@ impl std::fmt::Debug for JwtSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtSigner")
             .field("kid", &self.kid)
+            .field("key_type", &self.key_type)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
     }
 }
 
 impl JwtSigner {
-    /// A fresh P-256 key with a random `kid`.
-    pub fn generate(not_after: i64) -> Result<Self, JwtError> {
+    /// A fresh key of `key_type` with a random `kid`.
+    pub fn generate(key_type: JwtKeyType, not_after: i64) -> Result<Self, JwtError> {
         let rng = ring::rand::SystemRandom::new();
-        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &rng,
-        )
-        .map_err(|_| JwtError::Crypto("key generation failed".into()))?;
+        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(key_type.ring_alg(), &rng)
+            .map_err(|_| JwtError::Crypto("key generation failed".into()))?;
         let kid = URL_SAFE_NO_PAD.encode(crate::ids::random_bytes::<18>());
-        Self::from_pkcs8(kid, doc.as_ref().to_vec(), not_after)
+        Self::from_pkcs8(kid, key_type, doc.as_ref().to_vec(), not_after)
     }
 
     /// Loads a stored key.
-    pub fn from_pkcs8(kid: String, pkcs8: Vec<u8>, not_after: i64) -> Result<Self, JwtError> {
+    pub fn from_pkcs8(
+        kid: String,
+        key_type: JwtKeyType,
+        pkcs8: Vec<u8>,
+        not_after: i64,
+    ) -> Result<Self, JwtError> {
         let rng = ring::rand::SystemRandom::new();
-        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &pkcs8,
-            &rng,
-        )
-        .map_err(|e| JwtError::Crypto(format!("bad JWT key: {e}")))?;
+        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(key_type.ring_alg(), &pkcs8, &rng)
+            .map_err(|e| JwtError::Crypto(format!("bad JWT key: {e}")))?;
         use ring::signature::KeyPair;
         let point = kp.public_key().as_ref();
-        if point.len() != 65 {
+        let (_, crv, n) = key_type.jose();
+        if point.len() != 1 + 2 * n {
             return Err(JwtError::Crypto("unexpected public key size".into()));
         }
         let public_jwk = json!({
             "kty": "EC",
-            "crv": "P-256",
-            "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-            "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+            "crv": crv,
+            "x": URL_SAFE_NO_PAD.encode(&point[1..1 + n]),
+            "y": URL_SAFE_NO_PAD.encode(&point[1 + n..]),
             "kid": kid,
             "use": "jwt-svid",
         });
         Ok(Self {
             kid,
+            key_type,
             pkcs8,
             public_jwk,
             not_after,
@@ -152,7 +200,7 @@ impl JwtSigner {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(JwtError::Malformed("audience must be non-empty".into()));
         }
-        let mut header = Header::new(Algorithm::ES256);
+        let mut header = Header::new(self.key_type.jose().0);
         header.kid = Some(self.kid.clone());
         header.typ = Some("JWT".into());
         let exp = (now + ttl.as_secs() as i64).min(self.not_after);
@@ -305,7 +353,7 @@ mod tests {
     use super::*;
 
     fn setup() -> (JwtSigner, BTreeMap<TrustDomain, JwtBundle>) {
-        let s = JwtSigner::generate(crate::now_unix() + 3600).unwrap();
+        let s = JwtSigner::generate(JwtKeyType::EcP256, crate::now_unix() + 3600).unwrap();
         let doc = jwks(std::slice::from_ref(&s.public_jwk));
         let b = JwtBundle::from_jwks(&doc).unwrap();
         (
@@ -391,7 +439,7 @@ mod tests {
 
     #[test]
     fn token_never_outlives_its_key() {
-        let s = JwtSigner::generate(crate::now_unix() + 10).unwrap();
+        let s = JwtSigner::generate(JwtKeyType::EcP256, crate::now_unix() + 10).unwrap();
         let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
         let t = s
             .sign(
@@ -411,6 +459,29 @@ mod tests {
         )
         .unwrap();
         assert!(payload["exp"].as_i64().unwrap() <= s.not_after);
+    }
+
+    #[test]
+    fn es384_keys_sign_and_validate() {
+        let s = JwtSigner::generate(JwtKeyType::EcP384, crate::now_unix() + 60).unwrap();
+        assert_eq!(s.public_jwk["crv"], "P-384");
+        let b = JwtBundle::from_jwks(&jwks(std::slice::from_ref(&s.public_jwk))).unwrap();
+        let bundles = BTreeMap::from([(TrustDomain::new("example.org").unwrap(), b)]);
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let t = s
+            .sign(
+                &id,
+                &["a".into()],
+                Duration::from_secs(30),
+                crate::now_unix(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            jsonwebtoken::decode_header(&t).unwrap().alg,
+            Algorithm::ES384
+        );
+        assert_eq!(validate(&t, "a", &bundles).unwrap().spiffe_id, id);
     }
 
     #[test]

@@ -36,6 +36,8 @@ struct RawConfig {
     #[serde(default)]
     jwt_issuer: Option<String>,
     #[serde(default)]
+    jwt_key_type: Option<String>,
+    #[serde(default)]
     bundle_endpoint: Option<RawBundleEndpoint>,
     #[serde(default)]
     federation: Vec<RawFederation>,
@@ -135,6 +137,8 @@ pub struct ServerConfig {
     pub datastore: DatastoreKind,
     /// `iss` claim of JWT-SVIDs (defaults to the OIDC issuer when set).
     pub jwt_issuer: Option<String>,
+    /// Key type of the JWT signing keys (`ec-p256` default, `ec-p384`).
+    pub jwt_key_type: sigil_core::jwt::JwtKeyType,
     pub bundle_endpoint: Option<BundleEndpointConfig>,
     pub federation: Vec<FederationConfig>,
     pub oidc: Option<OidcConfig>,
@@ -272,6 +276,12 @@ impl ServerConfig {
                 }
             },
         };
+        let jwt_key_type = match &raw.jwt_key_type {
+            None => sigil_core::jwt::JwtKeyType::default(),
+            Some(k) => {
+                sigil_core::jwt::JwtKeyType::parse(k).map_err(|e| key_err("jwt_key_type", e))?
+            }
+        };
         let bundle_endpoint = match raw.bundle_endpoint {
             None => None,
             Some(b) => {
@@ -400,6 +410,7 @@ impl ServerConfig {
             jwt_issuer: raw
                 .jwt_issuer
                 .or_else(|| raw.oidc.as_ref().map(|o| o.issuer.clone())),
+            jwt_key_type,
             bundle_endpoint,
             federation,
             oidc,

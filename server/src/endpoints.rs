@@ -132,6 +132,10 @@ pub async fn start_oidc(
     addr: SocketAddr,
     issuer: String,
 ) -> Result<(), String> {
+    let alg = match state.cfg.jwt_key_type {
+        sigil_core::jwt::JwtKeyType::EcP256 => "ES256",
+        sigil_core::jwt::JwtKeyType::EcP384 => "ES384",
+    };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("oidc {addr}: {e}"))?;
@@ -142,7 +146,7 @@ pub async fn start_oidc(
             "authorization_endpoint": "",
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["ES256"],
+            "id_token_signing_alg_values_supported": [alg],
         })),
         "/keys" => {
             // OIDC verifiers look for `use: sig` keys.
@@ -156,7 +160,11 @@ pub async fn start_oidc(
                 .map(|k| {
                     let mut k = k.clone();
                     k["use"] = json!("sig");
-                    k["alg"] = json!("ES256");
+                    k["alg"] = json!(if k["crv"] == "P-384" {
+                        "ES384"
+                    } else {
+                        "ES256"
+                    });
                     k
                 })
                 .collect();

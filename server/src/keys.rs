@@ -17,7 +17,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use sigil_core::TrustDomain;
-use sigil_core::jwt::JwtSigner;
+use sigil_core::jwt::{JwtKeyType, JwtSigner};
 use sigil_core::x509::{BACKDATE, Ca, certs_to_pem, pem_to_certs};
 
 use crate::ca_store::{check_key_mode, ensure_private_dir, write_file_mode};
@@ -31,9 +31,15 @@ struct StoredCa {
 #[derive(Serialize, Deserialize)]
 struct StoredJwt {
     kid: String,
+    #[serde(default = "default_key_type")]
+    key_type: String,
     pkcs8: String,
     issued_at: i64,
     not_after: i64,
+}
+
+fn default_key_type() -> String {
+    JwtKeyType::EcP256.as_str().to_string()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -56,6 +62,7 @@ pub struct JwtSlot {
 pub struct Keys {
     td: TrustDomain,
     ttl: Duration,
+    jwt_key_type: JwtKeyType,
     path: PathBuf,
     cas: Vec<(Arc<Ca>, String)>,
     active_ca: usize,
@@ -94,6 +101,7 @@ impl Keys {
         data_dir: &Path,
         td: &TrustDomain,
         ttl: Duration,
+        jwt_key_type: JwtKeyType,
     ) -> Result<Keys, String> {
         ensure_private_dir(data_dir)
             .map_err(|e| format!("data_dir {}: {e}", data_dir.display()))?;
@@ -101,6 +109,7 @@ impl Keys {
         let mut keys = Keys {
             td: td.clone(),
             ttl,
+            jwt_key_type,
             path: path.clone(),
             cas: vec![],
             active_ca: 0,
@@ -125,8 +134,14 @@ impl Keys {
                 let pkcs8 = STANDARD
                     .decode(&j.pkcs8)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
-                let signer = JwtSigner::from_pkcs8(j.kid.clone(), pkcs8, j.not_after)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let signer = JwtSigner::from_pkcs8(
+                    j.kid.clone(),
+                    JwtKeyType::parse(&j.key_type)
+                        .map_err(|e| format!("{}: {e}", path.display()))?,
+                    pkcs8,
+                    j.not_after,
+                )
+                .map_err(|e| format!("{}: {e}", path.display()))?;
                 keys.jwts.push(JwtSlot {
                     signer: Arc::new(signer),
                     issued_at: j.issued_at,
@@ -148,8 +163,8 @@ impl Keys {
     }
 
     fn new_jwt(&self, now: i64) -> Result<JwtSlot, String> {
-        let signer =
-            JwtSigner::generate(now + self.ttl.as_secs() as i64).map_err(|e| e.to_string())?;
+        let signer = JwtSigner::generate(self.jwt_key_type, now + self.ttl.as_secs() as i64)
+            .map_err(|e| e.to_string())?;
         tracing::info!(kid = %signer.kid, "generated JWT key");
         Ok(JwtSlot {
             signer: Arc::new(signer),
@@ -259,6 +274,7 @@ impl Keys {
                 .iter()
                 .map(|j| StoredJwt {
                     kid: j.signer.kid.clone(),
+                    key_type: j.signer.key_type.as_str().to_string(),
                     pkcs8: STANDARD.encode(j.signer.pkcs8()),
                     issued_at: j.issued_at,
                     not_after: j.signer.not_after,
@@ -311,14 +327,16 @@ mod tests {
     #[test]
     fn keys_persist_with_private_mode_and_survive_restart() {
         let dir = std::env::temp_dir().join(format!("sigil-keys-{}", std::process::id()));
-        let a = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600)).unwrap();
+        let a = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256)
+            .unwrap();
         let mode = std::fs::metadata(dir.join("keys.json"))
             .unwrap()
             .permissions()
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
-        let b = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600)).unwrap();
+        let b = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256)
+            .unwrap();
         assert_eq!(
             a.x509_authorities(),
             b.x509_authorities(),
@@ -335,7 +353,8 @@ mod tests {
         )
         .unwrap();
         assert!(
-            Keys::load_or_create(&dir, &td(), Duration::from_secs(3600)).is_err(),
+            Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256)
+                .is_err(),
             "world-readable keys refused"
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -344,7 +363,8 @@ mod tests {
     #[test]
     fn next_key_is_published_before_it_signs_and_old_stays_until_expiry() {
         let dir = std::env::temp_dir().join(format!("sigil-keys-rot-{}", std::process::id()));
-        let mut k = Keys::load_or_create(&dir, &td(), Duration::from_secs(600)).unwrap();
+        let mut k = Keys::load_or_create(&dir, &td(), Duration::from_secs(600), JwtKeyType::EcP256)
+            .unwrap();
         let first_ca = k.active_ca().cert_der().to_vec();
         let first_kid = k.active_jwt().kid.clone();
         let t0 = sigil_core::now_unix();

@@ -52,7 +52,12 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
             RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
         ),
     };
-    let keys = Keys::load_or_create(&cfg.data_dir, &cfg.trust_domain, cfg.ca_ttl)?;
+    let keys = Keys::load_or_create(
+        &cfg.data_dir,
+        &cfg.trust_domain,
+        cfg.ca_ttl,
+        cfg.jwt_key_type,
+    )?;
     let state = Arc::new(ServerState::new(cfg.clone(), store, keys).map_err(|e| e.to_string())?);
 
     // Key rotation: cheap checks once a second; changes are persisted and

@@ -106,6 +106,16 @@ async fn jwt_svids_for_two_entries_selected_by_hint_validate_with_the_spiffe_cra
     let bundle = first.get(&td).expect("own JWT bundle");
     assert!(bundle.find_jwt_authority(backend.key_id()).is_some());
 
+    // JwtSource (the crate's long-lived, auto-updating source) sees the same.
+    let source = spiffe::JwtSource::builder()
+        .endpoint(c.api_addr())
+        .build()
+        .await
+        .unwrap();
+    let via_source = source.fetch_jwt_svid(["payments"]).await.unwrap();
+    let bundles_now = source.bundle_set().unwrap();
+    assert!(JwtSvid::parse_and_validate(via_source.token(), &*bundles_now, &["payments"]).is_ok());
+
     // The CLI agrees.
     let out = Command::new(bin("sigil-agent"))
         .args([
@@ -239,7 +249,7 @@ fn sigil_core_pem(text: &str) -> Vec<u8> {
 async fn svids_issued_across_a_ca_rotation_all_verify() {
     // A 24 s CA: the next CA is published at ~12 s and activated at ~20 s.
     let c = Cluster::start_with(
-        "ca_ttl = \"24s\"\ndefault_x509_svid_ttl = \"4s\"\nagent_svid_ttl = \"6s\"\n",
+        "ca_ttl = \"24s\"\ndefault_x509_svid_ttl = \"4s\"\ndefault_jwt_svid_ttl = \"4s\"\nagent_svid_ttl = \"6s\"\njwt_key_type = \"ec-p384\"\n",
     );
     let mut c = c;
     c.start_agent("spiffe://example.org/test-agent");
@@ -252,6 +262,7 @@ async fn svids_issued_across_a_ca_rotation_all_verify() {
     let first_ca = c.server_ok(&["bundle", "show"]);
     let mut issuers = std::collections::BTreeSet::new();
     let mut bundle_sizes = std::collections::BTreeSet::new();
+    let mut kids = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let out_dir = c.dir.0.join("rot");
     std::fs::create_dir_all(&out_dir).unwrap();
@@ -297,8 +308,14 @@ async fn svids_issued_across_a_ca_rotation_all_verify() {
             .map(|a| a.as_bytes().to_vec())
             .expect("an authority in the bundle signed the SVID");
         issuers.insert(issuer);
+        // A JWT-SVID fetched now verifies (ES384) against the JWT bundle fetched now.
+        let token = cl.fetch_jwt_token(["aud"], None).await.unwrap();
+        let jwt_bundles = cl.fetch_jwt_bundles().await.unwrap();
+        let jwt = JwtSvid::parse_and_validate(&token, &jwt_bundles, &["aud"])
+            .unwrap_or_else(|e| panic!("JWT #{n} failed validation: {e}"));
+        kids.insert(jwt.key_id().to_string());
         n += 1;
-        if issuers.len() >= 2 && bundle_sizes.contains(&2) {
+        if issuers.len() >= 2 && bundle_sizes.contains(&2) && kids.len() >= 2 {
             break;
         }
     }
