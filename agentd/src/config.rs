@@ -31,6 +31,44 @@ struct RawConfig {
     join_token: Option<String>,
     #[serde(default)]
     log_level: Option<String>,
+    #[serde(default)]
+    node_attestor: Option<String>,
+    #[serde(default)]
+    x509pop: Option<RawX509Pop>,
+    #[serde(default)]
+    tpm: Option<RawTpm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawX509Pop {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTpm {
+    #[serde(default = "default_tcti")]
+    tcti: String,
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+
+/// How the agent proves its node's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAttestor {
+    /// A single-use join token (`--join-token`).
+    JoinToken,
+    /// Possession of a node certificate's key.
+    X509Pop {
+        cert_path: PathBuf,
+        key_path: PathBuf,
+    },
+    /// TPM 2.0 EK/AK credential activation and PCR quote.
+    Tpm { tcti: String },
 }
 
 fn default_port() -> u16 {
@@ -58,6 +96,7 @@ pub struct AgentConfig {
     pub bootstrap: Bootstrap,
     pub join_token: Option<String>,
     pub log_level: String,
+    pub node_attestor: NodeAttestor,
 }
 
 /// A config error, naming the key.
@@ -119,6 +158,25 @@ impl AgentConfig {
                 ));
             }
         };
+        let node_attestor = match raw.node_attestor.as_deref().unwrap_or("join_token") {
+            "join_token" => NodeAttestor::JoinToken,
+            "x509pop" => {
+                let x = raw.x509pop.ok_or_else(|| key_err("x509pop", "node_attestor = \"x509pop\" needs an [x509pop] table with cert_path and key_path"))?;
+                NodeAttestor::X509Pop {
+                    cert_path: x.cert_path,
+                    key_path: x.key_path,
+                }
+            }
+            "tpm" => NodeAttestor::Tpm {
+                tcti: raw.tpm.map(|t| t.tcti).unwrap_or_else(default_tcti),
+            },
+            other => {
+                return Err(key_err(
+                    "node_attestor",
+                    format!("unknown attestor {other:?} (expected join_token, x509pop or tpm)"),
+                ));
+            }
+        };
         if raw.data_dir.as_os_str().is_empty() {
             return Err(key_err("data_dir", "must not be empty"));
         }
@@ -136,6 +194,7 @@ impl AgentConfig {
             bootstrap,
             join_token: raw.join_token,
             log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+            node_attestor,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! sigil-agent as a library: everything the `sigil-agent` binary runs.
 //!
 //! - [`config`] — `agent.toml`.
+//! - [`attestation`] — node attestation client: join token, x509pop, TPM 2.0.
 //! - [`node`] — node attestation, the agent SVID on disk, renewal, the sync stream.
 //! - [`server_client`] — the TLS channel to the server's agent API.
 //! - [`cache`] — the workload SVID cache, minting and half-life rotation.
@@ -11,6 +12,7 @@
 
 #![allow(missing_docs)]
 
+pub mod attestation;
 pub mod cache;
 pub mod cli;
 pub mod config;

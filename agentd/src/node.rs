@@ -15,12 +15,11 @@ use sigil_core::ids::server_id;
 use sigil_core::x509::{SvidInfo, certs_to_pem, new_key_and_csr, pem_to_certs};
 use sigil_core::{SpiffeId, TrustDomain, now_unix};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
-use sigil_proto::agent::{
-    AttestRequest, JoinToken, RenewAgentRequest, SyncRequest, attest_request::Evidence,
-};
+use sigil_proto::agent::{RenewAgentRequest, SyncRequest};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
+use crate::attestation::Prover;
 use crate::cache::SyncState;
 use crate::config::{AgentConfig, Bootstrap};
 use crate::server_client;
@@ -38,7 +37,7 @@ pub struct AgentSvid {
 }
 
 impl AgentSvid {
-    fn new(chain: Vec<Vec<u8>>, key: Vec<u8>, received_at: i64) -> Result<Self, String> {
+    pub(crate) fn new(chain: Vec<Vec<u8>>, key: Vec<u8>, received_at: i64) -> Result<Self, String> {
         let leaf = chain.first().ok_or("empty agent SVID chain")?;
         let info = SvidInfo::from_der(leaf).map_err(|e| format!("agent SVID: {e}"))?;
         Ok(Self {
@@ -115,10 +114,11 @@ pub fn load_identity(data_dir: &Path, td: &TrustDomain) -> Option<(AgentSvid, Ve
     Some((svid, bundle))
 }
 
-/// Attests the node with a join token; returns the agent SVID and bundle.
-pub async fn attest_with_token(
+/// First attestation, over TLS that authenticates the server by the
+/// bootstrap bundle (or not at all with `insecure_bootstrap`).
+pub async fn bootstrap_attest(
     cfg: &AgentConfig,
-    token: &str,
+    prover: &Prover,
 ) -> Result<(AgentSvid, Vec<Vec<u8>>), String> {
     let trust = match &cfg.bootstrap {
         Bootstrap::BundleFile(p) => {
@@ -140,28 +140,30 @@ pub async fn attest_with_token(
     };
     let tls = client_config(trust, Arc::new(SvidCertResolver::default()))?;
     let ch = server_client::channel(&cfg.server_address, cfg.server_port, tls)?;
-    let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
-    let resp = AgentApiClient::new(ch)
-        .attest(AttestRequest {
-            evidence: Some(Evidence::JoinToken(JoinToken {
-                token: token.to_string(),
-            })),
-            csr,
-        })
-        .await
-        .map_err(|s| format!("node attestation failed: {}", s.message()))?
-        .into_inner();
-    let svid = AgentSvid::new(resp.svid_chain, key, now_unix())?;
+    let (svid, bundle) = crate::attestation::attest(ch, prover).await?;
     if !svid.spiffe_id.is_member_of(&cfg.trust_domain) {
         return Err(format!(
             "server issued {} outside trust domain {}",
             svid.spiffe_id, cfg.trust_domain
         ));
     }
-    if resp.bundle.is_empty() {
-        return Err("server returned an empty trust bundle".into());
+    Ok((svid, bundle))
+}
+
+/// Checks that a secret file is not readable by group or others.
+pub fn check_private_file(path: &Path) -> Result<(), String> {
+    let mode = fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {:o}; it must not be readable by group or others (chmod 600)",
+            path.display(),
+            mode & 0o777
+        ));
     }
-    Ok((svid, resp.bundle))
+    Ok(())
 }
 
 /// The agent's live connection to the server: the current SVID (presented
@@ -169,6 +171,8 @@ pub async fn attest_with_token(
 /// channel, replaced after every renewal so new calls use the new SVID.
 pub struct ServerLink {
     cfg: AgentConfig,
+    /// For x509pop/TPM agents: renewals re-attest with fresh evidence.
+    prover: Option<Arc<Prover>>,
     pub svid: watch::Sender<AgentSvid>,
     pub bundle: SharedBundle,
     resolver: Arc<SvidCertResolver>,
@@ -180,6 +184,7 @@ impl ServerLink {
         cfg: AgentConfig,
         svid: AgentSvid,
         bundle: Vec<Vec<u8>>,
+        prover: Option<Arc<Prover>>,
     ) -> Result<Arc<Self>, String> {
         let resolver = Arc::new(SvidCertResolver::default());
         resolver.set(&svid.chain, &svid.key)?;
@@ -187,6 +192,7 @@ impl ServerLink {
         let ch = Self::make_channel(&cfg, &bundle, &resolver)?;
         Ok(Arc::new(Self {
             cfg,
+            prover: prover.filter(|p| p.reattests()),
             svid: watch::channel(svid).0,
             bundle,
             resolver,
@@ -240,14 +246,23 @@ impl ServerLink {
     }
 
     async fn renew_once(&self) -> Result<(), String> {
-        let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
         let ch = self.channel.borrow().clone();
-        let resp = AgentApiClient::new(ch)
-            .renew_agent(RenewAgentRequest { csr })
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-            .into_inner();
-        let svid = AgentSvid::new(resp.svid_chain, key, now_unix())?;
+        let (svid, bundle) = match &self.prover {
+            // Fresh evidence (new nonce, new quote) on every renewal.
+            Some(prover) => crate::attestation::attest(ch, prover).await?,
+            None => {
+                let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
+                let resp = AgentApiClient::new(ch)
+                    .renew_agent(RenewAgentRequest { csr })
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .into_inner();
+                (
+                    AgentSvid::new(resp.svid_chain, key, now_unix())?,
+                    resp.bundle,
+                )
+            }
+        };
         if svid.spiffe_id != self.svid.borrow().spiffe_id {
             return Err(format!(
                 "server renewed as {}, expected {}",
@@ -256,8 +271,8 @@ impl ServerLink {
             ));
         }
         self.resolver.set(&svid.chain, &svid.key)?;
-        self.set_bundle(&resp.bundle);
-        store_identity(&self.cfg.data_dir, &svid, &resp.bundle)?;
+        self.set_bundle(&bundle);
+        store_identity(&self.cfg.data_dir, &svid, &bundle)?;
         self.svid.send_replace(svid);
         // New connections present the new SVID.
         let ch = Self::make_channel(&self.cfg, &self.bundle, &self.resolver)?;

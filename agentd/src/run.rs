@@ -13,8 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use crate::attestation::Prover;
 use crate::cache::{Cache, Snapshot};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, NodeAttestor};
 use crate::node::{self, AgentSvid, ServerLink};
 use crate::workload_api::WorkloadApi;
 use crate::workload_socket;
@@ -73,23 +74,31 @@ fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), String> {
     node::ensure_private_dir(&cfg.data_dir)
         .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
-    let (svid, bundle) = match node::load_identity(&cfg.data_dir, &cfg.trust_domain) {
+    // x509pop/TPM agents always need their prover (renewal re-attests); a
+    // join-token agent only for its first attestation.
+    let stored = node::load_identity(&cfg.data_dir, &cfg.trust_domain);
+    let token = join_token.or_else(|| cfg.join_token.clone());
+    let prover = match (&cfg.node_attestor, &stored) {
+        (NodeAttestor::JoinToken, Some(_)) => None,
+        _ => Some(Arc::new(Prover::from_config(&cfg, token)?)),
+    };
+    let (svid, bundle) = match stored {
         Some(found) => {
             tracing::info!(spiffe_id = %found.0.spiffe_id, "using stored agent identity");
             found
         }
         None => {
-            let token = join_token
-                .or_else(|| cfg.join_token.clone())
-                .ok_or("no stored agent identity and no join token: pass --join-token (see `sigil-server token generate`)")?;
-            let (svid, bundle) = node::attest_with_token(&cfg, &token).await?;
+            let prover = prover
+                .as_ref()
+                .ok_or("no prover for the first attestation")?;
+            let (svid, bundle) = node::bootstrap_attest(&cfg, prover).await?;
             node::store_identity(&cfg.data_dir, &svid, &bundle)?;
             tracing::info!(spiffe_id = %svid.spiffe_id, "node attested");
             (svid, bundle)
         }
     };
 
-    let link = ServerLink::new(cfg.clone(), svid, bundle.clone())?;
+    let link = ServerLink::new(cfg.clone(), svid, bundle.clone(), prover)?;
     let (sync_tx, sync_rx) = mpsc::channel(16);
     let (cache, snapshots) = Cache::new(
         cfg.trust_domain.clone(),

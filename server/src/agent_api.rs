@@ -9,11 +9,11 @@ use sigil_proto::agent::agent_api_server::AgentApi;
 use sigil_proto::agent::{
     AttestRequest, AttestResponse, MintJwtSvidRequest, MintJwtSvidResponse, MintResult,
     MintX509SvidsRequest, MintX509SvidsResponse, RenewAgentRequest, RenewAgentResponse,
-    SyncRequest, SyncUpdate, attest_request::Evidence,
+    SyncRequest, SyncUpdate, attest_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::state::ServerState;
 
@@ -22,11 +22,15 @@ pub const MAX_MINT_BATCH: usize = 1000;
 
 pub struct AgentService {
     state: Arc<ServerState>,
+    attestors: Arc<crate::node_attestation::NodeAttestors>,
 }
 
 impl AgentService {
-    pub fn new(state: Arc<ServerState>) -> Self {
-        Self { state }
+    pub fn new(state: Arc<ServerState>, attestors: crate::node_attestation::NodeAttestors) -> Self {
+        Self {
+            state,
+            attestors: Arc::new(attestors),
+        }
     }
 }
 
@@ -58,32 +62,33 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl AgentApi for AgentService {
+    type AttestStream = ReceiverStream<Result<AttestResponse, Status>>;
+
     async fn attest(
         &self,
-        req: Request<AttestRequest>,
-    ) -> Result<Response<AttestResponse>, Status> {
-        let req = req.into_inner();
-        let state = self.state.clone();
-        let issued = match req.evidence {
-            Some(Evidence::JoinToken(t)) => {
-                if t.token.is_empty() {
-                    return Err(Status::invalid_argument(
-                        "invalid field `join_token`: empty",
-                    ));
-                }
-                blocking(move || state.attest_join_token(&t.token, &req.csr)).await?
-            }
-            None => {
-                return Err(Status::invalid_argument(
-                    "invalid field `evidence`: missing",
-                ));
-            }
+        req: Request<Streaming<AttestRequest>>,
+    ) -> Result<Response<Self::AttestStream>, Status> {
+        // Over mTLS this is a re-attestation by an existing agent.
+        let caller = match peer_leaf(&req) {
+            Ok(leaf) => Some(self.state.authenticate_agent(&leaf)?),
+            Err(_) => None,
         };
-        Ok(Response::new(AttestResponse {
-            svid_chain: issued.chain,
-            bundle: self.state.bundle(),
-            spiffe_id: issued.spiffe_id.to_string(),
-        }))
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(2);
+        let state = self.state.clone();
+        let attestors = self.attestors.clone();
+        tokio::spawn(async move {
+            let result =
+                crate::node_attestation::attest(state, attestors, caller, &mut inbound, &tx).await;
+            if let Err(st) = &result {
+                tracing::info!(code = ?st.code(), error = %st.message(), "node attestation refused");
+            }
+            let msg = result.map(|r| AttestResponse {
+                step: Some(attest_response::Step::Result(r)),
+            });
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn renew_agent(
@@ -180,7 +185,7 @@ impl AgentApi for AgentService {
         }
         let state = self.state.clone();
         let ids: Vec<String> = csrs.iter().map(|c| c.0.clone()).collect();
-        let results = blocking(move || Ok(state.mint_for_agent(&id, &csrs))).await?;
+        let results = blocking(move || state.mint_for_agent(&id, &csrs)).await?;
         Ok(Response::new(MintX509SvidsResponse {
             results: ids
                 .into_iter()

@@ -43,6 +43,31 @@ struct RawConfig {
     federation: Vec<RawFederation>,
     #[serde(default)]
     oidc: Option<RawOidc>,
+    #[serde(default)]
+    x509pop: Option<RawX509Pop>,
+    #[serde(default)]
+    tpm: Option<RawTpm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawX509Pop {
+    ca_bundle_path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTpm {
+    #[serde(default)]
+    ek_hashes: Vec<String>,
+    #[serde(default)]
+    ek_ca_path: Option<PathBuf>,
+    #[serde(default = "default_pcrs")]
+    pcrs: Vec<u32>,
+}
+
+fn default_pcrs() -> Vec<u32> {
+    vec![0, 7]
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +167,20 @@ pub struct ServerConfig {
     pub bundle_endpoint: Option<BundleEndpointConfig>,
     pub federation: Vec<FederationConfig>,
     pub oidc: Option<OidcConfig>,
+    /// `[x509pop]`: PEM roots node certificates must chain to.
+    pub x509pop_ca_bundle: Option<PathBuf>,
+    pub tpm: Option<TpmConfig>,
+}
+
+/// `[tpm]`: which TPMs may attest, and what to quote.
+#[derive(Debug, Clone)]
+pub struct TpmConfig {
+    /// Allowed EK public key hashes (hex SHA-256), for EKs without a certificate.
+    pub ek_hashes: Vec<String>,
+    /// PEM EK CA certificates, for EKs with a manufacturer certificate.
+    pub ek_ca_path: Option<PathBuf>,
+    /// sha256-bank PCRs every quote must cover.
+    pub pcrs: Vec<u8>,
 }
 
 /// How a bundle endpoint authenticates itself (SPIFFE Federation §5).
@@ -275,6 +314,43 @@ impl ServerConfig {
                     ));
                 }
             },
+        };
+        let tpm = match raw.tpm {
+            None => None,
+            Some(t) => {
+                let mut pcrs = Vec::with_capacity(t.pcrs.len());
+                for p in t.pcrs {
+                    if p > 23 {
+                        return Err(key_err(
+                            "tpm.pcrs",
+                            format!("PCR {p} does not exist (0-23)"),
+                        ));
+                    }
+                    pcrs.push(p as u8);
+                }
+                if pcrs.is_empty() {
+                    return Err(key_err("tpm.pcrs", "quote at least one PCR"));
+                }
+                for h in &t.ek_hashes {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(key_err(
+                            "tpm.ek_hashes",
+                            format!("{h:?} is not a hex SHA-256"),
+                        ));
+                    }
+                }
+                if t.ek_hashes.is_empty() && t.ek_ca_path.is_none() {
+                    return Err(key_err(
+                        "tpm.ek_hashes",
+                        "give ek_hashes or ek_ca_path: no TPM could attest otherwise",
+                    ));
+                }
+                Some(TpmConfig {
+                    ek_hashes: t.ek_hashes.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    ek_ca_path: t.ek_ca_path,
+                    pcrs,
+                })
+            }
         };
         let jwt_key_type = match &raw.jwt_key_type {
             None => sigil_core::jwt::JwtKeyType::default(),
@@ -411,6 +487,8 @@ impl ServerConfig {
                 .jwt_issuer
                 .or_else(|| raw.oidc.as_ref().map(|o| o.issuer.clone())),
             jwt_key_type,
+            x509pop_ca_bundle: raw.x509pop.map(|x| x.ca_bundle_path),
+            tpm,
             bundle_endpoint,
             federation,
             oidc,

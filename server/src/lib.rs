@@ -6,6 +6,7 @@
 //! - [`keys`] — X.509 CAs and JWT keys: persistence (0600) and rotation.
 //! - [`ca_store`] — file-mode helpers for secrets on disk.
 //! - [`state`] — entries, agents, tokens and change notification.
+//! - [`node_attestation`] — the Attest stream: join token, x509pop, TPM ([`tpm_attest`]).
 //! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
 //! - [`admin_api`] — the operator API on the admin Unix socket.
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
@@ -22,6 +23,8 @@ pub mod config;
 pub mod datastore;
 pub mod endpoints;
 pub mod keys;
+pub mod node_attestation;
 pub mod run;
 pub mod state;
 pub mod tls;
+pub mod tpm_attest;

@@ -73,6 +73,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         }
     });
 
+    let attestors = crate::node_attestation::NodeAttestors::from_config(&cfg)?;
     let (tls, resolver, renew) = crate::tls::server_config(state.clone())?;
     tokio::spawn(renew);
 
@@ -131,7 +132,10 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
 
     let agent_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(AgentApiServer::new(AgentService::new(state.clone())))
+        .add_service(AgentApiServer::new(AgentService::new(
+            state.clone(),
+            attestors,
+        )))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown_signal());
     let admin_server = tonic::transport::Server::builder()
         .add_service(AdminApiServer::new(AdminService::new(state.clone())))

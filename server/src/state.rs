@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use sigil_core::entry::Entry;
 use sigil_core::ids::{agent_id, new_entry_id, random_bytes, sha256_hex};
+use sigil_core::selector::{Selector, SelectorSet};
 use sigil_core::tls::SharedBundle;
 use sigil_core::x509::{BACKDATE, Ca, SvidInfo};
 use sigil_core::{SpiffeId, TrustDomain, now_unix};
@@ -34,6 +35,8 @@ impl From<StoreError> for Status {
 struct EntryIndex {
     by_id: HashMap<String, Arc<Entry>>,
     by_parent: HashMap<SpiffeId, BTreeSet<String>>,
+    /// IDs of node-alias entries.
+    nodes: BTreeSet<String>,
 }
 
 impl EntryIndex {
@@ -48,6 +51,7 @@ impl EntryIndex {
 
     fn remove(&mut self, id: &str) -> Option<Arc<Entry>> {
         let old = self.by_id.remove(id)?;
+        self.nodes.remove(id);
         if let Some(set) = self.by_parent.get_mut(&old.parent_id) {
             set.remove(id);
             if set.is_empty() {
@@ -56,6 +60,15 @@ impl EntryIndex {
         }
         Some(old)
     }
+}
+
+/// The outcome of a verified node attestation.
+pub struct NodeAttestation {
+    pub spiffe_id: SpiffeId,
+    /// `join_token`, `x509pop` or `tpm`.
+    pub attestation_type: &'static str,
+    /// Node selectors (`type:key:value`).
+    pub selectors: Vec<String>,
 }
 
 /// A freshly attested or renewed agent SVID.
@@ -291,17 +304,47 @@ impl ServerState {
     /// Entries an agent is authorized for: those whose parent is the agent,
     /// minus expired ones. Sorted by ID for stable output.
     pub fn entries_for_agent(&self, agent: &SpiffeId) -> Result<Vec<Arc<Entry>>, Status> {
+        let parents = self.agent_parents(agent)?;
         let idx = self.entries.read().map_err(|_| poisoned())?;
         let now = now_unix();
-        Ok(idx
-            .by_parent
-            .get(agent)
-            .into_iter()
-            .flatten()
+        let mut seen = BTreeSet::new();
+        Ok(parents
+            .iter()
+            .flat_map(|p| idx.by_parent.get(p).into_iter().flatten())
+            .filter(|id| seen.insert(*id))
             .filter_map(|id| idx.by_id.get(id))
-            .filter(|e| !e.is_expired(now))
+            .filter(|e| !e.node && !e.is_expired(now))
             .cloned()
             .collect())
+    }
+
+    /// The IDs an agent stands for: its own, plus every node-alias entry
+    /// whose selectors its attested node selectors satisfy.
+    pub fn agent_parents(&self, agent: &SpiffeId) -> Result<Vec<SpiffeId>, Status> {
+        let selectors: SelectorSet = match self.store.get_agent(&agent.to_string())? {
+            Some(rec) => rec
+                .selectors
+                .iter()
+                .filter_map(|s| s.parse::<Selector>().ok())
+                .collect(),
+            None => SelectorSet::new(),
+        };
+        let mut parents = vec![agent.clone()];
+        if selectors.is_empty() {
+            return Ok(parents);
+        }
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        let now = now_unix();
+        for id in &idx.nodes {
+            if let Some(e) = idx.by_id.get(id)
+                && !e.is_expired(now)
+                && selectors.satisfies(&e.selectors)
+                && !parents.contains(&e.spiffe_id)
+            {
+                parents.push(e.spiffe_id.clone());
+            }
+        }
+        Ok(parents)
     }
 
     // ---- federation ------------------------------------------------------
@@ -401,7 +444,7 @@ impl ServerState {
 
     /// Join-token node attestation: consumes the token (even if it turns out
     /// expired) and issues the agent SVID.
-    pub fn attest_join_token(&self, token: &str, csr: &[u8]) -> Result<IssuedAgentSvid, Status> {
+    pub fn consume_join_token(&self, token: &str) -> Result<NodeAttestation, Status> {
         let hash = sha256_hex(token.trim().as_bytes());
         let rec = self
             .store
@@ -410,34 +453,61 @@ impl ServerState {
         if rec.expires_at <= now_unix() {
             return Err(Status::permission_denied("join token has expired"));
         }
-        let id = match &rec.spiffe_id {
+        let spiffe_id = match &rec.spiffe_id {
             Some(s) => {
                 SpiffeId::new(s).map_err(|e| Status::internal(format!("stored token id: {e}")))?
             }
             None => agent_id(self.trust_domain(), "join_token", &hash[..32])
                 .map_err(|e| Status::internal(e.to_string()))?,
         };
-        if let Some(existing) = self.store.get_agent(&id.to_string())?
-            && existing.banned
-        {
-            return Err(Status::permission_denied(format!("agent {id} is banned")));
+        Ok(NodeAttestation {
+            spiffe_id,
+            attestation_type: "join_token",
+            selectors: vec![],
+        })
+    }
+
+    /// Issues the agent SVID for a successful node attestation and records
+    /// the agent with its node selectors. A banned ID gets nothing. A TPM
+    /// node that re-attests with different measurements than it enrolled
+    /// with loses its identity (evict it to enroll it again).
+    pub fn issue_agent_svid(
+        &self,
+        a: NodeAttestation,
+        csr: &[u8],
+    ) -> Result<IssuedAgentSvid, Status> {
+        let id = a.spiffe_id;
+        let existing = self.store.get_agent(&id.to_string())?;
+        if let Some(e) = &existing {
+            if e.banned {
+                return Err(Status::permission_denied(format!("agent {id} is banned")));
+            }
+            if e.attestation_type == "tpm"
+                && a.attestation_type == "tpm"
+                && e.selectors != a.selectors
+            {
+                tracing::warn!(agent = %id, "TPM measurements changed since enrollment; refusing");
+                return Err(Status::permission_denied(
+                    "TPM measurements (PCRs) changed since enrollment; the node's identity is withdrawn (evict the agent to enroll it again)",
+                ));
+            }
         }
         let chain = self.sign_agent(&id, csr)?;
         let info = SvidInfo::from_der(&chain[0]).map_err(|e| Status::internal(e.to_string()))?;
         let now = now_unix();
         let agent = Agent {
             spiffe_id: id.to_string(),
-            attestation_type: "join_token".into(),
-            selectors: vec![],
+            attestation_type: a.attestation_type.into(),
+            selectors: a.selectors,
             serial: info.serial,
             svid_expires_at: info.not_after,
             last_attested_at: now,
             banned: false,
-            created_at: now,
+            created_at: existing.map_or(now, |e| e.created_at),
         };
         self.store.put_agent(&agent)?;
         self.bump();
-        tracing::info!(agent = %id, "agent attested with join token");
+        tracing::info!(agent = %id, attestor = a.attestation_type, "agent attested");
         Ok(IssuedAgentSvid {
             spiffe_id: id,
             chain,
@@ -529,7 +599,7 @@ impl ServerState {
     /// The entry `entry_id` if `agent` may obtain SVIDs for it.
     fn authorized_entry(
         &self,
-        agent: &SpiffeId,
+        parents: &[SpiffeId],
         entry_id: &str,
         now: i64,
     ) -> Result<Arc<Entry>, String> {
@@ -541,7 +611,7 @@ impl ServerState {
             .get(entry_id)
             .cloned()
             .ok_or_else(|| format!("no entry {entry_id:?}"))?;
-        if &e.parent_id != agent {
+        if e.node || !parents.contains(&e.parent_id) {
             return Err(format!(
                 "entry {entry_id:?} is not authorized for this agent"
             ));
@@ -554,18 +624,24 @@ impl ServerState {
 
     /// Signs workload CSRs for an agent, each against an entry the agent is
     /// authorized for. Per-CSR failures are reported per CSR.
-    pub fn mint_for_agent(&self, agent: &SpiffeId, csrs: &[(String, Vec<u8>)]) -> Vec<MintOutcome> {
+    pub fn mint_for_agent(
+        &self,
+        agent: &SpiffeId,
+        csrs: &[(String, Vec<u8>)],
+    ) -> Result<Vec<MintOutcome>, Status> {
         let now = now_unix();
         let ca = self.ca();
-        csrs.iter()
+        let parents = self.agent_parents(agent)?;
+        Ok(csrs
+            .iter()
             .map(|(id, csr)| {
-                let e = self.authorized_entry(agent, id, now)?;
+                let e = self.authorized_entry(&parents, id, now)?;
                 let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
                 ca.sign_svid(csr, &e.spiffe_id, &e.dns_names, ttl)
                     .map(|leaf| vec![leaf])
                     .map_err(|e| e.to_string())
             })
-            .collect()
+            .collect())
     }
 
     /// Signs a JWT-SVID for an entry the agent is authorized for.
@@ -581,8 +657,9 @@ impl ServerState {
             ));
         }
         let now = now_unix();
+        let parents = self.agent_parents(agent)?;
         let e = self
-            .authorized_entry(agent, entry_id, now)
+            .authorized_entry(&parents, entry_id, now)
             .map_err(Status::permission_denied)?;
         let ttl = e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl);
         let signer = self

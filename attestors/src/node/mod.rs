@@ -1,0 +1,8 @@
+//! Node attestation: how an agent proves which machine it runs on.
+//!
+//! - [`tpm`] — TPM 2.0: EK identity (allow-listed hash or EK certificate),
+//!   AK bound to the EK by credential activation, quotes over SHA-256 PCRs.
+//!   Agent-side evidence comes from [`tpm::AgentTpm`] (feature `tpm`);
+//!   server-side verification is pure Rust.
+
+pub mod tpm;
