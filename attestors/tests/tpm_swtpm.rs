@@ -10,6 +10,11 @@
 //! Needs the Debian packages swtpm, swtpm-tools, tpm2-tools and openssl;
 //! without them the tests fail, unless `SIGIL_SKIP_TPM=1` skips them.
 #![cfg(feature = "tpm")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a test failure"
+)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -129,10 +134,10 @@ impl Swtpm {
         let out = self.tpm2("tpm2_pcrread", &[&format!("sha256:{}", list.join(","))]);
         let mut values = Vec::new();
         for line in out.lines() {
-            if let Some((index, value)) = line.trim().split_once(':') {
-                if let Some(hex) = value.trim().strip_prefix("0x") {
-                    values.push((index.trim().parse().unwrap(), hex::decode(hex).unwrap()));
-                }
+            if let Some((index, value)) = line.trim().split_once(':')
+                && let Some(hex) = value.trim().strip_prefix("0x")
+            {
+                values.push((index.trim().parse().unwrap(), hex::decode(hex).unwrap()));
             }
         }
         values.sort();
@@ -188,7 +193,10 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 fn attest(tpm: &mut AgentTpm) -> (TpmEvidence, String) {
     let evidence = tpm.evidence().unwrap();
     let hash = ek_hash(&evidence.ek_public).unwrap();
-    assert_eq!(verify_ek(&evidence, &[hash.clone()], &[]).unwrap(), hash);
+    assert_eq!(
+        verify_ek(&evidence, std::slice::from_ref(&hash), &[]).unwrap(),
+        hash
+    );
     let secret = random(32);
     let (blob, encrypted) =
         make_credential(&evidence.ek_public, &evidence.ak_public, &secret).unwrap();
@@ -544,10 +552,13 @@ fn ek_certificate_from_the_manufacturer_ca_is_trusted() {
         verify_ek(&evidence, &[], &[root.clone(), issuer.clone()]).unwrap(),
         hash
     );
-    assert_eq!(verify_ek(&evidence, &[], &[issuer.clone()]).unwrap(), hash);
+    assert_eq!(
+        verify_ek(&evidence, &[], std::slice::from_ref(&issuer)).unwrap(),
+        hash
+    );
     // The root alone is not enough: the evidence carries no intermediates.
     assert!(matches!(
-        verify_ek(&evidence, &[], &[root.clone()]),
+        verify_ek(&evidence, &[], std::slice::from_ref(&root)),
         Err(TpmError::EkNotTrusted { .. })
     ));
     // Without CAs the certificate is worthless.

@@ -46,6 +46,9 @@ impl EntryIndex {
             .entry(e.parent_id.clone())
             .or_default()
             .insert(e.id.clone());
+        if e.node {
+            self.nodes.insert(e.id.clone());
+        }
         self.by_id.insert(e.id.clone(), e);
     }
 

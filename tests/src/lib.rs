@@ -226,13 +226,18 @@ impl Cluster {
 
     /// Writes the agent config (bundle bootstrap) and returns its path.
     pub fn write_agent_config(&self) -> PathBuf {
+        self.write_agent_config_with("")
+    }
+
+    /// Writes the agent config with `extra` appended and returns its path.
+    pub fn write_agent_config_with(&self, extra: &str) -> PathBuf {
         let bundle = self.server_ok(&["bundle", "show"]);
         fs::write(self.dir.0.join("bundle.pem"), bundle).unwrap();
         let d = self.dir.0.display();
         let cfg = format!(
             "trust_domain = \"{}\"\nserver_address = \"127.0.0.1\"\nserver_port = {}\nsocket_path = \"{d}/agent/public/api.sock\"\nadmin_socket = \"{d}/agent/private/admin.sock\"\ndata_dir = \"{d}/agent/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\nlog_level = \"debug\"\n",
             self.trust_domain, self.port
-        );
+        ) + extra;
         let p = self.dir.0.join("agent.toml");
         fs::write(&p, cfg).unwrap();
         p
@@ -240,7 +245,12 @@ impl Cluster {
 
     /// Spawns the agent process (with a token if given), without waiting.
     pub fn spawn_agent(&self, token: Option<&str>) -> Child {
-        let cfg = self.write_agent_config();
+        self.spawn_agent_with(token, "")
+    }
+
+    /// Spawns the agent with `extra` agent config, without waiting.
+    pub fn spawn_agent_with(&self, token: Option<&str>, extra: &str) -> Child {
+        let cfg = self.write_agent_config_with(extra);
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -260,6 +270,14 @@ impl Cluster {
         let child = self.spawn_agent(Some(&token));
         self.agent = Some(child);
         self.agent_id = agent_id.to_string();
+        self.wait_agent_healthy();
+    }
+
+    /// Starts an agent configured with `extra` (e.g. another node attestor)
+    /// and waits until it has synced.
+    pub fn start_agent_configured(&mut self, extra: &str) {
+        let child = self.spawn_agent_with(None, extra);
+        self.agent = Some(child);
         self.wait_agent_healthy();
     }
 

@@ -477,10 +477,10 @@ fn trim_der(mut bytes: Vec<u8>) -> Vec<u8> {
         }
         _ => None,
     };
-    if let Some(total) = total {
-        if total <= bytes.len() {
-            bytes.truncate(total);
-        }
+    if let Some(total) = total
+        && total <= bytes.len()
+    {
+        bytes.truncate(total);
     }
     bytes
 }

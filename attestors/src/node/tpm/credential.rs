@@ -49,10 +49,10 @@ pub(crate) fn kdfa(
         counter = counter.wrapping_add(1);
     }
     out.truncate(len);
-    if bits % 8 != 0 {
-        if let Some(first) = out.first_mut() {
-            *first &= 0xff >> (8 - bits % 8);
-        }
+    if !bits.is_multiple_of(8)
+        && let Some(first) = out.first_mut()
+    {
+        *first &= 0xff >> (8 - bits % 8);
     }
     out
 }
