@@ -29,6 +29,31 @@ pub enum ApiCmd {
 }
 
 #[derive(Subcommand)]
+pub enum TpmCmd {
+    /// Print the EK hash the server allow-lists (`[tpm] ek_hashes`).
+    EkHash {
+        /// TCTI of the TPM, e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321.
+        #[arg(long, default_value = "device:/dev/tpmrm0")]
+        tcti: String,
+    },
+}
+
+/// `sigil-agent tpm ek-hash`: reads the EK from the TPM and prints its hash.
+pub async fn tpm(cmd: TpmCmd) -> Result<(), String> {
+    let TpmCmd::EkHash { tcti } = cmd;
+    let hash = tokio::task::spawn_blocking(move || {
+        let mut t = sigil_attestors::node::tpm::AgentTpm::open(&tcti)
+            .map_err(|e| format!("--tcti {tcti:?}: {e}"))?;
+        let ev = t.evidence().map_err(|e| e.to_string())?;
+        sigil_attestors::node::tpm::ek_hash(&ev.ek_public).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| "TPM task failed".to_string())??;
+    println!("{hash}");
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum ValidateCmd {
     /// Validate a JWT-SVID for an audience.
     Jwt {

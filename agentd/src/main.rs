@@ -41,6 +41,9 @@ enum Cmd {
     /// Call the Workload API.
     #[command(subcommand)]
     Api(cli::ApiCmd),
+    /// TPM helpers for enrolling a node.
+    #[command(subcommand)]
+    Tpm(cli::TpmCmd),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
                 verbose,
             } => cli::healthcheck(admin_socket, verbose).await,
             Cmd::Api(c) => cli::api(c).await,
+            Cmd::Tpm(c) => cli::tpm(c).await,
         }
     });
     match result {
