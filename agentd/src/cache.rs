@@ -64,6 +64,22 @@ impl CachedSvid {
     }
 }
 
+/// Seconds from receipt to renewal for an SVID living `lifetime` seconds:
+/// half the lifetime, minus up to a tenth of it at random, so that SVIDs
+/// issued together (an agent start, a CA rotation) do not all come back to
+/// the server in the same second.
+fn refresh_delay(lifetime: i64) -> i64 {
+    let half = lifetime / 2;
+    let spread = lifetime / 10;
+    let jitter = if spread > 0 {
+        let r = u64::from_le_bytes(sigil_core::ids::random_bytes::<8>());
+        (r % (spread as u64 + 1)) as i64
+    } else {
+        0
+    };
+    (half - jitter).max(1)
+}
+
 /// The trust domain's CA certificates.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Bundle {
@@ -290,7 +306,7 @@ impl Cache {
                     key_der: key,
                     not_before: info.not_before,
                     not_after: info.not_after,
-                    refresh_at: received + ((info.not_after - received) / 2).max(1),
+                    refresh_at: received + refresh_delay(info.not_after - received),
                     spec: SvidSpec::of(entry),
                 }),
             );
@@ -368,5 +384,20 @@ impl Cache {
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refresh_delay;
+
+    #[test]
+    fn renewal_lands_between_forty_and_fifty_percent_of_the_lifetime() {
+        for _ in 0..200 {
+            let d = refresh_delay(3600);
+            assert!((1440..=1800).contains(&d), "{d}");
+        }
+        assert_eq!(refresh_delay(1), 1);
+        assert_eq!(refresh_delay(4), 2);
     }
 }

@@ -289,10 +289,17 @@ impl ServerLink {
             let ch = channels.borrow_and_update().clone();
             let result = async {
                 let mut stream = AgentApiClient::new(ch).sync(SyncRequest {}).await?.into_inner();
+                // Chunks of a snapshot not yet complete.
+                let mut pending = Vec::new();
                 loop {
                     tokio::select! {
                         msg = stream.message() => match msg? {
-                            Some(u) => {
+                            Some(u) if u.more => pending.extend(u.entries),
+                            Some(mut u) => {
+                                if !pending.is_empty() {
+                                    pending.append(&mut u.entries);
+                                    u.entries = std::mem::take(&mut pending);
+                                }
                                 let entries = u
                                     .entries
                                     .iter()

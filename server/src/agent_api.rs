@@ -17,18 +17,58 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::state::ServerState;
 
+/// Entries per sync message (a few hundred bytes each: well under the
+/// 4 MiB gRPC message limit even for large selector lists).
+pub const SYNC_CHUNK: usize = 2000;
+
+/// Splits a snapshot into messages of at most [`SYNC_CHUNK`] entries.
+fn chunks(update: &SyncUpdate) -> Vec<SyncUpdate> {
+    let parts: Vec<&[sigil_proto::common::Entry]> = if update.entries.is_empty() {
+        vec![&[]]
+    } else {
+        update.entries.chunks(SYNC_CHUNK).collect()
+    };
+    let n = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let last = i + 1 == n;
+            SyncUpdate {
+                entries: part.to_vec(),
+                revision: update.revision,
+                more: !last,
+                bundle: if last { update.bundle.clone() } else { vec![] },
+                jwt_bundle: if last {
+                    update.jwt_bundle.clone()
+                } else {
+                    vec![]
+                },
+                federated: if last {
+                    update.federated.clone()
+                } else {
+                    Default::default()
+                },
+            }
+        })
+        .collect()
+}
+
 /// Most CSRs accepted in one mint call.
 pub const MAX_MINT_BATCH: usize = 1000;
 
 pub struct AgentService {
     state: Arc<ServerState>,
+    signing: tokio::sync::Semaphore,
     attestors: Arc<crate::node_attestation::NodeAttestors>,
 }
 
 impl AgentService {
     pub fn new(state: Arc<ServerState>, attestors: crate::node_attestation::NodeAttestors) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             state,
+            signing: tokio::sync::Semaphore::new(cores),
             attestors: Arc::new(attestors),
         }
     }
@@ -137,6 +177,7 @@ impl AgentApi for AgentService {
                     revision: state.revision(),
                     jwt_bundle: state.jwt_bundle(),
                     federated: state.federated_for(&entries),
+                    more: false,
                 };
                 let changed = last.as_ref().is_none_or(|l| {
                     l.entries != update.entries
@@ -145,8 +186,10 @@ impl AgentApi for AgentService {
                         || l.federated != update.federated
                 });
                 if changed {
-                    if tx.send(Ok(update.clone())).await.is_err() {
-                        return;
+                    for chunk in chunks(&update) {
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
                     }
                     last = Some(update);
                 }
@@ -185,6 +228,13 @@ impl AgentApi for AgentService {
         }
         let state = self.state.clone();
         let ids: Vec<String> = csrs.iter().map(|c| c.0.clone()).collect();
+        // Signing is CPU-bound: at most one batch per core at a time, so a
+        // rotation storm queues instead of starving the runtime.
+        let _permit = self
+            .signing
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("server shutting down"))?;
         let results = blocking(move || state.mint_for_agent(&id, &csrs)).await?;
         Ok(Response::new(MintX509SvidsResponse {
             results: ids
@@ -216,5 +266,40 @@ impl AgentApi for AgentService {
         let token =
             blocking(move || state.mint_jwt_for_agent(&id, &r.entry_id, &r.audience)).await?;
         Ok(Response::new(MintJwtSvidResponse { token }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_snapshots_are_split_and_trust_material_rides_last() {
+        let entries: Vec<_> = (0..SYNC_CHUNK * 2 + 1)
+            .map(|i| sigil_proto::common::Entry {
+                id: i.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let update = SyncUpdate {
+            entries: entries.clone(),
+            bundle: vec![b"ca".to_vec()],
+            revision: 7,
+            jwt_bundle: b"{}".to_vec(),
+            federated: Default::default(),
+            more: false,
+        };
+        let parts = chunks(&update);
+        assert_eq!(parts.len(), 3);
+        assert!(parts[0].more && parts[1].more && !parts[2].more);
+        assert!(parts[0].bundle.is_empty() && parts[2].bundle == update.bundle);
+        let joined: Vec<_> = parts.iter().flat_map(|p| p.entries.clone()).collect();
+        assert_eq!(joined, entries);
+        let empty = SyncUpdate {
+            entries: vec![],
+            ..update
+        };
+        assert_eq!(chunks(&empty).len(), 1);
+        assert!(!chunks(&empty)[0].more);
     }
 }
