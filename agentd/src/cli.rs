@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
+use sigil_core::rfc3339;
 use sigil_core::x509::{SvidInfo, certs_to_pem};
 use sigil_proto::WORKLOAD_API_HEADER;
 use sigil_proto::admin::HealthRequest;
@@ -136,16 +137,6 @@ async fn uds_channel(path: &Path) -> Result<Channel, String> {
         }))
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", path.display()))
-}
-
-fn rfc3339(ts: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ts)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ts.to_string())
 }
 
 /// Splits concatenated DER certificates.

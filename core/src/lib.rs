@@ -28,3 +28,15 @@ pub use spiffe::{SpiffeId, TrustDomain};
 pub fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
+
+/// Unix seconds as RFC 3339 UTC (`2026-11-25T15:04:35Z`), or the number
+/// itself if it is out of range.
+pub fn rfc3339(ts: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ts)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ts.to_string())
+}

@@ -151,11 +151,12 @@ impl AgentApi for AgentService {
         let (id, leaf) = self.authenticate(&req)?;
         let state = self.state.clone();
         let (tx, rx) = mpsc::channel(4);
-        let mut changes = state.subscribe();
+        let (mut global, mut own) = state.subscribe(&id);
         tokio::spawn(async move {
             let mut last: Option<SyncUpdate> = None;
             loop {
-                changes.borrow_and_update();
+                global.borrow_and_update();
+                own.borrow_and_update();
                 // A banned or evicted agent loses its stream at the next change.
                 if let Err(st) = state.authenticate_agent(&leaf) {
                     let _ = tx.send(Err(st)).await;
@@ -196,7 +197,8 @@ impl AgentApi for AgentService {
                 let expiry_wait =
                     next_expiry.map(|t| Duration::from_secs((t - now_unix()).max(0) as u64 + 1));
                 tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
+                    r = global.changed() => if r.is_err() { return },
+                    r = own.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
                     _ = async {
                         match expiry_wait {

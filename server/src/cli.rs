@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use sigil_core::duration::parse_duration;
+use sigil_core::rfc3339;
 use sigil_core::x509::certs_to_pem;
 use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::admin::{
@@ -263,16 +264,6 @@ fn secs_from(field: &str, v: &Option<String>) -> Result<i64, String> {
             .map(|d| d.as_secs() as i64)
             .map_err(|e| format!("--{field}: {e}")),
     }
-}
-
-fn rfc3339(ts: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ts)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ts.to_string())
 }
 
 impl EntryFields {

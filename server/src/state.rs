@@ -93,7 +93,12 @@ pub struct ServerState {
     entries: RwLock<EntryIndex>,
     /// Bundles of federated trust domains, by trust domain name.
     federated: RwLock<BTreeMap<String, FederatedBundle>>,
-    revision: watch::Sender<u64>,
+    /// Wakes every sync stream (bundle, federation and node-alias changes).
+    global: watch::Sender<u64>,
+    /// Wakes one agent's sync stream (its entries or its record changed).
+    agent_watch: std::sync::Mutex<HashMap<SpiffeId, watch::Sender<u64>>>,
+    /// Counts every change; reported as the sync revision.
+    revision: std::sync::atomic::AtomicU64,
 }
 
 fn poisoned() -> Status {
@@ -114,7 +119,7 @@ impl ServerState {
             index.insert(Arc::new(e));
         }
         let federated = store.list_bundles()?.into_iter().collect();
-        let (revision, _) = watch::channel(0);
+        let (global, _) = watch::channel(0);
         Ok(Self {
             cfg,
             store,
@@ -122,7 +127,9 @@ impl ServerState {
             keys: RwLock::new(keys),
             entries: RwLock::new(index),
             federated: RwLock::new(federated),
-            revision,
+            global,
+            agent_watch: std::sync::Mutex::new(HashMap::new()),
+            revision: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -185,18 +192,77 @@ impl ServerState {
         Ok(true)
     }
 
-    /// Subscribes to change notifications (entries, agents, bundle).
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.revision.subscribe()
+    /// Change notifications for one agent's sync stream: the global
+    /// channel and the agent's own. A change to one agent's entries wakes
+    /// only that agent, so the cost of a change does not grow with the
+    /// number of agents.
+    pub fn subscribe(&self, agent: &SpiffeId) -> (watch::Receiver<u64>, watch::Receiver<u64>) {
+        let mut map = self.agent_watch.lock().unwrap_or_else(|p| p.into_inner());
+        let own = map
+            .entry(agent.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        (self.global.subscribe(), own)
     }
 
     /// Current change revision.
     pub fn revision(&self) -> u64 {
-        *self.revision.borrow()
+        self.revision.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn next_revision(&self) -> u64 {
+        self.revision
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
+    /// Wakes every sync stream.
     fn bump(&self) {
-        self.revision.send_modify(|r| *r += 1);
+        let r = self.next_revision();
+        self.global.send_replace(r);
+    }
+
+    /// Wakes the sync stream of one agent, if it has one.
+    fn notify_agent(&self, agent: &SpiffeId) {
+        let r = self.next_revision();
+        let map = self.agent_watch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(agent) {
+            tx.send_replace(r);
+        }
+    }
+
+    fn notify_agent_str(&self, id: &str) {
+        match SpiffeId::new(id) {
+            Ok(a) => self.notify_agent(&a),
+            Err(_) => self.bump(),
+        }
+    }
+
+    /// Wakes whoever an entry change concerns: the agent named as parent,
+    /// or everyone when a node alias (or an entry under one) changed, since
+    /// alias membership depends on each agent's node selectors.
+    fn entry_changed(&self, idx: &EntryIndex, old: Option<&Entry>, new: Option<&Entry>) {
+        let mut everyone = false;
+        let mut agents: Vec<&SpiffeId> = Vec::new();
+        for e in [old, new].into_iter().flatten() {
+            let parent_is_alias = idx
+                .nodes
+                .iter()
+                .filter_map(|id| idx.by_id.get(id))
+                .any(|n| n.spiffe_id == e.parent_id);
+            if e.node || parent_is_alias {
+                everyone = true;
+            } else {
+                agents.push(&e.parent_id);
+            }
+        }
+        if everyone {
+            self.bump();
+        } else {
+            for a in agents {
+                self.notify_agent(a);
+            }
+        }
     }
 
     // ---- entries -------------------------------------------------------
@@ -233,8 +299,8 @@ impl ServerState {
         }
         self.store.put_entry(&e.to_proto())?;
         idx.insert(Arc::new(e.clone()));
+        self.entry_changed(&idx, None, Some(&e));
         drop(idx);
-        self.bump();
         Ok(e)
     }
 
@@ -244,6 +310,7 @@ impl ServerState {
         let old = idx
             .by_id
             .get(&pb.id)
+            .cloned()
             .ok_or_else(|| Status::not_found(format!("no entry with id {:?}", pb.id)))?;
         let mut next = old.to_proto();
         for f in set_fields {
@@ -272,8 +339,8 @@ impl ServerState {
         let e = self.validate(&next)?;
         self.store.put_entry(&e.to_proto())?;
         idx.insert(Arc::new(e.clone()));
+        self.entry_changed(&idx, Some(&old), Some(&e));
         drop(idx);
-        self.bump();
         Ok(e)
     }
 
@@ -298,9 +365,9 @@ impl ServerState {
             return Err(Status::not_found(format!("no entry with id {id:?}")));
         }
         self.store.delete_entry(id)?;
-        idx.remove(id);
+        let old = idx.remove(id);
+        self.entry_changed(&idx, old.as_deref(), None);
         drop(idx);
-        self.bump();
         Ok(())
     }
 
@@ -509,7 +576,7 @@ impl ServerState {
             created_at: existing.map_or(now, |e| e.created_at),
         };
         self.store.put_agent(&agent)?;
-        self.bump();
+        self.notify_agent(&id);
         tracing::info!(agent = %id, attestor = a.attestation_type, "agent attested");
         Ok(IssuedAgentSvid {
             spiffe_id: id,
@@ -586,7 +653,7 @@ impl ServerState {
         if !self.store.delete_agent(id)? {
             return Err(Status::not_found(format!("no agent {id:?}")));
         }
-        self.bump();
+        self.notify_agent_str(id);
         Ok(())
     }
 
@@ -595,7 +662,7 @@ impl ServerState {
         let mut rec = self.get_agent(id)?;
         rec.banned = true;
         self.store.put_agent(&rec)?;
-        self.bump();
+        self.notify_agent_str(id);
         Ok(rec)
     }
 
