@@ -78,6 +78,8 @@ pub enum JwtKeyType {
     EcP256,
     /// ECDSA P-384, signs `ES384`.
     EcP384,
+    /// RSA 2048, signs `RS256`.
+    Rsa2048,
 }
 
 impl JwtKeyType {
@@ -86,8 +88,9 @@ impl JwtKeyType {
         match s {
             "ec-p256" => Ok(Self::EcP256),
             "ec-p384" => Ok(Self::EcP384),
+            "rsa-2048" => Ok(Self::Rsa2048),
             other => Err(format!(
-                "unknown key type {other:?} (expected ec-p256 or ec-p384)"
+                "unknown key type {other:?} (expected ec-p256, ec-p384 or rsa-2048)"
             )),
         }
     }
@@ -97,20 +100,46 @@ impl JwtKeyType {
         match self {
             Self::EcP256 => "ec-p256",
             Self::EcP384 => "ec-p384",
+            Self::Rsa2048 => "rsa-2048",
         }
     }
 
-    fn ring_alg(self) -> &'static ring::signature::EcdsaSigningAlgorithm {
+    /// The JOSE `alg` this key type signs with.
+    pub fn alg(self) -> &'static str {
         match self {
-            Self::EcP256 => &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            Self::EcP384 => &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+            Self::EcP256 => "ES256",
+            Self::EcP384 => "ES384",
+            Self::Rsa2048 => "RS256",
         }
     }
 
-    fn jose(self) -> (Algorithm, &'static str, usize) {
+    fn ec(
+        self,
+    ) -> Option<(
+        &'static ring::signature::EcdsaSigningAlgorithm,
+        &'static str,
+        usize,
+    )> {
         match self {
-            Self::EcP256 => (Algorithm::ES256, "P-256", 32),
-            Self::EcP384 => (Algorithm::ES384, "P-384", 48),
+            Self::EcP256 => Some((
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                "P-256",
+                32,
+            )),
+            Self::EcP384 => Some((
+                &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+                "P-384",
+                48,
+            )),
+            Self::Rsa2048 => None,
+        }
+    }
+
+    fn jose_alg(self) -> Algorithm {
+        match self {
+            Self::EcP256 => Algorithm::ES256,
+            Self::EcP384 => Algorithm::ES384,
+            Self::Rsa2048 => Algorithm::RS256,
         }
     }
 }
@@ -123,6 +152,8 @@ pub struct JwtSigner {
     /// The key type (and so the `alg`).
     pub key_type: JwtKeyType,
     pkcs8: Vec<u8>,
+    /// What jsonwebtoken signs with (PKCS#8 for EC, PKCS#1 for RSA).
+    encoding: EncodingKey,
     /// The public key as a JWK (`kty`, `crv`, `x`, `y`, `kid`, `use`).
     pub public_jwk: Value,
     /// Unix seconds after which the key signs nothing and is unpublished.
@@ -142,11 +173,26 @@ impl std::fmt::Debug for JwtSigner {
 impl JwtSigner {
     /// A fresh key of `key_type` with a random `kid`.
     pub fn generate(key_type: JwtKeyType, not_after: i64) -> Result<Self, JwtError> {
-        let rng = ring::rand::SystemRandom::new();
-        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(key_type.ring_alg(), &rng)
-            .map_err(|_| JwtError::Crypto("key generation failed".into()))?;
+        let pkcs8 = match key_type.ec() {
+            Some((alg, _, _)) => {
+                let rng = ring::rand::SystemRandom::new();
+                ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
+                    .map_err(|_| JwtError::Crypto("key generation failed".into()))?
+                    .as_ref()
+                    .to_vec()
+            }
+            None => {
+                use rsa::pkcs8::EncodePrivateKey;
+                let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048)
+                    .map_err(|e| JwtError::Crypto(e.to_string()))?;
+                key.to_pkcs8_der()
+                    .map_err(|e| JwtError::Crypto(e.to_string()))?
+                    .as_bytes()
+                    .to_vec()
+            }
+        };
         let kid = URL_SAFE_NO_PAD.encode(crate::ids::random_bytes::<18>());
-        Self::from_pkcs8(kid, key_type, doc.as_ref().to_vec(), not_after)
+        Self::from_pkcs8(kid, key_type, pkcs8, not_after)
     }
 
     /// Loads a stored key.
@@ -156,27 +202,48 @@ impl JwtSigner {
         pkcs8: Vec<u8>,
         not_after: i64,
     ) -> Result<Self, JwtError> {
-        let rng = ring::rand::SystemRandom::new();
-        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(key_type.ring_alg(), &pkcs8, &rng)
-            .map_err(|e| JwtError::Crypto(format!("bad JWT key: {e}")))?;
-        use ring::signature::KeyPair;
-        let point = kp.public_key().as_ref();
-        let (_, crv, n) = key_type.jose();
-        if point.len() != 1 + 2 * n {
-            return Err(JwtError::Crypto("unexpected public key size".into()));
-        }
-        let public_jwk = json!({
-            "kty": "EC",
-            "crv": crv,
-            "x": URL_SAFE_NO_PAD.encode(&point[1..1 + n]),
-            "y": URL_SAFE_NO_PAD.encode(&point[1 + n..]),
-            "kid": kid,
-            "use": "jwt-svid",
-        });
+        let (mut public_jwk, encoding) = match key_type.ec() {
+            Some((alg, crv, n)) => {
+                use ring::signature::KeyPair;
+                let rng = ring::rand::SystemRandom::new();
+                let kp = ring::signature::EcdsaKeyPair::from_pkcs8(alg, &pkcs8, &rng)
+                    .map_err(|e| JwtError::Crypto(format!("bad JWT key: {e}")))?;
+                let point = kp.public_key().as_ref();
+                if point.len() != 1 + 2 * n {
+                    return Err(JwtError::Crypto("unexpected public key size".into()));
+                }
+                let jwk = json!({
+                    "kty": "EC",
+                    "crv": crv,
+                    "x": URL_SAFE_NO_PAD.encode(&point[1..1 + n]),
+                    "y": URL_SAFE_NO_PAD.encode(&point[1 + n..]),
+                });
+                (jwk, EncodingKey::from_ec_der(&pkcs8))
+            }
+            None => {
+                use rsa::pkcs1::EncodeRsaPrivateKey;
+                use rsa::pkcs8::DecodePrivateKey;
+                use rsa::traits::PublicKeyParts;
+                let key = rsa::RsaPrivateKey::from_pkcs8_der(&pkcs8)
+                    .map_err(|e| JwtError::Crypto(format!("bad JWT key: {e}")))?;
+                let jwk = json!({
+                    "kty": "RSA",
+                    "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+                    "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+                });
+                let pkcs1 = key
+                    .to_pkcs1_der()
+                    .map_err(|e| JwtError::Crypto(e.to_string()))?;
+                (jwk, EncodingKey::from_rsa_der(pkcs1.as_bytes()))
+            }
+        };
+        public_jwk["kid"] = json!(kid);
+        public_jwk["use"] = json!("jwt-svid");
         Ok(Self {
             kid,
             key_type,
             pkcs8,
+            encoding,
             public_jwk,
             not_after,
         })
@@ -200,7 +267,7 @@ impl JwtSigner {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(JwtError::Malformed("audience must be non-empty".into()));
         }
-        let mut header = Header::new(self.key_type.jose().0);
+        let mut header = Header::new(self.key_type.jose_alg());
         header.kid = Some(self.kid.clone());
         header.typ = Some("JWT".into());
         let exp = (now + ttl.as_secs() as i64).min(self.not_after);
@@ -212,7 +279,7 @@ impl JwtSigner {
             iat: now,
             iss: issuer,
         };
-        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_ec_der(&self.pkcs8))
+        jsonwebtoken::encode(&header, &claims, &self.encoding)
             .map_err(|e| JwtError::Crypto(e.to_string()))
     }
 }
@@ -480,6 +547,37 @@ mod tests {
         assert_eq!(
             jsonwebtoken::decode_header(&t).unwrap().alg,
             Algorithm::ES384
+        );
+        assert_eq!(validate(&t, "a", &bundles).unwrap().spiffe_id, id);
+    }
+
+    #[test]
+    fn rs256_keys_sign_and_validate() {
+        let s = JwtSigner::generate(JwtKeyType::Rsa2048, crate::now_unix() + 60).unwrap();
+        assert_eq!(s.public_jwk["kty"], "RSA");
+        let again = JwtSigner::from_pkcs8(
+            s.kid.clone(),
+            JwtKeyType::Rsa2048,
+            s.pkcs8().to_vec(),
+            s.not_after,
+        )
+        .unwrap();
+        assert_eq!(again.public_jwk, s.public_jwk, "reloading keeps the key");
+        let b = JwtBundle::from_jwks(&jwks(std::slice::from_ref(&s.public_jwk))).unwrap();
+        let bundles = BTreeMap::from([(TrustDomain::new("example.org").unwrap(), b)]);
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let t = s
+            .sign(
+                &id,
+                &["a".into()],
+                Duration::from_secs(30),
+                crate::now_unix(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            jsonwebtoken::decode_header(&t).unwrap().alg,
+            Algorithm::RS256
         );
         assert_eq!(validate(&t, "a", &bundles).unwrap().spiffe_id, id);
     }

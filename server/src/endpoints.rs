@@ -132,10 +132,7 @@ pub async fn start_oidc(
     addr: SocketAddr,
     issuer: String,
 ) -> Result<(), String> {
-    let alg = match state.cfg.jwt_key_type {
-        sigil_core::jwt::JwtKeyType::EcP256 => "ES256",
-        sigil_core::jwt::JwtKeyType::EcP384 => "ES384",
-    };
+    let alg = state.cfg.jwt_key_type.alg();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("oidc {addr}: {e}"))?;
@@ -160,10 +157,10 @@ pub async fn start_oidc(
                 .map(|k| {
                     let mut k = k.clone();
                     k["use"] = json!("sig");
-                    k["alg"] = json!(if k["crv"] == "P-384" {
-                        "ES384"
-                    } else {
-                        "ES256"
+                    k["alg"] = json!(match (k["kty"].as_str(), k["crv"].as_str()) {
+                        (Some("RSA"), _) => "RS256",
+                        (_, Some("P-384")) => "ES384",
+                        _ => "ES256",
                     });
                     k
                 })

@@ -179,14 +179,15 @@ def test_py_spiffe_fetches_and_validates_a_jwt_svid(cluster):
 
 
 def test_oidc_discovery_lets_pyjwt_verify_a_jwt_svid():
-    """An off-the-shelf verifier (PyJWT + its JWKS client) accepts JWT-SVIDs
-    through the server's OIDC discovery document."""
+    """An off-the-shelf verifier (PyJWT + its JWKS client) accepts RS256
+    JWT-SVIDs through the server's OIDC discovery document."""
     import urllib.request
     import jwt as pyjwt
 
     oidc_port = free_port()
     issuer = f"http://127.0.0.1:{oidc_port}"
-    c = Cluster(f'\n[oidc]\nport = {oidc_port}\nissuer = "{issuer}"\n')
+    # RS256 keys here (ES256 is the default and is covered above).
+    c = Cluster(f'jwt_key_type = "rsa-2048"\n\n[oidc]\nport = {oidc_port}\nissuer = "{issuer}"\n')
     try:
         c.cli("entry", "create", "--parent-id", "spiffe://example.org/py-agent",
               "--spiffe-id", "spiffe://example.org/oidc-client", "--selector", f"unix:uid:{os.geteuid()}")
@@ -203,12 +204,13 @@ def test_oidc_discovery_lets_pyjwt_verify_a_jwt_svid():
         with urllib.request.urlopen(f"{issuer}/.well-known/openid-configuration", timeout=10) as r:
             discovery = json.load(r)
         assert discovery["issuer"] == issuer
+        assert discovery["id_token_signing_alg_values_supported"] == ["RS256"]
         jwks_client = pyjwt.PyJWKClient(discovery["jwks_uri"])
         key = jwks_client.get_signing_key_from_jwt(token)
         claims = pyjwt.decode(token, key.key, algorithms=discovery["id_token_signing_alg_values_supported"],
                               audience="https://api.example.org", issuer=issuer)
         assert claims["sub"] == "spiffe://example.org/oidc-client"
         with pytest.raises(pyjwt.InvalidAudienceError):
-            pyjwt.decode(token, key.key, algorithms=["ES256"], audience="https://other.example.org", issuer=issuer)
+            pyjwt.decode(token, key.key, algorithms=["RS256"], audience="https://other.example.org", issuer=issuer)
     finally:
         c.close()
