@@ -25,7 +25,7 @@ const PRIORITY: u8 = 0x20;
 /// Largest frame we emit (the HTTP/2 default SETTINGS_MAX_FRAME_SIZE).
 const MAX_FRAME: usize = 16_384;
 /// Refuse to buffer header blocks larger than this.
-const MAX_BLOCK: usize = 1 << 20;
+const MAX_BLOCK: usize = 64 * 1024;
 
 /// Stream filter state: feed raw client bytes in, take rewritten bytes out.
 #[derive(Default)]
@@ -155,6 +155,18 @@ impl AuthorityRewriter {
         while self.input.len() - pos >= FRAME_HEADER {
             let h = &self.input[pos..pos + FRAME_HEADER];
             let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            if len > MAX_FRAME {
+                // Larger than the server allows (it never raises
+                // SETTINGS_MAX_FRAME_SIZE): stop filtering and let h2 reject
+                // it, rather than buffer up to 16 MiB for an unattested peer.
+                self.passthrough = true;
+                if let Some(p) = self.pending.take() {
+                    Self::emit_raw(p, out);
+                }
+                out.extend_from_slice(&self.input[pos..]);
+                self.input.clear();
+                return;
+            }
             if self.input.len() - pos < FRAME_HEADER + len {
                 break;
             }
@@ -297,6 +309,23 @@ mod tests {
         want.extend(frames(HEADERS, END_HEADERS, &block(b"localhost")));
         want.extend(frames(0x0, 0x1, b"data"));
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn oversized_frames_switch_to_pass_through() {
+        let mut wire = PREFACE.to_vec();
+        let big = vec![0u8; MAX_FRAME + 1];
+        wire.extend(frames(0x0, 0, &big));
+        wire.extend(frames(
+            HEADERS,
+            END_HEADERS,
+            &block(b"%2Fx%2Fy%2Fz%2Fapi.sock"),
+        ));
+        let mut rw = AuthorityRewriter::default();
+        let mut out = Vec::new();
+        rw.feed(&wire, &mut out);
+        assert_eq!(out, wire, "after an oversized frame nothing is rewritten");
+        assert!(rw.passthrough);
     }
 
     #[test]

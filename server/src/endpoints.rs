@@ -132,7 +132,6 @@ pub async fn start_oidc(
     addr: SocketAddr,
     issuer: String,
 ) -> Result<(), String> {
-    let alg = state.cfg.jwt_key_type.alg();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| format!("oidc {addr}: {e}"))?;
@@ -143,7 +142,7 @@ pub async fn start_oidc(
             "authorization_endpoint": "",
             "response_types_supported": ["id_token"],
             "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": [alg],
+                        "id_token_signing_alg_values_supported": published_algs(&state),
         })),
         "/keys" => {
             // OIDC verifiers look for `use: sig` keys.
@@ -157,11 +156,7 @@ pub async fn start_oidc(
                 .map(|k| {
                     let mut k = k.clone();
                     k["use"] = json!("sig");
-                    k["alg"] = json!(match (k["kty"].as_str(), k["crv"].as_str()) {
-                        (Some("RSA"), _) => "RS256",
-                        (_, Some("P-384")) => "ES384",
-                        _ => "ES256",
-                    });
+                    k["alg"] = json!(jwk_alg(&k));
                     k
                 })
                 .collect();
@@ -172,6 +167,30 @@ pub async fn start_oidc(
     tracing::info!(%addr, "OIDC discovery listening");
     tokio::spawn(serve(listener, None, handler));
     Ok(())
+}
+
+/// The `alg` of every published JWT key (a key type change takes effect
+/// at the next rotation, so old and new may both be in use).
+fn published_algs(state: &ServerState) -> Vec<&'static str> {
+    let jwks: Value = serde_json::from_slice(&state.jwt_bundle()).unwrap_or(json!({"keys": []}));
+    let mut algs: Vec<&'static str> = jwks
+        .get("keys")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(jwk_alg)
+        .collect();
+    algs.sort_unstable();
+    algs.dedup();
+    algs
+}
+
+fn jwk_alg(k: &Value) -> &'static str {
+    match (k["kty"].as_str(), k["crv"].as_str()) {
+        (Some("RSA"), _) => "RS256",
+        (_, Some("P-384")) => "ES384",
+        _ => "ES256",
+    }
 }
 
 /// Fetches a foreign bundle once.
@@ -272,6 +291,30 @@ pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
                 } else {
                     sigil_core::jwt::jwks(&p.jwt_authorities)
                 };
+                // Same rules as `bundle set`: asymmetric keys with a kid only.
+                if let Err(e) = sigil_core::jwt::JwtBundle::from_jwks(&jwt_bundle).or_else(|e| {
+                    if jwt_bundle.is_empty() {
+                        Ok(Default::default())
+                    } else {
+                        Err(e)
+                    }
+                }) {
+                    tracing::warn!(trust_domain = %f.trust_domain, error = %e, "refused federated bundle");
+                    tokio::time::sleep(hint).await;
+                    continue;
+                }
+                // A peer may not roll its bundle back to an older sequence.
+                let known = state
+                    .federated_bundles()
+                    .get(f.trust_domain.as_str())
+                    .map_or(0, |b| b.sequence);
+                if let Some(seq) = p.sequence
+                    && seq < known
+                {
+                    tracing::warn!(trust_domain = %f.trust_domain, seq, known, "refused federated bundle with an older spiffe_sequence");
+                    tokio::time::sleep(hint).await;
+                    continue;
+                }
                 let b = FederatedBundle {
                     x509_authorities: p.x509_authorities,
                     jwt_bundle,

@@ -619,6 +619,13 @@ impl ServerState {
                 "agent SVID predates the agent's current attestation",
             ));
         }
+        // TLS checked validity at the handshake only; a long-lived HTTP/2
+        // connection must not outlive the certificate it was opened with.
+        if info.not_after <= now_unix() {
+            return Err(Status::unauthenticated(
+                "agent SVID has expired; reconnect with a current one",
+            ));
+        }
         Ok(info.spiffe_id)
     }
 
@@ -628,6 +635,14 @@ impl ServerState {
             .store
             .get_agent(&id.to_string())?
             .ok_or_else(|| Status::permission_denied("agent is not attested"))?;
+        // Hardware- and certificate-attested nodes prove themselves again on
+        // every renewal; a copied SVID and key must not keep the identity.
+        if rec.attestation_type != "join_token" {
+            return Err(Status::failed_precondition(format!(
+                "{} agents renew by re-attesting (Attest stream), not RenewAgent",
+                rec.attestation_type
+            )));
+        }
         let chain = self.sign_agent(id, csr)?;
         let info = SvidInfo::from_der(&chain[0]).map_err(|e| Status::internal(e.to_string()))?;
         rec.serial = info.serial;

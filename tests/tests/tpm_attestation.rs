@@ -186,6 +186,75 @@ async fn tpm_node_attests_gets_workloads_by_pcr_alias_and_loses_identity_when_a_
         Duration::from_secs(20),
         || c.logs().contains("PCRs) changed since enrollment"),
     );
+
+    // Once its (6 s) agent SVID has expired, the open connection is refused
+    // too: a new entry for this node never reaches it.
+    std::thread::sleep(Duration::from_secs(7));
+    c.server_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/after-change",
+        "--parent-id",
+        "spiffe://example.org/nodes/measured",
+        "--selector",
+        &my_uid_selector(),
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    let ids: Vec<String> = client
+        .fetch_all_x509_svids()
+        .await
+        .map(|v| v.iter().map(|s| s.spiffe_id().to_string()).collect())
+        .unwrap_or_default();
+    assert!(
+        !ids.contains(&"spiffe://example.org/after-change".to_string()),
+        "a node whose PCRs changed still got new identities: {ids:?}"
+    );
+    assert!(
+        c.logs().contains("agent SVID has expired"),
+        "the server should refuse the expired agent SVID on the open connection"
+    );
+}
+
+#[test]
+fn a_copied_tpm_agent_identity_cannot_renew_without_the_tpm() {
+    let tpm = Swtpm::start(false);
+    let ek = tpm.ek_hash();
+    let mut c = Cluster::start_with(&format!(
+        "agent_svid_ttl = \"6s\"\n[tpm]\nek_hashes = [\"{ek}\"]\npcrs = [16]\n"
+    ));
+    c.start_agent_configured(&tpm_agent_config(&tpm));
+    c.stop_agent();
+    // Someone copies the agent's SVID and key and runs a join-token agent on them.
+    let stolen = c.dir.0.join("stolen");
+    std::fs::create_dir_all(&stolen).unwrap();
+    for f in ["agent_svid.pem", "agent_svid.key", "bundle.pem"] {
+        std::fs::copy(c.dir.0.join("agent/data").join(f), stolen.join(f)).unwrap();
+    }
+    let cfg = c.write_agent_config_with("");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("{}/agent/data", c.dir.0.display()),
+        stolen.to_str().unwrap(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let log = c.dir.0.join("thief.log");
+    let mut thief = Command::new(bin("sigil-agent"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the copied identity's renewal is refused",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("renew by re-attesting")
+        },
+    );
+    let _ = thief.kill();
+    let _ = thief.wait();
 }
 
 #[test]
