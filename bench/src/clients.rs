@@ -1,0 +1,320 @@
+//! The gRPC clients the bench uses, written against `sigil-proto` only (the
+//! wire contracts), not against the server's or agent's internals:
+//!
+//! - [`admin`]: the server's admin socket (what `sigil-server entry ...`
+//!   and `token generate` call; the CLI returns right after this call does);
+//! - [`agent_health`]: the agent's admin socket (what `healthcheck` calls);
+//! - [`workload`]: the SPIFFE Workload API over the agent's Unix socket;
+//! - [`SimAgent`]: a simulated agent on the agent API (TLS 1.3, mTLS with
+//!   the agent SVID it got from a join token), as the real agent speaks it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use sigil_proto::admin::admin_api_client::AdminApiClient;
+use sigil_proto::admin::agent_admin_api_client::AgentAdminApiClient;
+use sigil_proto::admin::{
+    AgentHealthResponse, EntryId, GenerateTokenRequest, GetBundleRequest, HealthRequest,
+    UpdateEntryRequest,
+};
+use sigil_proto::agent::agent_api_client::AgentApiClient;
+use sigil_proto::agent::{
+    AttestBegin, AttestRequest, JoinToken, attest_begin, attest_request, attest_response,
+};
+use sigil_proto::common::Entry;
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Result;
+
+/// A channel over a Unix socket (connects now).
+pub(crate) async fn unix_channel(path: &Path) -> Result<Channel> {
+    let path: PathBuf = path.to_path_buf();
+    let ch = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await?;
+    Ok(ch)
+}
+
+/// The server's admin API.
+pub(crate) mod admin {
+    use super::*;
+
+    pub(crate) type Client = AdminApiClient<Channel>;
+
+    pub(crate) async fn connect(socket: &Path) -> Result<Client> {
+        Ok(AdminApiClient::new(unix_channel(socket).await?).max_decoding_message_size(usize::MAX))
+    }
+
+    pub(crate) async fn healthy(socket: &Path) -> bool {
+        match connect(socket).await {
+            Ok(mut c) => c.health(HealthRequest::default()).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// A join token for `spiffe_id` (as `sigil-server token generate`).
+    pub(crate) async fn token(c: &mut Client, spiffe_id: &str) -> Result<String> {
+        Ok(c.generate_token(GenerateTokenRequest {
+            spiffe_id: spiffe_id.to_string(),
+            ttl_seconds: 3600,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .token)
+    }
+
+    /// The trust bundle as PEM.
+    pub(crate) async fn bundle_pem(c: &mut Client) -> Result<String> {
+        let b = c
+            .get_bundle(GetBundleRequest::default())
+            .await?
+            .into_inner();
+        Ok(sigil_core::x509::certs_to_pem(
+            b.x509_authorities.iter().map(Vec::as_slice),
+        ))
+    }
+
+    /// An entry as `sigil-server entry create` would send it.
+    pub(crate) fn entry(spiffe_id: &str, parent_id: &str, selectors: &[String]) -> Entry {
+        Entry {
+            spiffe_id: spiffe_id.to_string(),
+            parent_id: parent_id.to_string(),
+            selectors: selectors.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Creates an entry; returns it with its server-assigned ID.
+    pub(crate) async fn create(c: &mut Client, e: Entry) -> Result<Entry> {
+        Ok(c.create_entry(e).await?.into_inner())
+    }
+
+    /// Creates `entries` with up to `parallel` calls in flight.
+    pub(crate) async fn create_many(
+        c: &Client,
+        entries: Vec<Entry>,
+        parallel: usize,
+    ) -> Result<Vec<Entry>> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut set = tokio::task::JoinSet::new();
+        let mut it = entries.into_iter().enumerate();
+        loop {
+            while set.len() < parallel {
+                let Some((i, e)) = it.next() else { break };
+                let mut c = c.clone();
+                set.spawn(async move { (i, c.create_entry(e).await.map(|r| r.into_inner())) });
+            }
+            let Some(r) = set.join_next().await else {
+                break;
+            };
+            let (i, e) = r?;
+            out.push((i, e?));
+        }
+        out.sort_by_key(|(i, _)| *i);
+        Ok(out.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// Changes the hint of entry `id` (as `sigil-server entry update ID --hint H`).
+    pub(crate) async fn set_hint(c: &mut Client, id: &str, hint: &str) -> Result<Entry> {
+        Ok(c.update_entry(UpdateEntryRequest {
+            entry: Some(Entry {
+                id: id.to_string(),
+                hint: hint.to_string(),
+                ..Default::default()
+            }),
+            set_fields: vec!["hint".into()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+    }
+
+    pub(crate) async fn delete(c: &mut Client, id: &str) -> Result<()> {
+        c.delete_entry(EntryId {
+            id: id.to_string(),
+            ..Default::default()
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// The agent's admin socket health (entries, SVIDs, synced).
+pub(crate) async fn agent_health(socket: &Path) -> Option<AgentHealthResponse> {
+    let ch = unix_channel(socket).await.ok()?;
+    AgentAdminApiClient::new(ch)
+        .agent_health(HealthRequest::default())
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// The SPIFFE Workload API.
+pub(crate) mod workload {
+    use super::*;
+    use sigil_proto::workload::X509svidRequest;
+    use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    pub(crate) type Client = SpiffeWorkloadApiClient<Channel>;
+
+    pub(crate) async fn connect(socket: &Path) -> Result<Client> {
+        Ok(SpiffeWorkloadApiClient::new(unix_channel(socket).await?)
+            .max_decoding_message_size(usize::MAX))
+    }
+
+    /// A FetchX509SVID request with the `workload.spiffe.io: true` header.
+    pub(crate) fn x509_request() -> tonic::Request<X509svidRequest> {
+        let mut req = tonic::Request::new(X509svidRequest::default());
+        req.metadata_mut().insert(
+            sigil_proto::WORKLOAD_API_HEADER,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        req
+    }
+}
+
+/// Accepts the server certificate without checking its chain (the bench
+/// talks to the server it started itself on loopback), but still checks
+/// the handshake signatures, so the TLS work is the same as a real agent's.
+#[derive(Debug)]
+struct TrustLoopbackServer(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for TrustLoopbackServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_config(client_svid: Option<(&[Vec<u8>], &[u8])>) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TrustLoopbackServer(provider)));
+    let mut cfg = match client_svid {
+        Some((chain, key)) => builder.with_client_auth_cert(
+            chain
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// One TLS connection to the agent API (connects now).
+async fn tls_channel(port: u16, tls: Arc<rustls::ClientConfig>) -> Result<Channel> {
+    let connector = TlsConnector::from(tls);
+    let ch = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            async move {
+                let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::try_from("sigil-server").map_err(std::io::Error::other)?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(ch)
+}
+
+/// A simulated agent: attested with a join token, then one mTLS
+/// connection presenting its agent SVID.
+pub(crate) struct SimAgent {
+    pub(crate) spiffe_id: String,
+    pub(crate) api: AgentApiClient<Channel>,
+}
+
+impl SimAgent {
+    /// Node attestation with `token`, then an mTLS connection.
+    pub(crate) async fn attest(port: u16, token: &str) -> Result<SimAgent> {
+        let (csr, key) = sigil_core::x509::new_key_and_csr()?;
+        let ch = tls_channel(port, tls_config(None)?).await?;
+        // Join-token attestation is one step of the challenge stream: the
+        // server answers the begin message with the result.
+        let begin = AttestRequest {
+            step: Some(attest_request::Step::Begin(AttestBegin {
+                evidence: Some(attest_begin::Evidence::JoinToken(JoinToken {
+                    token: token.to_string(),
+                    ..Default::default()
+                })),
+                csr,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let mut answers = AgentApiClient::new(ch)
+            .attest(tokio_stream::iter([begin]))
+            .await?
+            .into_inner();
+        let resp = match answers.message().await?.and_then(|m| m.step) {
+            Some(attest_response::Step::Result(r)) => r,
+            Some(_) => return Err("the server sent a challenge for a join token".into()),
+            None => return Err("attestation stream ended without a result".into()),
+        };
+        let ch = tls_channel(port, tls_config(Some((&resp.svid_chain, &key)))?).await?;
+        Ok(SimAgent {
+            spiffe_id: resp.spiffe_id,
+            api: AgentApiClient::new(ch)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+        })
+    }
+}

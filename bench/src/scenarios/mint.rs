@@ -1,0 +1,271 @@
+//! `mint`: X.509-SVIDs per second the server signs from agent CSR batches.
+//!
+//! Two measurements:
+//! - end to end: the real `sigil-server`, pinned to one core, receives
+//!   `MintX509Svids` calls of `--batch` CSRs (the agent's batch size is 500)
+//!   from a simulated agent (join token, then mTLS with its agent SVID) on
+//!   another core, `--inflight` calls at a time so the server never waits
+//!   for the client. CSRs are generated before the clock starts (key
+//!   generation is the agent's cost). This is `svids_per_sec`.
+//! - in process: `sigil_core::x509::Ca::sign_svid` in a loop on one core,
+//!   the CSR parse + signature check alone (rcgen), and the same rcgen
+//!   certificate building and signing over already parsed public keys
+//!   (`no_csr_check_*`: what signing would cost if the agent sent public
+//!   keys rather than CSRs), to split the cost.
+
+use std::time::{Duration, Instant};
+
+use sigil_core::x509::{Ca, new_key_and_csr};
+use sigil_core::{SpiffeId, TrustDomain};
+use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest, MintX509SvidsResponse};
+
+use crate::Result;
+use crate::clients::{SimAgent, admin};
+use crate::harness::{
+    Bins, Scratch, Server, TD, cpu_time, nproc, on_pinned_thread, other_uid_selector,
+};
+use crate::report::{Record, Reporter, progress};
+use crate::scenarios::sign_limit::{self, bench_cpu};
+
+#[derive(clap::Args, Default)]
+pub(crate) struct Args {
+    /// SVIDs signed in process (default 5000; 200 with --quick).
+    #[arg(long)]
+    inprocess: Option<usize>,
+    /// SVIDs minted through the agent API (default 20000; 200 with --quick).
+    #[arg(long)]
+    svids: Option<usize>,
+    /// CSRs per MintX509Svids call (default 500, the agent's batch; 50 with --quick).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Calls in flight (default 2).
+    #[arg(long)]
+    inflight: Option<usize>,
+}
+
+/// Counts the SVIDs in a response; fails on the first per-CSR error.
+fn issued(resp: &MintX509SvidsResponse) -> Result<usize> {
+    if let Some(r) = resp.results.iter().find(|r| !r.error.is_empty()) {
+        return Err(format!("server refused entry {}: {}", r.entry_id, r.error).into());
+    }
+    Ok(resp
+        .results
+        .iter()
+        .filter(|r| !r.svid_chain.is_empty())
+        .count())
+}
+
+struct InProcess {
+    svids_per_sec: f64,
+    csr_checks_per_sec: f64,
+    no_csr_check_per_sec: f64,
+}
+
+/// What `Ca::sign_svid` does after the CSR is parsed and checked, with the
+/// same rcgen calls (a what-if for agents sending public keys instead of
+/// CSRs over their already authenticated mTLS connection).
+fn sign_parsed(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    public_key: &impl rcgen::PublicKeyData,
+    id: &str,
+) -> Result<Vec<u8>> {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+        KeyUsagePurpose, SanType, SerialNumber,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Sigil");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.subject_alt_names = vec![SanType::URI(rcgen::string::Ia5String::try_from(id)?)];
+    let mut serial = sigil_core::ids::random_bytes::<16>();
+    serial[0] = (serial[0] & 0x7f) | 0x01;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    params.not_before = now - time::Duration::seconds(10);
+    params.not_after = now + time::Duration::hours(1);
+    params.use_authority_key_identifier_extension = true;
+    Ok(params.signed_by(public_key, issuer)?.der().to_vec())
+}
+
+fn in_process(n: usize) -> Result<InProcess> {
+    let td = TrustDomain::new(TD)?;
+    let (ca, key_pem) = Ca::generate(&td, Duration::from_secs(86_400))?;
+    let csrs: Vec<Vec<u8>> = (0..n)
+        .map(|_| new_key_and_csr().map(|(c, _)| c))
+        .collect::<std::result::Result<_, _>>()?;
+    let id = SpiffeId::new(format!("spiffe://{TD}/bench/mint"))?;
+    let ttl = Duration::from_secs(3600);
+    for c in csrs.iter().take(50) {
+        ca.sign_svid(c, &id, &[], ttl)?;
+    }
+    let start = Instant::now();
+    for c in &csrs {
+        ca.sign_svid(c, &id, &[], ttl)?;
+    }
+    let svids_per_sec = n as f64 / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for c in &csrs {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(c.as_slice());
+        rcgen::CertificateSigningRequestParams::from_der(&der)?;
+    }
+    let csr_checks_per_sec = n as f64 / start.elapsed().as_secs_f64();
+
+    let issuer = rcgen::Issuer::from_ca_cert_der(
+        &rustls_pki_types::CertificateDer::from(ca.cert_der().to_vec()),
+        rcgen::KeyPair::from_pem(&key_pem)?,
+    )?;
+    let parsed = csrs
+        .iter()
+        .map(|c| {
+            let der = rustls_pki_types::CertificateSigningRequestDer::from(c.as_slice());
+            rcgen::CertificateSigningRequestParams::from_der(&der)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let id = id.to_string();
+    let start = Instant::now();
+    for p in &parsed {
+        sign_parsed(&issuer, &p.public_key, &id)?;
+    }
+    let no_csr_check_per_sec = n as f64 / start.elapsed().as_secs_f64();
+    Ok(InProcess {
+        svids_per_sec,
+        csr_checks_per_sec,
+        no_csr_check_per_sec,
+    })
+}
+
+pub(crate) async fn run(
+    a: &Args,
+    quick: bool,
+    sign_limit: Option<f64>,
+    rep: &mut Reporter,
+) -> Result<()> {
+    let n_in = a.inprocess.unwrap_or(if quick { 200 } else { 5000 });
+    let total = a.svids.unwrap_or(if quick { 200 } else { 20_000 });
+    let batch = a.batch.unwrap_or(if quick { 50 } else { 500 }).max(1);
+    let inflight = a.inflight.unwrap_or(2).max(1);
+
+    let limit = match sign_limit {
+        Some(l) => l,
+        None => {
+            progress("mint: measuring the sign limit first");
+            let d = Duration::from_secs_f64(if quick { 0.3 } else { 2.0 });
+            on_pinned_thread(bench_cpu(), move || async move { sign_limit::measure(d) })
+                .await?
+                .0
+        }
+    };
+
+    progress(format!(
+        "mint: {n_in} SVIDs in process (Ca::sign_svid, one core)"
+    ));
+    let inp = on_pinned_thread(bench_cpu(), move || async move { in_process(n_in) }).await?;
+
+    let bins = Bins::locate()?;
+    let scratch = Scratch::new("mint")?;
+    let server_cpu = (nproc() > 1).then_some(0);
+    let server = Server::start(&bins, &scratch.0, server_cpu).await?;
+    let agent_id = format!("spiffe://{TD}/bench/mint-agent");
+    let token = server.token(&agent_id).await?;
+    let entries = (0..batch)
+        .map(|i| {
+            admin::entry(
+                &format!("spiffe://{TD}/bench/mint/{i}"),
+                &agent_id,
+                &[other_uid_selector(i)],
+            )
+        })
+        .collect();
+    let ids: Vec<String> = admin::create_many(&server.admin, entries, 8)
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    progress(format!(
+        "mint: {total} SVIDs through MintX509Svids, batches of {batch}, {inflight} in flight, server on {}",
+        server_cpu.map_or("all cores".to_string(), |c| format!("CPU {c}"))
+    ));
+    let port = server.port;
+    let pid = server.proc.pid();
+    let (elapsed, minted, server_cpu_time) = on_pinned_thread(bench_cpu(), move || async move {
+        let sim = SimAgent::attest(port, &token).await?;
+        let csrs = ids
+            .iter()
+            .map(|id| {
+                Ok(CsrForEntry {
+                    entry_id: id.clone(),
+                    csr: new_key_and_csr()?.0,
+                    ..Default::default()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let req = MintX509SvidsRequest {
+            csrs,
+            ..Default::default()
+        };
+        // Warm-up: connection, first allocations.
+        issued(
+            &sim.api
+                .clone()
+                .mint_x509_svids(req.clone())
+                .await?
+                .into_inner(),
+        )?;
+        let calls = total.div_ceil(batch);
+        let cpu0 = cpu_time(pid)?;
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        let (mut sent, mut minted) = (0, 0);
+        loop {
+            while set.len() < inflight && sent < calls {
+                let mut api = sim.api.clone();
+                let r = req.clone();
+                set.spawn(async move { api.mint_x509_svids(r).await });
+                sent += 1;
+            }
+            match set.join_next().await {
+                None => break,
+                Some(r) => minted += issued(&r??.into_inner())?,
+            }
+        }
+        let elapsed = start.elapsed();
+        Ok((elapsed, minted, cpu_time(pid)? - cpu0))
+    })
+    .await?;
+    let rate = minted as f64 / elapsed.as_secs_f64();
+    rep.emit(
+        Record::new("mint")
+            .f("svids_per_sec", rate)
+            .f("ratio_to_sign_limit", rate / limit)
+            .f("sign_limit_per_sec", limit)
+            .with("svids", minted)
+            .with("batch", batch)
+            .with("inflight", inflight)
+            .with(
+                "server_cores",
+                if server_cpu.is_some() { 1 } else { nproc() },
+            )
+            .f(
+                "server_cpu_util",
+                server_cpu_time.as_secs_f64() / elapsed.as_secs_f64(),
+            )
+            .f("inprocess_svids_per_sec", inp.svids_per_sec)
+            .f("inprocess_ratio", inp.svids_per_sec / limit)
+            .f("csr_checks_per_sec", inp.csr_checks_per_sec)
+            .f("no_csr_check_svids_per_sec", inp.no_csr_check_per_sec)
+            .f("no_csr_check_ratio", inp.no_csr_check_per_sec / limit)
+            .f("inprocess_us_per_svid", 1e6 / inp.svids_per_sec)
+            .f("csr_check_us", 1e6 / inp.csr_checks_per_sec)
+            .f("sign_us", 1e6 / limit),
+    );
+    rep.table("mint");
+    drop(server);
+    Ok(())
+}
