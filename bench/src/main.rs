@@ -82,8 +82,8 @@ async fn main() -> std::process::ExitCode {
     let mut rep = Reporter::new(cli.json);
     let quick = cli.quick;
     let result = match cli.scenario {
-        Scenario::SignLimit(a) => sign_limit::run(&a, quick, &mut rep).await.map(|_| ()),
-        Scenario::Mint(a) => mint::run(&a, quick, None, &mut rep).await,
+        Scenario::SignLimit(a) => sign_limit::run(&a, quick, &mut rep).await,
+        Scenario::Mint(a) => mint::run(&a, quick, &mut rep).await,
         Scenario::Fetch(a) => fetch::run(&a, quick, &mut rep).await,
         Scenario::Propagation(a) => propagation::run(&a, quick, &mut rep).await,
         Scenario::Scale(a) => scale::run(&a, quick, &mut rep).await,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::Result;
 use crate::clients::{admin, workload};
-use crate::harness::{Agent, Bins, Scratch, Server, TD, my_uid_selector};
+use crate::harness::{Agent, Bins, Scratch, Server, TD, my_uid_selector, other_uid_selector};
 use crate::report::{Record, Reporter, progress};
 use crate::stats::Samples;
 
@@ -37,6 +37,10 @@ pub(crate) struct Args {
     /// client count, comma-separated (default 1000,5000; 500 with --quick).
     #[arg(long, value_delimiter = ',')]
     open_rates: Option<Vec<f64>>,
+    /// Entries on the agent: one for the bench, the rest for other
+    /// workloads, which every fetch must still skip (default 1).
+    #[arg(long)]
+    entries: Option<usize>,
 }
 
 struct ClientResult {
@@ -146,6 +150,7 @@ async fn measure(
     open_rate: Option<f64>,
     secs: f64,
     warm: Duration,
+    agent_entries: usize,
     rep: &mut Reporter,
 ) -> Result<()> {
     let mut conns = Vec::with_capacity(n);
@@ -200,7 +205,8 @@ async fn measure(
             "agent_cpu_util",
             agent_cpu.as_secs_f64() / start.elapsed().as_secs_f64(),
         )
-        .f("agent_rss_mb", mem.rss_mb);
+        .f("agent_rss_mb", mem.rss_mb)
+        .with("agent_entries", agent_entries);
     if let Some(rate) = open_rate {
         rec = rec.f("offered_per_sec", rate);
     }
@@ -230,28 +236,34 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     let scratch = Scratch::new("fetch")?;
     let server = Server::start(&bins, &scratch.0, None).await?;
     let mut agent = Agent::configure(&server, &scratch.0, "agent-0")?;
-    admin::create(
-        &mut server.admin.clone(),
+    let n_entries = a.entries.unwrap_or(1).max(1);
+    let mut entries = vec![admin::entry(
+        &format!("spiffe://{TD}/bench/fetch"),
+        &agent.spiffe_id,
+        &[my_uid_selector()],
+    )];
+    entries.extend((1..n_entries).map(|j| {
         admin::entry(
-            &format!("spiffe://{TD}/bench/fetch"),
+            &format!("spiffe://{TD}/bench/fetch-other-{j}"),
             &agent.spiffe_id,
-            &[my_uid_selector()],
-        ),
-    )
-    .await?;
+            &[other_uid_selector(j)],
+        )
+    }));
+    admin::create_many(&server.admin, entries, 8).await?;
     agent.start(&bins, &server).await?;
-    agent.wait_ready(1, 1, Duration::from_secs(30)).await?;
+    let n = n_entries as u64;
+    agent.wait_ready(n, n, Duration::from_secs(120)).await?;
 
     for &n in &levels {
         progress(format!("fetch: {n} clients, closed loop, {secs} s"));
-        measure(&agent, n, None, secs, warm, rep).await?;
+        measure(&agent, n, None, secs, warm, n_entries, rep).await?;
     }
     if let Some(&n) = levels.iter().max() {
         for &rate in &open_rates {
             progress(format!(
                 "fetch: {n} clients, open loop at {rate} fetches/s, {secs} s"
             ));
-            measure(&agent, n, Some(rate), secs, warm, rep).await?;
+            measure(&agent, n, Some(rate), secs, warm, n_entries, rep).await?;
         }
     }
     rep.table("fetch");

@@ -59,6 +59,8 @@ struct InProcess {
     svids_per_sec: f64,
     csr_checks_per_sec: f64,
     no_csr_check_per_sec: f64,
+    /// Mean sign limit measured between the rounds, on the same core.
+    sign_limit: f64,
 }
 
 /// What `Ca::sign_svid` does after the CSR is parsed and checked, with the
@@ -94,79 +96,78 @@ fn sign_parsed(
     Ok(params.signed_by(public_key, issuer)?.der().to_vec())
 }
 
-fn in_process(n: usize) -> Result<InProcess> {
+/// The in-process figures, in `rounds` rounds interleaved with sign-limit
+/// measurements on the same core, so that the ratio does not depend on
+/// how fast this (virtual) CPU happens to be at one moment.
+fn in_process(n: usize, rounds: usize, slice: Duration) -> Result<InProcess> {
     let td = TrustDomain::new(TD)?;
     let (ca, key_pem) = Ca::generate(&td, Duration::from_secs(86_400))?;
     let csrs: Vec<Vec<u8>> = (0..n)
         .map(|_| new_key_and_csr().map(|(c, _)| c))
         .collect::<std::result::Result<_, _>>()?;
     let id = SpiffeId::new(format!("spiffe://{TD}/bench/mint"))?;
+    let id_text = id.to_string();
     let ttl = Duration::from_secs(3600);
-    for c in csrs.iter().take(50) {
-        ca.sign_svid(c, &id, &[], ttl)?;
-    }
-    let start = Instant::now();
-    for c in &csrs {
-        ca.sign_svid(c, &id, &[], ttl)?;
-    }
-    let svids_per_sec = n as f64 / start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    for c in &csrs {
-        let der = rustls_pki_types::CertificateSigningRequestDer::from(c.as_slice());
-        rcgen::CertificateSigningRequestParams::from_der(&der)?;
-    }
-    let csr_checks_per_sec = n as f64 / start.elapsed().as_secs_f64();
-
     let issuer = rcgen::Issuer::from_ca_cert_der(
         &rustls_pki_types::CertificateDer::from(ca.cert_der().to_vec()),
         rcgen::KeyPair::from_pem(&key_pem)?,
     )?;
+    let parse = |c: &Vec<u8>| {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(c.as_slice());
+        rcgen::CertificateSigningRequestParams::from_der(&der)
+    };
     let parsed = csrs
         .iter()
-        .map(|c| {
-            let der = rustls_pki_types::CertificateSigningRequestDer::from(c.as_slice());
-            rcgen::CertificateSigningRequestParams::from_der(&der)
-        })
+        .map(parse)
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let id = id.to_string();
-    let start = Instant::now();
-    for p in &parsed {
-        sign_parsed(&issuer, &p.public_key, &id)?;
+    for c in csrs.iter().take(50) {
+        ca.sign_svid(c, &id, &[], ttl)?;
     }
-    let no_csr_check_per_sec = n as f64 / start.elapsed().as_secs_f64();
+    let (mut t_svid, mut t_check, mut t_nocheck) = (0.0, 0.0, 0.0);
+    let mut limits = Vec::new();
+    let per = n.div_ceil(rounds.max(1)).max(1);
+    for (chunk, parsed) in csrs.chunks(per).zip(parsed.chunks(per)) {
+        limits.push(sign_limit::signs_per_sec(slice)?);
+        let start = Instant::now();
+        for c in chunk {
+            ca.sign_svid(c, &id, &[], ttl)?;
+        }
+        t_svid += start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        for c in chunk {
+            parse(c)?;
+        }
+        t_check += start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        for p in parsed {
+            sign_parsed(&issuer, &p.public_key, &id_text)?;
+        }
+        t_nocheck += start.elapsed().as_secs_f64();
+    }
+    limits.push(sign_limit::signs_per_sec(slice)?);
     Ok(InProcess {
-        svids_per_sec,
-        csr_checks_per_sec,
-        no_csr_check_per_sec,
+        svids_per_sec: n as f64 / t_svid,
+        csr_checks_per_sec: n as f64 / t_check,
+        no_csr_check_per_sec: n as f64 / t_nocheck,
+        sign_limit: limits.iter().sum::<f64>() / limits.len() as f64,
     })
 }
 
-pub(crate) async fn run(
-    a: &Args,
-    quick: bool,
-    sign_limit: Option<f64>,
-    rep: &mut Reporter,
-) -> Result<()> {
+pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()> {
     let n_in = a.inprocess.unwrap_or(if quick { 200 } else { 5000 });
     let total = a.svids.unwrap_or(if quick { 200 } else { 20_000 });
     let batch = a.batch.unwrap_or(if quick { 50 } else { 500 }).max(1);
     let inflight = a.inflight.unwrap_or(2).max(1);
 
-    let limit = match sign_limit {
-        Some(l) => l,
-        None => {
-            progress("mint: measuring the sign limit first");
-            let d = Duration::from_secs_f64(if quick { 0.3 } else { 2.0 });
-            on_pinned_thread(bench_cpu(), move || async move { sign_limit::measure(d) })
-                .await?
-                .0
-        }
-    };
-
+    let slice = Duration::from_secs_f64(if quick { 0.1 } else { 0.5 });
     progress(format!(
-        "mint: {n_in} SVIDs in process (Ca::sign_svid, one core)"
+        "mint: {n_in} SVIDs in process (Ca::sign_svid, one core), between sign-limit runs"
     ));
-    let inp = on_pinned_thread(bench_cpu(), move || async move { in_process(n_in) }).await?;
+    let rounds = if quick { 2 } else { 5 };
+    let inp = on_pinned_thread(bench_cpu(), move || async move {
+        in_process(n_in, rounds, slice)
+    })
+    .await?;
 
     let bins = Bins::locate()?;
     let scratch = Scratch::new("mint")?;
@@ -194,6 +195,11 @@ pub(crate) async fn run(
     ));
     let port = server.port;
     let pid = server.proc.pid();
+    let limit_slice = slice * 2;
+    let before = on_pinned_thread(server_cpu, move || async move {
+        sign_limit::signs_per_sec(limit_slice)
+    })
+    .await?;
     let (elapsed, minted, server_cpu_time) = on_pinned_thread(bench_cpu(), move || async move {
         let sim = SimAgent::attest(port, &token).await?;
         let csrs = ids
@@ -239,12 +245,19 @@ pub(crate) async fn run(
         Ok((elapsed, minted, cpu_time(pid)? - cpu0))
     })
     .await?;
+    let after = on_pinned_thread(server_cpu, move || async move {
+        sign_limit::signs_per_sec(limit_slice)
+    })
+    .await?;
+    // The server's core, measured just before and after the run.
+    let limit = (before + after) / 2.0;
     let rate = minted as f64 / elapsed.as_secs_f64();
     rep.emit(
         Record::new("mint")
             .f("svids_per_sec", rate)
             .f("ratio_to_sign_limit", rate / limit)
             .f("sign_limit_per_sec", limit)
+            .f("sign_limit_drift", (after - before) / limit)
             .with("svids", minted)
             .with("batch", batch)
             .with("inflight", inflight)
@@ -257,13 +270,17 @@ pub(crate) async fn run(
                 server_cpu_time.as_secs_f64() / elapsed.as_secs_f64(),
             )
             .f("inprocess_svids_per_sec", inp.svids_per_sec)
-            .f("inprocess_ratio", inp.svids_per_sec / limit)
+            .f("inprocess_ratio", inp.svids_per_sec / inp.sign_limit)
+            .f("inprocess_sign_limit_per_sec", inp.sign_limit)
             .f("csr_checks_per_sec", inp.csr_checks_per_sec)
             .f("no_csr_check_svids_per_sec", inp.no_csr_check_per_sec)
-            .f("no_csr_check_ratio", inp.no_csr_check_per_sec / limit)
+            .f(
+                "no_csr_check_ratio",
+                inp.no_csr_check_per_sec / inp.sign_limit,
+            )
             .f("inprocess_us_per_svid", 1e6 / inp.svids_per_sec)
             .f("csr_check_us", 1e6 / inp.csr_checks_per_sec)
-            .f("sign_us", 1e6 / limit),
+            .f("sign_us", 1e6 / inp.sign_limit),
     );
     rep.table("mint");
     drop(server);

@@ -87,14 +87,6 @@ pub(crate) async fn all(quick: bool, rep: &mut Reporter) -> Result<()> {
     rep.emit(meta(quick));
     rep.table("meta");
     let mut failed = Vec::new();
-    let limit = match sign_limit::run(&Default::default(), quick, rep).await {
-        Ok(l) => Some(l),
-        Err(e) => {
-            progress(format!("sign-limit failed: {e}"));
-            failed.push("sign-limit");
-            None
-        }
-    };
     macro_rules! step {
         ($name:literal, $e:expr) => {
             if let Err(e) = $e {
@@ -104,9 +96,10 @@ pub(crate) async fn all(quick: bool, rep: &mut Reporter) -> Result<()> {
         };
     }
     step!(
-        "mint",
-        mint::run(&Default::default(), quick, limit, rep).await
+        "sign-limit",
+        sign_limit::run(&Default::default(), quick, rep).await
     );
+    step!("mint", mint::run(&Default::default(), quick, rep).await);
     step!("fetch", fetch::run(&Default::default(), quick, rep).await);
     step!(
         "propagation",

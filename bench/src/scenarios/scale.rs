@@ -7,8 +7,11 @@
 //! 2. create `--entries`/10 entries (the probe owns `--probe-entries`, the
 //!    rest spread over the agents) and time the probe's fresh sync (open the
 //!    `Sync` stream on its connection, receive the first complete snapshot,
-//!    all chunks up to the one without `more`) a few times; then grow the total to `--entries` (probe unchanged) and
-//!    time it again: `sync_growth_ratio` = median after / median before;
+//!    all chunks up to the one without `more`) 21 times; then grow the
+//!    total to `--entries` (probe unchanged) and time it again:
+//!    `sync_growth_ratio` = median after / median before
+//!    (`sync_growth_ratio_min`: the same with the fastest of each, less
+//!    sensitive to a noisy machine);
 //! 3. open every agent's sync stream, read each first message, then record
 //!    the server's RSS, the probe's fresh sync time (`agent_sync_ms`) and
 //!    the server CPU time spent per entry change while all streams are open.
@@ -94,7 +97,10 @@ async fn fresh_sync(sim: &SimAgent) -> Result<(Duration, Snapshot)> {
     Ok((start.elapsed(), snap))
 }
 
-async fn median_sync(sim: &SimAgent, expect: usize, repeats: usize) -> Result<(f64, usize)> {
+/// Median and minimum time of `repeats` fresh syncs (after a short pause so
+/// that work queued by earlier steps has finished), and the snapshot size.
+async fn median_sync(sim: &SimAgent, expect: usize, repeats: usize) -> Result<(f64, f64, usize)> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut d = Vec::new();
     let mut bytes = 0;
     for _ in 0..repeats {
@@ -109,7 +115,8 @@ async fn median_sync(sim: &SimAgent, expect: usize, repeats: usize) -> Result<(f
         bytes = snap.bytes;
         d.push(t);
     }
-    Ok((Samples::from_durations(d).q_ms(0.5), bytes))
+    let s = Samples::from_durations(d);
+    Ok((s.q_ms(0.5), s.q_ms(0.0), bytes))
 }
 
 /// Attests `n` simulated agents, 16 at a time.
@@ -161,7 +168,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     let total = a.entries.unwrap_or(if quick { 2000 } else { 100_000 });
     let n_agents = a.agents.unwrap_or(if quick { 20 } else { 1000 }).max(1);
     let probe_n = a.probe_entries.unwrap_or(if quick { 100 } else { 1000 });
-    let repeats = if quick { 3 } else { 5 };
+    let repeats = if quick { 3 } else { 21 };
     let before_total = (total / 10).max(probe_n + n_agents);
     let scratch = Scratch::new("scale")?;
     let server = Server::start(bins, &scratch.0, None).await?;
@@ -181,7 +188,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     let mut first = entries_for(std::slice::from_ref(&probe.spiffe_id), probe_n, "probe");
     first.extend(entries_for(&parents, before_total - probe_n, "a"));
     let rate_a = create_timed(&server, first).await?;
-    let (sync_before, _) = median_sync(&probe, probe_n, repeats).await?;
+    let (sync_before, sync_before_min, _) = median_sync(&probe, probe_n, repeats).await?;
 
     progress(format!(
         "scale: growing to {total} entries ({rate_a:.0} entries/s so far)"
@@ -191,7 +198,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
         entries_for(&parents, total.saturating_sub(before_total), "b"),
     )
     .await?;
-    let (sync_after, probe_bytes) = median_sync(&probe, probe_n, repeats).await?;
+    let (sync_after, sync_after_min, probe_bytes) = median_sync(&probe, probe_n, repeats).await?;
     let rss_no_streams = server.proc.mem()?;
 
     progress(format!("scale: opening {n_agents} sync streams"));
@@ -215,7 +222,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     let all_synced_ms = start.elapsed().as_secs_f64() * 1000.0;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mem = server.proc.mem()?;
-    let (agent_sync_ms, _) = median_sync(&probe, probe_n, repeats).await?;
+    let (agent_sync_ms, _, _) = median_sync(&probe, probe_n, repeats).await?;
 
     // Server CPU per entry change while every stream is open: change one
     // of the probe's entries and wait for the probe's stream to see it.
@@ -265,9 +272,12 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
             .f("agent_rss_mb", f64::NAN)
             .f("agent_sync_ms", agent_sync_ms)
             .f("sync_growth_ratio", sync_after / sync_before)
+            .f("sync_growth_ratio_min", sync_after_min / sync_before_min)
             .with("agent_entries", probe_n)
             .f("sync_ms_at_10pct_entries", sync_before)
             .f("sync_ms_at_full_entries", sync_after)
+            .f("sync_min_ms_at_10pct_entries", sync_before_min)
+            .f("sync_min_ms_at_full_entries", sync_after_min)
             .with("snapshot_bytes", probe_bytes)
             .f("server_hwm_mb", mem.hwm_mb)
             .f("server_rss_mb_no_streams", rss_no_streams.rss_mb)
