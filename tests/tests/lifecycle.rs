@@ -485,3 +485,56 @@ fn time_in(secs: u64) -> String {
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+#[test]
+fn duplicate_entries_are_refused_on_create_and_update() {
+    let c = Cluster::start();
+    let parent = "spiffe://example.org/some-agent";
+    let create = |id: &str, sel: &str| {
+        c.server_cli(&[
+            "entry",
+            "create",
+            "--parent-id",
+            parent,
+            "--spiffe-id",
+            id,
+            "--selector",
+            sel,
+            "--output",
+            "json",
+        ])
+    };
+    let first = create("spiffe://example.org/a", "unix:uid:1");
+    assert!(first.status.success(), "{first:?}");
+    let first: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    // Same ID and parent, other selectors: a distinct entry.
+    let other = create("spiffe://example.org/a", "unix:uid:2");
+    assert!(other.status.success(), "{other:?}");
+    let other: serde_json::Value = serde_json::from_slice(&other.stdout).unwrap();
+    let other_id = other["id"].as_str().unwrap();
+
+    let dup = create("spiffe://example.org/a", "unix:uid:1");
+    assert!(!dup.status.success());
+    let err = String::from_utf8_lossy(&dup.stderr);
+    assert!(
+        err.contains(first["id"].as_str().unwrap()),
+        "error should name the existing entry: {err}"
+    );
+
+    // Updating the second entry into a copy of the first is refused too,
+    // and leaves it unchanged.
+    let upd = c.server_cli(&["entry", "update", other_id, "--selector", "unix:uid:1"]);
+    assert!(!upd.status.success(), "{upd:?}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&c.server_ok(&["entry", "show", other_id, "--output", "json"]))
+            .unwrap();
+    assert_eq!(shown["selectors"], other["selectors"]);
+    let all: serde_json::Value =
+        serde_json::from_str(&c.server_ok(&["entry", "list", "--output", "json"])).unwrap();
+    assert_eq!(all["entries"].as_array().map(Vec::len), Some(2), "{all}");
+
+    // Deleting the first frees its identity for a new entry.
+    c.server_ok(&["entry", "delete", first["id"].as_str().unwrap()]);
+    let again = create("spiffe://example.org/a", "unix:uid:1");
+    assert!(again.status.success(), "{again:?}");
+}
