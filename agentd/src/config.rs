@@ -124,8 +124,9 @@ impl AgentConfig {
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.message().to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigError::Parse(sigil_core::config_error(text, e.span(), e.message()))
+        })?;
         let trust_domain = TrustDomain::new(&raw.trust_domain)
             .map_err(|e| key_err("trust_domain", format!("{:?}: {e}", raw.trust_domain)))?;
         if raw.server_address.is_empty()

@@ -252,12 +252,22 @@ impl Server {
     /// Starts a server in `dir` (optionally pinned to `cpu`) and waits for
     /// its admin socket; writes the bundle to `dir/bundle.pem`.
     pub(crate) async fn start(bins: &Bins, dir: &Path, cpu: Option<usize>) -> Result<Server> {
+        Self::start_with(bins, dir, cpu, "").await
+    }
+
+    /// As [`Server::start`], with `extra` appended to the config file.
+    pub(crate) async fn start_with(
+        bins: &Bins,
+        dir: &Path,
+        cpu: Option<usize>,
+        extra: &str,
+    ) -> Result<Server> {
         let port = free_port()?;
         let admin_socket = dir.join("server-admin/admin.sock");
         let cfg = format!(
             "trust_domain = \"{TD}\"\nbind_address = \"127.0.0.1\"\nbind_port = {port}\n\
              data_dir = \"{d}/server\"\nadmin_socket = \"{a}\"\nca_ttl = \"24h\"\n\
-             default_x509_svid_ttl = \"1h\"\nlog_level = \"warn\"\n",
+             default_x509_svid_ttl = \"1h\"\nlog_level = \"warn\"\n{extra}",
             d = dir.display(),
             a = admin_socket.display(),
         );

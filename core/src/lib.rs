@@ -40,3 +40,34 @@ pub fn rfc3339(ts: i64) -> String {
         })
         .unwrap_or_else(|| ts.to_string())
 }
+
+/// A config parse error with the offending line quoted, so that errors from
+/// the TOML layer (wrong type, bad syntax) name the key like the checks that
+/// follow parsing do: `line 3 (verify_csr_signatures = "yes"): invalid type`.
+/// `span` is the byte range the parser blamed, if it knows one.
+pub fn config_error(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    let Some(span) = span else {
+        return message.trim().to_string();
+    };
+    let start = span.start.min(text.len());
+    let line_no = text.get(..start).map_or(0, |t| t.matches('\n').count()) + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    format!("line {line_no} ({line}): {}", message.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_errors_quote_the_line() {
+        let text = "a = 1\nkey = \"yes\"\n";
+        let at = text.find("\"yes\"").unwrap();
+        assert_eq!(
+            super::config_error(text, Some(at..at + 5), "invalid type\n"),
+            "line 2 (key = \"yes\"): invalid type"
+        );
+        assert_eq!(
+            super::config_error(text, None, "missing field `x`"),
+            "missing field `x`"
+        );
+    }
+}

@@ -339,7 +339,13 @@ mod tests {
         let (csr, _) = new_key_and_csr().unwrap();
         let id = SpiffeId::new("spiffe://example.org/sigil/server").unwrap();
         let leaf = ca
-            .sign_svid(&csr, &id, &[], Duration::from_secs(60))
+            .sign_svid(
+                &csr,
+                crate::x509::CsrSignature::Verify,
+                &id,
+                &[],
+                Duration::from_secs(60),
+            )
             .unwrap();
         let now = UnixTime::now();
         let ee = CertificateDer::from(leaf.as_slice());

@@ -2,23 +2,46 @@
 //! SVIDs from CSRs, and reading SVIDs back.
 //!
 //! What the CA signs is decided here, never by the CSR: the CSR contributes
-//! only its (signature-checked) public key. Every leaf has exactly one URI
+//! only its public key (whether its self-signature is verified is the
+//! caller's choice, see [`CsrSignature`]). Every leaf has exactly one URI
 //! SAN, `CA:FALSE`, key usage `digitalSignature` and EKU server+client auth;
 //! the CA certificate is `CA:TRUE` with `keyCertSign`/`cRLSign`.
 
 use std::time::Duration;
 
+mod leaf;
+
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PublicKeyData, SanType,
+    SerialNumber, SigningKey,
 };
 use spiffe::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384};
+use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 /// How far back a new certificate's notBefore is set, to absorb clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// Whether the CA verifies a CSR's self-signature (its proof that the
+/// requester holds the private key) before signing over the CSR's key.
+///
+/// An ECDSA verification costs about three signatures, so verifying every
+/// CSR caps minting at roughly a quarter of the signing rate. Workload CSRs
+/// arrive only over an agent's mTLS connection, for entries that agent is
+/// authorized for, from keys the agent generated: a compromised agent could
+/// generate fresh keys and obtain the same SVIDs anyway, so the check does
+/// not narrow what it can get. SECURITY.md explains the trade-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsrSignature {
+    /// Verify the self-signature; refuse the CSR if it does not verify.
+    Verify,
+    /// Parse the CSR and check its key type, but trust the channel for
+    /// possession of the key.
+    TrustChannel,
+}
 
 /// An X.509 operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,11 +65,15 @@ fn crypto(e: impl std::fmt::Display) -> X509Error {
     X509Error::Crypto(e.to_string())
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial_bytes() -> [u8; 16] {
     let mut b = crate::ids::random_bytes::<16>();
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // and without a leading zero byte
-    SerialNumber::from_slice(&b)
+    b
+}
+
+fn random_serial() -> SerialNumber {
+    SerialNumber::from_slice(&random_serial_bytes())
 }
 
 fn offset(t: OffsetDateTime, d: Duration, forward: bool) -> OffsetDateTime {
@@ -61,6 +88,8 @@ fn offset(t: OffsetDateTime, d: Duration, forward: bool) -> OffsetDateTime {
 /// The trust domain's signing CA: key and self-signed certificate.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    /// The encoding every leaf of this CA shares.
+    template: leaf::Template,
     cert_der: Vec<u8>,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
@@ -125,9 +154,27 @@ impl Ca {
         }
         let not_before = parsed.validity().not_before.to_datetime();
         let not_after = parsed.validity().not_after.to_datetime();
+        let sig_alg = if key.algorithm() == &PKCS_ECDSA_P256_SHA256 {
+            leaf::ECDSA_SHA256
+        } else if key.algorithm() == &PKCS_ECDSA_P384_SHA384 {
+            leaf::ECDSA_SHA384
+        } else {
+            return Err(X509Error::Certificate(
+                "CA key must be ECDSA P-256 or P-384".into(),
+            ));
+        };
+        let key_id = parsed
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0),
+                _ => None,
+            });
+        let template = leaf::Template::new(sig_alg, parsed.subject().as_raw(), key_id);
         let issuer = Issuer::from_ca_cert_der(&cert_der.to_vec().into(), key).map_err(crypto)?;
         Ok(Ca {
             issuer,
+            template,
             cert_der: cert_der.to_vec(),
             not_before,
             not_after,
@@ -161,6 +208,7 @@ impl Ca {
     pub fn sign_svid(
         &self,
         csr_der: &[u8],
+        check: CsrSignature,
         id: &SpiffeId,
         dns_names: &[String],
         ttl: Duration,
@@ -171,55 +219,84 @@ impl Ca {
                 self.trust_domain
             )));
         }
-        let csr = parse_csr(csr_der)?;
-        let now = OffsetDateTime::now_utc();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Sigil");
-        if let Some(first) = dns_names.first() {
-            dn.push(DnType::CommonName, first.as_str());
-        }
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let mut sans = vec![SanType::URI(
-            rcgen::string::Ia5String::try_from(id.to_string()).map_err(crypto)?,
-        )];
         for d in dns_names {
-            sans.push(SanType::DnsName(
-                rcgen::string::Ia5String::try_from(d.as_str())
-                    .map_err(|e| X509Error::Certificate(format!("dns name {d:?}: {e}")))?,
-            ));
+            if !d.is_ascii() {
+                return Err(X509Error::Certificate(format!(
+                    "dns name {d:?}: not an IA5 (ASCII) string"
+                )));
+            }
         }
-        params.subject_alt_names = sans;
-        params.serial_number = Some(random_serial());
-        params.not_before = offset(now, BACKDATE, false);
-        params.not_after = offset(now, ttl, true).min(self.not_after);
-        params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(&csr.public_key, &self.issuer)
-            .map_err(crypto)?;
-        Ok(cert.der().to_vec())
+        let key = csr_public_key(csr_der, check)?;
+        let now = OffsetDateTime::now_utc();
+        let serial = random_serial_bytes();
+        let spiffe_id = id.to_string();
+        let tbs = self.template.tbs(&leaf::Leaf {
+            serial: &serial,
+            not_before: offset(now, BACKDATE, false),
+            not_after: offset(now, ttl, true).min(self.not_after),
+            spki: key.spki,
+            public_key: key.point,
+            spiffe_id: &spiffe_id,
+            dns_names,
+        });
+        let signature = self.issuer.key().sign(&tbs).map_err(crypto)?;
+        Ok(self.template.certificate(&tbs, &signature))
     }
 }
 
-fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, X509Error> {
-    let der = rustls_pki_csr(csr_der);
-    let csr = CertificateSigningRequestParams::from_der(&der)
-        .map_err(|e| X509Error::Csr(e.to_string()))?;
-    let alg = csr.public_key.algorithm();
-    if alg != &PKCS_ECDSA_P256_SHA256 && alg != &PKCS_ECDSA_P384_SHA384 {
+/// The checked key of a CSR, borrowed from the CSR's DER.
+struct CsrKey<'a> {
+    /// The whole SubjectPublicKeyInfo.
+    spki: &'a [u8],
+    /// The uncompressed point (the SubjectPublicKeyInfo's BIT STRING).
+    point: &'a [u8],
+}
+
+/// Parses a PKCS#10 CSR, checks that its key is ECDSA P-256 or P-384 and,
+/// with [`CsrSignature::Verify`], that its self-signature verifies.
+fn csr_public_key(csr_der: &[u8], check: CsrSignature) -> Result<CsrKey<'_>, X509Error> {
+    let (rest, csr) =
+        X509CertificationRequest::from_der(csr_der).map_err(|e| X509Error::Csr(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(X509Error::Csr("trailing bytes after the CSR".into()));
+    }
+    let spki = &csr.certification_request_info.subject_pki;
+    if spki.algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
         return Err(X509Error::CsrKeyType);
     }
-    Ok(csr)
-}
-
-fn rustls_pki_csr(der: &[u8]) -> rustls_pki_types::CertificateSigningRequestDer<'static> {
-    der.to_vec().into()
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .ok_or(X509Error::CsrKeyType)?;
+    let point_len = if curve == OID_EC_P256 {
+        65
+    } else if curve == OID_NIST_EC_P384 {
+        97
+    } else {
+        return Err(X509Error::CsrKeyType);
+    };
+    // The BIT STRING ends the SubjectPublicKeyInfo: borrow the point from
+    // the raw DER (which outlives the parsed CSR).
+    let raw: &[u8] = spki.raw;
+    let point = raw
+        .get(raw.len().saturating_sub(point_len)..)
+        .filter(|p| **p == *spki.subject_public_key.data)
+        .unwrap_or_default();
+    if point.len() != point_len || point.first() != Some(&0x04) {
+        return Err(X509Error::Csr(
+            "public key is not an uncompressed EC point of its curve".into(),
+        ));
+    }
+    if check == CsrSignature::Verify {
+        csr.verify_signature()
+            .map_err(|e| X509Error::Csr(format!("signature does not verify: {e}")))?;
+    }
+    Ok(CsrKey {
+        spki: spki.raw,
+        point,
+    })
 }
 
 /// A fresh workload/agent key and a CSR for it (no subject, no extensions:
@@ -322,6 +399,7 @@ mod tests {
         let der = ca
             .sign_svid(
                 &csr,
+                CsrSignature::Verify,
                 &id,
                 &["svc.example.org".into()],
                 Duration::from_secs(300),
@@ -348,12 +426,102 @@ mod tests {
         )));
 
         // The persisted key reloads into a CA that signs verifiable SVIDs.
+        // webpki (what rustls uses) accepts it as client and server cert.
+        for server in [true, false] {
+            let got = crate::tls::verify_svid_chain(
+                &[ca.cert_der().to_vec()],
+                &der.clone().into(),
+                &[],
+                rustls_pki_types::UnixTime::now(),
+                server,
+            )
+            .unwrap();
+            assert_eq!(got, id);
+        }
+        // SANs: the URI, then the DNS name, which is also the CN; the
+        // authority key ID is the CA's subject key ID.
+        let sans: Vec<String> = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|g| g.to_string())
+            .collect();
+        assert_eq!(
+            sans,
+            ["URI(spiffe://example.org/svc)", "DNSName(svc.example.org)"]
+        );
+        assert_eq!(
+            leaf.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            "svc.example.org"
+        );
+        let key_id = |c: &X509Certificate<'_>| {
+            c.extensions()
+                .iter()
+                .find_map(|e| match e.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                    _ => None,
+                })
+        };
+        let aki = leaf
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            });
+        assert!(key_id(&ca_cert).is_some());
+        assert_eq!(aki, key_id(&ca_cert));
+        assert!(key_id(&leaf).is_some());
+        assert_eq!(leaf.issuer().as_raw(), ca_cert.subject().as_raw());
+        assert_eq!(leaf.public_key().raw, {
+            let (_, req) =
+                x509_parser::certification_request::X509CertificationRequest::from_der(&csr)
+                    .unwrap();
+            req.certification_request_info.subject_pki.raw
+        });
+
         let ca2 = Ca::load(ca.cert_der(), &key_pem, &td()).unwrap();
         let der2 = ca2
-            .sign_svid(&csr, &id, &[], Duration::from_secs(60))
+            .sign_svid(
+                &csr,
+                CsrSignature::Verify,
+                &id,
+                &[],
+                Duration::from_secs(60),
+            )
             .unwrap();
         let (_, leaf2) = X509Certificate::from_der(&der2).unwrap();
         leaf2.verify_signature(Some(ca_cert.public_key())).unwrap();
+    }
+
+    #[test]
+    fn leaves_past_2049_use_generalized_time() {
+        let thirty_years = Duration::from_secs(30 * 365 * 86_400);
+        let (ca, _) = Ca::generate(&td(), thirty_years).unwrap();
+        let (csr, _) = new_key_and_csr().unwrap();
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let der = ca
+            .sign_svid(&csr, CsrSignature::Verify, &id, &[], thirty_years)
+            .unwrap();
+        let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+        let want = OffsetDateTime::now_utc().unix_timestamp() + thirty_years.as_secs() as i64;
+        let got = leaf.validity().not_after.timestamp();
+        assert!(
+            (want - got).abs() < 60,
+            "notAfter {got}, expected about {want}"
+        );
+        let (_, ca_cert) = X509Certificate::from_der(ca.cert_der()).unwrap();
+        leaf.verify_signature(Some(ca_cert.public_key())).unwrap();
     }
 
     #[test]
@@ -362,7 +530,13 @@ mod tests {
         let (csr, _) = new_key_and_csr().unwrap();
         let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
         let der = ca
-            .sign_svid(&csr, &id, &[], Duration::from_secs(10_000))
+            .sign_svid(
+                &csr,
+                CsrSignature::Verify,
+                &id,
+                &[],
+                Duration::from_secs(10_000),
+            )
             .unwrap();
         let info = SvidInfo::from_der(&der).unwrap();
         assert!(info.not_after <= ca.not_after().unix_timestamp());
@@ -373,21 +547,53 @@ mod tests {
         let (ca, _) = Ca::generate(&td(), Duration::from_secs(100)).unwrap();
         let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
         assert!(matches!(
-            ca.sign_svid(b"garbage", &id, &[], Duration::from_secs(5)),
+            ca.sign_svid(
+                b"garbage",
+                CsrSignature::TrustChannel,
+                &id,
+                &[],
+                Duration::from_secs(5)
+            ),
             Err(X509Error::Csr(_))
         ));
         let (mut csr, _) = new_key_and_csr().unwrap();
         let n = csr.len();
         csr[n - 5] ^= 0xff; // break the signature
         assert!(matches!(
-            ca.sign_svid(&csr, &id, &[], Duration::from_secs(5)),
+            ca.sign_svid(&csr, CsrSignature::Verify, &id, &[], Duration::from_secs(5)),
             Err(X509Error::Csr(_))
         ));
+        // Without verification the broken signature passes, but a key of
+        // the wrong type or a malformed point is still refused.
+        assert!(
+            ca.sign_svid(
+                &csr,
+                CsrSignature::TrustChannel,
+                &id,
+                &[],
+                Duration::from_secs(5)
+            )
+            .is_ok()
+        );
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let ed_csr = CertificateParams::default().serialize_request(&ed).unwrap();
+        for check in [CsrSignature::Verify, CsrSignature::TrustChannel] {
+            assert_eq!(
+                ca.sign_svid(ed_csr.der(), check, &id, &[], Duration::from_secs(5)),
+                Err(X509Error::CsrKeyType)
+            );
+        }
         let (csr, _) = new_key_and_csr().unwrap();
         let other = SpiffeId::new("spiffe://other.org/svc").unwrap();
         assert!(
-            ca.sign_svid(&csr, &other, &[], Duration::from_secs(5))
-                .is_err()
+            ca.sign_svid(
+                &csr,
+                CsrSignature::Verify,
+                &other,
+                &[],
+                Duration::from_secs(5)
+            )
+            .is_err()
         );
     }
 

@@ -38,6 +38,8 @@ struct RawConfig {
     #[serde(default)]
     jwt_key_type: Option<String>,
     #[serde(default)]
+    verify_csr_signatures: bool,
+    #[serde(default)]
     bundle_endpoint: Option<RawBundleEndpoint>,
     #[serde(default)]
     federation: Vec<RawFederation>,
@@ -164,6 +166,10 @@ pub struct ServerConfig {
     pub jwt_issuer: Option<String>,
     /// Key type of the JWT signing keys (`ec-p256` default, `ec-p384`).
     pub jwt_key_type: sigil_core::jwt::JwtKeyType,
+    /// `verify_csr_signatures`: check each workload CSR's self-signature
+    /// (off by default: the agent's mTLS channel vouches for its keys; agent
+    /// CSRs at attestation and renewal are always verified).
+    pub workload_csr_check: sigil_core::x509::CsrSignature,
     pub bundle_endpoint: Option<BundleEndpointConfig>,
     pub federation: Vec<FederationConfig>,
     pub oidc: Option<OidcConfig>,
@@ -274,8 +280,12 @@ impl ServerConfig {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse(PathBuf::new(), e.message().to_string()))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            ConfigError::Parse(
+                PathBuf::new(),
+                sigil_core::config_error(text, e.span(), e.message()),
+            )
+        })?;
         let trust_domain = TrustDomain::new(&raw.trust_domain)
             .map_err(|e| key_err("trust_domain", format!("{:?}: {e}", raw.trust_domain)))?;
         let bind_address = raw.bind_address.parse().map_err(|_| {
@@ -487,6 +497,11 @@ impl ServerConfig {
                 .jwt_issuer
                 .or_else(|| raw.oidc.as_ref().map(|o| o.issuer.clone())),
             jwt_key_type,
+            workload_csr_check: if raw.verify_csr_signatures {
+                sigil_core::x509::CsrSignature::Verify
+            } else {
+                sigil_core::x509::CsrSignature::TrustChannel
+            },
             x509pop_ca_bundle: raw.x509pop.map(|x| x.ca_bundle_path),
             tpm,
             bundle_endpoint,
@@ -507,6 +522,21 @@ mod tests {
         assert_eq!(c.bind_port, 8081);
         assert_eq!(c.default_x509_svid_ttl, Duration::from_secs(3600));
         assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(
+            c.workload_csr_check,
+            sigil_core::x509::CsrSignature::TrustChannel
+        );
+    }
+
+    #[test]
+    fn csr_signature_verification_can_be_required() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n";
+        let c = ServerConfig::parse(&format!("{base}verify_csr_signatures = true\n")).unwrap();
+        assert_eq!(c.workload_csr_check, sigil_core::x509::CsrSignature::Verify);
+        let e = ServerConfig::parse(&format!("{base}verify_csr_signatures = \"yes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("verify_csr_signatures"), "{e}");
     }
 
     #[test]

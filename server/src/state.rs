@@ -11,7 +11,7 @@ use sigil_core::entry::Entry;
 use sigil_core::ids::{agent_id, new_entry_id, random_bytes, sha256_hex};
 use sigil_core::selector::{Selector, SelectorSet};
 use sigil_core::tls::SharedBundle;
-use sigil_core::x509::{BACKDATE, Ca, SvidInfo};
+use sigil_core::x509::{BACKDATE, Ca, CsrSignature, SvidInfo};
 use sigil_core::{SpiffeId, TrustDomain, now_unix};
 use sigil_proto::admin::Agent;
 use sigil_proto::common::Entry as PbEntry;
@@ -615,7 +615,7 @@ impl ServerState {
     fn sign_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, Status> {
         let leaf = self
             .ca()
-            .sign_svid(csr, id, &[], self.cfg.agent_svid_ttl)
+            .sign_svid(csr, CsrSignature::Verify, id, &[], self.cfg.agent_svid_ttl)
             .map_err(|e| Status::invalid_argument(format!("invalid field `csr`: {e}")))?;
         Ok(vec![leaf])
     }
@@ -750,9 +750,15 @@ impl ServerState {
             .map(|(id, csr)| {
                 let e = self.authorized_entry(&parents, id, now)?;
                 let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
-                ca.sign_svid(csr, &e.spiffe_id, &e.dns_names, ttl)
-                    .map(|leaf| vec![leaf])
-                    .map_err(|e| e.to_string())
+                ca.sign_svid(
+                    csr,
+                    self.cfg.workload_csr_check,
+                    &e.spiffe_id,
+                    &e.dns_names,
+                    ttl,
+                )
+                .map(|leaf| vec![leaf])
+                .map_err(|e| e.to_string())
             })
             .collect())
     }

@@ -35,7 +35,13 @@ fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), String> {
     let id = server_id(state.trust_domain());
     let leaf = state
         .ca()
-        .sign_svid(&csr, &id, &[], state.cfg.agent_svid_ttl)
+        .sign_svid(
+            &csr,
+            sigil_core::x509::CsrSignature::Verify,
+            &id,
+            &[],
+            state.cfg.agent_svid_ttl,
+        )
         .map_err(|e| e.to_string())?;
     let not_after = SvidInfo::from_der(&leaf)
         .map_err(|e| e.to_string())?

@@ -1,6 +1,8 @@
 //! `mint`: X.509-SVIDs per second the server signs from agent CSR batches.
 //!
-//! Two measurements:
+//! Two measurements, each in the server's default mode (the agent's mTLS
+//! channel vouches for its CSRs' keys) and with `verify_csr_signatures =
+//! true` (every CSR's self-signature verified, as SPIRE does):
 //! - end to end: the real `sigil-server`, pinned to one core, receives
 //!   `MintX509Svids` calls of `--batch` CSRs (the agent's batch size is 500)
 //!   from a simulated agent (join token, then mTLS with its agent SVID) on
@@ -8,14 +10,11 @@
 //!   for the client. CSRs are generated before the clock starts (key
 //!   generation is the agent's cost). This is `svids_per_sec`.
 //! - in process: `sigil_core::x509::Ca::sign_svid` in a loop on one core,
-//!   the CSR parse + signature check alone (rcgen), and the same rcgen
-//!   certificate building and signing over already parsed public keys
-//!   (`no_csr_check_*`: what signing would cost if the agent sent public
-//!   keys rather than CSRs), to split the cost.
+//!   interleaved with sign-limit runs on the same core.
 
 use std::time::{Duration, Instant};
 
-use sigil_core::x509::{Ca, new_key_and_csr};
+use sigil_core::x509::{Ca, CsrSignature, new_key_and_csr};
 use sigil_core::{SpiffeId, TrustDomain};
 use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest, MintX509SvidsResponse};
 
@@ -57,43 +56,9 @@ fn issued(resp: &MintX509SvidsResponse) -> Result<usize> {
 
 struct InProcess {
     svids_per_sec: f64,
-    csr_checks_per_sec: f64,
-    no_csr_check_per_sec: f64,
+    verify_svids_per_sec: f64,
     /// Mean sign limit measured between the rounds, on the same core.
     sign_limit: f64,
-}
-
-/// What `Ca::sign_svid` does after the CSR is parsed and checked, with the
-/// same rcgen calls (a what-if for agents sending public keys instead of
-/// CSRs over their already authenticated mTLS connection).
-fn sign_parsed(
-    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
-    public_key: &impl rcgen::PublicKeyData,
-    id: &str,
-) -> Result<Vec<u8>> {
-    use rcgen::{
-        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-        KeyUsagePurpose, SanType, SerialNumber,
-    };
-    let now = time::OffsetDateTime::now_utc();
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "Sigil");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.subject_alt_names = vec![SanType::URI(rcgen::string::Ia5String::try_from(id)?)];
-    let mut serial = sigil_core::ids::random_bytes::<16>();
-    serial[0] = (serial[0] & 0x7f) | 0x01;
-    params.serial_number = Some(SerialNumber::from_slice(&serial));
-    params.not_before = now - time::Duration::seconds(10);
-    params.not_after = now + time::Duration::hours(1);
-    params.use_authority_key_identifier_extension = true;
-    Ok(params.signed_by(public_key, issuer)?.der().to_vec())
 }
 
 /// The in-process figures, in `rounds` rounds interleaved with sign-limit
@@ -101,78 +66,60 @@ fn sign_parsed(
 /// how fast this (virtual) CPU happens to be at one moment.
 fn in_process(n: usize, rounds: usize, slice: Duration) -> Result<InProcess> {
     let td = TrustDomain::new(TD)?;
-    let (ca, key_pem) = Ca::generate(&td, Duration::from_secs(86_400))?;
+    let (ca, _) = Ca::generate(&td, Duration::from_secs(86_400))?;
     let csrs: Vec<Vec<u8>> = (0..n)
         .map(|_| new_key_and_csr().map(|(c, _)| c))
         .collect::<std::result::Result<_, _>>()?;
     let id = SpiffeId::new(format!("spiffe://{TD}/bench/mint"))?;
-    let id_text = id.to_string();
     let ttl = Duration::from_secs(3600);
-    let issuer = rcgen::Issuer::from_ca_cert_der(
-        &rustls_pki_types::CertificateDer::from(ca.cert_der().to_vec()),
-        rcgen::KeyPair::from_pem(&key_pem)?,
-    )?;
-    let parse = |c: &Vec<u8>| {
-        let der = rustls_pki_types::CertificateSigningRequestDer::from(c.as_slice());
-        rcgen::CertificateSigningRequestParams::from_der(&der)
-    };
-    let parsed = csrs
-        .iter()
-        .map(parse)
-        .collect::<std::result::Result<Vec<_>, _>>()?;
     for c in csrs.iter().take(50) {
-        ca.sign_svid(c, &id, &[], ttl)?;
+        ca.sign_svid(c, CsrSignature::Verify, &id, &[], ttl)?;
     }
-    let (mut t_svid, mut t_check, mut t_nocheck) = (0.0, 0.0, 0.0);
+    let (mut t_trust, mut t_verify) = (0.0, 0.0);
     let mut limits = Vec::new();
     let per = n.div_ceil(rounds.max(1)).max(1);
-    for (chunk, parsed) in csrs.chunks(per).zip(parsed.chunks(per)) {
+    for chunk in csrs.chunks(per) {
         limits.push(sign_limit::signs_per_sec(slice)?);
         let start = Instant::now();
         for c in chunk {
-            ca.sign_svid(c, &id, &[], ttl)?;
+            ca.sign_svid(c, CsrSignature::TrustChannel, &id, &[], ttl)?;
         }
-        t_svid += start.elapsed().as_secs_f64();
+        t_trust += start.elapsed().as_secs_f64();
         let start = Instant::now();
         for c in chunk {
-            parse(c)?;
+            ca.sign_svid(c, CsrSignature::Verify, &id, &[], ttl)?;
         }
-        t_check += start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        for p in parsed {
-            sign_parsed(&issuer, &p.public_key, &id_text)?;
-        }
-        t_nocheck += start.elapsed().as_secs_f64();
+        t_verify += start.elapsed().as_secs_f64();
     }
     limits.push(sign_limit::signs_per_sec(slice)?);
     Ok(InProcess {
-        svids_per_sec: n as f64 / t_svid,
-        csr_checks_per_sec: n as f64 / t_check,
-        no_csr_check_per_sec: n as f64 / t_nocheck,
+        svids_per_sec: n as f64 / t_trust,
+        verify_svids_per_sec: n as f64 / t_verify,
         sign_limit: limits.iter().sum::<f64>() / limits.len() as f64,
     })
 }
 
-pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()> {
-    let n_in = a.inprocess.unwrap_or(if quick { 200 } else { 5000 });
-    let total = a.svids.unwrap_or(if quick { 200 } else { 20_000 });
-    let batch = a.batch.unwrap_or(if quick { 50 } else { 500 }).max(1);
-    let inflight = a.inflight.unwrap_or(2).max(1);
+/// One end-to-end run against a fresh server.
+struct EndToEnd {
+    svids_per_sec: f64,
+    minted: usize,
+    /// The server core's sign limit, measured just before and after.
+    sign_limit: f64,
+    drift: f64,
+    server_cpu_util: f64,
+}
 
-    let slice = Duration::from_secs_f64(if quick { 0.1 } else { 0.5 });
-    progress(format!(
-        "mint: {n_in} SVIDs in process (Ca::sign_svid, one core), between sign-limit runs"
-    ));
-    let rounds = if quick { 2 } else { 5 };
-    let inp = on_pinned_thread(bench_cpu(), move || async move {
-        in_process(n_in, rounds, slice)
-    })
-    .await?;
-
+async fn end_to_end(
+    total: usize,
+    batch: usize,
+    inflight: usize,
+    slice: Duration,
+    extra_config: &str,
+) -> Result<EndToEnd> {
     let bins = Bins::locate()?;
     let scratch = Scratch::new("mint")?;
     let server_cpu = (nproc() > 1).then_some(0);
-    let server = Server::start(&bins, &scratch.0, server_cpu).await?;
+    let server = Server::start_with(&bins, &scratch.0, server_cpu, extra_config).await?;
     let agent_id = format!("spiffe://{TD}/bench/mint-agent");
     let token = server.token(&agent_id).await?;
     let entries = (0..batch)
@@ -251,38 +198,68 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     .await?;
     // The server's core, measured just before and after the run.
     let limit = (before + after) / 2.0;
-    let rate = minted as f64 / elapsed.as_secs_f64();
+    drop(server);
+    Ok(EndToEnd {
+        svids_per_sec: minted as f64 / elapsed.as_secs_f64(),
+        minted,
+        sign_limit: limit,
+        drift: (after - before) / limit,
+        server_cpu_util: server_cpu_time.as_secs_f64() / elapsed.as_secs_f64(),
+    })
+}
+
+pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()> {
+    let n_in = a.inprocess.unwrap_or(if quick { 200 } else { 5000 });
+    let total = a.svids.unwrap_or(if quick { 200 } else { 20_000 });
+    let batch = a.batch.unwrap_or(if quick { 50 } else { 500 }).max(1);
+    let inflight = a.inflight.unwrap_or(2).max(1);
+
+    let slice = Duration::from_secs_f64(if quick { 0.1 } else { 0.5 });
+    progress(format!(
+        "mint: {n_in} SVIDs in process (Ca::sign_svid, one core), between sign-limit runs"
+    ));
+    let rounds = if quick { 2 } else { 5 };
+    let inp = on_pinned_thread(bench_cpu(), move || async move {
+        in_process(n_in, rounds, slice)
+    })
+    .await?;
+
+    let run = end_to_end(total, batch, inflight, slice, "").await?;
+    let verify = end_to_end(
+        total,
+        batch,
+        inflight,
+        slice,
+        "verify_csr_signatures = true\n",
+    )
+    .await?;
     rep.emit(
         Record::new("mint")
-            .f("svids_per_sec", rate)
-            .f("ratio_to_sign_limit", rate / limit)
-            .f("sign_limit_per_sec", limit)
-            .f("sign_limit_drift", (after - before) / limit)
-            .with("svids", minted)
+            .f("svids_per_sec", run.svids_per_sec)
+            .f("ratio_to_sign_limit", run.svids_per_sec / run.sign_limit)
+            .f("sign_limit_per_sec", run.sign_limit)
+            .f("sign_limit_drift", run.drift)
+            .with("svids", run.minted)
             .with("batch", batch)
             .with("inflight", inflight)
-            .with(
-                "server_cores",
-                if server_cpu.is_some() { 1 } else { nproc() },
-            )
-            .f(
-                "server_cpu_util",
-                server_cpu_time.as_secs_f64() / elapsed.as_secs_f64(),
-            )
+            .with("server_cores", if nproc() > 1 { 1 } else { nproc() })
+            .f("server_cpu_util", run.server_cpu_util)
+            .f("verify_csr_svids_per_sec", verify.svids_per_sec)
+            .f("verify_csr_ratio", verify.svids_per_sec / verify.sign_limit)
             .f("inprocess_svids_per_sec", inp.svids_per_sec)
             .f("inprocess_ratio", inp.svids_per_sec / inp.sign_limit)
             .f("inprocess_sign_limit_per_sec", inp.sign_limit)
-            .f("csr_checks_per_sec", inp.csr_checks_per_sec)
-            .f("no_csr_check_svids_per_sec", inp.no_csr_check_per_sec)
             .f(
-                "no_csr_check_ratio",
-                inp.no_csr_check_per_sec / inp.sign_limit,
+                "inprocess_verify_csr_svids_per_sec",
+                inp.verify_svids_per_sec,
+            )
+            .f(
+                "inprocess_verify_csr_ratio",
+                inp.verify_svids_per_sec / inp.sign_limit,
             )
             .f("inprocess_us_per_svid", 1e6 / inp.svids_per_sec)
-            .f("csr_check_us", 1e6 / inp.csr_checks_per_sec)
             .f("sign_us", 1e6 / inp.sign_limit),
     );
     rep.table("mint");
-    drop(server);
     Ok(())
 }
