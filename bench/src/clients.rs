@@ -63,6 +63,15 @@ pub(crate) mod admin {
         }
     }
 
+    /// The server's signing-queue statistics (`healthcheck --output json`).
+    pub(crate) async fn signing(c: &mut Client) -> Result<sigil_proto::admin::SigningStats> {
+        Ok(c.health(HealthRequest::default())
+            .await?
+            .into_inner()
+            .signing
+            .unwrap_or_default())
+    }
+
     /// A join token for `spiffe_id` (as `sigil-server token generate`).
     pub(crate) async fn token(c: &mut Client, spiffe_id: &str) -> Result<String> {
         Ok(c.generate_token(GenerateTokenRequest {

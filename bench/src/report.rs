@@ -449,6 +449,25 @@ fn markdown(records: &[Record]) -> String {
                         "-",
                         None,
                     );
+                    row(
+                        "scale",
+                        format!(
+                            "rotation storm: {} agents renew {} SVIDs at once; peak signing queue",
+                            sh("agents"),
+                            sh("storm_svids")
+                        ),
+                        format!(
+                            "{} batches ({} CSRs) waiting at peak; {} SVIDs/s; call p50 {} ms, max {} ms; admin API max {} ms",
+                            sh("peak_signing_queue"),
+                            sh("peak_signing_queue_csrs"),
+                            sh("storm_svids_per_sec"),
+                            sh("storm_call_p50_ms"),
+                            sh("storm_call_max_ms"),
+                            sh("storm_admin_max_ms")
+                        ),
+                        "bounded, server responsive",
+                        None,
+                    );
                 }
                 Some("agent") => {
                     let n = f("agent_entries").unwrap_or(0.0);

@@ -13,7 +13,7 @@ use sigil_proto::admin::{
 };
 use sigil_proto::admin::{
     ListFederatedBundlesRequest, ListFederatedBundlesResponse, SetFederatedBundleRequest,
-    TrustDomainId,
+    SigningStats, TrustDomainId,
 };
 use sigil_proto::common::Entry as PbEntry;
 use tonic::transport::server::UdsConnectInfo;
@@ -74,10 +74,19 @@ impl AdminApi for AdminService {
         let state = self.state.clone();
         let (entries, agents) =
             blocking(move || Ok((state.list_entries()?.len(), state.list_agents()?.len()))).await?;
+        let s = self.state.signing.stats();
         Ok(Response::new(HealthResponse {
             trust_domain: self.state.trust_domain().to_string(),
             entries: entries as u64,
             agents: agents as u64,
+            signing: Some(SigningStats {
+                free_slots: s.free_slots,
+                waiting_calls: s.waiting_calls,
+                waiting_csrs: s.waiting_csrs,
+                peak_calls: s.peak_calls,
+                peak_csrs: s.peak_csrs,
+                svids_signed: s.signed,
+            }),
         }))
     }
 

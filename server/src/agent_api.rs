@@ -59,16 +59,13 @@ pub const MAX_MINT_BATCH: usize = 1000;
 
 pub struct AgentService {
     state: Arc<ServerState>,
-    signing: tokio::sync::Semaphore,
     attestors: Arc<crate::node_attestation::NodeAttestors>,
 }
 
 impl AgentService {
     pub fn new(state: Arc<ServerState>, attestors: crate::node_attestation::NodeAttestors) -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         Self {
             state,
-            signing: tokio::sync::Semaphore::new(cores),
             attestors: Arc::new(attestors),
         }
     }
@@ -231,13 +228,17 @@ impl AgentApi for AgentService {
         let state = self.state.clone();
         let ids: Vec<String> = csrs.iter().map(|c| c.0.clone()).collect();
         // Signing is CPU-bound: at most one batch per core at a time, so a
-        // rotation storm queues instead of starving the runtime.
-        let _permit = self
+        // rotation storm queues (and is counted) instead of starving the
+        // runtime.
+        let slot = self
+            .state
             .signing
-            .acquire()
+            .acquire(csrs.len())
             .await
-            .map_err(|_| Status::unavailable("server shutting down"))?;
+            .ok_or_else(|| Status::unavailable("server shutting down"))?;
         let results = blocking(move || state.mint_for_agent(&id, &csrs)).await?;
+        slot.signed(results.iter().filter(|r| r.is_ok()).count());
+        drop(slot);
         Ok(Response::new(MintX509SvidsResponse {
             results: ids
                 .into_iter()

@@ -415,10 +415,41 @@ fn print_agent(a: &Agent) {
     println!();
 }
 
-pub async fn healthcheck(a: &AdminArgs) -> Result<(), String> {
+pub async fn healthcheck(a: &AdminArgs, verbose: bool, out: &OutputArgs) -> Result<(), String> {
     let mut c = connect(a).await?;
-    c.health(HealthRequest {}).await.map_err(status)?;
+    let h = c
+        .health(HealthRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let s = h.signing.unwrap_or_default();
+    if out.output == Output::Json {
+        return print_json(&json!({
+            "healthy": true,
+            "trust_domain": h.trust_domain,
+            "entries": h.entries,
+            "agents": h.agents,
+            "signing": {
+                "free_slots": s.free_slots,
+                "waiting_calls": s.waiting_calls,
+                "waiting_csrs": s.waiting_csrs,
+                "peak_calls": s.peak_calls,
+                "peak_csrs": s.peak_csrs,
+                "svids_signed": s.svids_signed,
+            },
+        }));
+    }
     println!("Server is healthy.");
+    if verbose {
+        println!("Trust domain     : {}", h.trust_domain);
+        println!("Entries          : {}", h.entries);
+        println!("Agents           : {}", h.agents);
+        println!("SVIDs signed     : {}", s.svids_signed);
+        println!(
+            "Signing queue    : {} batches ({} CSRs) waiting, peak {} batches ({} CSRs), {} free slots",
+            s.waiting_calls, s.waiting_csrs, s.peak_calls, s.peak_csrs, s.free_slots
+        );
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! - [`state`] — entries, agents, tokens and change notification.
 //! - [`node_attestation`] — the Attest stream: join token, x509pop, TPM ([`tpm_attest`]).
 //! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
+//! - [`signing`] — the bounded, measured signing queue in front of minting.
 //! - [`admin_api`] — the operator API on the admin Unix socket.
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
@@ -25,6 +26,7 @@ pub mod endpoints;
 pub mod keys;
 pub mod node_attestation;
 pub mod run;
+pub mod signing;
 pub mod state;
 pub mod tls;
 pub mod tpm_attest;

@@ -28,7 +28,15 @@ enum Cmd {
         config: PathBuf,
     },
     /// Check that the server answers on its admin socket.
-    Healthcheck(cli::AdminArgs),
+    Healthcheck {
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+        /// Also print entry/agent counts and the signing queue.
+        #[arg(long)]
+        verbose: bool,
+        #[command(flatten)]
+        out: cli::OutputArgs,
+    },
     /// Join tokens for node attestation.
     #[command(subcommand)]
     Token(cli::TokenCmd),
@@ -72,7 +80,11 @@ fn main() -> ExitCode {
                 init_tracing(&cfg.log_level);
                 run::run(cfg).await
             }
-            Cmd::Healthcheck(a) => cli::healthcheck(&a).await,
+            Cmd::Healthcheck {
+                admin,
+                verbose,
+                out,
+            } => cli::healthcheck(&admin, verbose, &out).await,
             Cmd::Token(c) => cli::token(c).await,
             Cmd::Entry(c) => cli::entry(*c).await,
             Cmd::Agent(c) => cli::agent(c).await,

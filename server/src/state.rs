@@ -129,6 +129,8 @@ pub struct ServerState {
     agent_watch: std::sync::Mutex<HashMap<SpiffeId, watch::Sender<u64>>>,
     /// Counts every change; reported as the sync revision.
     revision: std::sync::atomic::AtomicU64,
+    /// Bounds concurrent X.509 signing and measures the queue.
+    pub signing: crate::signing::SigningQueue,
 }
 
 fn poisoned() -> Status {
@@ -160,6 +162,7 @@ impl ServerState {
             global,
             agent_watch: std::sync::Mutex::new(HashMap::new()),
             revision: std::sync::atomic::AtomicU64::new(0),
+            signing: crate::signing::SigningQueue::per_core(),
         })
     }
 

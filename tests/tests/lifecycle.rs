@@ -538,3 +538,29 @@ fn duplicate_entries_are_refused_on_create_and_update() {
     let again = create("spiffe://example.org/a", "unix:uid:1");
     assert!(again.status.success(), "{again:?}");
 }
+
+#[tokio::test]
+async fn healthcheck_reports_counts_and_the_signing_queue() {
+    let c = Cluster::with_agent();
+    let health = || -> serde_json::Value {
+        serde_json::from_str(&c.server_ok(&["healthcheck", "--output", "json"])).unwrap()
+    };
+    let before = health();
+    assert_eq!(before["healthy"], true);
+    assert_eq!(before["agents"], 1);
+    let signed_before = before["signing"]["svids_signed"].as_u64().unwrap();
+    for i in 0..3 {
+        c.create_entry(
+            &format!("spiffe://example.org/h{i}"),
+            &["--selector", &my_uid_selector()],
+        );
+    }
+    wait_for("three SVIDs counted", LONG, || {
+        health()["signing"]["svids_signed"].as_u64().unwrap() >= signed_before + 3
+    });
+    let after = health();
+    assert_eq!(after["entries"], 3);
+    assert_eq!(after["signing"]["waiting_calls"], 0, "{after}");
+    let text = c.server_ok(&["healthcheck", "--verbose"]);
+    assert!(text.contains("Signing queue"), "{text}");
+}

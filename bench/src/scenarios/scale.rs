@@ -157,11 +157,117 @@ fn entries_for(parents: &[String], n: usize, tag: &str) -> Vec<Entry> {
         .collect()
 }
 
-async fn create_timed(server: &Server, entries: Vec<Entry>) -> Result<f64> {
+async fn create_timed(server: &Server, entries: Vec<Entry>) -> Result<(f64, Vec<Entry>)> {
     let n = entries.len();
     let start = Instant::now();
-    admin::create_many(&server.admin, entries, 8).await?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    let created = admin::create_many(&server.admin, entries, 8).await?;
+    Ok((n as f64 / start.elapsed().as_secs_f64(), created))
+}
+
+/// What a rotation storm measured.
+struct Storm {
+    svids: usize,
+    seconds: f64,
+    call_p50_ms: f64,
+    call_max_ms: f64,
+    /// Slowest admin `Health` answer while the storm ran (is the server
+    /// still responsive?).
+    health_max_ms: f64,
+    peak_calls: u64,
+    peak_csrs: u64,
+}
+
+/// A rotation storm: every simulated agent renews all its SVIDs at the same
+/// moment (one `MintX509Svids` call each, as if they had all expired
+/// together without jitter). CSRs come from a small pool of keys made
+/// beforehand, so the bench process spends its time sending, not signing.
+async fn storm(server: &Server, sims: &[SimAgent], created: &[Entry]) -> Result<Storm> {
+    use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest};
+    let pool = (0..32)
+        .map(|_| sigil_core::x509::new_key_and_csr().map(|(c, _)| c))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut by_parent: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for e in created {
+        by_parent.entry(&e.parent_id).or_default().push(&e.id);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(sims.len() + 1));
+    for s in sims {
+        let ids = by_parent
+            .get(s.spiffe_id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let csrs: Vec<CsrForEntry> = ids
+            .iter()
+            .take(1000) // the server's MAX_MINT_BATCH
+            .enumerate()
+            .map(|(i, id)| CsrForEntry {
+                entry_id: id.to_string(),
+                csr: pool[i % pool.len()].clone(),
+                ..Default::default()
+            })
+            .collect();
+        let mut api = s.api.clone();
+        let b = barrier.clone();
+        set.spawn(async move {
+            let req = MintX509SvidsRequest {
+                csrs,
+                ..Default::default()
+            };
+            b.wait().await;
+            let t = Instant::now();
+            let resp = api.mint_x509_svids(req).await?.into_inner();
+            if let Some(r) = resp.results.iter().find(|r| !r.error.is_empty()) {
+                return Err(format!("server refused entry {}: {}", r.entry_id, r.error).into());
+            }
+            Ok::<_, crate::Error>((t.elapsed(), resp.results.len()))
+        });
+    }
+    let mut adm = server.admin.clone();
+    let before = admin::signing(&mut adm).await?;
+    barrier.wait().await;
+    let start = Instant::now();
+    // Probe the admin API while the storm runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let mut adm = server.admin.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                if admin::signing(&mut adm).await.is_err() {
+                    break;
+                }
+                worst = worst.max(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            worst
+        })
+    };
+    let (mut calls, mut svids) = (Vec::new(), 0);
+    while let Some(r) = set.join_next().await {
+        let (d, n) = r??;
+        calls.push(d);
+        svids += n;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let health_max = probe.await.unwrap_or(Duration::ZERO);
+    let after = admin::signing(&mut adm).await?;
+    if after.svids_signed < before.svids_signed + svids as u64 {
+        return Err("the server's signed count did not grow by the storm's SVIDs".into());
+    }
+    let calls = Samples::from_durations(calls);
+    Ok(Storm {
+        svids,
+        seconds,
+        call_p50_ms: calls.q_ms(0.5),
+        call_max_ms: calls.max_ms(),
+        health_max_ms: health_max.as_secs_f64() * 1000.0,
+        peak_calls: after.peak_calls,
+        peak_csrs: after.peak_csrs,
+    })
 }
 
 async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> Result<()> {
@@ -187,17 +293,18 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     ));
     let mut first = entries_for(std::slice::from_ref(&probe.spiffe_id), probe_n, "probe");
     first.extend(entries_for(&parents, before_total - probe_n, "a"));
-    let rate_a = create_timed(&server, first).await?;
+    let (rate_a, mut created) = create_timed(&server, first).await?;
     let (sync_before, sync_before_min, _) = median_sync(&probe, probe_n, repeats).await?;
 
     progress(format!(
         "scale: growing to {total} entries ({rate_a:.0} entries/s so far)"
     ));
-    let rate_b = create_timed(
+    let (rate_b, more) = create_timed(
         &server,
         entries_for(&parents, total.saturating_sub(before_total), "b"),
     )
     .await?;
+    created.extend(more);
     let (sync_after, sync_after_min, probe_bytes) = median_sync(&probe, probe_n, repeats).await?;
     let rss_no_streams = server.proc.mem()?;
 
@@ -263,6 +370,11 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     let cpu_per_change = (server.proc.cpu_time()? - cpu0).as_secs_f64() * 1000.0 / changes as f64;
     let lat = Samples::from_durations(lat);
 
+    progress(format!(
+        "scale: rotation storm, {n_agents} agents renewing all their SVIDs at once"
+    ));
+    let storm = storm(&server, &sims, &created).await?;
+
     rep.emit(
         Record::new("scale")
             .with("case", "server")
@@ -285,7 +397,15 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
             .with("all_agents_synced_entries", synced_entries)
             .f("server_cpu_ms_per_change", cpu_per_change)
             .f("change_to_probe_p50_ms", lat.q_ms(0.5))
-            .f("entries_created_per_sec", (rate_a + rate_b) / 2.0),
+            .f("entries_created_per_sec", (rate_a + rate_b) / 2.0)
+            .with("storm_svids", storm.svids)
+            .f("storm_seconds", storm.seconds)
+            .f("storm_svids_per_sec", storm.svids as f64 / storm.seconds)
+            .f("storm_call_p50_ms", storm.call_p50_ms)
+            .f("storm_call_max_ms", storm.call_max_ms)
+            .f("storm_admin_max_ms", storm.health_max_ms)
+            .with("peak_signing_queue", storm.peak_calls)
+            .with("peak_signing_queue_csrs", storm.peak_csrs),
     );
     drop(streams);
     Ok(())
