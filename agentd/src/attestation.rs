@@ -43,7 +43,7 @@ impl Prover {
                 .map(Prover::JoinToken)
                 .ok_or_else(|| "no stored agent identity and no join token: pass --join-token (see `sigil-server token generate`)".to_string()),
             NodeAttestor::X509Pop { cert_path, key_path } => {
-                crate::node::check_private_file(key_path).map_err(|e| format!("x509pop.key_path: {e}"))?;
+                sigil_fs::check_private_file(key_path).map_err(|e| format!("x509pop.key_path: {e}"))?;
                 let cert = std::fs::read_to_string(cert_path).map_err(|e| format!("x509pop.cert_path {}: {e}", cert_path.display()))?;
                 let key = std::fs::read_to_string(key_path).map_err(|e| format!("x509pop.key_path {}: {e}", key_path.display()))?;
                 Ok(Prover::X509Pop(Arc::new(NodeKey::load(&cert, &key).map_err(|e| e.to_string())?)))

@@ -4,8 +4,7 @@
 //! that feeds the SVID cache, reconnecting with backoff.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -54,38 +53,19 @@ impl AgentSvid {
     }
 }
 
-fn write_mode(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
-}
-
-/// Creates `dir` with mode 0700.
-pub fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
-    fs::create_dir_all(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-}
-
 /// Persists the agent SVID, key (0600) and bundle.
 pub fn store_identity(data_dir: &Path, svid: &AgentSvid, bundle: &[Vec<u8>]) -> Result<(), String> {
     let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.clone()));
     let e = |p: &str, err: std::io::Error| format!("{}: {err}", data_dir.join(p).display());
-    write_mode(&data_dir.join("agent_svid.key"), key_pem.as_bytes(), 0o600)
+    sigil_fs::write_atomic(&data_dir.join("agent_svid.key"), key_pem.as_bytes(), 0o600)
         .map_err(|err| e("agent_svid.key", err))?;
-    write_mode(
+    sigil_fs::write_atomic(
         &data_dir.join("agent_svid.pem"),
         certs_to_pem(svid.chain.iter().map(Vec::as_slice)).as_bytes(),
         0o644,
     )
     .map_err(|err| e("agent_svid.pem", err))?;
-    write_mode(
+    sigil_fs::write_atomic(
         &data_dir.join("bundle.pem"),
         certs_to_pem(bundle.iter().map(Vec::as_slice)).as_bytes(),
         0o644,
@@ -148,22 +128,6 @@ pub async fn bootstrap_attest(
         ));
     }
     Ok((svid, bundle))
-}
-
-/// Checks that a secret file is not readable by group or others.
-pub fn check_private_file(path: &Path) -> Result<(), String> {
-    let mode = fs::metadata(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} has mode {:o}; it must not be readable by group or others (chmod 600)",
-            path.display(),
-            mode & 0o777
-        ));
-    }
-    Ok(())
 }
 
 /// The agent's live connection to the server: the current SVID (presented

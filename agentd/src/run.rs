@@ -61,7 +61,7 @@ fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
         && !parent.as_os_str().is_empty()
         && !parent.exists()
     {
-        node::ensure_private_dir(parent)?;
+        sigil_fs::ensure_private_dir(parent)?;
     }
     if path.exists() {
         std::fs::remove_file(path)?;
@@ -72,7 +72,7 @@ fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), String> {
-    node::ensure_private_dir(&cfg.data_dir)
+    sigil_fs::ensure_private_dir(&cfg.data_dir)
         .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
     // x509pop/TPM agents always need their prover (renewal re-attests); a
     // join-token agent only for its first attestation.

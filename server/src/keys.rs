@@ -20,7 +20,7 @@ use sigil_core::TrustDomain;
 use sigil_core::jwt::{JwtKeyType, JwtSigner};
 use sigil_core::x509::{BACKDATE, Ca, certs_to_pem, pem_to_certs};
 
-use crate::ca_store::{check_key_mode, ensure_private_dir, write_file_mode};
+use sigil_fs::{check_private_file, ensure_private_dir, write_atomic};
 
 #[derive(Serialize, Deserialize)]
 struct StoredCa {
@@ -118,7 +118,7 @@ impl Keys {
             sequence: 1,
         };
         if path.exists() {
-            check_key_mode(&path)?;
+            check_private_file(&path)?;
             let text =
                 std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let s: Stored =
@@ -284,8 +284,7 @@ impl Keys {
             sequence: self.sequence,
         };
         let text = serde_json::to_vec_pretty(&s).map_err(|e| e.to_string())?;
-        write_file_mode(&self.path, &text, 0o600)
-            .map_err(|e| format!("{}: {e}", self.path.display()))
+        write_atomic(&self.path, &text, 0o600).map_err(|e| format!("{}: {e}", self.path.display()))
     }
 
     /// The CA that signs now.

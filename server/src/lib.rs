@@ -4,7 +4,6 @@
 //! - [`config`] — `server.toml` parsing and validation.
 //! - [`datastore`] — persistence behind the [`datastore::Datastore`] trait (redb).
 //! - [`keys`] — X.509 CAs and JWT keys: persistence (0600) and rotation.
-//! - [`ca_store`] — file-mode helpers for secrets on disk.
 //! - [`state`] — entries, agents, tokens and change notification.
 //! - [`node_attestation`] — the Attest stream: join token, x509pop, TPM ([`tpm_attest`]).
 //! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
@@ -18,7 +17,6 @@
 
 pub mod admin_api;
 pub mod agent_api;
-pub mod ca_store;
 pub mod cli;
 pub mod config;
 pub mod datastore;

@@ -15,7 +15,6 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
 use crate::admin_api::AdminService;
 use crate::agent_api::AgentService;
-use crate::ca_store;
 use crate::config::{DatastoreKind, EndpointProfile, ServerConfig};
 use crate::datastore::{Datastore, RedbStore};
 use crate::endpoints;
@@ -34,7 +33,7 @@ pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
         && !parent.as_os_str().is_empty()
         && !parent.exists()
     {
-        ca_store::ensure_private_dir(parent)?;
+        sigil_fs::ensure_private_dir(parent)?;
     }
     if path.exists() {
         std::fs::remove_file(path)?;
@@ -45,7 +44,7 @@ pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 pub async fn run(cfg: ServerConfig) -> Result<(), String> {
-    ca_store::ensure_private_dir(&cfg.data_dir)
+    sigil_fs::ensure_private_dir(&cfg.data_dir)
         .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
     let store: Arc<dyn Datastore> = match cfg.datastore {
         DatastoreKind::Redb => Arc::new(

@@ -124,8 +124,7 @@ pub fn bundle_endpoint_web(
         .map_err(|e| format!("bundle_endpoint.cert_path {}: {e}", cert_path.display()))?;
     let chain = sigil_core::x509::pem_to_certs(&cert_text)
         .map_err(|e| format!("bundle_endpoint.cert_path {}: {e}", cert_path.display()))?;
-    crate::ca_store::check_key_mode(key_path)
-        .map_err(|e| format!("bundle_endpoint.key_path: {e}"))?;
+    sigil_fs::check_private_file(key_path).map_err(|e| format!("bundle_endpoint.key_path: {e}"))?;
     let key_text = std::fs::read_to_string(key_path)
         .map_err(|e| format!("bundle_endpoint.key_path {}: {e}", key_path.display()))?;
     let key_pem = pem::parse_many(&key_text)
