@@ -3,6 +3,7 @@
 //! `bundle.pem` under `data_dir`), renewal at half-life, and the sync stream
 //! that feeds the SVID cache, reconnecting with backoff.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -14,7 +15,7 @@ use sigil_core::ids::server_id;
 use sigil_core::x509::{SvidInfo, certs_to_pem, new_key_and_csr, pem_to_certs};
 use sigil_core::{SpiffeId, TrustDomain, now_unix};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
-use sigil_proto::agent::{RenewAgentRequest, SyncRequest};
+use sigil_proto::agent::{RenewAgentRequest, SyncRequest, SyncUpdate};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
@@ -252,29 +253,23 @@ impl ServerLink {
         loop {
             let ch = channels.borrow_and_update().clone();
             let result = async {
-                let mut stream = AgentApiClient::new(ch).sync(SyncRequest {}).await?.into_inner();
-                // Chunks of a snapshot not yet complete.
+                let mut stream = AgentApiClient::new(ch)
+                    .sync(SyncRequest { deltas: true })
+                    .await?
+                    .into_inner();
+                // Chunks of an update not yet complete, and the entry set as
+                // of the last complete update (the stream's first update is
+                // complete; later ones may be deltas).
                 let mut pending = Vec::new();
+                let mut current: BTreeMap<String, Entry> = BTreeMap::new();
                 loop {
                     tokio::select! {
                         msg = stream.message() => match msg? {
                             Some(u) if u.more => pending.extend(u.entries),
                             Some(mut u) => {
-                                if !pending.is_empty() {
-                                    pending.append(&mut u.entries);
-                                    u.entries = std::mem::take(&mut pending);
-                                }
-                                let entries = u
-                                    .entries
-                                    .iter()
-                                    .filter_map(|p| match Entry::from_proto(p, &self.cfg.trust_domain) {
-                                        Ok(e) => Some(e),
-                                        Err(err) => {
-                                            tracing::warn!(entry = %p.id, error = %err, "ignoring invalid entry from server");
-                                            None
-                                        }
-                                    })
-                                    .collect();
+                                pending.append(&mut u.entries);
+                                apply_update(&self.cfg.trust_domain, &mut current, &u, std::mem::take(&mut pending));
+                                let entries = current.values().cloned().collect();
                                 if !u.bundle.is_empty() {
                                     self.set_bundle(&u.bundle);
                                 }
@@ -308,5 +303,82 @@ impl ServerLink {
                 }
             }
         }
+    }
+}
+
+/// Brings `current` up to a complete sync update: a full snapshot replaces
+/// it, a delta adds/replaces `entries` and drops `removed`. An entry that
+/// fails validation is dropped (and any older version of it removed).
+fn apply_update(
+    td: &TrustDomain,
+    current: &mut BTreeMap<String, Entry>,
+    u: &SyncUpdate,
+    entries: Vec<sigil_proto::common::Entry>,
+) {
+    if !u.delta {
+        current.clear();
+    }
+    for id in &u.removed {
+        current.remove(id);
+    }
+    for p in entries {
+        match Entry::from_proto(&p, td) {
+            Ok(e) => {
+                current.insert(e.id.clone(), e);
+            }
+            Err(err) => {
+                tracing::warn!(entry = %p.id, error = %err, "ignoring invalid entry from server");
+                current.remove(&p.id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    use super::*;
+    use sigil_proto::common::Entry as PbEntry;
+
+    fn pb(id: &str, hint: &str) -> PbEntry {
+        PbEntry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            parent_id: "spiffe://example.org/agent".into(),
+            selectors: vec!["unix:uid:1".into()],
+            hint: hint.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn full_updates_replace_and_deltas_patch() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut cur = BTreeMap::new();
+        let full = SyncUpdate::default();
+        apply_update(
+            &td,
+            &mut cur,
+            &full,
+            vec![pb("a", ""), pb("b", ""), pb("c", "")],
+        );
+        assert_eq!(cur.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+        let delta = SyncUpdate {
+            delta: true,
+            removed: vec!["a".into()],
+            ..Default::default()
+        };
+        let mut bad = pb("c", "");
+        bad.spiffe_id = "not an id".into();
+        apply_update(
+            &td,
+            &mut cur,
+            &delta,
+            vec![pb("b", "new"), pb("d", ""), bad],
+        );
+        assert_eq!(cur.keys().collect::<Vec<_>>(), ["b", "d"]);
+        assert_eq!(cur["b"].hint, "new");
+        // A full update after deltas starts over.
+        apply_update(&td, &mut cur, &full, vec![pb("z", "")]);
+        assert_eq!(cur.keys().collect::<Vec<_>>(), ["z"]);
     }
 }

@@ -438,13 +438,15 @@ fn markdown(records: &[Record]) -> String {
                     row(
                         "scale",
                         format!(
-                            "entry change with {} agents connected: server CPU, change → probe p50",
+                            "entry change with {} agents connected: server CPU, change → probe p50, bytes sent (delta) vs full snapshot",
                             sh("agents")
                         ),
                         format!(
-                            "{} ms, {} ms",
+                            "{} ms, {} ms, {} B vs {} B",
                             sh("server_cpu_ms_per_change"),
-                            sh("change_to_probe_p50_ms")
+                            sh("change_to_probe_p50_ms"),
+                            sh("change_bytes"),
+                            sh("snapshot_bytes")
                         ),
                         "-",
                         None,

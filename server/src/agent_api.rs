@@ -16,43 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::state::ServerState;
-
-/// Entries per sync message (a few hundred bytes each: well under the
-/// 4 MiB gRPC message limit even for large selector lists).
-pub const SYNC_CHUNK: usize = 2000;
-
-/// Splits a snapshot into messages of at most [`SYNC_CHUNK`] entries.
-fn chunks(update: &SyncUpdate) -> Vec<SyncUpdate> {
-    let parts: Vec<&[sigil_proto::common::Entry]> = if update.entries.is_empty() {
-        vec![&[]]
-    } else {
-        update.entries.chunks(SYNC_CHUNK).collect()
-    };
-    let n = parts.len();
-    parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, part)| {
-            let last = i + 1 == n;
-            SyncUpdate {
-                entries: part.to_vec(),
-                revision: update.revision,
-                more: !last,
-                bundle: if last { update.bundle.clone() } else { vec![] },
-                jwt_bundle: if last {
-                    update.jwt_bundle.clone()
-                } else {
-                    vec![]
-                },
-                federated: if last {
-                    update.federated.clone()
-                } else {
-                    Default::default()
-                },
-            }
-        })
-        .collect()
-}
+use crate::sync::{SyncTracker, Trust, chunks};
 
 /// Most CSRs accepted in one mint call.
 pub const MAX_MINT_BATCH: usize = 1000;
@@ -146,11 +110,12 @@ impl AgentApi for AgentService {
 
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
         let (id, leaf) = self.authenticate(&req)?;
+        let deltas = req.get_ref().deltas;
         let state = self.state.clone();
         let (tx, rx) = mpsc::channel(4);
         let (mut global, mut own) = state.subscribe(&id);
         tokio::spawn(async move {
-            let mut last: Option<SyncUpdate> = None;
+            let mut tracker = SyncTracker::new(deltas);
             loop {
                 global.borrow_and_update();
                 own.borrow_and_update();
@@ -169,27 +134,17 @@ impl AgentApi for AgentService {
                     }
                 };
                 let next_expiry = entries.iter().filter_map(|e| e.expires_at).min();
-                let update = SyncUpdate {
-                    entries: entries.iter().map(|e| e.to_proto()).collect(),
+                let trust = Trust {
                     bundle: state.bundle(),
-                    revision: state.revision(),
                     jwt_bundle: state.jwt_bundle(),
                     federated: state.federated_for(&entries),
-                    more: false,
                 };
-                let changed = last.as_ref().is_none_or(|l| {
-                    l.entries != update.entries
-                        || l.bundle != update.bundle
-                        || l.jwt_bundle != update.jwt_bundle
-                        || l.federated != update.federated
-                });
-                if changed {
-                    for chunk in chunks(&update) {
+                if let Some(update) = tracker.next(&entries, trust, state.revision()) {
+                    for chunk in chunks(update) {
                         if tx.send(Ok(chunk)).await.is_err() {
                             return;
                         }
                     }
-                    last = Some(update);
                 }
                 let expiry_wait =
                     next_expiry.map(|t| Duration::from_secs((t - now_unix()).max(0) as u64 + 1));
@@ -269,40 +224,5 @@ impl AgentApi for AgentService {
         let token =
             blocking(move || state.mint_jwt_for_agent(&id, &r.entry_id, &r.audience)).await?;
         Ok(Response::new(MintJwtSvidResponse { token }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn large_snapshots_are_split_and_trust_material_rides_last() {
-        let entries: Vec<_> = (0..SYNC_CHUNK * 2 + 1)
-            .map(|i| sigil_proto::common::Entry {
-                id: i.to_string(),
-                ..Default::default()
-            })
-            .collect();
-        let update = SyncUpdate {
-            entries: entries.clone(),
-            bundle: vec![b"ca".to_vec()],
-            revision: 7,
-            jwt_bundle: b"{}".to_vec(),
-            federated: Default::default(),
-            more: false,
-        };
-        let parts = chunks(&update);
-        assert_eq!(parts.len(), 3);
-        assert!(parts[0].more && parts[1].more && !parts[2].more);
-        assert!(parts[0].bundle.is_empty() && parts[2].bundle == update.bundle);
-        let joined: Vec<_> = parts.iter().flat_map(|p| p.entries.clone()).collect();
-        assert_eq!(joined, entries);
-        let empty = SyncUpdate {
-            entries: vec![],
-            ..update
-        };
-        assert_eq!(chunks(&empty).len(), 1);
-        assert!(!chunks(&empty)[0].more);
     }
 }

@@ -8,6 +8,7 @@
 //! - [`node_attestation`] — the Attest stream: join token, x509pop, TPM ([`tpm_attest`]).
 //! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
 //! - [`signing`] — the bounded, measured signing queue in front of minting.
+//! - [`sync`] — what each agent's sync stream sends: a full snapshot, then deltas, in chunks.
 //! - [`admin_api`] — the operator API on the admin Unix socket.
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
@@ -26,5 +27,6 @@ pub mod node_attestation;
 pub mod run;
 pub mod signing;
 pub mod state;
+pub mod sync;
 pub mod tls;
 pub mod tpm_attest;

@@ -12,7 +12,8 @@
 //!    `sync_growth_ratio` = median after / median before
 //!    (`sync_growth_ratio_min`: the same with the fastest of each, less
 //!    sensitive to a noisy machine);
-//! 3. open every agent's sync stream, read each first message, then record
+//! 3. open every agent's sync stream (asking for deltas, as `sigil-agent`
+//!    does), read each first message, then record
 //!    the server's RSS, the probe's fresh sync time (`agent_sync_ms`) and
 //!    the server CPU time spent per entry change while all streams are open.
 //!
@@ -315,7 +316,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     for s in &sims {
         let mut api = s.api.clone();
         set.spawn(async move {
-            let mut st = api.sync(SyncRequest::default()).await?.into_inner();
+            let mut st = api.sync(SyncRequest { deltas: true }).await?.into_inner();
             let snap = read_snapshot(&mut st).await?;
             Ok::<_, crate::Error>((st, snap.entries.len()))
         });
@@ -339,7 +340,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
         n_agents + 1
     ));
     let mut api = probe.api.clone();
-    let mut pst = api.sync(SyncRequest::default()).await?.into_inner();
+    let mut pst = api.sync(SyncRequest { deltas: true }).await?.into_inner();
     let first = pst.message().await?.ok_or("sync stream ended")?;
     let target = first
         .entries
@@ -350,6 +351,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     let mut adm = server.admin.clone();
     let cpu0 = server.proc.cpu_time()?;
     let mut lat = Vec::new();
+    let mut change_bytes = Vec::new();
     for k in 0..changes {
         let hint = format!("h{k}");
         let t = Instant::now();
@@ -358,6 +360,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
             let u =
                 tokio::time::timeout(Duration::from_secs(30), read_snapshot(&mut pst)).await??;
             if u.entries.iter().any(|e| e.id == target && e.hint == hint) {
+                change_bytes.push(u.bytes as f64);
                 break;
             }
         }
@@ -397,6 +400,10 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
             .with("all_agents_synced_entries", synced_entries)
             .f("server_cpu_ms_per_change", cpu_per_change)
             .f("change_to_probe_p50_ms", lat.q_ms(0.5))
+            .f(
+                "change_bytes",
+                change_bytes.iter().sum::<f64>() / change_bytes.len().max(1) as f64,
+            )
             .f("entries_created_per_sec", (rate_a + rate_b) / 2.0)
             .with("storm_svids", storm.svids)
             .f("storm_seconds", storm.seconds)

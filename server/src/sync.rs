@@ -1,0 +1,243 @@
+//! What an agent's sync stream sends after each change.
+//!
+//! A stream starts with the complete set of entries the agent is authorized
+//! for. After that, an agent that asked for deltas receives only the entries
+//! added or changed and the IDs removed, so a change to one entry of an
+//! agent holding 50,000 costs one entry on the wire instead of 50,000.
+//! Whatever is sent, large updates are split into chunks of at most
+//! [`SYNC_CHUNK`] entries.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use sigil_core::entry::Entry;
+use sigil_proto::agent::SyncUpdate;
+use sigil_proto::common::FederatedBundle;
+
+/// Entries per sync message (a few hundred bytes each: well under the
+/// 4 MiB gRPC message limit even for large selector lists).
+pub const SYNC_CHUNK: usize = 2000;
+
+/// The trust material every update carries (in its last chunk).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Trust {
+    pub bundle: Vec<Vec<u8>>,
+    pub jwt_bundle: Vec<u8>,
+    pub federated: HashMap<String, FederatedBundle>,
+}
+
+/// Remembers what one stream has been sent.
+#[derive(Debug)]
+pub struct SyncTracker {
+    deltas: bool,
+    sent: Option<Sent>,
+}
+
+#[derive(Debug)]
+struct Sent {
+    entries: HashMap<String, Arc<Entry>>,
+    trust: Trust,
+}
+
+impl SyncTracker {
+    /// A tracker for a new stream; `deltas` as the agent asked.
+    pub fn new(deltas: bool) -> Self {
+        Self { deltas, sent: None }
+    }
+
+    /// The update that brings the agent to `entries` and `trust`, or `None`
+    /// when it already has exactly that.
+    pub fn next(
+        &mut self,
+        entries: &[Arc<Entry>],
+        trust: Trust,
+        revision: u64,
+    ) -> Option<SyncUpdate> {
+        let (changed, removed) = match &self.sent {
+            None => (entries.to_vec(), Vec::new()),
+            Some(prev) => {
+                let changed: Vec<Arc<Entry>> = entries
+                    .iter()
+                    .filter(|e| {
+                        prev.entries
+                            .get(&e.id)
+                            .is_none_or(|p| !Arc::ptr_eq(p, e) && **p != ***e)
+                    })
+                    .cloned()
+                    .collect();
+                let now: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+                let mut removed: Vec<String> = prev
+                    .entries
+                    .keys()
+                    .filter(|id| !now.contains(id.as_str()))
+                    .cloned()
+                    .collect();
+                removed.sort();
+                if changed.is_empty() && removed.is_empty() && prev.trust == trust {
+                    return None;
+                }
+                (changed, removed)
+            }
+        };
+        let delta = self.deltas && self.sent.is_some();
+        let update = SyncUpdate {
+            entries: if delta {
+                changed.iter().map(|e| e.to_proto()).collect()
+            } else {
+                entries.iter().map(|e| e.to_proto()).collect()
+            },
+            bundle: trust.bundle.clone(),
+            revision,
+            jwt_bundle: trust.jwt_bundle.clone(),
+            federated: trust.federated.clone(),
+            more: false,
+            delta,
+            removed: if delta { removed } else { Vec::new() },
+        };
+        self.sent = Some(Sent {
+            entries: entries.iter().map(|e| (e.id.clone(), e.clone())).collect(),
+            trust,
+        });
+        Some(update)
+    }
+}
+
+/// Splits an update into messages of at most [`SYNC_CHUNK`] entries; trust
+/// material and removals travel in the last one, which alone lacks `more`.
+pub fn chunks(update: SyncUpdate) -> Vec<SyncUpdate> {
+    if update.entries.len() <= SYNC_CHUNK {
+        return vec![update];
+    }
+    let mut entries = update.entries.into_iter().peekable();
+    let mut out = Vec::new();
+    loop {
+        let part: Vec<_> = entries.by_ref().take(SYNC_CHUNK).collect();
+        if entries.peek().is_some() {
+            out.push(SyncUpdate {
+                entries: part,
+                revision: update.revision,
+                more: true,
+                delta: update.delta,
+                ..Default::default()
+            });
+            continue;
+        }
+        out.push(SyncUpdate {
+            entries: part,
+            revision: update.revision,
+            more: false,
+            delta: update.delta,
+            bundle: update.bundle,
+            jwt_bundle: update.jwt_bundle,
+            federated: update.federated,
+            removed: update.removed,
+        });
+        return out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_core::TrustDomain;
+    use sigil_proto::common::Entry as PbEntry;
+
+    fn entry(id: &str, hint: &str) -> Arc<Entry> {
+        let td = TrustDomain::new("example.org").unwrap();
+        let pb = PbEntry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            parent_id: "spiffe://example.org/agent".into(),
+            selectors: vec!["unix:uid:1".into()],
+            hint: hint.into(),
+            ..Default::default()
+        };
+        Arc::new(Entry::from_proto(&pb, &td).unwrap())
+    }
+
+    fn ids(u: &SyncUpdate) -> Vec<&str> {
+        u.entries.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn deltas_carry_only_changes_after_a_full_first_update() {
+        let mut t = SyncTracker::new(true);
+        let (a, b, c) = (entry("a", ""), entry("b", ""), entry("c", ""));
+        let first = t
+            .next(&[a.clone(), b.clone(), c.clone()], Trust::default(), 1)
+            .unwrap();
+        assert!(!first.delta);
+        assert_eq!(ids(&first), ["a", "b", "c"]);
+        // Nothing changed: nothing to send.
+        assert!(
+            t.next(&[a.clone(), b.clone(), c.clone()], Trust::default(), 2)
+                .is_none()
+        );
+        // b changed (a new Arc with equal content is not a change), c removed,
+        // d added.
+        let d = entry("d", "");
+        let u = t
+            .next(&[entry("a", ""), entry("b", "new"), d], Trust::default(), 3)
+            .unwrap();
+        assert!(u.delta);
+        assert_eq!(ids(&u), ["b", "d"]);
+        assert_eq!(u.removed, ["c"]);
+        // A trust change alone is sent, with no entries.
+        let trust = Trust {
+            bundle: vec![vec![1, 2, 3]],
+            ..Default::default()
+        };
+        let all = [entry("a", ""), entry("b", "new"), entry("d", "")];
+        let u = t.next(&all, trust.clone(), 4).unwrap();
+        assert!(u.delta && u.entries.is_empty() && u.removed.is_empty());
+        assert_eq!(u.bundle, trust.bundle);
+    }
+
+    #[test]
+    fn without_deltas_every_update_is_complete() {
+        let mut t = SyncTracker::new(false);
+        let (a, b) = (entry("a", ""), entry("b", ""));
+        t.next(&[a.clone(), b.clone()], Trust::default(), 1)
+            .unwrap();
+        assert!(
+            t.next(&[a.clone(), b.clone()], Trust::default(), 1)
+                .is_none()
+        );
+        let u = t.next(&[a], Trust::default(), 2).unwrap();
+        assert!(!u.delta && u.removed.is_empty());
+        assert_eq!(ids(&u), ["a"]);
+    }
+
+    #[test]
+    fn chunks_keep_trust_and_removals_for_the_last_message() {
+        let n = SYNC_CHUNK * 2 + 5;
+        let update = SyncUpdate {
+            entries: (0..n)
+                .map(|i| PbEntry {
+                    id: format!("e{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+            bundle: vec![vec![9]],
+            removed: vec!["gone".into()],
+            delta: true,
+            revision: 7,
+            ..Default::default()
+        };
+        let parts = chunks(update);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.iter().map(|p| p.entries.len()).sum::<usize>(), n);
+        assert!(
+            parts[..2]
+                .iter()
+                .all(|p| p.more && p.bundle.is_empty() && p.removed.is_empty())
+        );
+        let last = &parts[2];
+        assert!(
+            !last.more && last.delta && last.bundle == vec![vec![9]] && last.removed == ["gone"]
+        );
+        assert!(parts.iter().all(|p| p.revision == 7 && p.delta));
+        // Small updates stay one message.
+        assert_eq!(chunks(SyncUpdate::default()).len(), 1);
+    }
+}
