@@ -2,7 +2,6 @@
 //! renewal, sync and cache tasks, and serve the Workload API and the agent
 //! admin socket until SIGINT/SIGTERM.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -57,18 +56,7 @@ impl AgentAdminApi for AgentAdmin {
 }
 
 fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.exists()
-    {
-        sigil_fs::ensure_private_dir(parent)?;
-    }
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    sigil_fs::bind_socket(path, 0o600, |p| UnixListener::bind(p))
 }
 
 pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), String> {

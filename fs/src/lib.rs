@@ -3,6 +3,8 @@
 //! - [`ensure_private_dir`] — create a directory and force mode 0700.
 //! - [`write_atomic`] — write a file through a temporary file created with
 //!   the final mode (never briefly world-readable) and an atomic rename.
+//! - [`bind_socket`] — bind a Unix socket in a private directory with a
+//!   given mode, replacing a stale one.
 //! - [`check_private_file`] — refuse a key file that group or others can
 //!   read or write.
 
@@ -30,6 +32,29 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     f.write_all(data)?;
     f.sync_all()?;
     fs::rename(&tmp, path)
+}
+
+/// Binds a Unix socket at `path` with `bind` and restricts the socket file
+/// to `mode`: a missing parent directory is created with mode 0700 (an
+/// existing one is left as the operator made it), and a stale socket from a
+/// previous run is removed first.
+pub fn bind_socket<L>(
+    path: &Path,
+    mode: u32,
+    bind: impl FnOnce(&Path) -> std::io::Result<L>,
+) -> std::io::Result<L> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        ensure_private_dir(parent)?;
+    }
+    if path.exists() {
+        fs::remove_file(path)?;
+    }
+    let listener = bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(listener)
 }
 
 /// Checks that `path` is not accessible to group or others (a key file must
@@ -77,6 +102,20 @@ mod tests {
         );
         assert!(check_private_file(&f).is_ok());
         assert!(!d.join("key.tmp").exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn sockets_get_a_private_parent_and_their_mode() {
+        let d = scratch("sock");
+        let path = d.join("sub/admin.sock");
+        let l = bind_socket(&path, 0o600, |p| std::os::unix::net::UnixListener::bind(p)).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&d.join("sub")), 0o700);
+        drop(l);
+        // A stale socket file is replaced.
+        bind_socket(&path, 0o600, |p| std::os::unix::net::UnixListener::bind(p)).unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
 

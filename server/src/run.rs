@@ -1,7 +1,6 @@
 //! `sigil-server run`: wires the datastore, CA, agent API (TLS) and admin
 //! socket together and serves until SIGINT/SIGTERM.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,18 +28,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Binds a Unix socket at `path`: creates a missing parent directory with
 /// mode 0700 and leaves an existing one alone; the socket itself is 0600.
 pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.exists()
-    {
-        sigil_fs::ensure_private_dir(parent)?;
-    }
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    sigil_fs::bind_socket(path, 0o600, |p| UnixListener::bind(p))
 }
 
 pub async fn run(cfg: ServerConfig) -> Result<(), String> {
