@@ -5,11 +5,13 @@
 //! Workload API streams read without locks.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use prost::bytes::Bytes;
 use sigil_core::entry::Entry;
 use sigil_core::jwt::JwtBundle;
+use sigil_core::selector::{Selector, SelectorSet};
 use sigil_core::x509::{SvidInfo, new_key_and_csr};
 use sigil_core::{TrustDomain, now_unix};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
@@ -47,9 +49,10 @@ pub struct CachedSvid {
     pub entry_id: String,
     pub spiffe_id: String,
     /// DER certificates, leaf first, concatenated (the Workload API form).
-    pub chain_der: Vec<u8>,
+    /// `Bytes`, so that every response shares it rather than copying it.
+    pub chain_der: Bytes,
     /// PKCS#8 DER private key.
-    pub key_der: Vec<u8>,
+    pub key_der: Bytes,
     pub not_before: i64,
     pub not_after: i64,
     /// Unix seconds when renewal is due: half-way from receipt to expiry
@@ -85,12 +88,12 @@ fn refresh_delay(lifetime: i64) -> i64 {
 pub struct Bundle {
     pub certs: Vec<Vec<u8>>,
     /// The certificates concatenated (the Workload API form).
-    pub concat: Vec<u8>,
+    pub concat: Bytes,
 }
 
 impl Bundle {
     pub fn new(certs: Vec<Vec<u8>>) -> Self {
-        let concat = certs.concat();
+        let concat = Bytes::from(certs.concat());
         Self { certs, concat }
     }
 }
@@ -99,15 +102,69 @@ impl Bundle {
 #[derive(Default)]
 pub struct Snapshot {
     pub trust_domain: Option<TrustDomain>,
-    /// Entries this agent is authorized for.
+    /// Entries this agent is authorized for, by ID.
     pub entries: Vec<Arc<Entry>>,
-    /// SVIDs by entry ID.
-    pub svids: HashMap<String, Arc<CachedSvid>>,
+    /// SVIDs by entry ID (shared with the cache worker until it changes them).
+    pub svids: Arc<HashMap<String, Arc<CachedSvid>>>,
     pub bundle: Arc<Bundle>,
     /// JWT bundles and federated bundles.
     pub trust: Arc<TrustMaterial>,
     /// True once the first sync from the server has arrived.
     pub synced: bool,
+    /// Built on first use by [`Snapshot::entitled`].
+    index: OnceLock<EntryIndex>,
+}
+
+impl Snapshot {
+    /// The entries whose selectors `selectors` satisfies, in `entries` order.
+    pub fn entitled(&self, selectors: &SelectorSet) -> Vec<&Arc<Entry>> {
+        let index = self.index.get_or_init(|| EntryIndex::new(&self.entries));
+        let mut found: Vec<usize> = selectors
+            .iter()
+            .filter_map(|s| index.by_selector.get(s))
+            .flatten()
+            .copied()
+            .collect();
+        found.sort_unstable();
+        found
+            .into_iter()
+            .filter_map(|i| self.entries.get(i))
+            .filter(|e| selectors.satisfies(&e.selectors))
+            .collect()
+    }
+}
+
+/// Positions in [`Snapshot::entries`], each filed under one selector of its
+/// entry: the one the fewest entries have. A caller satisfies an entry only
+/// if it has all of the entry's selectors, so it has the one the entry is
+/// filed under; looking up each of the caller's selectors thus finds every
+/// candidate exactly once, and only candidates need the full subset check.
+/// Entries without selectors match nobody and are not filed.
+#[derive(Default)]
+struct EntryIndex {
+    by_selector: HashMap<Selector, Vec<usize>>,
+}
+
+impl EntryIndex {
+    fn new(entries: &[Arc<Entry>]) -> Self {
+        let mut counts: HashMap<&Selector, usize> = HashMap::new();
+        for e in entries {
+            for s in &e.selectors {
+                *counts.entry(s).or_default() += 1;
+            }
+        }
+        let mut by_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            if let Some(key) = e
+                .selectors
+                .iter()
+                .min_by_key(|s| counts.get(s).copied().unwrap_or(0))
+            {
+                by_selector.entry(key.clone()).or_default().push(i);
+            }
+        }
+        Self { by_selector }
+    }
 }
 
 /// Trust material beyond the own X.509 bundle, replaced as a whole when
@@ -119,7 +176,7 @@ pub struct TrustMaterial {
     /// Federated bundles by trust domain name, as received.
     pub federated: BTreeMap<String, FederatedBundle>,
     /// Federated X.509 authorities, concatenated DER, by trust domain ID (`spiffe://td`).
-    pub federated_x509: BTreeMap<String, Vec<u8>>,
+    pub federated_x509: BTreeMap<String, Bytes>,
     /// Parsed JWT bundles (own and federated) for validation.
     pub jwt_bundles: BTreeMap<TrustDomain, JwtBundle>,
 }
@@ -142,7 +199,7 @@ impl TrustMaterial {
                 continue;
             };
             if !b.x509_authorities.is_empty() {
-                federated_x509.insert(ftd.id_string(), b.x509_authorities.concat());
+                federated_x509.insert(ftd.id_string(), Bytes::from(b.x509_authorities.concat()));
             }
             if !b.jwt_bundle.is_empty()
                 && let Ok(j) = JwtBundle::from_jwks(&b.jwt_bundle)
@@ -174,7 +231,9 @@ pub struct Cache {
     updates: mpsc::Receiver<SyncState>,
     out: watch::Sender<Arc<Snapshot>>,
     entries: HashMap<String, Arc<Entry>>,
-    svids: HashMap<String, Arc<CachedSvid>>,
+    /// Shared with the published snapshot: copied (on write) only when
+    /// the SVIDs change, not on every publish.
+    svids: Arc<HashMap<String, Arc<CachedSvid>>>,
     bundle: Arc<Bundle>,
     trust: Arc<TrustMaterial>,
     synced: bool,
@@ -202,7 +261,7 @@ impl Cache {
                 updates,
                 out,
                 entries: HashMap::new(),
-                svids: HashMap::new(),
+                svids: Arc::default(),
                 bundle,
                 trust: Arc::new(TrustMaterial::default()),
                 synced: false,
@@ -219,7 +278,10 @@ impl Cache {
             .into_iter()
             .map(|e| (e.id.clone(), Arc::new(e)))
             .collect();
-        self.svids.retain(|id, _| self.entries.contains_key(id));
+        if self.svids.keys().any(|id| !self.entries.contains_key(id)) {
+            let entries = &self.entries;
+            Arc::make_mut(&mut self.svids).retain(|id, _| entries.contains_key(id));
+        }
         if s.bundle != self.bundle.certs {
             self.bundle = Arc::new(Bundle::new(s.bundle));
         }
@@ -250,6 +312,7 @@ impl Cache {
             bundle: self.bundle.clone(),
             trust: self.trust.clone(),
             synced: self.synced,
+            index: OnceLock::new(),
         }));
     }
 
@@ -297,13 +360,13 @@ impl Cache {
                     continue;
                 }
             };
-            self.svids.insert(
+            Arc::make_mut(&mut self.svids).insert(
                 r.entry_id.clone(),
                 Arc::new(CachedSvid {
                     entry_id: r.entry_id,
                     spiffe_id: info.spiffe_id.to_string(),
-                    chain_der: r.svid_chain.concat(),
-                    key_der: key,
+                    chain_der: Bytes::from(r.svid_chain.concat()),
+                    key_der: Bytes::from(key),
                     not_before: info.not_before,
                     not_after: info.not_after,
                     refresh_at: received + refresh_delay(info.not_after - received),
@@ -345,9 +408,10 @@ impl Cache {
                 }
             }
             // Expired SVIDs are never served.
-            let before = self.svids.len();
-            self.svids.retain(|_, s| s.not_after > now);
-            changed |= self.svids.len() != before;
+            if self.svids.values().any(|s| s.not_after <= now) {
+                Arc::make_mut(&mut self.svids).retain(|_, s| s.not_after > now);
+                changed = true;
+            }
             if changed {
                 self.publish();
             }
@@ -389,7 +453,87 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
-    use super::refresh_delay;
+    use super::*;
+    use sigil_core::SpiffeId;
+
+    fn entry(id: usize, selectors: &[&str]) -> Arc<Entry> {
+        Arc::new(Entry {
+            id: format!("e{id:03}"),
+            spiffe_id: SpiffeId::new(format!("spiffe://example.org/w{id}")).unwrap(),
+            parent_id: SpiffeId::new("spiffe://example.org/agent").unwrap(),
+            selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            dns_names: vec![],
+            hint: String::new(),
+            federates_with: vec![],
+            admin: false,
+            downstream: false,
+            node: false,
+            owner: String::new(),
+            expires_at: None,
+            revision: 1,
+            created_at: 0,
+        })
+    }
+
+    fn set(selectors: &[&str]) -> SelectorSet {
+        selectors.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn the_entry_index_finds_exactly_what_a_full_scan_finds() {
+        let pool = [
+            "unix:uid:1000",
+            "unix:uid:1001",
+            "unix:gid:1000",
+            "unix:user:alice",
+            "unix:path:/usr/bin/a",
+            "unix:path:/usr/bin/b",
+            "unix:supplementary_gid:27",
+            "docker:label:x",
+        ];
+        // Every subset of the pool (up to 3 selectors) as an entry, plus
+        // one without selectors, which must match nobody.
+        let mut entries = vec![entry(0, &[])];
+        for a in 0..pool.len() {
+            entries.push(entry(entries.len(), &[pool[a]]));
+            for b in a + 1..pool.len() {
+                let mut sel = vec![pool[a], pool[b]];
+                sel.sort();
+                entries.push(entry(entries.len(), &sel));
+                for c in b + 1..pool.len() {
+                    let mut sel = vec![pool[a], pool[b], pool[c]];
+                    sel.sort();
+                    entries.push(entry(entries.len(), &sel));
+                }
+            }
+        }
+        let snap = Snapshot {
+            entries,
+            ..Default::default()
+        };
+        for mask in 0u32..(1 << pool.len()) {
+            let callers: Vec<&str> = (0..pool.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| pool[i])
+                .collect();
+            let caller = set(&callers);
+            let scan: Vec<&str> = snap
+                .entries
+                .iter()
+                .filter(|e| caller.satisfies(&e.selectors))
+                .map(|e| e.id.as_str())
+                .collect();
+            let indexed: Vec<&str> = snap
+                .entitled(&caller)
+                .into_iter()
+                .map(|e| e.id.as_str())
+                .collect();
+            assert_eq!(indexed, scan, "caller {callers:?}");
+        }
+        assert!(snap.entitled(&set(&["unix:uid:1000"])).len() == 1);
+    }
 
     #[test]
     fn renewal_lands_between_forty_and_fifty_percent_of_the_lifetime() {

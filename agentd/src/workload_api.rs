@@ -6,7 +6,9 @@
 //! only when the caller's view changed.
 
 use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use prost_types::value::Kind;
 use sigil_attestors::workload::unix::UnixAttestor;
@@ -25,8 +27,9 @@ use sigil_proto::workload::{
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
     X509svid, X509svidRequest, X509svidResponse,
 };
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::WatchStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -79,15 +82,26 @@ impl WorkloadApi {
             .get::<PeerInfo>()
             .map(|p| p.0.clone())
             .ok_or_else(|| Status::internal("peer information missing"))?;
-        let attestor = self.attestor.clone();
         let pid = peer.pid;
-        tokio::task::spawn_blocking(move || attestor.attest(&peer))
-            .await
-            .map_err(|_| Status::internal("attestation task failed"))?
-            .map_err(|e| {
-                tracing::info!(pid, error = %e, "workload attestation failed");
-                Status::permission_denied("could not attest the calling process")
-            })
+        // Every call is attested afresh (see `UnixAttestor` for what is
+        // cached and why that is safe). When the user/group names and the
+        // binary's hash are cached, what remains is a pidfd poll and a few
+        // small /proc reads: cheaper inline than a hop to a blocking thread.
+        // NSS lookups and hashing a binary run on a blocking thread.
+        let attested = match self.attestor.attest_cached(&peer) {
+            Ok(Some(selectors)) => Ok(selectors),
+            Ok(None) => {
+                let attestor = self.attestor.clone();
+                tokio::task::spawn_blocking(move || attestor.attest(&peer))
+                    .await
+                    .map_err(|_| Status::internal("attestation task failed"))?
+            }
+            Err(e) => Err(e),
+        };
+        attested.map_err(|e| {
+            tracing::info!(pid, error = %e, "workload attestation failed");
+            Status::permission_denied("could not attest the calling process")
+        })
     }
 
     /// A JWT-SVID for `entry` and `audience`, from the cache or the server.
@@ -134,14 +148,6 @@ impl WorkloadApi {
     }
 }
 
-/// Entries of the snapshot that the caller's selectors satisfy.
-fn entitled<'a>(snap: &'a Snapshot, selectors: &SelectorSet) -> Vec<&'a Arc<Entry>> {
-    snap.entries
-        .iter()
-        .filter(|e| selectors.satisfies(&e.selectors))
-        .collect()
-}
-
 /// Federated trust domains (`spiffe://td`) any of `entries` federates with.
 fn federations(entries: &[&Arc<Entry>]) -> BTreeSet<String> {
     entries
@@ -164,10 +170,11 @@ fn x509_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509svidResponse>, Status> {
-    let matching = entitled(snap, selectors);
+    let matching = snap.entitled(selectors);
     if matching.is_empty() {
         return no_identity(snap).map(|()| None);
     }
+    // Chain, key and bundle are `Bytes`: cloning them shares the buffers.
     let svids: Vec<X509svid> = matching
         .iter()
         .filter_map(|e| snap.svids.get(&e.id).map(|s| (e, s)))
@@ -197,7 +204,7 @@ fn x509_bundles_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509BundlesResponse>, Status> {
-    let matching = entitled(snap, selectors);
+    let matching = snap.entitled(selectors);
     if matching.is_empty() {
         return no_identity(snap).map(|()| None);
     }
@@ -213,10 +220,10 @@ fn x509_bundles_response(
             snap.trust
                 .federated_x509
                 .get(&ftd)
-                .map(|b| (ftd, b.clone()))
+                .map(|b| (ftd, b.to_vec()))
         })
         .collect();
-    bundles.insert(td.id_string(), snap.bundle.concat.clone());
+    bundles.insert(td.id_string(), snap.bundle.concat.to_vec());
     Ok(Some(X509BundlesResponse {
         crl: vec![],
         bundles,
@@ -227,7 +234,7 @@ fn jwt_bundles_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<JwtBundlesResponse>, Status> {
-    let matching = entitled(snap, selectors);
+    let matching = snap.entitled(selectors);
     if matching.is_empty() {
         return no_identity(snap).map(|()| None);
     }
@@ -250,43 +257,89 @@ fn jwt_bundles_response(
     Ok(Some(JwtBundlesResponse { bundles }))
 }
 
-/// Streams `build(snapshot)` to the caller whenever it changes; ends the
-/// stream with the error when the caller loses its last identity.
-fn stream_updates<M, F>(
-    mut snaps: watch::Receiver<Arc<Snapshot>>,
+/// A Workload API stream: the caller's view of the current snapshot, then
+/// of every later snapshot in which it differs from the last message sent;
+/// it ends after an error (the caller lost its last identity).
+///
+/// The stream is polled by the connection that carries it and dropped with
+/// the call: no task or channel per call, and the first message is built
+/// once, in [`Updates::start`].
+pub struct Updates<M, F> {
+    first: Option<M>,
+    changes: WatchStream<Arc<Snapshot>>,
     build: F,
-) -> ReceiverStream<Result<M, Status>>
+    last: Option<M>,
+    done: bool,
+}
+
+impl<M, F> Updates<M, F>
 where
-    M: PartialEq + Clone + Send + 'static,
-    F: Fn(&Snapshot) -> Result<Option<M>, Status> + Send + 'static,
+    M: PartialEq + Clone,
+    F: Fn(&Snapshot) -> Result<Option<M>, Status>,
 {
-    let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(async move {
-        let mut last: Option<M> = None;
-        loop {
-            let snap = snaps.borrow_and_update().clone();
-            match build(&snap) {
-                Ok(Some(m)) => {
-                    if last.as_ref() != Some(&m) {
-                        if tx.send(Ok(m.clone())).await.is_err() {
-                            return;
-                        }
-                        last = Some(m);
-                    }
+    /// Builds the first message from the current snapshot; refuses at once
+    /// (rather than in-stream) when the caller has no identity. `Ok(None)`
+    /// from `build` means entitled but nothing minted yet: the stream then
+    /// waits for the next snapshot.
+    fn start(mut snaps: watch::Receiver<Arc<Snapshot>>, build: F) -> Result<Self, Status> {
+        // Mark this version seen before reading it, so that a snapshot
+        // published meanwhile is delivered as a change.
+        let snap = snaps.borrow_and_update().clone();
+        let first = build(&snap)?;
+        Ok(Self {
+            last: first.clone(),
+            first,
+            changes: WatchStream::from_changes(snaps),
+            build,
+            done: false,
+        })
+    }
+}
+
+impl<M, F> Stream for Updates<M, F>
+where
+    M: PartialEq + Clone + Unpin,
+    F: Fn(&Snapshot) -> Result<Option<M>, Status> + Unpin,
+{
+    type Item = Result<M, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(m) = this.first.take() {
+            return Poll::Ready(Some(Ok(m)));
+        }
+        while !this.done {
+            let Some(snap) = std::task::ready!(Pin::new(&mut this.changes).poll_next(cx)) else {
+                return Poll::Ready(None);
+            };
+            match (this.build)(&snap) {
+                Ok(Some(m)) if this.last.as_ref() != Some(&m) => {
+                    this.last = Some(m.clone());
+                    return Poll::Ready(Some(Ok(m)));
                 }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(st) => {
-                    let _ = tx.send(Err(st)).await;
-                    return;
+                    this.done = true;
+                    return Poll::Ready(Some(Err(st)));
                 }
-            }
-            tokio::select! {
-                r = snaps.changed() => if r.is_err() { return },
-                _ = tx.closed() => return,
             }
         }
-    });
-    ReceiverStream::new(rx)
+        Poll::Ready(None)
+    }
+}
+
+/// A stream of `M` built by a boxed closure over the snapshot.
+type UpdateStream<M> =
+    Updates<M, Box<dyn Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync>>;
+
+fn updates<M>(
+    snaps: watch::Receiver<Arc<Snapshot>>,
+    build: impl Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync + 'static,
+) -> Result<UpdateStream<M>, Status>
+where
+    M: PartialEq + Clone,
+{
+    Updates::start(snaps, Box::new(build))
 }
 
 /// JSON → protobuf `Value`, for the claims `Struct`.
@@ -315,21 +368,19 @@ fn to_prost_struct(m: &serde_json::Map<String, serde_json::Value>) -> prost_type
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
-    type FetchX509BundlesStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
-    type FetchJWTBundlesStream = ReceiverStream<Result<JwtBundlesResponse, Status>>;
+    type FetchX509SVIDStream = UpdateStream<X509svidResponse>;
+    type FetchX509BundlesStream = UpdateStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = UpdateStream<JwtBundlesResponse>;
 
     async fn fetch_x509svid(
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = self.caller(&req).await?;
-        // Refuse at once (rather than in-stream) when the caller has no identity.
-        x509_response(&self.snapshots.borrow(), &selectors)?;
-        Ok(Response::new(stream_updates(
-            self.snapshots.clone(),
-            move |s| x509_response(s, &selectors),
-        )))
+        // Refuses at once (rather than in-stream) when the caller has no identity.
+        Ok(Response::new(updates(self.snapshots.clone(), move |s| {
+            x509_response(s, &selectors)
+        })?))
     }
 
     async fn fetch_x509_bundles(
@@ -337,11 +388,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let selectors = self.caller(&req).await?;
-        x509_bundles_response(&self.snapshots.borrow(), &selectors)?;
-        Ok(Response::new(stream_updates(
-            self.snapshots.clone(),
-            move |s| x509_bundles_response(s, &selectors),
-        )))
+        // Refuses at once (rather than in-stream) when the caller has no identity.
+        Ok(Response::new(updates(self.snapshots.clone(), move |s| {
+            x509_bundles_response(s, &selectors)
+        })?))
     }
 
     async fn fetch_jwtsvid(
@@ -365,7 +415,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 })?)
             };
         let snap = self.snapshots.borrow().clone();
-        let matching: Vec<Arc<Entry>> = entitled(&snap, &selectors)
+        let matching: Vec<Arc<Entry>> = snap
+            .entitled(&selectors)
             .into_iter()
             .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
             .cloned()
@@ -389,11 +440,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let selectors = self.caller(&req).await?;
-        jwt_bundles_response(&self.snapshots.borrow(), &selectors)?;
-        Ok(Response::new(stream_updates(
-            self.snapshots.clone(),
-            move |s| jwt_bundles_response(s, &selectors),
-        )))
+        // Refuses at once (rather than in-stream) when the caller has no identity.
+        Ok(Response::new(updates(self.snapshots.clone(), move |s| {
+            jwt_bundles_response(s, &selectors)
+        })?))
     }
 
     async fn validate_jwtsvid(

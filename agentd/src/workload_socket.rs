@@ -18,6 +18,11 @@ use tonic::transport::server::Connected;
 
 use crate::h2_authority::AuthorityRewriter;
 
+/// Capacity of the rewritten-bytes buffer kept across reads; a larger one
+/// (after a large read) is freed once drained, so that idle connections
+/// hold little memory.
+const OUT_KEEP: usize = 4 * 1024;
+
 /// A Workload API connection together with the kernel's account of its
 /// peer. Bytes from the client pass through [`AuthorityRewriter`] so that
 /// gRPC C-core clients (py-spiffe) are accepted.
@@ -25,9 +30,9 @@ pub struct PeerStream {
     inner: UnixStream,
     peer: Arc<Peer>,
     rewriter: AuthorityRewriter,
+    /// Rewritten bytes not yet handed to the reader, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
-    scratch: Box<[u8]>,
 }
 
 impl PeerStream {
@@ -38,7 +43,6 @@ impl PeerStream {
             rewriter: AuthorityRewriter::default(),
             out: Vec::new(),
             out_pos: 0,
-            scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
         }
     }
 }
@@ -67,21 +71,32 @@ impl AsyncRead for PeerStream {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    if this.out.capacity() > OUT_KEEP {
+                        this.out = Vec::new();
+                    } else {
+                        this.out.clear();
+                    }
                     this.out_pos = 0;
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut rb = ReadBuf::new(&mut this.scratch);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Read into the reader's own buffer (no per-connection scratch),
+            // pass those bytes through the rewriter, and hand back its output
+            // in their place.
+            let start = buf.filled().len();
+            match Pin::new(&mut this.inner).poll_read(cx, buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
-                    let n = rb.filled().len();
-                    if n == 0 {
+                    let end = buf.filled().len();
+                    if end == start {
                         return Poll::Ready(Ok(())); // EOF
                     }
-                    this.rewriter.feed(&this.scratch[..n], &mut this.out);
+                    this.rewriter.feed(&buf.filled()[start..end], &mut this.out);
+                    buf.set_filled(start);
                 }
             }
         }

@@ -14,7 +14,9 @@ use std::fs;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{getsockopt, sockopt};
@@ -86,18 +88,115 @@ impl Peer {
     }
 }
 
-/// Key of the binary-hash cache: a file is re-hashed when any of these change.
-type FileKey = (u64, u64, i64, i64, u64);
+/// Key of the binary-hash cache: a file is re-hashed when any of these
+/// change: (device, inode, size, mtime s, mtime ns, ctime s, ctime ns).
+/// Kept as separate fields (no `s * 1e9 + ns`): the owner of a file may set
+/// its mtime to any value, and the sum would overflow.
+type FileKey = (u64, u64, u64, i64, i64, i64, i64);
 
-/// The unix attestor. Cheap to share; it caches binary hashes by
-/// (device, inode, mtime, ctime, size).
+fn file_key(m: &fs::Metadata) -> FileKey {
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+}
+
+/// How long a uid → user name or gid → group name answer is reused.
+const NAME_TTL: Duration = Duration::from_secs(5);
+/// Most uids (and, separately, gids) whose names are kept.
+const NAME_CACHE_MAX: usize = 1024;
+/// Most binaries whose hashes are kept.
+const HASH_CACHE_MAX: usize = 4096;
+/// A binary whose inode changed less than this long ago is hashed but its
+/// hash is not cached (see [`UnixAttestor`]).
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// uid → user name (or gid → group name) answers with the instant they
+/// were looked up. `None` names (no such user) are cached too.
 #[derive(Debug, Default)]
+struct NameCache {
+    map: HashMap<u32, (Instant, Option<String>)>,
+}
+
+impl NameCache {
+    /// The cached answer for `id`, if looked up less than [`NAME_TTL`] before `now`.
+    fn get(&self, id: u32, now: Instant) -> Option<Option<String>> {
+        self.map
+            .get(&id)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < NAME_TTL)
+            .map(|(_, name)| name.clone())
+    }
+
+    fn insert(&mut self, id: u32, name: Option<String>, now: Instant) {
+        if self.map.len() >= NAME_CACHE_MAX && !self.map.contains_key(&id) {
+            self.map
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < NAME_TTL);
+            if self.map.len() >= NAME_CACHE_MAX {
+                self.map.clear();
+            }
+        }
+        self.map.insert(id, (now, name));
+    }
+}
+
+/// The unix attestor. Cheap to share.
+///
+/// # Caching, and why it is safe
+///
+/// Nothing is cached per connection or per process: every attestation
+/// re-derives the selectors from the kernel (`SO_PEERCRED` credentials
+/// pinned at connect time, `/proc/<pid>/status`, the `/proc/<pid>/exe`
+/// link), brackets those reads with the pidfd liveness check (or the
+/// start-time check), and only memoizes answers that are pure functions of
+/// kernel-supplied keys:
+///
+/// * uid → user name and gid → group name, for [`NAME_TTL`] (bounded to
+///   [`NAME_CACHE_MAX`] ids each). The uid/gid themselves still come from
+///   the kernel on every call; only the NSS lookup is skipped, so a rename
+///   in `/etc/passwd` or `/etc/group` is seen within a few seconds.
+/// * binary → SHA-256, keyed by the `stat` of the file `/proc/<pid>/exe`
+///   resolves to *now* (device, inode, size, mtime, ctime with
+///   nanoseconds). A process that keeps its Workload API socket and
+///   `exec`s another binary therefore resolves to another inode, misses
+///   the cache and is hashed afresh: its `unix:path` and `unix:sha256`
+///   always describe the current executable. A binary modified in place
+///   gets a new ctime, which no user can set. Because inode timestamps
+///   are coarse (a kernel tick), a file changed within [`RACY_WINDOW`]
+///   of hashing could be changed again with an identical key; such
+///   "racily clean" files (the problem git's index has) are hashed on
+///   every call until they settle, and a hash is only cached when the
+///   file's stat was the same before and after reading it.
+///
+/// [`UnixAttestor::attest_cached`] serves a call from these caches without
+/// blocking work (no NSS, no hashing), so the Workload API can run it on
+/// the async runtime and keep a blocking thread for the cold path,
+/// [`UnixAttestor::attest`]. Both return the same selectors.
+#[derive(Debug)]
 pub struct UnixAttestor {
     hashes: Mutex<HashMap<FileKey, String>>,
+    users: Mutex<NameCache>,
+    groups: Mutex<NameCache>,
+    racy_window: Duration,
+}
+
+impl Default for UnixAttestor {
+    fn default() -> Self {
+        Self {
+            hashes: Mutex::default(),
+            users: Mutex::default(),
+            groups: Mutex::default(),
+            racy_window: RACY_WINDOW,
+        }
+    }
 }
 
 impl UnixAttestor {
-    /// A new attestor with an empty hash cache.
+    /// A new attestor with empty caches.
     pub fn new() -> Self {
         Self::default()
     }
@@ -106,8 +205,29 @@ impl UnixAttestor {
     /// `unix:group`, `unix:supplementary_gid`, `unix:path`, `unix:sha256`.
     /// Path and hash are omitted when /proc/<pid>/exe is unreadable (the
     /// agent lacks ptrace rights over the peer); entries that require them
-    /// then simply do not match.
+    /// then simply do not match. May block (NSS lookups, hashing the
+    /// binary): call it from a blocking thread.
     pub fn attest(&self, peer: &Peer) -> Result<SelectorSet, AttestError> {
+        self.attest_with(peer, true)?
+            .ok_or_else(|| AttestError::Proc(peer.pid, "attestation incomplete".into()))
+    }
+
+    /// As [`UnixAttestor::attest`], but only if that needs no blocking
+    /// work: a pidfd poll, small /proc reads and cache lookups. `Ok(None)`
+    /// when a user/group name or the binary's hash is not cached (first
+    /// call, expired, or the process now runs another binary): call
+    /// [`UnixAttestor::attest`] then.
+    pub fn attest_cached(&self, peer: &Peer) -> Result<Option<SelectorSet>, AttestError> {
+        self.attest_with(peer, false)
+    }
+
+    /// `may_block = false` returns `Ok(None)` as soon as blocking work
+    /// would be needed; `true` never returns `Ok(None)`.
+    fn attest_with(
+        &self,
+        peer: &Peer,
+        may_block: bool,
+    ) -> Result<Option<SelectorSet>, AttestError> {
         let pid = peer.pid;
         if pid <= 0 {
             return Err(AttestError::PeerCredentials(format!(
@@ -125,19 +245,30 @@ impl UnixAttestor {
             return Err(AttestError::ProcessGone(pid));
         }
 
+        let Some(user) = Self::name(&self.users, peer.uid, may_block, |id| {
+            User::from_uid(Uid::from_raw(id)).map(|u| u.map(|u| u.name))
+        }) else {
+            return Ok(None);
+        };
+        let Some(group) = Self::name(&self.groups, peer.gid, may_block, |id| {
+            Group::from_gid(Gid::from_raw(id)).map(|g| g.map(|g| g.name))
+        }) else {
+            return Ok(None);
+        };
+
         let mut set = SelectorSet::new();
-        let mut add = |k: &str, v: String| {
+        let mut add = |k: &str, v: &str| {
             if let Ok(s) = Selector::new("unix", &format!("{k}:{v}")) {
                 set.insert(s);
             }
         };
-        add("uid", peer.uid.to_string());
-        add("gid", peer.gid.to_string());
-        if let Ok(Some(u)) = User::from_uid(Uid::from_raw(peer.uid)) {
-            add("user", u.name);
+        add("uid", &peer.uid.to_string());
+        add("gid", &peer.gid.to_string());
+        if let Some(u) = &user {
+            add("user", u);
         }
-        if let Ok(Some(g)) = Group::from_gid(Gid::from_raw(peer.gid)) {
-            add("group", g.name);
+        if let Some(g) = &group {
+            add("group", g);
         }
         let status = fs::read_to_string(format!("/proc/{pid}/status"))
             .map_err(|e| AttestError::Proc(pid, e.to_string()))?;
@@ -146,7 +277,7 @@ impl UnixAttestor {
             if let Some(rest) = line.strip_prefix("Groups:") {
                 for g in rest.split_whitespace() {
                     if g.parse::<u32>().is_ok() {
-                        add("supplementary_gid", g.to_string());
+                        add("supplementary_gid", g);
                     }
                 }
             } else if let Some(rest) = line.strip_prefix("Uid:") {
@@ -157,10 +288,15 @@ impl UnixAttestor {
                     .and_then(|u| u.parse::<u32>().ok());
             }
         }
-        if let Ok(path) = fs::read_link(format!("/proc/{pid}/exe")) {
-            add("path", path.to_string_lossy().into_owned());
-            if let Ok(hash) = self.exe_sha256(pid) {
-                add("sha256", hash);
+        let exe = format!("/proc/{pid}/exe");
+        if let Ok(path) = fs::read_link(&exe) {
+            add("path", &path.to_string_lossy());
+            // Opening (or stat-ing) /proc/<pid>/exe yields the binary the
+            // process runs, even if the path was since replaced or deleted.
+            match self.file_sha256(Path::new(&exe), may_block, SystemTime::now()) {
+                Ok(Some(hash)) => add("sha256", &hash),
+                Ok(None) => return Ok(None),
+                Err(_) => {}
             }
         }
 
@@ -177,26 +313,59 @@ impl UnixAttestor {
             }
             (None, None) => return Err(AttestError::ProcessGone(pid)),
         }
-        Ok(set)
+        Ok(Some(set))
     }
 
-    fn exe_sha256(&self, pid: i32) -> std::io::Result<String> {
-        // Opening /proc/<pid>/exe yields the binary the process runs, even if
-        // the path was since replaced or deleted.
-        let mut f = fs::File::open(format!("/proc/{pid}/exe"))?;
-        let m = f.metadata()?;
-        let key = (
-            m.dev(),
-            m.ino(),
-            m.mtime_nsec() + m.mtime() * 1_000_000_000,
-            m.ctime(),
-            m.size(),
-        );
+    /// The name of `id` from `cache`, or from `lookup` (NSS) when not
+    /// cached and `may_block`. Outer `None`: not cached and may not block.
+    /// A failed lookup yields no name (the selector is omitted) and is not
+    /// cached.
+    fn name(
+        cache: &Mutex<NameCache>,
+        id: u32,
+        may_block: bool,
+        lookup: impl FnOnce(u32) -> nix::Result<Option<String>>,
+    ) -> Option<Option<String>> {
+        let now = Instant::now();
+        if let Ok(c) = cache.lock()
+            && let Some(name) = c.get(id, now)
+        {
+            return Some(name);
+        }
+        if !may_block {
+            return None;
+        }
+        match lookup(id) {
+            Ok(name) => {
+                if let Ok(mut c) = cache.lock() {
+                    c.insert(id, name.clone(), Instant::now());
+                }
+                Some(name)
+            }
+            Err(_) => Some(None),
+        }
+    }
+
+    /// SHA-256 of the file at `path` (following links), from the cache when
+    /// its stat matches, else computed if `may_block` (`Ok(None)` if not).
+    /// `now` decides whether the file has settled enough to be cached.
+    fn file_sha256(
+        &self,
+        path: &Path,
+        may_block: bool,
+        now: SystemTime,
+    ) -> std::io::Result<Option<String>> {
+        let key = file_key(&fs::metadata(path)?);
         if let Ok(cache) = self.hashes.lock()
             && let Some(h) = cache.get(&key)
         {
-            return Ok(h.clone());
+            return Ok(Some(h.clone()));
         }
+        if !may_block {
+            return Ok(None);
+        }
+        let mut f = fs::File::open(path)?;
+        let before = f.metadata()?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut buf = vec![0u8; 1 << 16];
         loop {
@@ -207,13 +376,25 @@ impl UnixAttestor {
             ctx.update(&buf[..n]);
         }
         let h = hex::encode(ctx.finish());
-        if let Ok(mut cache) = self.hashes.lock() {
-            if cache.len() > 4096 {
+        let key = file_key(&before);
+        let changed = UNIX_EPOCH
+            + Duration::new(
+                u64::try_from(before.ctime()).unwrap_or(0),
+                u32::try_from(before.ctime_nsec()).unwrap_or(0),
+            );
+        let settled = now
+            .duration_since(changed)
+            .is_ok_and(|age| age >= self.racy_window);
+        if settled
+            && file_key(&f.metadata()?) == key
+            && let Ok(mut cache) = self.hashes.lock()
+        {
+            if cache.len() >= HASH_CACHE_MAX {
                 cache.clear();
             }
             cache.insert(key, h.clone());
         }
-        Ok(h)
+        Ok(Some(h))
     }
 }
 
@@ -296,5 +477,218 @@ mod tests {
     #[test]
     fn start_time_parses_own_stat() {
         assert!(start_time(std::process::id() as i32).unwrap() > 0);
+    }
+
+    fn selector_texts(set: &SelectorSet) -> Vec<String> {
+        set.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn cached_attestation_needs_a_full_one_first_then_agrees_with_it() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = Peer::from_socket(&a).unwrap();
+        // The test binary may have just been linked: do not let the racy
+        // window keep its hash out of the cache.
+        let att = UnixAttestor {
+            racy_window: Duration::ZERO,
+            ..UnixAttestor::new()
+        };
+        assert_eq!(att.attest_cached(&peer).unwrap(), None);
+        let full = att.attest(&peer).unwrap();
+        let cached = att.attest_cached(&peer).unwrap().unwrap();
+        assert_eq!(selector_texts(&cached), selector_texts(&full));
+        assert!(
+            selector_texts(&cached)
+                .iter()
+                .any(|s| s.starts_with("unix:sha256:")),
+            "{cached:?}"
+        );
+    }
+
+    #[test]
+    fn name_cache_answers_expire_and_stay_bounded() {
+        let t0 = Instant::now();
+        let mut c = NameCache::default();
+        c.insert(1000, Some("alice".into()), t0);
+        c.insert(1001, None, t0);
+        assert_eq!(c.get(1000, t0), Some(Some("alice".into())));
+        assert_eq!(c.get(1001, t0 + Duration::from_secs(1)), Some(None));
+        assert_eq!(
+            c.get(1000, t0 + NAME_TTL - Duration::from_millis(1)),
+            Some(Some("alice".into()))
+        );
+        assert_eq!(c.get(1000, t0 + NAME_TTL), None);
+        assert_eq!(c.get(1002, t0), None);
+
+        for id in 0..(NAME_CACHE_MAX as u32 * 3) {
+            c.insert(id, None, t0);
+            assert!(c.map.len() <= NAME_CACHE_MAX);
+        }
+        // Expired answers make room before anything live is dropped.
+        let later = t0 + NAME_TTL;
+        c.insert(5, Some("live".into()), later);
+        for id in 0..(NAME_CACHE_MAX as u32 - 2) {
+            c.insert(100_000 + id, None, later);
+        }
+        assert_eq!(c.get(5, later), Some(Some("live".into())));
+    }
+
+    #[test]
+    fn expired_names_are_looked_up_again() {
+        let att = UnixAttestor::new();
+        let calls = std::cell::Cell::new(0);
+        let lookup = |_| {
+            calls.set(calls.get() + 1);
+            Ok(Some("bob".to_string()))
+        };
+        assert_eq!(UnixAttestor::name(&att.users, 7, false, lookup), None);
+        assert_eq!(calls.get(), 0, "must not look up when it may not block");
+        assert_eq!(
+            UnixAttestor::name(&att.users, 7, true, lookup),
+            Some(Some("bob".into()))
+        );
+        assert_eq!(
+            UnixAttestor::name(&att.users, 7, false, lookup),
+            Some(Some("bob".into()))
+        );
+        assert_eq!(calls.get(), 1);
+        // Age the answer past its TTL.
+        let aged = {
+            let mut c = att.users.lock().unwrap();
+            let e = c.map.get_mut(&7).unwrap();
+            match e.0.checked_sub(NAME_TTL) {
+                Some(old) => {
+                    e.0 = old;
+                    true
+                }
+                None => false, // monotonic clock too close to its origin
+            }
+        };
+        if !aged {
+            return;
+        }
+        assert_eq!(UnixAttestor::name(&att.users, 7, false, lookup), None);
+        UnixAttestor::name(&att.users, 7, true, lookup);
+        assert_eq!(calls.get(), 2);
+    }
+
+    #[test]
+    fn a_changed_binary_is_hashed_again_and_racy_files_are_not_cached() {
+        let dir = std::env::temp_dir().join(format!("sigil-hash-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bin");
+        fs::write(&path, b"original contents").unwrap();
+        let att = UnixAttestor::new();
+
+        // Just written: hashed, but not cached while racily clean.
+        let now = SystemTime::now();
+        assert_eq!(
+            att.file_sha256(&path, true, now).unwrap(),
+            Some(sha(b"original contents"))
+        );
+        assert_eq!(att.file_sha256(&path, false, now).unwrap(), None);
+
+        // Once settled it is cached and served without blocking work.
+        let later = now + RACY_WINDOW + Duration::from_secs(1);
+        att.file_sha256(&path, true, later).unwrap();
+        assert_eq!(
+            att.file_sha256(&path, false, later).unwrap(),
+            Some(sha(b"original contents"))
+        );
+
+        // Same size, same inode, mtime put back: the ctime still moves, so
+        // the cached hash is not served. (Sleep past the timestamp tick.)
+        let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut &f, b"tampered contents").unwrap();
+        f.set_modified(mtime).unwrap();
+        drop(f);
+        let later = SystemTime::now() + RACY_WINDOW + Duration::from_secs(1);
+        assert_eq!(att.file_sha256(&path, false, later).unwrap(), None);
+        assert_eq!(
+            att.file_sha256(&path, true, later).unwrap(),
+            Some(sha(b"tampered contents"))
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peer_that_execs_another_binary_is_attested_afresh() {
+        let dir = std::env::temp_dir().join(format!("sigil-exec-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let sleep = fs::canonicalize("/bin/sleep").unwrap();
+        // The child keeps its socket across exec.
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import socket, os\n\
+                 s = socket.socket(socket.AF_UNIX)\n\
+                 s.connect({:?})\n\
+                 s.set_inheritable(True)\n\
+                 s.recv(1)\n\
+                 os.execv({:?}, ['sleep', '30'])",
+                path.to_str().unwrap(),
+                sleep.to_str().unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        let peer = Peer::from_socket(&conn).unwrap();
+        let att = UnixAttestor {
+            racy_window: Duration::ZERO,
+            ..UnixAttestor::new()
+        };
+        let python = fs::read_link(format!("/proc/{}/exe", peer.pid)).unwrap();
+        let before = selector_texts(&att.attest(&peer).unwrap());
+        assert!(
+            before.contains(&format!("unix:path:{}", python.display())),
+            "{before:?}"
+        );
+        assert!(att.attest_cached(&peer).unwrap().is_some());
+
+        std::io::Write::write_all(&mut conn, b"x").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::read_link(format!("/proc/{}/exe", peer.pid))
+            .ok()
+            .as_ref()
+            != Some(&sleep)
+        {
+            assert!(Instant::now() < deadline, "child did not exec");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Another inode behind /proc/<pid>/exe: the cached path must not
+        // serve it; the full attestation describes the new binary.
+        assert_eq!(att.attest_cached(&peer).unwrap(), None);
+        let after = selector_texts(&att.attest(&peer).unwrap());
+        let want = sha(&fs::read(&sleep).unwrap());
+        assert!(
+            after.contains(&format!("unix:path:{}", sleep.display())),
+            "{after:?}"
+        );
+        assert!(after.contains(&format!("unix:sha256:{want}")), "{after:?}");
+        assert!(
+            !after.contains(&format!("unix:path:{}", python.display())),
+            "{after:?}"
+        );
+        let stale: Vec<_> = before
+            .iter()
+            .filter(|s| s.starts_with("unix:sha256:"))
+            .collect();
+        assert!(stale.iter().all(|s| !after.contains(s)), "{after:?}");
+        assert_eq!(
+            selector_texts(&att.attest_cached(&peer).unwrap().unwrap()),
+            after
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn sha(b: &[u8]) -> String {
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
     }
 }
