@@ -218,7 +218,8 @@ impl TrustMaterial {
 
 /// A sync message from the server, already validated.
 pub struct SyncState {
-    pub entries: Vec<Entry>,
+    /// Shared with the sync loop's own map: one copy of each entry.
+    pub entries: Vec<Arc<Entry>>,
     pub bundle: Vec<Vec<u8>>,
     pub jwt_bundle: Vec<u8>,
     pub federated: BTreeMap<String, FederatedBundle>,
@@ -273,11 +274,7 @@ impl Cache {
     }
 
     fn apply(&mut self, s: SyncState) {
-        self.entries = s
-            .entries
-            .into_iter()
-            .map(|e| (e.id.clone(), Arc::new(e)))
-            .collect();
+        self.entries = s.entries.into_iter().map(|e| (e.id.clone(), e)).collect();
         if self.svids.keys().any(|id| !self.entries.contains_key(id)) {
             let entries = &self.entries;
             Arc::make_mut(&mut self.svids).retain(|id, _| entries.contains_key(id));

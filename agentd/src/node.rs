@@ -261,7 +261,7 @@ impl ServerLink {
                 // of the last complete update (the stream's first update is
                 // complete; later ones may be deltas).
                 let mut pending = Vec::new();
-                let mut current: BTreeMap<String, Entry> = BTreeMap::new();
+                let mut current: BTreeMap<String, Arc<Entry>> = BTreeMap::new();
                 loop {
                     tokio::select! {
                         msg = stream.message() => match msg? {
@@ -311,7 +311,7 @@ impl ServerLink {
 /// fails validation is dropped (and any older version of it removed).
 fn apply_update(
     td: &TrustDomain,
-    current: &mut BTreeMap<String, Entry>,
+    current: &mut BTreeMap<String, Arc<Entry>>,
     u: &SyncUpdate,
     entries: Vec<sigil_proto::common::Entry>,
 ) {
@@ -324,7 +324,7 @@ fn apply_update(
     for p in entries {
         match Entry::from_proto(&p, td) {
             Ok(e) => {
-                current.insert(e.id.clone(), e);
+                current.insert(e.id.clone(), Arc::new(e));
             }
             Err(err) => {
                 tracing::warn!(entry = %p.id, error = %err, "ignoring invalid entry from server");

@@ -7,7 +7,7 @@
 //! Whatever is sent, large updates are split into chunks of at most
 //! [`SYNC_CHUNK`] entries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use sigil_core::entry::Entry;
@@ -35,7 +35,9 @@ pub struct SyncTracker {
 
 #[derive(Debug)]
 struct Sent {
-    entries: HashMap<String, Arc<Entry>>,
+    /// Sorted by ID; `Arc`s shared with the server's index, so remembering
+    /// a stream's set costs a pointer per entry.
+    entries: Vec<Arc<Entry>>,
     trust: Trust,
 }
 
@@ -53,26 +55,13 @@ impl SyncTracker {
         trust: Trust,
         revision: u64,
     ) -> Option<SyncUpdate> {
+        let mut sorted = entries.to_vec();
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        sorted.dedup_by(|a, b| a.id == b.id);
         let (changed, removed) = match &self.sent {
-            None => (entries.to_vec(), Vec::new()),
+            None => (Vec::new(), Vec::new()),
             Some(prev) => {
-                let changed: Vec<Arc<Entry>> = entries
-                    .iter()
-                    .filter(|e| {
-                        prev.entries
-                            .get(&e.id)
-                            .is_none_or(|p| !Arc::ptr_eq(p, e) && **p != ***e)
-                    })
-                    .cloned()
-                    .collect();
-                let now: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-                let mut removed: Vec<String> = prev
-                    .entries
-                    .keys()
-                    .filter(|id| !now.contains(id.as_str()))
-                    .cloned()
-                    .collect();
-                removed.sort();
+                let (changed, removed) = diff(&prev.entries, &sorted);
                 if changed.is_empty() && removed.is_empty() && prev.trust == trust {
                     return None;
                 }
@@ -95,10 +84,42 @@ impl SyncTracker {
             removed: if delta { removed } else { Vec::new() },
         };
         self.sent = Some(Sent {
-            entries: entries.iter().map(|e| (e.id.clone(), e.clone())).collect(),
+            entries: sorted,
             trust,
         });
         Some(update)
+    }
+}
+
+/// Walks two ID-sorted lists: the entries of `now` that are new or differ
+/// from `prev` (the same `Arc`, or equal contents, is no change), and the
+/// IDs in `prev` that `now` lacks.
+fn diff<'a>(prev: &[Arc<Entry>], now: &'a [Arc<Entry>]) -> (Vec<&'a Arc<Entry>>, Vec<String>) {
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    let (mut p, mut n) = (prev.iter().peekable(), now.iter().peekable());
+    loop {
+        match (p.peek(), n.peek()) {
+            (None, None) => return (changed, removed),
+            (Some(a), Some(b)) if a.id == b.id => {
+                if !Arc::ptr_eq(a, b) && a != b {
+                    changed.push(*b);
+                }
+                p.next();
+                n.next();
+            }
+            (Some(a), Some(b)) if a.id < b.id => {
+                removed.push(a.id.clone());
+                p.next();
+            }
+            (Some(a), None) => {
+                removed.push(a.id.clone());
+                p.next();
+            }
+            (_, Some(b)) => {
+                changed.push(*b);
+                n.next();
+            }
+        }
     }
 }
 
