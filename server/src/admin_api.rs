@@ -73,7 +73,7 @@ impl AdminApi for AdminService {
         self.authorize(&req)?;
         let state = self.state.clone();
         let (entries, agents) =
-            blocking(move || Ok((state.list_entries()?.len(), state.list_agents()?.len()))).await?;
+            blocking(move || Ok((state.entry_count()?, state.list_agents()?.len()))).await?;
         let s = self.state.signing.stats();
         Ok(Response::new(HealthResponse {
             trust_domain: self.state.trust_domain().to_string(),

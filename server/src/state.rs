@@ -386,8 +386,16 @@ impl ServerState {
     pub fn list_entries(&self) -> Result<Vec<Arc<Entry>>, Status> {
         let idx = self.entries.read().map_err(|_| poisoned())?;
         let mut v: Vec<_> = idx.by_id.values().cloned().collect();
-        v.sort_by(|a, b| (a.spiffe_id.to_string(), &a.id).cmp(&(b.spiffe_id.to_string(), &b.id)));
+        // Every entry is in this trust domain, so comparing the parsed IDs
+        // orders them as their text would, without an allocation per
+        // comparison.
+        v.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then_with(|| a.id.cmp(&b.id)));
         Ok(v)
+    }
+
+    /// How many entries there are (cheap: for health checks).
+    pub fn entry_count(&self) -> Result<usize, Status> {
+        Ok(self.entries.read().map_err(|_| poisoned())?.by_id.len())
     }
 
     pub fn delete_entry(&self, id: &str) -> Result<(), Status> {
