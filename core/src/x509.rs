@@ -65,8 +65,31 @@ fn crypto(e: impl std::fmt::Display) -> X509Error {
     X509Error::Crypto(e.to_string())
 }
 
+/// 16 bytes from the OS CSPRNG, drawn 4 KiB at a time per thread: one
+/// `getrandom` call serves 256 serials, instead of one call per SVID.
+fn random_16() -> [u8; 16] {
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<(Box<[u8; 4096]>, usize)> = RefCell::new((Box::new([0; 4096]), 4096));
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let (buf, used) = &mut *p;
+        if *used + 16 > buf.len() {
+            **buf = crate::ids::random_bytes::<4096>();
+            *used = 0;
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&buf[*used..*used + 16]);
+        // Never hand out the same bytes twice.
+        buf[*used..*used + 16].fill(0);
+        *used += 16;
+        out
+    })
+}
+
 fn random_serial_bytes() -> [u8; 16] {
-    let mut b = crate::ids::random_bytes::<16>();
+    let mut b = random_16();
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // and without a leading zero byte
     b

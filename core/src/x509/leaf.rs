@@ -67,6 +67,19 @@ fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Appends `tag`, then what `body` writes, with the DER length between
+/// them: everything is written into one buffer and the header is inserted
+/// afterwards (a short move of the body), with no buffer per level.
+fn nest(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    body(out);
+    let len = out.len() - start;
+    let mut header = Vec::with_capacity(6);
+    header.push(tag);
+    push_len(&mut header, len);
+    out.splice(start..start, header);
+}
+
 /// Appends an Extension { extnID, critical?, extnValue OCTET STRING }.
 fn push_extension(out: &mut Vec<u8>, oid: &[u8], critical: bool, value: &[u8]) {
     let mut ext = tlv(OID, oid);
@@ -112,9 +125,11 @@ pub(super) struct Template {
     pub(super) sig_alg: &'static [u8],
     /// The issuer Name: the CA certificate's subject, byte for byte.
     pub(super) issuer: Vec<u8>,
+    /// keyUsage, extKeyUsage and basicConstraints, the same in every leaf.
+    fixed_extensions: Vec<u8>,
     /// The complete authorityKeyIdentifier extension, if the CA has a
     /// subject key identifier.
-    pub(super) authority_key_id: Option<Vec<u8>>,
+    authority_key_id: Option<Vec<u8>>,
 }
 
 /// The variable parts of one leaf.
@@ -133,6 +148,30 @@ pub(super) struct Leaf<'a> {
 
 impl Template {
     pub(super) fn new(sig_alg: &'static [u8], issuer: &[u8], ca_key_id: Option<&[u8]>) -> Template {
+        let mut fixed_extensions = Vec::new();
+        // keyUsage: digitalSignature only (bit 0; 7 unused bits).
+        push_extension(
+            &mut fixed_extensions,
+            OID_KEY_USAGE,
+            true,
+            &[BIT_STRING, 0x02, 0x07, 0x80],
+        );
+        // extKeyUsage: serverAuth, clientAuth.
+        let mut eku = tlv(OID, OID_SERVER_AUTH);
+        push_tlv(&mut eku, OID, OID_CLIENT_AUTH);
+        push_extension(
+            &mut fixed_extensions,
+            OID_EXT_KEY_USAGE,
+            false,
+            &tlv(SEQUENCE, &eku),
+        );
+        // basicConstraints: CA:FALSE (the DEFAULT, so an empty SEQUENCE).
+        push_extension(
+            &mut fixed_extensions,
+            OID_BASIC_CONSTRAINTS,
+            true,
+            &[SEQUENCE, 0x00],
+        );
         let authority_key_id = ca_key_id.map(|id| {
             let mut ext = Vec::new();
             // AuthorityKeyIdentifier ::= SEQUENCE { keyIdentifier [0] ... }
@@ -147,96 +186,88 @@ impl Template {
         Template {
             sig_alg,
             issuer: issuer.to_vec(),
+            fixed_extensions,
             authority_key_id,
         }
     }
 
     /// The TBSCertificate of `leaf`.
     pub(super) fn tbs(&self, leaf: &Leaf<'_>) -> Vec<u8> {
-        let mut body = Vec::with_capacity(512);
-        // version [0] EXPLICIT INTEGER 2 (v3)
-        body.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]);
-        push_tlv(&mut body, INTEGER, leaf.serial);
-        body.extend_from_slice(self.sig_alg);
-        body.extend_from_slice(&self.issuer);
-        let mut validity = Vec::with_capacity(34);
-        push_time(&mut validity, leaf.not_before);
-        push_time(&mut validity, leaf.not_after);
-        push_tlv(&mut body, SEQUENCE, &validity);
-        push_tlv(&mut body, SEQUENCE, &subject(leaf.dns_names.first()));
-        body.extend_from_slice(leaf.spki);
-        let exts = self.extensions(leaf);
-        push_tlv(&mut body, 0xa3, &tlv(SEQUENCE, &exts));
-        tlv(SEQUENCE, &body)
+        let mut out = Vec::with_capacity(640);
+        nest(&mut out, SEQUENCE, |b| {
+            // version [0] EXPLICIT INTEGER 2 (v3)
+            b.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]);
+            push_tlv(b, INTEGER, leaf.serial);
+            b.extend_from_slice(self.sig_alg);
+            b.extend_from_slice(&self.issuer);
+            nest(b, SEQUENCE, |v| {
+                push_time(v, leaf.not_before);
+                push_time(v, leaf.not_after);
+            });
+            nest(b, SEQUENCE, |name| subject(name, leaf.dns_names.first()));
+            b.extend_from_slice(leaf.spki);
+            nest(b, 0xa3, |e| nest(e, SEQUENCE, |x| self.extensions(x, leaf)));
+        });
+        out
     }
 
-    fn extensions(&self, leaf: &Leaf<'_>) -> Vec<u8> {
-        let mut exts = Vec::with_capacity(256);
-        // keyUsage: digitalSignature only (bit 0; 7 unused bits).
-        push_extension(
-            &mut exts,
-            OID_KEY_USAGE,
-            true,
-            &[BIT_STRING, 0x02, 0x07, 0x80],
-        );
-        // extKeyUsage: serverAuth, clientAuth.
-        let mut eku = tlv(OID, OID_SERVER_AUTH);
-        push_tlv(&mut eku, OID, OID_CLIENT_AUTH);
-        push_extension(&mut exts, OID_EXT_KEY_USAGE, false, &tlv(SEQUENCE, &eku));
-        // basicConstraints: CA:FALSE (the DEFAULT, so an empty SEQUENCE).
-        push_extension(&mut exts, OID_BASIC_CONSTRAINTS, true, &[SEQUENCE, 0x00]);
+    fn extensions(&self, x: &mut Vec<u8>, leaf: &Leaf<'_>) {
+        x.extend_from_slice(&self.fixed_extensions);
         // subjectAltName: the SPIFFE ID as the only URI, then DNS names.
-        let mut names = tlv(0x86, leaf.spiffe_id.as_bytes());
-        for d in leaf.dns_names {
-            push_tlv(&mut names, 0x82, d.as_bytes());
-        }
-        push_extension(
-            &mut exts,
-            OID_SUBJECT_ALT_NAME,
-            false,
-            &tlv(SEQUENCE, &names),
-        );
+        nest(x, SEQUENCE, |ext| {
+            push_tlv(ext, OID, OID_SUBJECT_ALT_NAME);
+            nest(ext, OCTET_STRING, |o| {
+                nest(o, SEQUENCE, |names| {
+                    push_tlv(names, 0x86, leaf.spiffe_id.as_bytes());
+                    for d in leaf.dns_names {
+                        push_tlv(names, 0x82, d.as_bytes());
+                    }
+                })
+            });
+        });
         // subjectKeyIdentifier: SHA-256 of the key bits, first 160 bits
         // (RFC 7093 §2 method 1).
         let digest = ring::digest::digest(&ring::digest::SHA256, leaf.public_key);
         let key_id = digest.as_ref().get(..20).unwrap_or_default();
-        push_extension(
-            &mut exts,
-            OID_SUBJECT_KEY_ID,
-            false,
-            &tlv(OCTET_STRING, key_id),
-        );
+        nest(x, SEQUENCE, |ext| {
+            push_tlv(ext, OID, OID_SUBJECT_KEY_ID);
+            nest(ext, OCTET_STRING, |o| push_tlv(o, OCTET_STRING, key_id));
+        });
         if let Some(aki) = &self.authority_key_id {
-            exts.extend_from_slice(aki);
+            x.extend_from_slice(aki);
         }
-        exts
     }
 
     /// The Certificate: `tbs`, the algorithm, and `signature` (DER ECDSA).
     pub(super) fn certificate(&self, tbs: &[u8], signature: &[u8]) -> Vec<u8> {
-        let mut body = Vec::with_capacity(tbs.len() + signature.len() + 20);
-        body.extend_from_slice(tbs);
-        body.extend_from_slice(self.sig_alg);
-        let mut bits = Vec::with_capacity(signature.len() + 1);
-        bits.push(0); // no unused bits
-        bits.extend_from_slice(signature);
-        push_tlv(&mut body, BIT_STRING, &bits);
-        tlv(SEQUENCE, &body)
+        let mut out = Vec::with_capacity(tbs.len() + signature.len() + 24);
+        nest(&mut out, SEQUENCE, |b| {
+            b.extend_from_slice(tbs);
+            b.extend_from_slice(self.sig_alg);
+            nest(b, BIT_STRING, |bits| {
+                bits.push(0); // no unused bits
+                bits.extend_from_slice(signature);
+            });
+        });
+        out
     }
 }
 
-/// Subject: O=Sigil, plus CN=<first DNS name> when there is one.
-fn subject(cn: Option<&String>) -> Vec<u8> {
-    let rdn = |oid: &[u8], value: &str| {
-        let mut atv = tlv(OID, oid);
-        push_tlv(&mut atv, UTF8_STRING, value.as_bytes());
-        tlv(SET, &tlv(SEQUENCE, &atv))
+/// The subject Name's RDNs: O=Sigil, plus CN=<first DNS name> when there is
+/// one.
+fn subject(name: &mut Vec<u8>, cn: Option<&String>) {
+    let mut rdn = |oid: &[u8], value: &str| {
+        nest(name, SET, |set| {
+            nest(set, SEQUENCE, |atv| {
+                push_tlv(atv, OID, oid);
+                push_tlv(atv, UTF8_STRING, value.as_bytes());
+            })
+        })
     };
-    let mut name = rdn(OID_ORGANIZATION, "Sigil");
+    rdn(OID_ORGANIZATION, "Sigil");
     if let Some(cn) = cn {
-        name.extend_from_slice(&rdn(OID_COMMON_NAME, cn));
+        rdn(OID_COMMON_NAME, cn);
     }
-    name
 }
 
 #[cfg(test)]
