@@ -324,6 +324,12 @@ impl Cluster {
         v["id"].as_str().unwrap().to_string()
     }
 
+    /// `sigil-server agent list --output json`, parsed.
+    pub fn agents_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.server_ok(&["agent", "list", "--output", "json"]))
+            .expect("agent list JSON")
+    }
+
     /// The server and agent logs, for failure messages.
     pub fn logs(&self) -> String {
         let r = |n: &str| fs::read_to_string(self.dir.0.join(n)).unwrap_or_default();
@@ -353,4 +359,18 @@ pub fn my_uid() -> u32 {
 /// `--selector unix:uid:<my uid>` as owned strings.
 pub fn my_uid_selector() -> String {
     format!("unix:uid:{}", my_uid())
+}
+
+/// Runs `openssl ARGS` in `dir`; panics with its stderr if it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

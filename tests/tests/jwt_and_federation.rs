@@ -10,7 +10,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sigil_tests::{Cluster, bin, my_uid_selector};
+use sigil_tests::{Cluster, bin, my_uid_selector, openssl};
 use spiffe::{JwtSvid, TrustDomain, WorkloadApiClient};
 use tokio_stream::StreamExt;
 
@@ -354,19 +354,6 @@ fn pem(tag: &str, der: &[u8]) -> String {
     let mut s = String::new();
     let _ = write!(s, "-----BEGIN {tag}-----\n{b64}-----END {tag}-----\n");
     s
-}
-
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A throwaway Web PKI: a CA and a server certificate for 127.0.0.1.

@@ -11,21 +11,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sigil_tests::{Cluster, Scratch, bin, my_uid_selector, wait_for};
+use sigil_tests::{Cluster, Scratch, bin, my_uid_selector, openssl, wait_for};
 use spiffe::WorkloadApiClient;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A node CA and a node certificate (CN `cn`) with its PKCS#8 key (0600).
 fn node_pki(dir: &Path, ca: &str, cn: &str) {
@@ -120,10 +107,6 @@ fn x509pop_agent_config(pki: &Path, cn: &str) -> String {
     )
 }
 
-fn agents(c: &Cluster) -> serde_json::Value {
-    serde_json::from_str(&c.server_ok(&["agent", "list", "--output", "json"])).unwrap()
-}
-
 #[tokio::test]
 async fn x509pop_node_gets_workloads_through_a_node_alias_and_reattests_on_renewal() {
     let pki = Scratch::new("nodepki");
@@ -134,7 +117,7 @@ async fn x509pop_node_gets_workloads_through_a_node_alias_and_reattests_on_renew
     ));
     c.start_agent_configured(&x509pop_agent_config(&pki.0, "node-1"));
 
-    let list = agents(&c);
+    let list = c.agents_json();
     let agent = &list["agents"][0];
     assert_eq!(agent["attestation_type"], "x509pop");
     let id = agent["spiffe_id"].as_str().unwrap().to_string();
@@ -218,12 +201,12 @@ async fn x509pop_node_gets_workloads_through_a_node_alias_and_reattests_on_renew
     assert_eq!(ids, vec!["spiffe://example.org/on-node-1"]);
 
     // Renewal (4 s agent SVIDs) re-attests: the last attestation time moves on.
-    let first = agents(&c)["agents"][0]["last_attested_at"]
+    let first = c.agents_json()["agents"][0]["last_attested_at"]
         .as_str()
         .unwrap()
         .to_string();
     wait_for("re-attestation on renewal", Duration::from_secs(20), || {
-        agents(&c)["agents"][0]["last_attested_at"].as_str() != Some(first.as_str())
+        c.agents_json()["agents"][0]["last_attested_at"].as_str() != Some(first.as_str())
     });
 }
 
@@ -245,5 +228,5 @@ fn x509pop_node_from_an_untrusted_ca_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not chain"), "{err}");
-    assert_eq!(agents(&c)["agents"].as_array().unwrap().len(), 0);
+    assert_eq!(c.agents_json()["agents"].as_array().unwrap().len(), 0);
 }

@@ -93,10 +93,6 @@ impl Drop for Swtpm {
     }
 }
 
-fn agents(c: &Cluster) -> serde_json::Value {
-    serde_json::from_str(&c.server_ok(&["agent", "list", "--output", "json"])).unwrap()
-}
-
 fn tpm_agent_config(tpm: &Swtpm) -> String {
     format!(
         "node_attestor = \"tpm\"\n[tpm]\ntcti = \"{}\"\n",
@@ -114,7 +110,7 @@ async fn tpm_node_attests_gets_workloads_by_pcr_alias_and_loses_identity_when_a_
     ));
     c.start_agent_configured(&tpm_agent_config(&tpm));
 
-    let list = agents(&c);
+    let list = c.agents_json();
     let agent = &list["agents"][0];
     assert_eq!(agent["attestation_type"], "tpm");
     assert_eq!(
@@ -172,12 +168,12 @@ async fn tpm_node_attests_gets_workloads_by_pcr_alias_and_loses_identity_when_a_
     assert_eq!(got.as_deref(), Some("spiffe://example.org/on-tpm-node"));
 
     // Renewal re-attests with a fresh nonce and quote...
-    let first = agents(&c)["agents"][0]["last_attested_at"]
+    let first = c.agents_json()["agents"][0]["last_attested_at"]
         .as_str()
         .unwrap()
         .to_string();
     wait_for("a TPM re-attestation", Duration::from_secs(20), || {
-        agents(&c)["agents"][0]["last_attested_at"].as_str() != Some(first.as_str())
+        c.agents_json()["agents"][0]["last_attested_at"].as_str() != Some(first.as_str())
     });
     // ... so a changed PCR takes the node's identity away at the next renewal.
     tpm.extend_pcr16();
@@ -270,7 +266,7 @@ fn tpm_with_an_unlisted_ek_is_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("TPM attestation"), "{err}");
-    assert_eq!(agents(&c)["agents"].as_array().unwrap().len(), 0);
+    assert_eq!(c.agents_json()["agents"].as_array().unwrap().len(), 0);
 }
 
 #[test]
@@ -291,6 +287,6 @@ fn tpm_with_a_manufacturer_ek_certificate_attests_through_the_ek_ca() {
         ca_path.display()
     ));
     c.start_agent_configured(&tpm_agent_config(&tpm));
-    assert_eq!(agents(&c)["agents"][0]["attestation_type"], "tpm");
+    assert_eq!(c.agents_json()["agents"][0]["attestation_type"], "tpm");
     drop(c0);
 }
