@@ -19,6 +19,7 @@ use sigil_proto::common::Entry as PbEntry;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
+use crate::blocking;
 use crate::state::ServerState;
 
 /// Longest join token lifetime.
@@ -56,14 +57,6 @@ impl AdminService {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Status::internal("worker task failed"))?
-}
-
 #[tonic::async_trait]
 impl AdminApi for AdminService {
     async fn health(
@@ -73,7 +66,7 @@ impl AdminApi for AdminService {
         self.authorize(&req)?;
         let state = self.state.clone();
         let (entries, agents) =
-            blocking(move || Ok((state.entry_count()?, state.list_agents()?.len()))).await?;
+            blocking(move || Ok((state.entry_count()?, state.agent_count()?))).await?;
         let s = self.state.signing.stats();
         Ok(Response::new(HealthResponse {
             trust_domain: self.state.trust_domain().to_string(),

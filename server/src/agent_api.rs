@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::blocking;
 use crate::state::ServerState;
 use crate::sync::{SyncTracker, Trust, chunks};
 
@@ -43,14 +44,6 @@ fn peer_leaf<T>(req: &Request<T>) -> Result<Vec<u8>, Status> {
         .first()
         .map(|c| c.to_vec())
         .ok_or_else(|| Status::unauthenticated("an agent X.509-SVID (mTLS) is required"))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Status::internal("worker task failed"))?
 }
 
 impl AgentService {

@@ -30,3 +30,12 @@ pub mod state;
 pub mod sync;
 pub mod tls;
 pub mod tpm_attest;
+
+/// Runs blocking work (datastore, signing) off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, tonic::Status> + Send + 'static,
+) -> Result<T, tonic::Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| tonic::Status::internal("worker task failed"))?
+}

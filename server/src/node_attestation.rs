@@ -110,9 +110,7 @@ pub async fn attest(
                 ));
             }
             let st = state.clone();
-            tokio::task::spawn_blocking(move || st.consume_join_token(&t.token))
-                .await
-                .map_err(|_| Status::internal("worker task failed"))??
+            crate::blocking(move || st.consume_join_token(&t.token)).await?
         }
         Some(Evidence::X509pop(ev)) => {
             let roots = attestors.x509pop_roots.as_ref().ok_or_else(|| {
@@ -157,9 +155,7 @@ pub async fn attest(
         )));
     }
     let st = state.clone();
-    let issued = tokio::task::spawn_blocking(move || st.issue_agent_svid(attested, &csr))
-        .await
-        .map_err(|_| Status::internal("worker task failed"))??;
+    let issued = crate::blocking(move || st.issue_agent_svid(attested, &csr)).await?;
     Ok(AttestResult {
         svid_chain: issued.chain,
         bundle: state.bundle(),

@@ -393,6 +393,11 @@ impl ServerState {
         Ok(v)
     }
 
+    /// How many agents are registered (no sorting: for health checks).
+    pub fn agent_count(&self) -> Result<usize, Status> {
+        Ok(self.store.list_agents()?.len())
+    }
+
     /// How many entries there are (cheap: for health checks).
     pub fn entry_count(&self) -> Result<usize, Status> {
         Ok(self.entries.read().map_err(|_| poisoned())?.by_id.len())
@@ -410,8 +415,9 @@ impl ServerState {
         Ok(())
     }
 
-    /// Entries an agent is authorized for: those whose parent is the agent,
-    /// minus expired ones. Sorted by ID for stable output.
+    /// Entries an agent is authorized for: those whose parent is the agent
+    /// or one of its node aliases, minus expired ones; each once, sorted by
+    /// ID within each parent.
     pub fn entries_for_agent(&self, agent: &SpiffeId) -> Result<Vec<Arc<Entry>>, Status> {
         let parents = self.agent_parents(agent)?;
         let idx = self.entries.read().map_err(|_| poisoned())?;
@@ -460,11 +466,16 @@ impl ServerState {
 
     /// Bundles of the trust domains that any of `entries` federates with.
     pub fn federated_for(&self, entries: &[Arc<Entry>]) -> HashMap<String, FederatedBundle> {
-        let fed = self.federated.read().unwrap_or_else(|p| p.into_inner());
-        entries
+        // Distinct names first: many entries federate with the same few
+        // trust domains, and each bundle is cloned once.
+        let names: BTreeSet<&str> = entries
             .iter()
-            .flat_map(|e| e.federates_with.iter())
-            .filter_map(|td| fed.get(td.as_str()).map(|b| (td.to_string(), b.clone())))
+            .flat_map(|e| e.federates_with.iter().map(|td| td.as_str()))
+            .collect();
+        let fed = self.federated.read().unwrap_or_else(|p| p.into_inner());
+        names
+            .into_iter()
+            .filter_map(|td| fed.get(td).map(|b| (td.to_string(), b.clone())))
             .collect()
     }
 
@@ -722,15 +733,12 @@ impl ServerState {
 
     /// The entry `entry_id` if `agent` may obtain SVIDs for it.
     fn authorized_entry(
-        &self,
+        idx: &EntryIndex,
         parents: &[SpiffeId],
         entry_id: &str,
         now: i64,
     ) -> Result<Arc<Entry>, String> {
-        let e = self
-            .entries
-            .read()
-            .map_err(|_| "internal lock poisoned".to_string())?
+        let e = idx
             .by_id
             .get(entry_id)
             .cloned()
@@ -756,10 +764,19 @@ impl ServerState {
         let now = now_unix();
         let ca = self.ca();
         let parents = self.agent_parents(agent)?;
+        // Look every entry up under one read of the index, then sign
+        // without holding it.
+        let entries: Vec<Result<Arc<Entry>, String>> = {
+            let idx = self.entries.read().map_err(|_| poisoned())?;
+            csrs.iter()
+                .map(|(id, _)| Self::authorized_entry(&idx, &parents, id, now))
+                .collect()
+        };
         Ok(csrs
             .iter()
-            .map(|(id, csr)| {
-                let e = self.authorized_entry(&parents, id, now)?;
+            .zip(entries)
+            .map(|((_, csr), e)| {
+                let e = e?;
                 let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
                 ca.sign_svid(
                     csr,
@@ -788,9 +805,11 @@ impl ServerState {
         }
         let now = now_unix();
         let parents = self.agent_parents(agent)?;
-        let e = self
-            .authorized_entry(&parents, entry_id, now)
-            .map_err(Status::permission_denied)?;
+        let e = {
+            let idx = self.entries.read().map_err(|_| poisoned())?;
+            Self::authorized_entry(&idx, &parents, entry_id, now)
+        }
+        .map_err(Status::permission_denied)?;
         let ttl = e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl);
         let signer = self
             .keys

@@ -55,9 +55,12 @@ impl SyncTracker {
         trust: Trust,
         revision: u64,
     ) -> Option<SyncUpdate> {
+        // `entries` holds each entry once, sorted within each parent only
+        // (node aliases add parents): sort the copy kept for diffing.
         let mut sorted = entries.to_vec();
-        sorted.sort_by(|a, b| a.id.cmp(&b.id));
-        sorted.dedup_by(|a, b| a.id == b.id);
+        if !sorted.is_sorted_by(|a, b| a.id <= b.id) {
+            sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        }
         let (changed, removed) = match &self.sent {
             None => (Vec::new(), Vec::new()),
             Some(prev) => {
