@@ -13,10 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil_core::tls::{ServerTrust, SpiffeServerVerifier};
 use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::admin::agent_admin_api_client::AgentAdminApiClient;
 use sigil_proto::admin::{
@@ -194,63 +192,18 @@ pub(crate) mod workload {
     }
 }
 
-/// Accepts the server certificate without checking its chain (the bench
-/// talks to the server it started itself on loopback), but still checks
-/// the handshake signatures, so the TLS work is the same as a real agent's.
-#[derive(Debug)]
-struct TrustLoopbackServer(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for TrustLoopbackServer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn tls_config(client_svid: Option<(&[Vec<u8>], &[u8])>) -> Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(TrustLoopbackServer(provider)));
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+            // The bench talks to the server it started itself on loopback:
+            // no chain check, but the handshake signatures are still
+            // verified, so the TLS work is the same as a real agent's.
+            ServerTrust::Insecure,
+            provider,
+        )));
     let mut cfg = match client_svid {
         Some((chain, key)) => builder.with_client_auth_cert(
             chain

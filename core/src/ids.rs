@@ -3,9 +3,6 @@
 use ring::rand::{SecureRandom, SystemRandom};
 use spiffe::{SpiffeId, TrustDomain};
 
-/// Path of the server's own SVID inside its trust domain.
-pub const SERVER_PATH: &str = "/sigil/server";
-
 /// The server's SPIFFE ID: `spiffe://<td>/sigil/server`.
 pub fn server_id(td: &TrustDomain) -> SpiffeId {
     #[expect(clippy::expect_used, reason = "constant, valid path segments")]

@@ -104,15 +104,6 @@ impl JwtKeyType {
         }
     }
 
-    /// The JOSE `alg` this key type signs with.
-    pub fn alg(self) -> &'static str {
-        match self {
-            Self::EcP256 => "ES256",
-            Self::EcP384 => "ES384",
-            Self::Rsa2048 => "RS256",
-        }
-    }
-
     fn ec(
         self,
     ) -> Option<(

@@ -54,8 +54,8 @@ impl SpiffeServerVerifier {
 
 /// Verifies `end_entity` (+ intermediates) against `roots` for `usage` and
 /// returns the SVID's SPIFFE ID.
-pub fn verify_svid_chain(
-    roots: &[Vec<u8>],
+pub fn verify_svid_chain<R: AsRef<[u8]>>(
+    roots: &[R],
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
@@ -63,7 +63,7 @@ pub fn verify_svid_chain(
 ) -> Result<SpiffeId, String> {
     let root_ders: Vec<CertificateDer<'_>> = roots
         .iter()
-        .map(|r| CertificateDer::from(r.as_slice()))
+        .map(|r| CertificateDer::from(r.as_ref()))
         .collect();
     let anchors = root_ders
         .iter()
@@ -120,8 +120,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             ServerTrust::Spiffe { bundle, expected } => {
                 let roots = bundle
                     .read()
-                    .map_err(|_| rustls::Error::General("bundle lock poisoned".into()))?
-                    .clone();
+                    .map_err(|_| rustls::Error::General("bundle lock poisoned".into()))?;
                 let id = verify_svid_chain(&roots, end_entity, intermediates, now, true)
                     .map_err(rustls::Error::General)?;
                 if &id != expected {
@@ -282,8 +281,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let roots = self
             .bundle
             .read()
-            .map_err(|_| rustls::Error::General("bundle lock poisoned".into()))?
-            .clone();
+            .map_err(|_| rustls::Error::General("bundle lock poisoned".into()))?;
         verify_svid_chain(&roots, end_entity, intermediates, now, false)
             .map_err(rustls::Error::General)?;
         Ok(ClientCertVerified::assertion())

@@ -21,7 +21,7 @@ use rcgen::{
 use spiffe::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
-use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384};
+use x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
 
 /// How far back a new certificate's notBefore is set, to absorb clock skew.
@@ -290,13 +290,7 @@ fn csr_public_key(csr_der: &[u8], check: CsrSignature) -> Result<CsrKey<'_>, X50
         .as_ref()
         .and_then(|p| p.as_oid().ok())
         .ok_or(X509Error::CsrKeyType)?;
-    let point_len = if curve == OID_EC_P256 {
-        65
-    } else if curve == OID_NIST_EC_P384 {
-        97
-    } else {
-        return Err(X509Error::CsrKeyType);
-    };
+    let point_len = csr::point_len(curve.as_bytes())?;
     // The BIT STRING ends the SubjectPublicKeyInfo: borrow the point from
     // the raw DER (which outlives the parsed CSR).
     let raw: &[u8] = spki.raw;
@@ -304,15 +298,9 @@ fn csr_public_key(csr_der: &[u8], check: CsrSignature) -> Result<CsrKey<'_>, X50
         .get(raw.len().saturating_sub(point_len)..)
         .filter(|p| **p == *spki.subject_public_key.data)
         .unwrap_or_default();
-    if point.len() != point_len || point.first() != Some(&0x04) {
-        return Err(X509Error::Csr(
-            "public key is not an uncompressed EC point of its curve".into(),
-        ));
-    }
-    if check == CsrSignature::Verify {
-        csr.verify_signature()
-            .map_err(|e| X509Error::Csr(format!("signature does not verify: {e}")))?;
-    }
+    csr::check_point(point, point_len)?;
+    csr.verify_signature()
+        .map_err(|e| X509Error::Csr(format!("signature does not verify: {e}")))?;
     Ok(CsrKey {
         spki: spki.raw,
         point,

@@ -73,11 +73,7 @@ impl SpiffeTls {
             .ok_or_else(|| {
                 rustls::Error::General(format!("no bundle for trust domain {td} (not federated)"))
             })?;
-        let roots: Vec<Vec<u8>> = bundle
-            .authorities()
-            .iter()
-            .map(|a| a.as_bytes().to_vec())
-            .collect();
+        let roots: Vec<&[u8]> = bundle.authorities().iter().map(|a| a.as_bytes()).collect();
         let id = sigil_core::tls::verify_svid_chain(&roots, end_entity, intermediates, now, server)
             .map_err(rustls::Error::General)?;
         if !self.allowed.contains(&id) {

@@ -11,10 +11,8 @@
 
 use super::X509Error;
 
-const SEQUENCE: u8 = 0x30;
-const INTEGER: u8 = 0x02;
-const BIT_STRING: u8 = 0x03;
-const OID: u8 = 0x06;
+use super::leaf::{BIT_STRING, INTEGER, OID, SEQUENCE};
+
 const CONTEXT_0: u8 = 0xa0;
 
 /// id-ecPublicKey, prime256v1 and secp384r1 (content octets).
@@ -102,21 +100,33 @@ pub(super) fn public_key(der: &[u8]) -> Result<CsrKey<'_>, X509Error> {
     if !rest.is_empty() {
         return Err(X509Error::CsrKeyType);
     }
-    let point_len = match curve {
-        P256 => 65,
-        P384 => 97,
-        _ => return Err(X509Error::CsrKeyType),
-    };
+    let point_len = point_len(curve)?;
     let point = match bits.split_first() {
         Some((0, point)) => point,
         _ => return Err(bad("subjectPublicKey has unused bits")),
     };
-    if point.len() != point_len || point.first() != Some(&0x04) {
+    check_point(point, point_len)?;
+    Ok(CsrKey { spki, point })
+}
+
+/// The uncompressed point length for a curve OID (content octets); only
+/// P-256 and P-384 are issued for.
+pub(super) fn point_len(curve: &[u8]) -> Result<usize, X509Error> {
+    match curve {
+        P256 => Ok(65),
+        P384 => Ok(97),
+        _ => Err(X509Error::CsrKeyType),
+    }
+}
+
+/// Checks that `point` is an uncompressed EC point of `len` bytes.
+pub(super) fn check_point(point: &[u8], len: usize) -> Result<(), X509Error> {
+    if point.len() != len || point.first() != Some(&0x04) {
         return Err(X509Error::Csr(
             "public key is not an uncompressed EC point of its curve".into(),
         ));
     }
-    Ok(CsrKey { spki, point })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,12 +10,12 @@
 use time::OffsetDateTime;
 
 /// DER tags used below.
-const SEQUENCE: u8 = 0x30;
+pub(super) const SEQUENCE: u8 = 0x30;
 const SET: u8 = 0x31;
-const INTEGER: u8 = 0x02;
-const BIT_STRING: u8 = 0x03;
+pub(super) const INTEGER: u8 = 0x02;
+pub(super) const BIT_STRING: u8 = 0x03;
 const OCTET_STRING: u8 = 0x04;
-const OID: u8 = 0x06;
+pub(super) const OID: u8 = 0x06;
 const UTF8_STRING: u8 = 0x0c;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
@@ -41,16 +41,25 @@ pub(super) const ECDSA_SHA384: &[u8] = &[
     0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03,
 ];
 
-/// Appends a DER length.
-fn push_len(out: &mut Vec<u8>, len: usize) {
+/// A DER length in the shortest form: the bytes and how many are used.
+fn der_len(len: usize) -> ([u8; 1 + size_of::<usize>()], usize) {
+    let mut out = [0u8; 1 + size_of::<usize>()];
     if len < 0x80 {
-        out.push(len as u8);
-        return;
+        out[0] = len as u8;
+        return (out, 1);
     }
     let bytes = len.to_be_bytes();
     let skip = bytes.iter().take_while(|b| **b == 0).count();
-    out.push(0x80 | (bytes.len() - skip) as u8);
-    out.extend_from_slice(&bytes[skip..]);
+    let n = bytes.len() - skip;
+    out[0] = 0x80 | n as u8;
+    out[1..=n].copy_from_slice(&bytes[skip..]);
+    (out, 1 + n)
+}
+
+/// Appends a DER length.
+fn push_len(out: &mut Vec<u8>, len: usize) {
+    let (bytes, n) = der_len(len);
+    out.extend_from_slice(&bytes[..n]);
 }
 
 /// Appends one TLV.
@@ -74,10 +83,11 @@ fn nest(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     body(out);
     let len = out.len() - start;
-    let mut header = Vec::with_capacity(6);
-    header.push(tag);
-    push_len(&mut header, len);
-    out.splice(start..start, header);
+    let (bytes, n) = der_len(len);
+    out.splice(
+        start..start,
+        std::iter::once(tag).chain(bytes[..n].iter().copied()),
+    );
 }
 
 /// Appends an Extension { extnID, critical?, extnValue OCTET STRING }.
