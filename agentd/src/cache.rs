@@ -46,25 +46,17 @@ impl SvidSpec {
 
 /// One issued workload SVID and its key.
 pub struct CachedSvid {
-    pub entry_id: String,
     pub spiffe_id: String,
     /// DER certificates, leaf first, concatenated (the Workload API form).
     /// `Bytes`, so that every response shares it rather than copying it.
     pub chain_der: Bytes,
     /// PKCS#8 DER private key.
     pub key_der: Bytes,
-    pub not_before: i64,
     pub not_after: i64,
     /// Unix seconds when renewal is due: half-way from receipt to expiry
     /// (notBefore is backdated for clock skew, so it is not the start).
     refresh_at: i64,
     spec: SvidSpec,
-}
-
-impl CachedSvid {
-    fn refresh_at(&self) -> i64 {
-        self.refresh_at
-    }
 }
 
 /// Seconds from receipt to renewal for an SVID living `lifetime` seconds:
@@ -293,7 +285,7 @@ impl Cache {
             .values()
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
-                Some(s) => s.spec != SvidSpec::of(e) || now >= s.refresh_at() || now >= s.not_after,
+                Some(s) => s.spec != SvidSpec::of(e) || now >= s.refresh_at || now >= s.not_after,
             })
             .cloned()
             .collect()
@@ -360,11 +352,9 @@ impl Cache {
             Arc::make_mut(&mut self.svids).insert(
                 r.entry_id.clone(),
                 Arc::new(CachedSvid {
-                    entry_id: r.entry_id,
                     spiffe_id: info.spiffe_id.to_string(),
                     chain_der: Bytes::from(r.svid_chain.concat()),
                     key_der: Bytes::from(key),
-                    not_before: info.not_before,
                     not_after: info.not_after,
                     refresh_at: received + refresh_delay(info.not_after - received),
                     spec: SvidSpec::of(entry),
@@ -417,7 +407,7 @@ impl Cache {
             let next_refresh = self
                 .svids
                 .values()
-                .map(|s| s.refresh_at().min(s.not_after))
+                .map(|s| s.refresh_at.min(s.not_after))
                 .min();
             let mut wake = match next_refresh {
                 Some(t) => {

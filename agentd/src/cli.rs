@@ -247,20 +247,15 @@ async fn fetch_x509(socket: SocketArgs, write: Option<PathBuf>) -> Result<(), St
     let path = socket_path(socket.socket.as_deref())?;
     let start = Instant::now();
     let mut client = SpiffeWorkloadApiClient::new(uds_channel(&path).await?);
-    let mut req = tonic::Request::new(X509svidRequest {});
-    req.metadata_mut().insert(
-        WORKLOAD_API_HEADER,
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
     let mut stream = client
-        .fetch_x509svid(req)
+        .fetch_x509svid(with_header(X509svidRequest {}))
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(grpc_err)?
         .into_inner();
     let resp = stream
         .message()
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(grpc_err)?
         .ok_or("the Workload API closed the stream without an SVID")?;
     let elapsed = start.elapsed();
     println!(

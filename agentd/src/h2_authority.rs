@@ -82,20 +82,19 @@ pub fn rewrite_block(block: &[u8]) -> Option<Vec<u8>> {
     while pos < block.len() {
         let start = pos;
         let b = block[pos];
-        let (prefix, indexing) = if b & 0x80 != 0 {
+        let prefix = if b & 0x80 != 0 {
             read_int(block, &mut pos, 7)?;
             out.extend_from_slice(&block[start..pos]);
             continue;
         } else if b & 0xc0 == 0x40 {
-            (6u8, true)
+            6u8
         } else if b & 0xe0 == 0x20 {
             read_int(block, &mut pos, 5)?;
             out.extend_from_slice(&block[start..pos]);
             continue;
         } else {
-            (4u8, false)
+            4u8
         };
-        let _ = indexing;
         let name_index = read_int(block, &mut pos, prefix)?;
         let is_authority = if name_index == 0 {
             let (huff, s, e) = read_str(block, &mut pos)?;

@@ -56,7 +56,7 @@ impl AgentAdminApi for AgentAdmin {
 }
 
 fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
-    sigil_fs::bind_socket(path, 0o600, |p| UnixListener::bind(p))
+    sigil_fs::bind_socket(path, 0o700, 0o600, |p| UnixListener::bind(p))
 }
 
 pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), String> {

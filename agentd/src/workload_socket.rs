@@ -157,18 +157,5 @@ pub fn incoming(listener: UnixListener) -> ReceiverStream<io::Result<PeerStream>
 /// Binds the public Workload API socket: parent directory 0755 if created,
 /// socket 0777 so any local user may connect (authorization is by attestation).
 pub fn bind_public_socket(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.exists()
-    {
-        std::fs::create_dir_all(parent)?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
-    }
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
-    Ok(l)
+    sigil_fs::bind_socket(path, 0o755, 0o777, |p| UnixListener::bind(p))
 }

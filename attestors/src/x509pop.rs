@@ -10,6 +10,7 @@
 
 use ring::signature::{self, KeyPair, UnparsedPublicKey};
 use rustls_pki_types::{CertificateDer, UnixTime};
+use sigil_core::ids::sha256_hex;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// Domain separation prefix of the signed challenge.
@@ -52,10 +53,6 @@ enum SpkiAlg {
     EcP256,
     EcP384,
     Rsa,
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
 }
 
 /// Verifies `chain` (leaf first) against `roots` (DER) at `now`.

@@ -34,12 +34,13 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     fs::rename(&tmp, path)
 }
 
-/// Binds a Unix socket at `path` with `bind` and restricts the socket file
-/// to `mode`: a missing parent directory is created with mode 0700 (an
+/// Binds a Unix socket at `path` with `bind` and sets the socket file to
+/// `mode`: a missing parent directory is created with `parent_mode` (an
 /// existing one is left as the operator made it), and a stale socket from a
 /// previous run is removed first.
 pub fn bind_socket<L>(
     path: &Path,
+    parent_mode: u32,
     mode: u32,
     bind: impl FnOnce(&Path) -> std::io::Result<L>,
 ) -> std::io::Result<L> {
@@ -47,7 +48,8 @@ pub fn bind_socket<L>(
         && !parent.as_os_str().is_empty()
         && !parent.exists()
     {
-        ensure_private_dir(parent)?;
+        fs::create_dir_all(parent)?;
+        fs::set_permissions(parent, fs::Permissions::from_mode(parent_mode))?;
     }
     if path.exists() {
         fs::remove_file(path)?;
@@ -109,13 +111,19 @@ mod tests {
     fn sockets_get_a_private_parent_and_their_mode() {
         let d = scratch("sock");
         let path = d.join("sub/admin.sock");
-        let l = bind_socket(&path, 0o600, |p| std::os::unix::net::UnixListener::bind(p)).unwrap();
+        let l = bind_socket(&path, 0o700, 0o600, |p| {
+            std::os::unix::net::UnixListener::bind(p)
+        })
+        .unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&d.join("sub")), 0o700);
         drop(l);
         // A stale socket file is replaced.
-        bind_socket(&path, 0o600, |p| std::os::unix::net::UnixListener::bind(p)).unwrap();
+        bind_socket(&path, 0o700, 0o600, |p| {
+            std::os::unix::net::UnixListener::bind(p)
+        })
+        .unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -28,7 +28,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// Binds a Unix socket at `path`: creates a missing parent directory with
 /// mode 0700 and leaves an existing one alone; the socket itself is 0600.
 pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
-    sigil_fs::bind_socket(path, 0o600, |p| UnixListener::bind(p))
+    sigil_fs::bind_socket(path, 0o700, 0o600, |p| UnixListener::bind(p))
 }
 
 pub async fn run(cfg: ServerConfig) -> Result<(), String> {

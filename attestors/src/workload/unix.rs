@@ -72,11 +72,6 @@ impl Peer {
         })
     }
 
-    /// True when the peer is pinned by a pidfd (kernel >= 6.5).
-    pub fn has_pidfd(&self) -> bool {
-        self.pidfd.is_some()
-    }
-
     fn pidfd_alive(&self, fd: &OwnedFd) -> bool {
         // A pidfd becomes readable when its process exits.
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];

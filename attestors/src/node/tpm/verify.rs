@@ -43,7 +43,7 @@ pub fn ek_hash(ek_public: &[u8]) -> Result<String, TpmError> {
 
 fn spki_hash(area: &PublicArea<'_>) -> Result<String, TpmError> {
     let der = spki_der(area)?;
-    Ok(hex::encode(digest::digest(&digest::SHA256, &der)))
+    Ok(sigil_core::ids::sha256_hex(&der))
 }
 
 /// The DER `SubjectPublicKeyInfo` of a TPM public key.
