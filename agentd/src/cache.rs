@@ -13,7 +13,7 @@ use sigil_core::entry::Entry;
 use sigil_core::jwt::JwtBundle;
 use sigil_core::selector::{Selector, SelectorSet};
 use sigil_core::x509::{SvidInfo, new_key_and_csr};
-use sigil_core::{TrustDomain, now_unix};
+use sigil_core::{SpiffeId, TrustDomain, now_unix};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
 use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest};
 use sigil_proto::common::FederatedBundle;
@@ -29,7 +29,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The fields of an entry that shape its X.509-SVID; a change re-mints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SvidSpec {
-    spiffe_id: String,
+    spiffe_id: SpiffeId,
     dns_names: Vec<String>,
     ttl: Option<Duration>,
 }
@@ -37,10 +37,18 @@ struct SvidSpec {
 impl SvidSpec {
     fn of(e: &Entry) -> Self {
         Self {
-            spiffe_id: e.spiffe_id.to_string(),
+            spiffe_id: e.spiffe_id.clone(),
             dns_names: e.dns_names.clone(),
             ttl: e.x509_svid_ttl,
         }
+    }
+
+    /// Whether `e` still asks for this SVID (compared in place: this runs
+    /// for every entry on every wake-up of the cache loop).
+    fn matches(&self, e: &Entry) -> bool {
+        self.spiffe_id == e.spiffe_id
+            && self.dns_names == e.dns_names
+            && self.ttl == e.x509_svid_ttl
     }
 }
 
@@ -94,8 +102,10 @@ impl Bundle {
 #[derive(Default)]
 pub struct Snapshot {
     pub trust_domain: Option<TrustDomain>,
-    /// Entries this agent is authorized for, by ID.
-    pub entries: Vec<Arc<Entry>>,
+    /// Entries this agent is authorized for, sorted by ID; shared with the
+    /// cache worker (and its selector index with it) until the entries
+    /// change.
+    pub entries: Arc<EntrySet>,
     /// SVIDs by entry ID (shared with the cache worker until it changes them).
     pub svids: Arc<HashMap<String, Arc<CachedSvid>>>,
     pub bundle: Arc<Bundle>,
@@ -103,14 +113,58 @@ pub struct Snapshot {
     pub trust: Arc<TrustMaterial>,
     /// True once the first sync from the server has arrived.
     pub synced: bool,
-    /// Built on first use by [`Snapshot::entitled`].
-    index: OnceLock<EntryIndex>,
 }
 
 impl Snapshot {
     /// The entries whose selectors `selectors` satisfies, in `entries` order.
     pub fn entitled(&self, selectors: &SelectorSet) -> Vec<&Arc<Entry>> {
-        let index = self.index.get_or_init(|| EntryIndex::new(&self.entries));
+        self.entries.entitled(selectors)
+    }
+}
+
+/// An agent's entries, sorted by ID, with a selector index built on first
+/// use.
+#[derive(Default)]
+pub struct EntrySet {
+    list: Vec<Arc<Entry>>,
+    index: OnceLock<EntryIndex>,
+}
+
+impl EntrySet {
+    /// The set of `entries` (sorted by ID here unless they already are).
+    pub fn new(mut entries: Vec<Arc<Entry>>) -> Self {
+        if !entries.is_sorted_by(|a, b| a.id <= b.id) {
+            entries.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        Self {
+            list: entries,
+            index: OnceLock::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Arc<Entry>> {
+        self.list.iter()
+    }
+
+    /// The entry with this ID.
+    pub fn get(&self, id: &str) -> Option<&Arc<Entry>> {
+        self.list
+            .binary_search_by(|e| e.id.as_str().cmp(id))
+            .ok()
+            .and_then(|i| self.list.get(i))
+    }
+
+    /// The entries whose selectors `selectors` satisfies, in ID order.
+    pub fn entitled(&self, selectors: &SelectorSet) -> Vec<&Arc<Entry>> {
+        let index = self.index.get_or_init(|| EntryIndex::new(&self.list));
         let mut found: Vec<usize> = selectors
             .iter()
             .filter_map(|s| index.by_selector.get(s))
@@ -120,7 +174,7 @@ impl Snapshot {
         found.sort_unstable();
         found
             .into_iter()
-            .filter_map(|i| self.entries.get(i))
+            .filter_map(|i| self.list.get(i))
             .filter(|e| selectors.satisfies(&e.selectors))
             .collect()
     }
@@ -223,7 +277,7 @@ pub struct Cache {
     channel: watch::Receiver<Channel>,
     updates: mpsc::Receiver<SyncState>,
     out: watch::Sender<Arc<Snapshot>>,
-    entries: HashMap<String, Arc<Entry>>,
+    entries: Arc<EntrySet>,
     /// Shared with the published snapshot: copied (on write) only when
     /// the SVIDs change, not on every publish.
     svids: Arc<HashMap<String, Arc<CachedSvid>>>,
@@ -253,7 +307,7 @@ impl Cache {
                 channel,
                 updates,
                 out,
-                entries: HashMap::new(),
+                entries: Arc::default(),
                 svids: Arc::default(),
                 bundle,
                 trust: Arc::new(TrustMaterial::default()),
@@ -266,10 +320,10 @@ impl Cache {
     }
 
     fn apply(&mut self, s: SyncState) {
-        self.entries = s.entries.into_iter().map(|e| (e.id.clone(), e)).collect();
-        if self.svids.keys().any(|id| !self.entries.contains_key(id)) {
+        self.entries = Arc::new(EntrySet::new(s.entries));
+        if self.svids.keys().any(|id| self.entries.get(id).is_none()) {
             let entries = &self.entries;
-            Arc::make_mut(&mut self.svids).retain(|id, _| entries.contains_key(id));
+            Arc::make_mut(&mut self.svids).retain(|id, _| entries.get(id).is_some());
         }
         if s.bundle != self.bundle.certs {
             self.bundle = Arc::new(Bundle::new(s.bundle));
@@ -282,26 +336,23 @@ impl Cache {
 
     fn due(&self, now: i64) -> Vec<Arc<Entry>> {
         self.entries
-            .values()
+            .iter()
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
-                Some(s) => s.spec != SvidSpec::of(e) || now >= s.refresh_at || now >= s.not_after,
+                Some(s) => !s.spec.matches(e) || now >= s.refresh_at || now >= s.not_after,
             })
             .cloned()
             .collect()
     }
 
     fn publish(&self) {
-        let mut entries: Vec<Arc<Entry>> = self.entries.values().cloned().collect();
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
         self.out.send_replace(Arc::new(Snapshot {
             trust_domain: Some(self.td.clone()),
-            entries,
+            entries: self.entries.clone(),
             svids: self.svids.clone(),
             bundle: self.bundle.clone(),
             trust: self.trust.clone(),
             synced: self.synced,
-            index: OnceLock::new(),
         }));
     }
 
@@ -497,7 +548,7 @@ mod tests {
             }
         }
         let snap = Snapshot {
-            entries,
+            entries: Arc::new(EntrySet::new(entries)),
             ..Default::default()
         };
         for mask in 0u32..(1 << pool.len()) {
