@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sigil_core::x509::SvidInfo;
 use sigil_core::{SpiffeId, now_unix};
 use sigil_proto::agent::agent_api_server::AgentApi;
 use sigil_proto::agent::{
@@ -103,6 +104,9 @@ impl AgentApi for AgentService {
 
     async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
         let (id, leaf) = self.authenticate(&req)?;
+        // The certificate cannot change during the stream: parse it once;
+        // each wake-up re-checks the agent's record (ban, eviction, expiry).
+        let info = SvidInfo::from_der(&leaf).map_err(|e| Status::unauthenticated(e.to_string()))?;
         let deltas = req.get_ref().deltas;
         let state = self.state.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -113,13 +117,16 @@ impl AgentApi for AgentService {
                 global.borrow_and_update();
                 own.borrow_and_update();
                 // A banned or evicted agent loses its stream at the next change.
-                if let Err(st) = state.authenticate_agent(&leaf) {
-                    let _ = tx.send(Err(st)).await;
-                    return;
-                }
+                let rec = match state.check_agent(&info) {
+                    Ok(rec) => rec,
+                    Err(st) => {
+                        let _ = tx.send(Err(st)).await;
+                        return;
+                    }
+                };
                 // Wake up when the next of this agent's entries expires, so an
                 // expired entry is withdrawn without waiting for another change.
-                let entries = match state.entries_for_agent(&id) {
+                let entries = match state.entries_for_agent(&id, Some(&rec)) {
                     Ok(entries) => entries,
                     Err(st) => {
                         let _ = tx.send(Err(st)).await;

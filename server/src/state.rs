@@ -418,8 +418,13 @@ impl ServerState {
     /// Entries an agent is authorized for: those whose parent is the agent
     /// or one of its node aliases, minus expired ones; each once, sorted by
     /// ID within each parent.
-    pub fn entries_for_agent(&self, agent: &SpiffeId) -> Result<Vec<Arc<Entry>>, Status> {
-        let parents = self.agent_parents(agent)?;
+    /// `rec` is the agent's record, as the caller just read it.
+    pub fn entries_for_agent(
+        &self,
+        agent: &SpiffeId,
+        rec: Option<&Agent>,
+    ) -> Result<Vec<Arc<Entry>>, Status> {
+        let parents = self.parents_of(agent, rec)?;
         let idx = self.entries.read().map_err(|_| poisoned())?;
         let now = now_unix();
         let mut seen = BTreeSet::new();
@@ -436,7 +441,13 @@ impl ServerState {
     /// The IDs an agent stands for: its own, plus every node-alias entry
     /// whose selectors its attested node selectors satisfy.
     pub fn agent_parents(&self, agent: &SpiffeId) -> Result<Vec<SpiffeId>, Status> {
-        let selectors: SelectorSet = match self.store.get_agent(&agent.to_string())? {
+        let rec = self.store.get_agent(&agent.to_string())?;
+        self.parents_of(agent, rec.as_ref())
+    }
+
+    /// [`ServerState::agent_parents`] with the agent's record at hand.
+    fn parents_of(&self, agent: &SpiffeId, rec: Option<&Agent>) -> Result<Vec<SpiffeId>, Status> {
+        let selectors: SelectorSet = match rec {
             Some(rec) => rec
                 .selectors
                 .iter()
@@ -649,6 +660,13 @@ impl ServerState {
     pub fn authenticate_agent(&self, leaf_der: &[u8]) -> Result<SpiffeId, Status> {
         let info =
             SvidInfo::from_der(leaf_der).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        self.check_agent(&info)?;
+        Ok(info.spiffe_id)
+    }
+
+    /// The checks of [`ServerState::authenticate_agent`] on an already
+    /// parsed certificate; returns the agent's record.
+    pub fn check_agent(&self, info: &SvidInfo) -> Result<Agent, Status> {
         let rec = self
             .store
             .get_agent(&info.spiffe_id.to_string())?
@@ -676,7 +694,7 @@ impl ServerState {
                 "agent SVID has expired; reconnect with a current one",
             ));
         }
-        Ok(info.spiffe_id)
+        Ok(rec)
     }
 
     /// Renews an authenticated agent's SVID.
