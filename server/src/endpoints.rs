@@ -292,13 +292,9 @@ pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
                     sigil_core::jwt::jwks(&p.jwt_authorities)
                 };
                 // Same rules as `bundle set`: asymmetric keys with a kid only.
-                if let Err(e) = sigil_core::jwt::JwtBundle::from_jwks(&jwt_bundle).or_else(|e| {
-                    if jwt_bundle.is_empty() {
-                        Ok(Default::default())
-                    } else {
-                        Err(e)
-                    }
-                }) {
+                if !jwt_bundle.is_empty()
+                    && let Err(e) = sigil_core::jwt::JwtBundle::from_jwks(&jwt_bundle)
+                {
                     tracing::warn!(trust_domain = %f.trust_domain, error = %e, "refused federated bundle");
                     tokio::time::sleep(hint).await;
                     continue;
