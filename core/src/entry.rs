@@ -101,7 +101,10 @@ impl Entry {
             .iter()
             .map(|s| s.parse::<Selector>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| field_err("selector", e))?;
+            .map_err(|e| match e {
+                crate::selector::SelectorError::TooLong { .. } => field_err("selectors", e),
+                e => field_err("selector", e),
+            })?;
         selectors.sort();
         selectors.dedup();
         if selectors.is_empty() {
@@ -283,6 +286,14 @@ mod tests {
                 Box::new(|e| e.selectors = vec!["unix:uid:x".into()]),
             ),
             ("selector", Box::new(|e| e.selectors.clear())),
+            (
+                "selector",
+                Box::new(|e| e.selectors = vec!["unix:uid:007".into()]),
+            ),
+            (
+                "selectors",
+                Box::new(|e| e.selectors = vec![format!("docker:label:k:{}", "v".repeat(1024))]),
+            ),
             ("x509_svid_ttl", Box::new(|e| e.x509_svid_ttl = -1)),
             ("x509_svid_ttl", Box::new(|e| e.x509_svid_ttl = 999_999_999)),
             ("dns", Box::new(|e| e.dns_names = vec!["bad_name".into()])),

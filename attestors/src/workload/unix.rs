@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::{Gid, Group, Uid, User};
-use sigil_core::selector::{Selector, SelectorSet};
+use sigil_core::selector::{Selector, SelectorSet, escape_bytes};
 
 /// Attestation of a peer failed; the caller must get no identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +50,8 @@ pub struct Peer {
     /// Effective group ID at connect time.
     pub gid: u32,
     pidfd: Option<OwnedFd>,
+    /// Start time read at accept, only when there is no pidfd.
+    start_time: Option<u64>,
 }
 
 impl Peer {
@@ -64,12 +67,28 @@ impl Peer {
             Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => None,
             Err(e) => return Err(AttestError::PeerCredentials(format!("SO_PEERPIDFD: {e}"))),
         };
+        let start_time = match &pidfd {
+            Some(_) => None,
+            None => start_time(cred.pid()).ok(),
+        };
         Ok(Peer {
             pid: cred.pid(),
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd,
+            start_time,
         })
+    }
+
+    /// True while the process that connected is still running: its pidfd
+    /// is not readable, or (without a pidfd) its start time is unchanged.
+    /// Readings of `/proc/<pid>` made before a `true` describe that process.
+    pub fn is_alive(&self) -> bool {
+        match (&self.pidfd, self.start_time) {
+            (Some(fd), _) => self.pidfd_alive(fd),
+            (None, Some(t)) => start_time(self.pid).is_ok_and(|now| now == t),
+            (None, None) => false,
+        }
     }
 
     fn pidfd_alive(&self, fd: &OwnedFd) -> bool {
@@ -265,8 +284,12 @@ impl UnixAttestor {
         if let Some(g) = &group {
             add("group", g);
         }
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        // Read as bytes: the `Name:` line is the process's comm, which its
+        // owner may set to any bytes, not necessarily UTF-8. Only the
+        // numeric `Uid:` and `Groups:` lines are used.
+        let status = fs::read(format!("/proc/{pid}/status"))
             .map_err(|e| AttestError::Proc(pid, e.to_string()))?;
+        let status = String::from_utf8_lossy(&status);
         let mut proc_uid = None;
         for line in status.lines() {
             if let Some(rest) = line.strip_prefix("Groups:") {
@@ -285,7 +308,9 @@ impl UnixAttestor {
         }
         let exe = format!("/proc/{pid}/exe");
         if let Ok(path) = fs::read_link(&exe) {
-            add("path", &path.to_string_lossy());
+            // Lossless: non-UTF-8 bytes, `%` and control characters are
+            // percent-escaped, exactly as entries must spell them.
+            add("path", &escape_bytes(path.as_os_str().as_bytes()));
             // Opening (or stat-ing) /proc/<pid>/exe yields the binary the
             // process runs, even if the path was since replaced or deleted.
             match self.file_sha256(Path::new(&exe), may_block, SystemTime::now()) {
@@ -395,8 +420,10 @@ impl UnixAttestor {
 
 /// Process start time in clock ticks since boot (field 22 of /proc/<pid>/stat).
 fn start_time(pid: i32) -> Result<u64, AttestError> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| AttestError::Proc(pid, e.to_string()))?;
+    // Bytes, not a string: the command name (field 2) need not be UTF-8.
+    let stat =
+        fs::read(format!("/proc/{pid}/stat")).map_err(|e| AttestError::Proc(pid, e.to_string()))?;
+    let stat = String::from_utf8_lossy(&stat);
     // The command name (field 2) may contain spaces and ')': split after the last ')'.
     let after = stat
         .rsplit_once(')')
@@ -678,6 +705,60 @@ mod tests {
             selector_texts(&att.attest_cached(&peer).unwrap().unwrap()),
             after
         );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_process_whose_name_is_not_utf8_is_attested_losslessly() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = std::env::temp_dir().join(format!("sigil-nonutf8-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // A copy of sleep whose file name (and so comm) is not UTF-8.
+        let odd = dir.join(std::ffi::OsStr::from_bytes(b"sl\xffeep%"));
+        fs::copy(fs::canonicalize("/bin/sleep").unwrap(), &odd).unwrap();
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import socket, os, sys\n\
+                 s = socket.socket(socket.AF_UNIX)\n\
+                 s.connect(sys.argv[1])\n\
+                 s.set_inheritable(True)\n\
+                 s.recv(1)\n\
+                 exe = os.fsencode(sys.argv[2])\n\
+                 os.execv(exe, [exe, '30'])",
+            )
+            .arg(&path)
+            .arg(&odd)
+            .spawn()
+            .unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        let peer = Peer::from_socket(&conn).unwrap();
+        std::io::Write::write_all(&mut conn, b"x").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::read_link(format!("/proc/{}/exe", peer.pid))
+            .ok()
+            .as_ref()
+            != Some(&odd)
+        {
+            assert!(Instant::now() < deadline, "child did not exec");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let comm = fs::read(format!("/proc/{}/comm", peer.pid)).unwrap();
+        assert_eq!(comm, b"sl\xffeep%\n", "the test needs a non-UTF-8 comm");
+        // Both the pidfd path and the start-time fallback read /proc as bytes.
+        assert!(start_time(peer.pid).unwrap() > 0);
+        let got = selector_texts(&UnixAttestor::new().attest(&peer).unwrap());
+        let want = format!("unix:path:{}/sl%FFeep%25", dir.display());
+        assert!(got.contains(&want), "{got:?}");
+        // The entry an operator writes with the same spelling parses and matches.
+        let entry_selector: Selector = want.parse().unwrap();
+        let set: SelectorSet = got.iter().map(|s| s.parse().unwrap()).collect();
+        assert!(set.satisfies(&[entry_selector]));
         child.kill().unwrap();
         child.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
