@@ -395,6 +395,7 @@ fn agent_json(a: &Agent) -> Value {
         "attestation_type": a.attestation_type,
         "selectors": a.selectors,
         "serial": a.serial,
+        "previous_serial": a.previous_serial,
         "svid_expires_at": rfc3339(a.svid_expires_at),
         "last_attested_at": rfc3339(a.last_attested_at),
         "banned": a.banned,

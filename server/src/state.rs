@@ -131,6 +131,21 @@ pub struct ServerState {
     revision: std::sync::atomic::AtomicU64,
     /// Bounds concurrent X.509 signing and measures the queue.
     pub signing: crate::signing::SigningQueue,
+    /// Agent IDs named by unused join tokens, with the latest expiry of the
+    /// tokens naming each: they are reserved for agents (namespace rule).
+    token_ids: std::sync::Mutex<HashMap<SpiffeId, i64>>,
+}
+
+/// Who claims a SPIFFE ID, for the namespace rule: workload entries and
+/// agents never share an ID, so a workload SVID can never be mistaken for an
+/// agent credential and a token can never turn a workload into an agent.
+enum Claimant {
+    /// An entry being created or updated.
+    Entry,
+    /// A join token being generated for an agent.
+    Token,
+    /// An agent attesting under this ID.
+    Agent,
 }
 
 fn poisoned() -> Status {
@@ -151,6 +166,16 @@ impl ServerState {
             index.insert(Arc::new(e));
         }
         let federated = store.list_bundles()?.into_iter().collect();
+        let mut token_ids: HashMap<SpiffeId, i64> = HashMap::new();
+        for t in store.list_tokens()? {
+            if let Some(id) = &t.spiffe_id {
+                let id = SpiffeId::new(id).map_err(|e| {
+                    StoreError::Corrupt(format!("join token spiffe_id {id:?}: {e}"))
+                })?;
+                let exp = token_ids.entry(id).or_insert(t.expires_at);
+                *exp = (*exp).max(t.expires_at);
+            }
+        }
         let (global, _) = watch::channel(0);
         Ok(Self {
             cfg,
@@ -163,6 +188,7 @@ impl ServerState {
             agent_watch: std::sync::Mutex::new(HashMap::new()),
             revision: std::sync::atomic::AtomicU64::new(0),
             signing: crate::signing::SigningQueue::per_core(),
+            token_ids: std::sync::Mutex::new(token_ids),
         })
     }
 
@@ -318,6 +344,7 @@ impl ServerState {
         pb.created_at = now_unix();
         let e = self.validate(&pb)?;
         let mut idx = self.entries.write().map_err(|_| poisoned())?;
+        self.check_namespace(&e.spiffe_id, Claimant::Entry, &idx)?;
         if let Some(other) = idx.duplicate_of(&e) {
             return Err(Status::already_exists(format!(
                 "entry {other} already has this spiffe_id, parent_id and selectors"
@@ -363,6 +390,7 @@ impl ServerState {
         }
         next.revision = old.revision + 1;
         let e = self.validate(&next)?;
+        self.check_namespace(&e.spiffe_id, Claimant::Entry, &idx)?;
         if let Some(other) = idx.duplicate_of(&e) {
             return Err(Status::already_exists(format!(
                 "entry {other} already has this spiffe_id, parent_id and selectors"
@@ -535,6 +563,69 @@ impl ServerState {
             .clone()
     }
 
+    // ---- identity namespace ----------------------------------------------
+
+    /// The namespace rule, the one place it is enforced: an entry's SPIFFE
+    /// ID may not be an agent's ID (registered, or named by an unused join
+    /// token), and an agent ID (token or attestation) may not be an entry's
+    /// SPIFFE ID or, for a new token, an already registered agent's. The
+    /// refusal names the colliding record. Callers hold the entry index
+    /// (write-locked for entry changes), so entry and agent claims on the
+    /// same ID cannot interleave.
+    fn check_namespace(
+        &self,
+        id: &SpiffeId,
+        claimant: Claimant,
+        idx: &EntryIndex,
+    ) -> Result<(), Status> {
+        match claimant {
+            Claimant::Entry => {
+                if self.store.get_agent(&id.to_string())?.is_some() {
+                    return Err(Status::already_exists(format!(
+                        "invalid field `spiffe_id`: {id} is the ID of registered agent {id}; \
+                         entries and agents may not share an ID"
+                    )));
+                }
+                let now = now_unix();
+                let tokens = self.token_ids.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(exp) = tokens.get(id).filter(|exp| **exp > now) {
+                    return Err(Status::already_exists(format!(
+                        "invalid field `spiffe_id`: {id} is named by an unused join token \
+                         (valid until {exp}); entries and agents may not share an ID"
+                    )));
+                }
+            }
+            Claimant::Token | Claimant::Agent => {
+                // IDs under /sigil/ never belong to entries (Entry::from_proto
+                // refuses them), so only other IDs need the scan.
+                if !id.path().starts_with("/sigil/")
+                    && let Some(e) = idx.by_id.values().find(|e| e.spiffe_id == *id)
+                {
+                    return Err(Status::already_exists(format!(
+                        "invalid field `spiffe_id`: entry {} has SPIFFE ID {id}; \
+                         entries and agents may not share an ID",
+                        e.id
+                    )));
+                }
+                // A live agent's ID: a token would give a second node the
+                // same identity. (A banned agent is not live: its ID stays
+                // refused at attestation, which is where the ban is enforced.)
+                if matches!(claimant, Claimant::Token)
+                    && self
+                        .store
+                        .get_agent(&id.to_string())?
+                        .is_some_and(|a| !a.banned)
+                {
+                    return Err(Status::already_exists(format!(
+                        "invalid field `spiffe_id`: agent {id} is already registered \
+                         (evict it before enrolling a node under its ID again)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     // ---- join tokens and agents ------------------------------------------
 
     /// Generates a single-use join token. Only its SHA-256 is stored.
@@ -565,11 +656,23 @@ impl ServerState {
         }
         let token = hex::encode(random_bytes::<16>());
         let expires_at = now_unix() + ttl.as_secs() as i64;
+        // Held across the check and the write: an entry cannot claim the ID
+        // in between.
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        if let Some(id) = &spiffe_id {
+            self.check_namespace(id, Claimant::Token, &idx)?;
+        }
         let rec = TokenRecord {
-            spiffe_id: spiffe_id.map(|s| s.to_string()),
+            spiffe_id: spiffe_id.as_ref().map(|s| s.to_string()),
             expires_at,
         };
         self.store.put_token(&sha256_hex(token.as_bytes()), &rec)?;
+        if let Some(id) = spiffe_id {
+            let mut tokens = self.token_ids.lock().unwrap_or_else(|p| p.into_inner());
+            let exp = tokens.entry(id).or_insert(expires_at);
+            *exp = (*exp).max(expires_at);
+        }
+        drop(idx);
         Ok((token, expires_at))
     }
 
@@ -581,6 +684,9 @@ impl ServerState {
             .store
             .take_token(&hash)?
             .ok_or_else(|| Status::permission_denied("join token is unknown or already used"))?;
+        if let Some(id) = rec.spiffe_id.as_deref().and_then(|s| SpiffeId::new(s).ok()) {
+            self.release_token_id(&id)?;
+        }
         if rec.expires_at <= now_unix() {
             return Err(Status::permission_denied("join token has expired"));
         }
@@ -598,6 +704,23 @@ impl ServerState {
         })
     }
 
+    /// Forgets a token-named agent ID once no unused token names it.
+    fn release_token_id(&self, id: &SpiffeId) -> Result<(), Status> {
+        let still_named = self
+            .store
+            .list_tokens()?
+            .iter()
+            .filter(|t| t.spiffe_id.as_deref() == Some(id.to_string().as_str()))
+            .map(|t| t.expires_at)
+            .max();
+        let mut tokens = self.token_ids.lock().unwrap_or_else(|p| p.into_inner());
+        match still_named {
+            Some(exp) => tokens.insert(id.clone(), exp),
+            None => tokens.remove(id),
+        };
+        Ok(())
+    }
+
     /// Issues the agent SVID for a successful node attestation and records
     /// the agent with its node selectors. A banned ID gets nothing. A TPM
     /// node that re-attests with different measurements than it enrolled
@@ -608,8 +731,11 @@ impl ServerState {
         csr: &[u8],
     ) -> Result<IssuedAgentSvid, Status> {
         let id = a.spiffe_id;
-        let existing = self.store.get_agent(&id.to_string())?;
-        if let Some(e) = &existing {
+        let key = id.to_string();
+        // Cheap refusals before signing; repeated inside the write below,
+        // where they decide.
+        let admissible = |existing: Option<&Agent>| -> Result<(), Status> {
+            let Some(e) = existing else { return Ok(()) };
             if e.banned {
                 return Err(Status::permission_denied(format!("agent {id} is banned")));
             }
@@ -622,23 +748,54 @@ impl ServerState {
                     "TPM measurements (PCRs) changed since enrollment; the node's identity is withdrawn (evict the agent to enroll it again)",
                 ));
             }
-        }
+            Ok(())
+        };
+        admissible(self.store.get_agent(&key)?.as_ref())?;
         let chain = self.sign_agent(&id, csr)?;
         let info = SvidInfo::from_der(&chain[0]).map_err(|e| Status::internal(e.to_string()))?;
         let now = now_unix();
-        let agent = Agent {
-            spiffe_id: id.to_string(),
-            attestation_type: a.attestation_type.into(),
-            selectors: a.selectors,
-            serial: info.serial,
-            svid_expires_at: info.not_after,
-            last_attested_at: now,
-            banned: false,
-            created_at: existing.map_or(now, |e| e.created_at),
-        };
-        self.store.put_agent(&agent)?;
+        // The entry index is held so no entry can claim this ID meanwhile.
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        self.check_namespace(&id, Claimant::Agent, &idx)?;
+        let mut refusal = None;
+        let written = self.store.update_agent(&key, &mut |existing| {
+            if let Err(st) = admissible(existing.as_ref()) {
+                refusal = Some(st);
+                return None;
+            }
+            Some(Agent {
+                spiffe_id: key.clone(),
+                attestation_type: a.attestation_type.into(),
+                selectors: a.selectors.clone(),
+                serial: info.serial.clone(),
+                // Until the agent first presents the new SVID, the one it
+                // held before stays acceptable (it may not have stored the
+                // new one yet).
+                previous_serial: existing
+                    .as_ref()
+                    .map(|e| {
+                        if e.previous_serial.is_empty() {
+                            e.serial.clone()
+                        } else {
+                            e.previous_serial.clone()
+                        }
+                    })
+                    .unwrap_or_default(),
+                svid_expires_at: info.not_after,
+                last_attested_at: now,
+                banned: false,
+                created_at: existing.as_ref().map_or(now, |e| e.created_at),
+            })
+        })?;
+        drop(idx);
+        if let Some(st) = refusal {
+            return Err(st);
+        }
+        if written.is_none() {
+            return Err(Status::internal("agent record was not written"));
+        }
         self.notify_agent(&id);
-        tracing::info!(agent = %id, attestor = a.attestation_type, "agent attested");
+        tracing::info!(agent = %id, attestor = a.attestation_type, serial = %info.serial, "agent attested");
         Ok(IssuedAgentSvid {
             spiffe_id: id,
             chain,
@@ -682,6 +839,23 @@ impl ServerState {
                 info.spiffe_id
             )));
         }
+        // The credential is pinned: only the agent SVID the server issued
+        // last (or, until that one is first used, the one before it) is
+        // accepted, even though any SVID for this ID that chains to the CA
+        // passed the TLS handshake.
+        let current = info.serial == rec.serial;
+        let previous = !rec.previous_serial.is_empty() && info.serial == rec.previous_serial;
+        if !current && !previous {
+            tracing::warn!(
+                agent = %info.spiffe_id,
+                serial = %info.serial,
+                "refused a certificate that is not the agent's current SVID"
+            );
+            return Err(Status::permission_denied(format!(
+                "certificate {} is not the current SVID of agent {}",
+                info.serial, info.spiffe_id
+            )));
+        }
         if info.not_before + (BACKDATE.as_secs() as i64) + 1 < rec.created_at {
             return Err(Status::permission_denied(
                 "agent SVID predates the agent's current attestation",
@@ -694,28 +868,68 @@ impl ServerState {
                 "agent SVID has expired; reconnect with a current one",
             ));
         }
+        if current && !rec.previous_serial.is_empty() {
+            // First use of the new SVID: the previous one is retired.
+            let serial = info.serial.clone();
+            let updated = self.store.update_agent(&rec.spiffe_id, &mut |a| {
+                a.filter(|a| a.serial == serial && !a.previous_serial.is_empty())
+                    .map(|mut a| {
+                        a.previous_serial.clear();
+                        a
+                    })
+            })?;
+            if let Some(a) = updated {
+                return Ok(a);
+            }
+        }
         Ok(rec)
     }
 
     /// Renews an authenticated agent's SVID.
     pub fn renew_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, Status> {
-        let mut rec = self
-            .store
-            .get_agent(&id.to_string())?
-            .ok_or_else(|| Status::permission_denied("agent is not attested"))?;
-        // Hardware- and certificate-attested nodes prove themselves again on
-        // every renewal; a copied SVID and key must not keep the identity.
-        if rec.attestation_type != "join_token" {
-            return Err(Status::failed_precondition(format!(
-                "{} agents renew by re-attesting (Attest stream), not RenewAgent",
-                rec.attestation_type
-            )));
-        }
+        let key = id.to_string();
+        let renewable = |rec: Option<&Agent>| -> Result<(), Status> {
+            let rec = rec.ok_or_else(|| Status::permission_denied("agent is not attested"))?;
+            if rec.banned {
+                return Err(Status::permission_denied(format!("agent {id} is banned")));
+            }
+            // Hardware- and certificate-attested nodes prove themselves again
+            // on every renewal; a copied SVID and key must not keep the
+            // identity.
+            if rec.attestation_type != "join_token" {
+                return Err(Status::failed_precondition(format!(
+                    "{} agents renew by re-attesting (Attest stream), not RenewAgent",
+                    rec.attestation_type
+                )));
+            }
+            Ok(())
+        };
+        renewable(self.store.get_agent(&key)?.as_ref())?;
         let chain = self.sign_agent(id, csr)?;
         let info = SvidInfo::from_der(&chain[0]).map_err(|e| Status::internal(e.to_string()))?;
-        rec.serial = info.serial;
-        rec.svid_expires_at = info.not_after;
-        self.store.put_agent(&rec)?;
+        // Re-checked inside the write: a ban or eviction that landed while
+        // signing wins, and the new SVID is discarded.
+        let mut refusal = None;
+        self.store.update_agent(&key, &mut |rec| {
+            if let Err(st) = renewable(rec.as_ref()) {
+                refusal = Some(st);
+                return None;
+            }
+            rec.map(|mut rec| {
+                // While the last issued SVID is still unused, the one in use
+                // stays `previous` (a lost renewal response must not lock
+                // the agent out).
+                let in_use = std::mem::replace(&mut rec.serial, info.serial.clone());
+                if rec.previous_serial.is_empty() {
+                    rec.previous_serial = in_use;
+                }
+                rec.svid_expires_at = info.not_after;
+                rec
+            })
+        })?;
+        if let Some(st) = refusal {
+            return Err(st);
+        }
         Ok(chain)
     }
 
@@ -742,9 +956,15 @@ impl ServerState {
 
     /// Bans the agent: it can neither renew, sync, nor re-attest under this ID.
     pub fn ban_agent(&self, id: &str) -> Result<Agent, Status> {
-        let mut rec = self.get_agent(id)?;
-        rec.banned = true;
-        self.store.put_agent(&rec)?;
+        let rec = self
+            .store
+            .update_agent(id, &mut |rec| {
+                rec.map(|mut rec| {
+                    rec.banned = true;
+                    rec
+                })
+            })?
+            .ok_or_else(|| Status::not_found(format!("no agent {id:?}")))?;
         self.notify_agent_str(id);
         Ok(rec)
     }
@@ -843,5 +1063,265 @@ impl ServerState {
                 self.cfg.jwt_issuer.as_deref(),
             )
             .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The authorization core against a temporary datastore: agent
+    //! credential pinning, the namespace rule, and record updates that
+    //! concurrent renewals, bans and evictions cannot undo.
+
+    use super::*;
+    use sigil_core::x509::new_key_and_csr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct TempState {
+        state: Arc<ServerState>,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for TempState {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn temp_state() -> TempState {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sigil-state-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = ServerConfig::parse(&format!(
+            "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n",
+            dir.display()
+        ))
+        .unwrap();
+        let store = Arc::new(crate::datastore::RedbStore::open(&dir.join("db.redb")).unwrap());
+        let keys = Keys::load_or_create(
+            &dir,
+            &cfg.trust_domain,
+            Duration::from_secs(3600),
+            sigil_core::jwt::JwtKeyType::EcP256,
+        )
+        .unwrap();
+        let state = Arc::new(ServerState::new(cfg, store, keys).unwrap());
+        TempState { state, dir }
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::new(s).unwrap()
+    }
+
+    fn attest(s: &ServerState, agent: &str) -> SvidInfo {
+        let (csr, _) = new_key_and_csr().unwrap();
+        let out = s
+            .issue_agent_svid(
+                NodeAttestation {
+                    spiffe_id: id(agent),
+                    attestation_type: "join_token",
+                    selectors: vec![],
+                },
+                &csr,
+            )
+            .unwrap();
+        SvidInfo::from_der(&out.chain[0]).unwrap()
+    }
+
+    fn renew(s: &ServerState, agent: &str) -> Result<SvidInfo, Status> {
+        let (csr, _) = new_key_and_csr().unwrap();
+        let chain = s.renew_agent(&id(agent), &csr)?;
+        Ok(SvidInfo::from_der(&chain[0]).unwrap())
+    }
+
+    fn entry(parent: &str, spiffe_id: &str) -> PbEntry {
+        PbEntry {
+            parent_id: parent.into(),
+            spiffe_id: spiffe_id.into(),
+            selectors: vec!["unix:uid:0".into()],
+            ..Default::default()
+        }
+    }
+
+    const AGENT: &str = "spiffe://example.org/agent1";
+
+    #[test]
+    fn a_ca_signed_certificate_that_is_not_the_agents_current_svid_is_refused() {
+        let t = temp_state();
+        let issued = attest(&t.state, AGENT);
+        assert!(t.state.check_agent(&issued).is_ok());
+        // Signed by the same CA for the same ID, valid, but never issued to
+        // the agent as its credential (as a workload SVID would be).
+        let (csr, _) = new_key_and_csr().unwrap();
+        let forged = t
+            .state
+            .ca()
+            .sign_svid(
+                &csr,
+                CsrSignature::Verify,
+                &id(AGENT),
+                &[],
+                Duration::from_secs(300),
+            )
+            .unwrap();
+        let forged = SvidInfo::from_der(&forged).unwrap();
+        let err = t.state.check_agent(&forged).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("not the current SVID"), "{err:?}");
+    }
+
+    #[test]
+    fn the_previous_svid_is_accepted_only_until_the_new_one_is_used() {
+        let t = temp_state();
+        let first = attest(&t.state, AGENT);
+        let second = renew(&t.state, AGENT).unwrap();
+        // The agent may not have stored the renewal yet.
+        assert!(t.state.check_agent(&first).is_ok());
+        // A lost renewal response: the SVID in use stays acceptable.
+        let third = renew(&t.state, AGENT).unwrap();
+        assert!(t.state.check_agent(&first).is_ok());
+        assert!(
+            t.state.check_agent(&second).is_err(),
+            "never used, replaced"
+        );
+        assert!(t.state.check_agent(&third).is_ok());
+        // The new one was used: the old one is retired.
+        assert!(t.state.check_agent(&first).is_err());
+        assert!(t.state.check_agent(&third).is_ok());
+    }
+
+    #[test]
+    fn entries_and_agents_never_share_an_id() {
+        let t = temp_state();
+        attest(&t.state, AGENT);
+        // An entry for a registered agent's ID.
+        let err = t
+            .state
+            .create_entry(entry(AGENT, "spiffe://example.org/agent1"))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+        assert!(err.message().contains("registered agent"), "{err:?}");
+        // An entry for an ID an unused token names.
+        t.state
+            .generate_token(
+                Some(id("spiffe://example.org/agent2")),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let err = t
+            .state
+            .create_entry(entry(AGENT, "spiffe://example.org/agent2"))
+            .unwrap_err();
+        assert!(err.message().contains("unused join token"), "{err:?}");
+        // A token for an entry's ID, and for a live agent's ID.
+        let e = t
+            .state
+            .create_entry(entry(AGENT, "spiffe://example.org/service"))
+            .unwrap();
+        let err = t
+            .state
+            .generate_token(
+                Some(id("spiffe://example.org/service")),
+                Duration::from_secs(60),
+            )
+            .unwrap_err();
+        assert!(err.message().contains(&e.id), "names the entry: {err:?}");
+        let err = t
+            .state
+            .generate_token(Some(id(AGENT)), Duration::from_secs(60))
+            .unwrap_err();
+        assert!(err.message().contains("already registered"), "{err:?}");
+        // Updating an entry onto an agent's ID is refused too, and nothing
+        // changes.
+        let mut pb = e.to_proto();
+        pb.spiffe_id = AGENT.into();
+        let err = t.state.update_entry(pb, &["spiffe_id".into()]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+        assert_eq!(
+            t.state.get_entry(&e.id).unwrap().spiffe_id,
+            id("spiffe://example.org/service")
+        );
+    }
+
+    #[test]
+    fn a_consumed_token_releases_its_id_only_when_no_other_token_names_it() {
+        let t = temp_state();
+        let agent2 = id("spiffe://example.org/agent2");
+        let (tok, _) = t
+            .state
+            .generate_token(Some(agent2.clone()), Duration::from_secs(60))
+            .unwrap();
+        t.state
+            .generate_token(Some(agent2.clone()), Duration::from_secs(60))
+            .unwrap();
+        t.state.consume_join_token(&tok).unwrap();
+        assert!(
+            t.state
+                .create_entry(entry(AGENT, agent2.to_string().as_str()))
+                .is_err(),
+            "the second token still names the ID"
+        );
+    }
+
+    /// Runs `renewals` renewals against `other` from many threads at once,
+    /// released together by a barrier.
+    fn race(s: &Arc<ServerState>, other: fn(&ServerState)) {
+        let barrier = Arc::new(std::sync::Barrier::new(12));
+        let threads: Vec<_> = (0..12)
+            .map(|i| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    if i % 2 == 0 {
+                        let _ = renew(&s, AGENT);
+                    } else {
+                        other(&s);
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn renewals_racing_a_ban_never_undo_it() {
+        for _ in 0..10 {
+            let t = temp_state();
+            let old = attest(&t.state, AGENT);
+            race(&t.state, |s| {
+                let _ = s.ban_agent(AGENT);
+            });
+            let rec = t.state.get_agent(AGENT).unwrap();
+            assert!(rec.banned, "a ban was undone: {rec:?}");
+            assert!(renew(&t.state, AGENT).is_err());
+            assert!(t.state.check_agent(&old).is_err());
+        }
+    }
+
+    #[test]
+    fn renewals_racing_an_eviction_never_revive_the_agent() {
+        for _ in 0..10 {
+            let t = temp_state();
+            let old = attest(&t.state, AGENT);
+            race(&t.state, |s| {
+                let _ = s.evict_agent(AGENT);
+            });
+            let err = t.state.get_agent(AGENT).unwrap_err();
+            assert_eq!(
+                err.code(),
+                tonic::Code::NotFound,
+                "an evicted agent came back"
+            );
+            // Enrolled again (new token): the SVID from before the eviction
+            // is never accepted again.
+            let new = attest(&t.state, AGENT);
+            assert!(t.state.check_agent(&new).is_ok());
+            assert!(t.state.check_agent(&old).is_err());
+        }
     }
 }

@@ -41,6 +41,16 @@ pub trait Datastore: Send + Sync + 'static {
     fn get_agent(&self, spiffe_id: &str) -> Result<Option<Agent>, StoreError>;
     /// All agents.
     fn list_agents(&self) -> Result<Vec<Agent>, StoreError>;
+    /// Reads the agent record and writes what `f` returns in one write
+    /// transaction, so a concurrent ban or eviction cannot be overwritten by
+    /// a stale copy. `f` sees the current record (`None` if absent) and
+    /// returns the record to store, or `None` to leave the store unchanged.
+    /// Returns what was written.
+    fn update_agent(
+        &self,
+        spiffe_id: &str,
+        f: &mut dyn FnMut(Option<Agent>) -> Option<Agent>,
+    ) -> Result<Option<Agent>, StoreError>;
     /// Removes an agent; false if absent.
     fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError>;
     /// Stores a token under the hash of its text.
@@ -48,6 +58,8 @@ pub trait Datastore: Send + Sync + 'static {
     /// Removes and returns the token with this hash, atomically: a token
     /// can be taken once.
     fn take_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Every stored (unused) token record.
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Inserts or replaces a federated trust domain's bundle.
     fn put_bundle(&self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError>;
     /// Removes a federated bundle; false if absent.

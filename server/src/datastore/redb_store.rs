@@ -119,6 +119,29 @@ impl Datastore for RedbStore {
     fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
         self.all(AGENTS)?.iter().map(|b| decode(b)).collect()
     }
+    fn update_agent(
+        &self,
+        spiffe_id: &str,
+        f: &mut dyn FnMut(Option<Agent>) -> Option<Agent>,
+    ) -> Result<Option<Agent>, StoreError> {
+        let tx = self.db.begin_write().map_err(be)?;
+        let written = {
+            let mut t = tx.open_table(AGENTS).map_err(be)?;
+            let current = t
+                .get(spiffe_id)
+                .map_err(be)?
+                .map(|v| decode::<Agent>(v.value()))
+                .transpose()?;
+            let next = f(current);
+            if let Some(a) = &next {
+                t.insert(spiffe_id, a.encode_to_vec().as_slice())
+                    .map_err(be)?;
+            }
+            next
+        };
+        tx.commit().map_err(be)?;
+        Ok(written)
+    }
     fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError> {
         Ok(self.take(AGENTS, spiffe_id)?.is_some())
     }
@@ -130,6 +153,12 @@ impl Datastore for RedbStore {
         self.take(TOKENS, hash)?
             .map(|b| serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
             .transpose()
+    }
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.all(TOKENS)?
+            .iter()
+            .map(|b| serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
     }
     fn put_bundle(&self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError> {
         self.put(BUNDLES, trust_domain, &b.encode_to_vec())
