@@ -529,7 +529,7 @@ mod tests {
             "unix:path:/usr/bin/a",
             "unix:path:/usr/bin/b",
             "unix:supplementary_gid:27",
-            "docker:label:x",
+            "docker:label:app:x",
         ];
         // Every subset of the pool (up to 3 selectors) as an entry, plus
         // one without selectors, which must match nobody.

@@ -27,6 +27,15 @@ pub enum ApiCmd {
     /// Validate through the Workload API.
     #[command(subcommand)]
     Validate(ValidateCmd),
+    /// Operator introspection over the agent admin socket.
+    #[command(subcommand)]
+    Debug(DebugCmd),
+}
+
+#[derive(Subcommand)]
+pub enum DebugCmd {
+    /// What a process attests to and which entries it matches.
+    Selectors(crate::debug_selectors::DebugSelectorsArgs),
 }
 
 #[derive(Subcommand)]
@@ -180,6 +189,7 @@ fn grpc_err(s: tonic::Status) -> String {
 
 pub async fn api(cmd: ApiCmd) -> Result<(), String> {
     match cmd {
+        ApiCmd::Debug(DebugCmd::Selectors(args)) => crate::debug_selectors::run(args).await,
         ApiCmd::Fetch(FetchCmd::X509 { socket, write }) => fetch_x509(socket, write).await,
         ApiCmd::Fetch(FetchCmd::Jwt {
             socket,

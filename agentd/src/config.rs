@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use sigil_attestors::workload::config::{RawWorkloadAttestors, WorkloadAttestorSettings};
 use sigil_core::TrustDomain;
 
 /// Built-in agent admin socket path.
@@ -37,6 +38,9 @@ struct RawConfig {
     x509pop: Option<RawX509Pop>,
     #[serde(default)]
     tpm: Option<RawTpm>,
+    /// `[workload_attestor.docker]`, `[workload_attestor.systemd]`.
+    #[serde(default)]
+    workload_attestor: RawWorkloadAttestors,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +101,8 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     pub log_level: String,
     pub node_attestor: NodeAttestor,
+    /// Workload attestors besides `unix`, from `[workload_attestor.*]`.
+    pub workload_attestors: WorkloadAttestorSettings,
 }
 
 /// A config error, naming the key.
@@ -178,6 +184,13 @@ impl AgentConfig {
                 ));
             }
         };
+        let workload_attestors =
+            raw.workload_attestor
+                .validate()
+                .map_err(|e| ConfigError::Key {
+                    key: e.key,
+                    reason: e.reason,
+                })?;
         if raw.data_dir.as_os_str().is_empty() {
             return Err(key_err("data_dir", "must not be empty"));
         }
@@ -196,6 +209,7 @@ impl AgentConfig {
             join_token: raw.join_token,
             log_level: raw.log_level.unwrap_or_else(|| "info".into()),
             node_attestor,
+            workload_attestors,
         })
     }
 }
@@ -231,5 +245,26 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("insecure_bootstrap"), "{e}");
+    }
+
+    #[test]
+    fn workload_attestor_tables() {
+        let c = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\n[workload_attestor.docker]\nsocket_path = \"/run/d.sock\"\nenv = [\"MODE\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.workload_attestors.build().kinds(), vec!["unix", "docker"]);
+        let e = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\n[workload_attestor.kubernetes]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("kubernetes"), "{e}");
+        let e = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\n[workload_attestor.docker]\ntimeout = \"forever\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("workload_attestor.docker.timeout"), "{e}");
     }
 }

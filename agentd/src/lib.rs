@@ -8,6 +8,7 @@
 //! - [`workload_api`] — the SPIFFE Workload API server on a Unix socket.
 //! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
+//! - [`debug_selectors`] — `api debug selectors`: what a pid attests to.
 //! - [`run`] — wiring; [`cli`] — `api fetch x509`, `healthcheck`.
 
 #![allow(missing_docs)]
@@ -16,6 +17,7 @@ pub mod attestation;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod debug_selectors;
 pub mod h2_authority;
 pub mod node;
 pub mod run;

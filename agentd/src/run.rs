@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sigil_proto::admin::agent_admin_api_server::{AgentAdminApi, AgentAdminApiServer};
-use sigil_proto::admin::{AgentHealthResponse, HealthRequest};
+use sigil_proto::admin::{
+    AgentHealthResponse, DebugSelectorsRequest, DebugSelectorsResponse, HealthRequest,
+};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -22,6 +24,24 @@ use crate::workload_socket;
 struct AgentAdmin {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     svid: watch::Receiver<AgentSvid>,
+    attestors: Arc<sigil_attestors::workload::AttestorSet>,
+}
+
+/// Only root and the agent's own uid may use the admin socket (it is also 0600).
+fn check_admin_peer<T>(req: &Request<T>) -> Result<(), Status> {
+    let uid = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid());
+    let own = nix::unistd::geteuid().as_raw();
+    if matches!(uid, Some(u) if u == 0 || u == own) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(
+            "only root or the agent's uid may use the agent admin socket",
+        ))
+    }
 }
 
 #[tonic::async_trait]
@@ -30,18 +50,7 @@ impl AgentAdminApi for AgentAdmin {
         &self,
         req: Request<HealthRequest>,
     ) -> Result<Response<AgentHealthResponse>, Status> {
-        // Only root and the agent's own uid (the socket is also 0600).
-        let uid = req
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .map(|c| c.uid());
-        let own = nix::unistd::geteuid().as_raw();
-        if !matches!(uid, Some(u) if u == 0 || u == own) {
-            return Err(Status::permission_denied(
-                "only root or the agent's uid may use the agent admin socket",
-            ));
-        }
+        check_admin_peer(&req)?;
         let snap = self.snapshots.borrow().clone();
         let svid = self.svid.borrow().clone();
         Ok(Response::new(AgentHealthResponse {
@@ -52,6 +61,17 @@ impl AgentAdminApi for AgentAdmin {
             svids: snap.svids.len() as u64,
             agent_svid_expires_at: svid.not_after,
         }))
+    }
+
+    async fn debug_selectors(
+        &self,
+        req: Request<DebugSelectorsRequest>,
+    ) -> Result<Response<DebugSelectorsResponse>, Status> {
+        check_admin_peer(&req)?;
+        let snap = self.snapshots.borrow().clone();
+        crate::debug_selectors::answer(&self.attestors, &snap, req.into_inner().pid)
+            .await
+            .map(Response::new)
     }
 }
 
@@ -98,6 +118,8 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
     tokio::spawn(link.clone().sync_loop(sync_tx));
     tokio::spawn(link.clone().renew_loop());
 
+    let attestors = Arc::new(cfg.workload_attestors.build());
+    tracing::info!(attestors = ?attestors.kinds(), "workload attestors enabled");
     let api_listener = workload_socket::bind_public_socket(&cfg.socket_path)
         .map_err(|e| format!("socket_path {}: {e}", cfg.socket_path.display()))?;
     let admin_listener = bind_private_socket(&cfg.admin_socket)
@@ -107,12 +129,14 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
         .add_service(WorkloadApi::new(
             snapshots.clone(),
             link.channel.subscribe(),
+            attestors.clone(),
         ))
         .serve_with_incoming_shutdown(workload_socket::incoming(api_listener), shutdown_signal());
     let admin = tonic::transport::Server::builder()
         .add_service(AgentAdminApiServer::new(AgentAdmin {
             snapshots,
             svid: link.svid.subscribe(),
+            attestors,
         }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
     tracing::info!(socket = %cfg.socket_path.display(), "sigil-agent serving the Workload API");

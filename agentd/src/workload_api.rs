@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use prost_types::value::Kind;
-use sigil_attestors::workload::unix::UnixAttestor;
+use sigil_attestors::workload::AttestorSet;
 use sigil_core::SpiffeId;
 use sigil_core::entry::Entry;
 use sigil_core::now_unix;
@@ -49,7 +49,7 @@ type JwtKey = (String, Vec<String>);
 pub struct WorkloadApi {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     server: watch::Receiver<Channel>,
-    attestor: Arc<UnixAttestor>,
+    attestors: Arc<AttestorSet>,
     jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
 }
 
@@ -57,11 +57,12 @@ impl WorkloadApi {
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         server: watch::Receiver<Channel>,
+        attestors: Arc<AttestorSet>,
     ) -> SpiffeWorkloadApiServer<Self> {
         SpiffeWorkloadApiServer::new(Self {
             snapshots,
             server,
-            attestor: Arc::new(UnixAttestor::new()),
+            attestors,
             jwts: Mutex::new(HashMap::new()),
         })
     }
@@ -83,25 +84,24 @@ impl WorkloadApi {
             .map(|p| p.0.clone())
             .ok_or_else(|| Status::internal("peer information missing"))?;
         let pid = peer.pid;
-        // Every call is attested afresh (see `UnixAttestor` for what is
-        // cached and why that is safe). When the user/group names and the
-        // binary's hash are cached, what remains is a pidfd poll and a few
-        // small /proc reads: cheaper inline than a hop to a blocking thread.
-        // NSS lookups and hashing a binary run on a blocking thread.
-        let attested = match self.attestor.attest_cached(&peer) {
-            Ok(Some(selectors)) => Ok(selectors),
-            Ok(None) => {
-                let attestor = self.attestor.clone();
-                tokio::task::spawn_blocking(move || attestor.attest(&peer))
-                    .await
-                    .map_err(|_| Status::internal("attestation task failed"))?
-            }
-            Err(e) => Err(e),
-        };
-        attested.map_err(|e| {
+        // Every call is attested afresh: `unix` inline when its caches are
+        // warm (else on a blocking thread), then every enabled attestor
+        // under its own deadline (see `AttestorSet::attest`).
+        let attested = self.attestors.attest(peer).await.map_err(|e| {
             tracing::info!(pid, error = %e, "workload attestation failed");
             Status::permission_denied("could not attest the calling process")
-        })
+        })?;
+        // An attestor that could not answer leaves the selectors
+        // incomplete: refuse (retryable) rather than serve a partial
+        // identity as if it were the caller's whole one.
+        if !attested.failed.is_empty() {
+            let kinds: Vec<&str> = attested.failed.iter().map(|(k, _)| *k).collect();
+            return Err(Status::unavailable(format!(
+                "workload attestor {} did not answer; retry",
+                kinds.join(", ")
+            )));
+        }
+        Ok(attested.selectors)
     }
 
     /// A JWT-SVID for `entry` and `audience`, from the cache or the server.

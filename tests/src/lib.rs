@@ -273,6 +273,16 @@ impl Cluster {
         self.wait_agent_healthy();
     }
 
+    /// Attests and starts an agent with `extra` agent config (e.g.
+    /// `[workload_attestor.docker]`); waits until it has synced.
+    pub fn start_agent_with(&mut self, agent_id: &str, extra: &str) {
+        let token = self.token(agent_id);
+        let child = self.spawn_agent_with(Some(&token), extra);
+        self.agent = Some(child);
+        self.agent_id = agent_id.to_string();
+        self.wait_agent_healthy();
+    }
+
     /// Starts an agent configured with `extra` (e.g. another node attestor)
     /// and waits until it has synced.
     pub fn start_agent_configured(&mut self, extra: &str) {

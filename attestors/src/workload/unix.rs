@@ -80,6 +80,35 @@ impl Peer {
         })
     }
 
+    /// A peer for a process named by pid rather than by a socket (the
+    /// operator's `api debug selectors --pid N`): uid and gid are the
+    /// effective ones from `/proc/<pid>/status`, and the process is pinned
+    /// by its start time (no pidfd), as on kernels without SO_PEERPIDFD.
+    pub fn from_pid(pid: i32) -> Result<Peer, AttestError> {
+        if pid <= 0 {
+            return Err(AttestError::PeerCredentials(format!("invalid pid {pid}")));
+        }
+        let start = start_time(pid)?;
+        let status = fs::read(format!("/proc/{pid}/status"))
+            .map_err(|e| AttestError::Proc(pid, e.to_string()))?;
+        let status = String::from_utf8_lossy(&status);
+        let effective = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok())
+                .ok_or_else(|| AttestError::Proc(pid, format!("no {key} line in status")))
+        };
+        Ok(Peer {
+            pid,
+            uid: effective("Uid:")?,
+            gid: effective("Gid:")?,
+            pidfd: None,
+            start_time: Some(start),
+        })
+    }
+
     /// True while the process that connected is still running: its pidfd
     /// is not readable, or (without a pidfd) its start time is unchanged.
     /// Readings of `/proc/<pid>` made before a `true` describe that process.
@@ -249,7 +278,11 @@ impl UnixAttestor {
             )));
         }
         let start_before = if peer.pidfd.is_none() {
-            Some(start_time(pid)?)
+            // Pinned at accept (or `from_pid`) when known.
+            Some(match peer.start_time {
+                Some(t) => t,
+                None => start_time(pid)?,
+            })
         } else {
             None
         };
