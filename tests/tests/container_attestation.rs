@@ -1,0 +1,409 @@
+//! Container attestation against a real Docker Engine: containers started
+//! by dockerd, the agent asking the Engine API over its Unix socket, and a
+//! Workload API client (the `spiffe` crate's, in `spiffe-probe`) running
+//! inside the containers with the agent's socket directory bind-mounted.
+//!
+//! Needs root and `dockerd` (Debian: `docker.io`). If no daemon answers on
+//! /var/run/docker.sock the test starts its own (data-root and exec-root
+//! under /tmp/sigil-test-dockerd, no iptables, no bridge) and leaves it
+//! running for the next run. No registry is needed: the image is made with
+//! `docker import` from a tarball of `spiffe-probe`, `sleep` and the shared
+//! libraries `ldd` lists for them. Without `dockerd` installed the tests
+//! skip with a loud message (CI installs it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sigil_tests::{Cluster, bin, wait_for};
+
+const OWN_DIR: &str = "/tmp/sigil-test-dockerd";
+const IMAGE: &str = "sigil-e2e-probe:latest";
+
+fn docker(host: &str, args: &[&str]) -> Output {
+    Command::new("docker")
+        .arg("-H")
+        .arg(format!("unix://{host}"))
+        .args(args)
+        .output()
+        .expect("run docker CLI")
+}
+
+fn docker_ok(host: &str, args: &[&str]) -> String {
+    let out = docker(host, args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn answers(sock: &str) -> bool {
+    Path::new(sock).exists()
+        && docker(sock, &["version", "--format", "{{.Server.Version}}"])
+            .status
+            .success()
+}
+
+fn installed(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The socket of a running Docker Engine (started here if needed), with
+/// the probe image imported; `None` (loudly) when dockerd is not installed.
+fn engine() -> Option<&'static str> {
+    static ENGINE: OnceLock<Option<String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            if !installed("dockerd") || !installed("docker") {
+                eprintln!(
+                    "\n\n!!! SKIPPING container attestation tests: dockerd is not installed \
+                     (Debian: apt-get install docker.io; .ci/run installs it) !!!\n"
+                );
+                return None;
+            }
+            let system = "/var/run/docker.sock".to_string();
+            let sock = if answers(&system) {
+                system
+            } else {
+                let own = format!("{OWN_DIR}/docker.sock");
+                if !answers(&own) {
+                    start_dockerd(&own);
+                }
+                own
+            };
+            import_image(&sock);
+            Some(sock)
+        })
+        .as_deref()
+}
+
+#[expect(
+    clippy::zombie_processes,
+    reason = "dockerd outlives the test process and is reused by the next run"
+)]
+fn start_dockerd(sock: &str) {
+    std::fs::create_dir_all(OWN_DIR).unwrap();
+    let _ = std::fs::remove_file(sock);
+    let log = std::fs::File::create(format!("{OWN_DIR}/dockerd.log")).unwrap();
+    // In its own process group: the daemon outlives this test process
+    // (and a ^C of it) and is reused.
+    let mut child = Command::new("dockerd")
+        .process_group(0)
+        .args([
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--host",
+            &format!("unix://{sock}"),
+            "--data-root",
+            &format!("{OWN_DIR}/data"),
+            "--exec-root",
+            &format!("{OWN_DIR}/exec"),
+            "--pidfile",
+            &format!("{OWN_DIR}/docker.pid"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn dockerd");
+    let start = Instant::now();
+    while !answers(sock) {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "dockerd exited with {status}:\n{}",
+                std::fs::read_to_string(format!("{OWN_DIR}/dockerd.log")).unwrap_or_default()
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "dockerd did not answer on {sock} within 90 s:\n{}",
+            std::fs::read_to_string(format!("{OWN_DIR}/dockerd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("started dockerd on {sock} in {:?}", start.elapsed());
+}
+
+/// `docker import` of a root filesystem with spiffe-probe, sleep and the
+/// libraries they load.
+fn import_image(sock: &str) {
+    let root = std::env::temp_dir().join(format!("sigil-probe-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let probe = bin("spiffe-probe");
+    let mut files: Vec<PathBuf> = vec![probe.clone(), PathBuf::from("/bin/sleep")];
+    for exe in files.clone() {
+        let out = Command::new("ldd").arg(&exe).output().unwrap();
+        for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if word.starts_with('/') {
+                files.push(PathBuf::from(word));
+            }
+        }
+    }
+    for f in &files {
+        let dest = if f == &probe {
+            root.join("spiffe-probe")
+        } else {
+            root.join(f.strip_prefix("/").unwrap())
+        };
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(f, &dest).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
+    }
+    let tar = root.with_extension("tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    docker_ok(sock, &["import", tar.to_str().unwrap(), IMAGE]);
+    let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_file(&tar);
+}
+
+/// Runs spiffe-probe in a fresh container with `labels` and `env`; returns
+/// its output line.
+fn probe_in_container(sock: &str, c: &Cluster, labels: &[&str], env: &[&str]) -> String {
+    let mount = format!("{}:/sigil:ro", c.api_socket().parent().unwrap().display());
+    let mut args = vec!["run", "--rm", "--network", "none", "-v", &mount];
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    for e in env {
+        args.extend(["-e", e]);
+    }
+    args.extend([IMAGE, "/spiffe-probe", "unix:///sigil/api.sock"]);
+    let out = docker(sock, &args);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn probe_on_host(c: &Cluster) -> String {
+    let out = Command::new(bin("spiffe-probe"))
+        .arg(c.api_addr())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn agent_extra(sock: &str) -> String {
+    format!(
+        "[workload_attestor.docker]\nsocket_path = \"{sock}\"\nenv = [\"MODE\"]\ncache_ttl = \"2s\"\ntimeout = \"5s\"\n"
+    )
+}
+
+#[test]
+fn containers_get_identities_by_label_and_env_and_the_host_does_not() {
+    let Some(sock) = engine() else { return };
+    let mut c = Cluster::start();
+    c.start_agent_with("spiffe://example.org/docker-node", &agent_extra(sock));
+    c.create_entry(
+        "spiffe://example.org/triage",
+        &[
+            "--selector",
+            "docker:label:team:sec",
+            "--selector",
+            "docker:image_id:sigil-e2e-probe:latest",
+        ],
+    );
+    c.create_entry(
+        "spiffe://example.org/web",
+        &[
+            "--selector",
+            "docker:label:team:web",
+            "--selector",
+            "docker:env:MODE:prod",
+        ],
+    );
+
+    // Two containers, same uid (0), different labels: different SVIDs.
+    let mut last = String::new();
+    let deadline = Duration::from_secs(60);
+    let start = Instant::now();
+    wait_for("the sec container's SVID", deadline, || {
+        last = probe_in_container(sock, &c, &["team=sec"], &[]);
+        last == "OK spiffe://example.org/triage"
+    });
+    eprintln!("first container SVID after {:?}", start.elapsed());
+    assert_eq!(
+        probe_in_container(sock, &c, &["team=web"], &["MODE=prod"]),
+        "OK spiffe://example.org/web",
+        "{}",
+        c.logs()
+    );
+    // Same label but the env value the entry pins is different: nothing.
+    let wrong_env = probe_in_container(sock, &c, &["team=web"], &["MODE=dev"]);
+    assert!(
+        wrong_env.starts_with("ERR permission_denied"),
+        "{wrong_env}"
+    );
+    // No label at all: nothing.
+    let plain = probe_in_container(sock, &c, &[], &[]);
+    assert!(plain.starts_with("ERR permission_denied"), "{plain}");
+    // Outside any container, as the same uid: nothing for container-only entries.
+    let host = probe_on_host(&c);
+    assert!(host.starts_with("ERR permission_denied"), "{host}");
+}
+
+#[test]
+fn debug_selectors_shows_the_real_engine_answer_and_a_stopped_container_loses_it() {
+    let Some(sock) = engine() else { return };
+    let mut c = Cluster::start();
+    c.start_agent_with("spiffe://example.org/docker-node2", &agent_extra(sock));
+    let entry = c.create_entry(
+        "spiffe://example.org/labelled",
+        &["--selector", "docker:label:app:triage"],
+    );
+    let id = docker_ok(
+        sock,
+        &[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--label",
+            "app=triage",
+            "-e",
+            "MODE=prod",
+            "-e",
+            "TOKEN=secret",
+            IMAGE,
+            "/bin/sleep",
+            "300",
+        ],
+    );
+    let pid = docker_ok(sock, &["inspect", "-f", "{{.State.Pid}}", &id]);
+    let image = docker_ok(sock, &["inspect", "-f", "{{.Image}}", &id]);
+    let name = docker_ok(sock, &["inspect", "-f", "{{.Name}}", &id]);
+    let admin = c.dir.0.join("agent/private/admin.sock");
+    let debug = || {
+        Command::new(bin("sigil-agent"))
+            .args([
+                "api",
+                "debug",
+                "selectors",
+                "--pid",
+                &pid,
+                "--output",
+                "json",
+                "--admin-socket",
+            ])
+            .arg(&admin)
+            .output()
+            .unwrap()
+    };
+    let mut v = serde_json::Value::Null;
+    wait_for(
+        "the entry to reach the agent",
+        Duration::from_secs(30),
+        || {
+            let out = debug();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            v = serde_json::from_slice(&out.stdout).unwrap();
+            v["entries"].as_array().is_some_and(|e| !e.is_empty())
+        },
+    );
+    let sels: Vec<&str> = v["selectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for want in [
+        format!("container:id:{id}"),
+        "container:runtime:docker".to_string(),
+        "docker:label:app:triage".to_string(),
+        "docker:env:MODE:prod".to_string(),
+        format!("docker:image_config_digest:{image}"),
+        format!("docker:image_id:{IMAGE}"),
+        format!("docker:container_name:{}", name.trim_start_matches('/')),
+        "unix:uid:0".to_string(),
+        "unix:path:/bin/sleep".to_string(),
+    ] {
+        assert!(sels.contains(&want.as_str()), "missing {want} in {sels:?}");
+    }
+    assert!(
+        !sels.iter().any(|s| s.contains("TOKEN")),
+        "unlisted env leaked: {sels:?}"
+    );
+    assert_eq!(v["entries"][0]["id"], entry.as_str());
+    assert_eq!(v["attestors"], serde_json::json!(["unix", "docker"]));
+    assert_eq!(v["failed"], serde_json::json!([]));
+
+    // The text form, as an operator sees it (printed for the docs).
+    let text = Command::new(bin("sigil-agent"))
+        .args(["api", "debug", "selectors", "--pid", &pid, "--admin-socket"])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Selector   : docker:label:app:triage"),
+        "{text}"
+    );
+    eprintln!("$ sigil-agent api debug selectors --pid {pid}\n{text}");
+
+    docker_ok(sock, &["stop", "-t", "1", &id]);
+    let out = debug();
+    assert!(
+        !out.status.success(),
+        "a stopped container's pid still attests: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = docker(sock, &["rm", "-f", &id]);
+}
+
+#[test]
+fn a_docker_engine_that_does_not_answer_makes_container_callers_retry_and_spares_the_host() {
+    let Some(sock) = engine() else { return };
+    let mut c = Cluster::start();
+    let dead = c.dir.0.join("no-docker.sock");
+    c.start_agent_with(
+        "spiffe://example.org/docker-node3",
+        &format!(
+            "[workload_attestor.docker]\nsocket_path = \"{}\"\ntimeout = \"2s\"\n",
+            dead.display()
+        ),
+    );
+    c.create_entry(
+        "spiffe://example.org/host",
+        &["--selector", &sigil_tests::my_uid_selector()],
+    );
+    // The host process is not in a container: the Engine is never asked.
+    let mut host = String::new();
+    wait_for("the host SVID", Duration::from_secs(30), || {
+        host = probe_on_host(&c);
+        host == "OK spiffe://example.org/host"
+    });
+    // In a container the docker attestor must answer; it cannot, so the
+    // caller is told to retry (Unavailable), not served its unix-only
+    // identity as if it were complete.
+    let got = probe_in_container(sock, &c, &["team=sec"], &[]);
+    assert!(
+        got.starts_with("ERR other") && got.contains("docker"),
+        "{got}\n{}",
+        c.logs()
+    );
+    assert!(
+        c.logs().contains("workload attestor failed"),
+        "{}",
+        c.logs()
+    );
+}
