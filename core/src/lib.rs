@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod bundle;
+pub mod caller;
 pub mod duration;
 pub mod entry;
 pub mod ids;

@@ -20,7 +20,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::blocking;
-use crate::state::ServerState;
+use crate::state::{Caller, EntryField, ServerState};
 
 /// Longest join token lifetime.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -38,17 +38,19 @@ impl AdminService {
         }
     }
 
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let uid = req
+    /// Admits root and the server's own uid; returns the caller, by its
+    /// peer credentials, for the audit trail.
+    fn authorize<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let cred = req
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|i| i.peer_cred)
-            .map(|c| c.uid())
             .ok_or_else(|| {
                 Status::permission_denied("admin socket peer credentials unavailable")
             })?;
+        let uid = cred.uid();
         if uid == 0 || uid == self.own_uid {
-            Ok(())
+            Ok(Caller::admin(uid, cred.gid(), cred.pid()))
         } else {
             Err(Status::permission_denied(format!(
                 "uid {uid} may not use the admin API"
@@ -65,8 +67,10 @@ impl AdminApi for AdminService {
     ) -> Result<Response<HealthResponse>, Status> {
         self.authorize(&req)?;
         let state = self.state.clone();
-        let (entries, agents) =
-            blocking(move || Ok((state.entry_count()?, state.agent_count()?))).await?;
+        let (entries, agents) = blocking(move || {
+            Ok::<_, crate::error::RegistryError>((state.entry_count()?, state.agent_count()?))
+        })
+        .await?;
         let s = self.state.signing.stats();
         Ok(Response::new(HealthResponse {
             trust_domain: self.state.trust_domain().to_string(),
@@ -84,11 +88,10 @@ impl AdminApi for AdminService {
     }
 
     async fn create_entry(&self, req: Request<PbEntry>) -> Result<Response<PbEntry>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let state = self.state.clone();
         let pb = req.into_inner();
-        let e = blocking(move || state.create_entry(pb)).await?;
-        tracing::info!(entry = %e.id, spiffe_id = %e.spiffe_id, "entry created");
+        let e = blocking(move || state.create_entry(&caller, pb)).await?;
         Ok(Response::new(e.to_proto()))
     }
 
@@ -96,14 +99,14 @@ impl AdminApi for AdminService {
         &self,
         req: Request<UpdateEntryRequest>,
     ) -> Result<Response<PbEntry>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let state = self.state.clone();
         let r = req.into_inner();
         let pb = r
             .entry
             .ok_or_else(|| Status::invalid_argument("invalid field `entry`: missing"))?;
-        let e = blocking(move || state.update_entry(pb, &r.set_fields)).await?;
-        tracing::info!(entry = %e.id, revision = e.revision, "entry updated");
+        let mask = EntryField::parse_mask(&r.set_fields)?;
+        let e = blocking(move || state.update_entry(&caller, pb, &mask)).await?;
         Ok(Response::new(e.to_proto()))
     }
 
@@ -135,10 +138,10 @@ impl AdminApi for AdminService {
         &self,
         req: Request<EntryId>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let state = self.state.clone();
         let id = req.into_inner().id;
-        blocking(move || state.delete_entry(&id)).await?;
+        blocking(move || state.delete_entry(&caller, &id)).await?;
         Ok(Response::new(DeleteResponse {}))
     }
 
@@ -146,7 +149,7 @@ impl AdminApi for AdminService {
         &self,
         req: Request<GenerateTokenRequest>,
     ) -> Result<Response<GenerateTokenResponse>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let r = req.into_inner();
         let id = if r.spiffe_id.is_empty() {
             None
@@ -171,7 +174,7 @@ impl AdminApi for AdminService {
         }
         let state = self.state.clone();
         let id2 = id.clone();
-        let (token, expires_at) = blocking(move || state.generate_token(id2, ttl)).await?;
+        let (token, expires_at) = blocking(move || state.generate_token(&caller, id2, ttl)).await?;
         Ok(Response::new(GenerateTokenResponse {
             token,
             spiffe_id: id.map(|i| i.to_string()).unwrap_or_default(),
@@ -185,31 +188,38 @@ impl AdminApi for AdminService {
     ) -> Result<Response<ListAgentsResponse>, Status> {
         self.authorize(&req)?;
         Ok(Response::new(ListAgentsResponse {
-            agents: self.state.list_agents()?,
+            agents: self
+                .state
+                .list_agents()?
+                .iter()
+                .map(|a| a.to_proto())
+                .collect(),
         }))
     }
 
     async fn get_agent(&self, req: Request<AgentId>) -> Result<Response<Agent>, Status> {
         self.authorize(&req)?;
         Ok(Response::new(
-            self.state.get_agent(&req.into_inner().spiffe_id)?,
+            self.state
+                .get_agent(&req.into_inner().spiffe_id)?
+                .to_proto(),
         ))
     }
 
     async fn evict_agent(&self, req: Request<AgentId>) -> Result<Response<DeleteResponse>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
-        self.state.evict_agent(&id)?;
-        tracing::warn!(agent = %id, "agent evicted");
+        let state = self.state.clone();
+        blocking(move || state.evict_agent(&caller, &id)).await?;
         Ok(Response::new(DeleteResponse {}))
     }
 
     async fn ban_agent(&self, req: Request<AgentId>) -> Result<Response<Agent>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
-        let a = self.state.ban_agent(&id)?;
-        tracing::warn!(agent = %id, "agent banned");
-        Ok(Response::new(a))
+        let state = self.state.clone();
+        let a = blocking(move || state.ban_agent(&caller, &id)).await?;
+        Ok(Response::new(a.to_proto()))
     }
 
     async fn get_bundle(&self, req: Request<GetBundleRequest>) -> Result<Response<Bundle>, Status> {
@@ -226,7 +236,7 @@ impl AdminApi for AdminService {
         &self,
         req: Request<SetFederatedBundleRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let r = req.into_inner();
         let td = parse_td(&r.trust_domain)?;
         let b = r
@@ -241,8 +251,8 @@ impl AdminApi for AdminService {
             sigil_core::jwt::JwtBundle::from_jwks(&b.jwt_bundle)
                 .map_err(|e| Status::invalid_argument(format!("invalid field `bundle`: {e}")))?;
         }
-        self.state.set_federated_bundle(&td, b)?;
-        tracing::info!(trust_domain = %td, "federated bundle set");
+        let state = self.state.clone();
+        blocking(move || state.set_federated_bundle(&caller, &td, b)).await?;
         Ok(Response::new(DeleteResponse {}))
     }
 
@@ -260,10 +270,10 @@ impl AdminApi for AdminService {
         &self,
         req: Request<TrustDomainId>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        self.authorize(&req)?;
+        let caller = self.authorize(&req)?;
         let td = parse_td(&req.into_inner().trust_domain)?;
-        self.state.delete_federated_bundle(&td)?;
-        tracing::info!(trust_domain = %td, "federated bundle deleted");
+        let state = self.state.clone();
+        blocking(move || state.delete_federated_bundle(&caller, &td)).await?;
         Ok(Response::new(DeleteResponse {}))
     }
 }

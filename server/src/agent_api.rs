@@ -64,6 +64,7 @@ impl AgentApi for AgentService {
         req: Request<Streaming<AttestRequest>>,
     ) -> Result<Response<Self::AttestStream>, Status> {
         // Over mTLS this is a re-attestation by an existing agent.
+        let peer = req.remote_addr().map(|a| a.to_string());
         let caller = match peer_leaf(&req) {
             Ok(leaf) => Some(self.state.authenticate_agent(&leaf)?),
             Err(_) => None,
@@ -74,7 +75,8 @@ impl AgentApi for AgentService {
         let attestors = self.attestors.clone();
         tokio::spawn(async move {
             let result =
-                crate::node_attestation::attest(state, attestors, caller, &mut inbound, &tx).await;
+                crate::node_attestation::attest(state, attestors, caller, peer, &mut inbound, &tx)
+                    .await;
             if let Err(st) = &result {
                 tracing::info!(code = ?st.code(), error = %st.message(), "node attestation refused");
             }
@@ -119,8 +121,8 @@ impl AgentApi for AgentService {
                 // A banned or evicted agent loses its stream at the next change.
                 let rec = match state.check_agent(&info) {
                     Ok(rec) => rec,
-                    Err(st) => {
-                        let _ = tx.send(Err(st)).await;
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
@@ -128,8 +130,8 @@ impl AgentApi for AgentService {
                 // expired entry is withdrawn without waiting for another change.
                 let entries = match state.entries_for_agent(&id, Some(&rec)) {
                     Ok(entries) => entries,
-                    Err(st) => {
-                        let _ = tx.send(Err(st)).await;
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };

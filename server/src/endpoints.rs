@@ -316,12 +316,16 @@ pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
                     jwt_bundle,
                     sequence: p.sequence.unwrap_or(0),
                 };
-                match state.set_federated_bundle(&f.trust_domain, b) {
+                match state.set_federated_bundle(
+                    &crate::state::Caller::server(crate::state::ServerTask::Federation),
+                    &f.trust_domain,
+                    b,
+                ) {
                     Ok(()) => {
                         tracing::debug!(trust_domain = %f.trust_domain, "federated bundle refreshed")
                     }
                     Err(e) => {
-                        tracing::warn!(trust_domain = %f.trust_domain, error = %e.message(), "refused federated bundle")
+                        tracing::warn!(trust_domain = %f.trust_domain, error = %e, "refused federated bundle")
                     }
                 }
                 tokio::time::sleep(hint).await;

@@ -4,7 +4,8 @@
 //! - [`config`] — `server.toml` parsing and validation.
 //! - [`datastore`] — persistence behind the [`datastore::Datastore`] trait (redb).
 //! - [`keys`] — X.509 CAs and JWT keys: persistence (0600) and rotation.
-//! - [`state`] — entries, agents, tokens and change notification.
+//! - [`state`] — the registry: entries, agents, tokens, federation, minting
+//!   and change notification, one module each; [`error`] — its error type.
 //! - [`node_attestation`] — the Attest stream: join token, x509pop, TPM ([`tpm_attest`]).
 //! - [`agent_api`] — attestation, renewal, sync stream, minting (gRPC over TLS).
 //! - [`signing`] — the bounded, measured signing queue in front of minting.
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod endpoints;
+pub mod error;
 pub mod keys;
 pub mod node_attestation;
 pub mod run;
@@ -32,10 +34,11 @@ pub mod tls;
 pub mod tpm_attest;
 
 /// Runs blocking work (datastore, signing) off the async runtime.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, tonic::Status> + Send + 'static,
+pub(crate) async fn blocking<T: Send + 'static, E: Into<tonic::Status> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, tonic::Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| tonic::Status::internal("worker task failed"))?
+        .map_err(Into::into)
 }

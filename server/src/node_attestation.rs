@@ -18,7 +18,10 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use crate::config::ServerConfig;
-use crate::state::{NodeAttestation, ServerState};
+use sigil_core::selector::Selector;
+
+use crate::datastore::AttestationType;
+use crate::state::{Caller, NodeAttestation, ServerState};
 
 /// How long an agent has to answer a challenge.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,6 +74,17 @@ pub(crate) async fn send(
         .map_err(|_| Status::cancelled("agent went away"))
 }
 
+/// Parses the node selectors an attestor derived; they are produced by
+/// this server, so one that does not parse is a bug, not bad input.
+pub(crate) fn node_selectors(v: Vec<String>) -> Result<Vec<Selector>, Status> {
+    v.iter()
+        .map(|s| {
+            s.parse::<Selector>()
+                .map_err(|e| Status::internal(format!("attestor produced selector {s:?}: {e}")))
+        })
+        .collect()
+}
+
 fn unique_id(td: &TrustDomain, attestor: &str, unique: &str) -> Result<SpiffeId, Status> {
     agent_id(td, attestor, unique).map_err(|e| Status::internal(e.to_string()))
 }
@@ -82,6 +96,7 @@ pub async fn attest(
     state: Arc<ServerState>,
     attestors: Arc<NodeAttestors>,
     caller: Option<SpiffeId>,
+    peer: Option<String>,
     inbound: &mut Streaming<AttestRequest>,
     tx: &mpsc::Sender<Result<AttestResponse, Status>>,
 ) -> Result<AttestResult, Status> {
@@ -91,6 +106,10 @@ pub async fn attest(
         ));
     };
     let csr = begin.csr;
+    let who = match &caller {
+        Some(id) => Caller::agent(id.clone()),
+        None => Caller::Node { peer },
+    };
     let td = state.trust_domain().clone();
     let attested: NodeAttestation = match begin.evidence {
         None => {
@@ -110,7 +129,8 @@ pub async fn attest(
                 ));
             }
             let st = state.clone();
-            crate::blocking(move || st.consume_join_token(&t.token)).await?
+            let who = who.clone();
+            crate::blocking(move || st.consume_join_token(&who, &t.token)).await?
         }
         Some(Evidence::X509pop(ev)) => {
             let roots = attestors.x509pop_roots.as_ref().ok_or_else(|| {
@@ -135,8 +155,8 @@ pub async fn attest(
                 .map_err(|e| Status::permission_denied(e.to_string()))?;
             NodeAttestation {
                 spiffe_id: unique_id(&td, "x509pop", &node.fingerprint)?,
-                attestation_type: "x509pop",
-                selectors: node.selectors,
+                attestation_type: AttestationType::X509Pop,
+                selectors: node_selectors(node.selectors)?,
             }
         }
         Some(Evidence::Tpm(ev)) => {
@@ -155,7 +175,7 @@ pub async fn attest(
         )));
     }
     let st = state.clone();
-    let issued = crate::blocking(move || st.issue_agent_svid(attested, &csr)).await?;
+    let issued = crate::blocking(move || st.issue_agent_svid(&who, attested, &csr)).await?;
     Ok(AttestResult {
         svid_chain: issued.chain,
         bundle: state.bundle(),

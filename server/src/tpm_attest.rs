@@ -102,7 +102,7 @@ pub async fn attest(
     Ok(NodeAttestation {
         spiffe_id: sigil_core::ids::agent_id(td, "tpm", &ek_hash)
             .map_err(|e| Status::internal(e.to_string()))?,
-        attestation_type: "tpm",
-        selectors,
+        attestation_type: crate::datastore::AttestationType::Tpm,
+        selectors: crate::node_attestation::node_selectors(selectors)?,
     })
 }

@@ -1,69 +1,101 @@
-//! Persistent state of the server behind one small trait: registration
-//! entries, attested agents, and join tokens (stored by hash only).
+//! Persistent state of the server behind one backend-neutral interface:
+//! registration entries, attested agents, join tokens (stored by hash only)
+//! and federated bundles, as domain types ([`records`]).
+//!
+//! There is one write path: [`Datastore::write`] runs a mutation inside one
+//! backend transaction. The mutation reads what it needs through the same
+//! transaction ([`ReadTx`]) and writes every record it changes; the backend
+//! commits all of it or nothing. Read-modify-write of a record therefore
+//! never interleaves with another writer's (a renewal cannot undo a ban).
+//! A backend may run the mutation more than once (e.g. after a
+//! serialization failure), so mutations must not have side effects outside
+//! the transaction.
 
+mod records;
 mod redb_store;
 
+pub use records::{AgentRecord, AttestationType, TokenRecord};
 pub use redb_store::RedbStore;
 
-use sigil_proto::admin::Agent;
-use sigil_proto::common::Entry as PbEntry;
+use sigil_core::TrustDomain;
+use sigil_core::entry::Entry;
 use sigil_proto::common::FederatedBundle;
 
-/// A stored join token. The token text itself is never stored.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TokenRecord {
-    /// The agent SPIFFE ID the token grants, if it names one.
-    pub spiffe_id: Option<String>,
-    /// Unix seconds after which the token is refused.
-    pub expires_at: i64,
-}
+use crate::error::RegistryError;
 
 /// A datastore operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
+    /// The backend (database, file) failed.
     #[error("datastore: {0}")]
     Backend(String),
+    /// A stored record does not parse; the message names it.
     #[error("datastore holds a corrupt record: {0}")]
     Corrupt(String),
 }
 
-/// Everything the server persists. Writes are atomic per call.
-pub trait Datastore: Send + Sync + 'static {
-    /// Inserts or replaces an entry.
-    fn put_entry(&self, e: &PbEntry) -> Result<(), StoreError>;
-    /// Removes an entry; false if absent.
-    fn delete_entry(&self, id: &str) -> Result<bool, StoreError>;
-    /// All entries.
-    fn list_entries(&self) -> Result<Vec<PbEntry>, StoreError>;
-    /// Inserts or replaces an agent.
-    fn put_agent(&self, a: &Agent) -> Result<(), StoreError>;
+/// Reads, either from a read snapshot or inside a write transaction (which
+/// sees its own writes).
+pub trait ReadTx {
     /// One agent.
-    fn get_agent(&self, spiffe_id: &str) -> Result<Option<Agent>, StoreError>;
+    fn agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// All agents.
-    fn list_agents(&self) -> Result<Vec<Agent>, StoreError>;
-    /// Reads the agent record and writes what `f` returns in one write
-    /// transaction, so a concurrent ban or eviction cannot be overwritten by
-    /// a stale copy. `f` sees the current record (`None` if absent) and
-    /// returns the record to store, or `None` to leave the store unchanged.
-    /// Returns what was written.
-    fn update_agent(
-        &self,
-        spiffe_id: &str,
-        f: &mut dyn FnMut(Option<Agent>) -> Option<Agent>,
-    ) -> Result<Option<Agent>, StoreError>;
-    /// Removes an agent; false if absent.
-    fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError>;
-    /// Stores a token under the hash of its text.
-    fn put_token(&self, hash: &str, t: &TokenRecord) -> Result<(), StoreError>;
-    /// Removes and returns the token with this hash, atomically: a token
-    /// can be taken once.
-    fn take_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
-    /// Every stored (unused) token record.
-    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
-    /// Inserts or replaces a federated trust domain's bundle.
-    fn put_bundle(&self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError>;
-    /// Removes a federated bundle; false if absent.
-    fn delete_bundle(&self, trust_domain: &str) -> Result<bool, StoreError>;
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// How many agents are registered.
+    fn agent_count(&self) -> Result<u64, StoreError>;
+    /// All entries, validated for trust domain `td`.
+    fn entries(&self, td: &TrustDomain) -> Result<Vec<Entry>, StoreError>;
+    /// Every unused join token record.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// All federated bundles by trust domain.
-    fn list_bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError>;
+    fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError>;
+}
+
+/// Writes inside one transaction.
+pub trait WriteTx: ReadTx {
+    /// Inserts or replaces an agent.
+    fn put_agent(&mut self, a: &AgentRecord) -> Result<(), StoreError>;
+    /// Removes an agent; false if absent.
+    fn delete_agent(&mut self, spiffe_id: &str) -> Result<bool, StoreError>;
+    /// Inserts or replaces an entry.
+    fn put_entry(&mut self, e: &Entry) -> Result<(), StoreError>;
+    /// Removes an entry; false if absent.
+    fn delete_entry(&mut self, id: &str) -> Result<bool, StoreError>;
+    /// Stores a token under the hash of its text.
+    fn put_token(&mut self, hash: &str, t: &TokenRecord) -> Result<(), StoreError>;
+    /// Removes and returns the token with this hash: within the
+    /// transaction, so a token is taken once.
+    fn take_token(&mut self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Inserts or replaces a federated trust domain's bundle.
+    fn put_bundle(&mut self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError>;
+    /// Removes a federated bundle; false if absent.
+    fn delete_bundle(&mut self, trust_domain: &str) -> Result<bool, StoreError>;
+}
+
+/// Everything the server persists.
+pub trait Datastore: Send + Sync + 'static {
+    /// A consistent read snapshot.
+    fn read(&self) -> Result<Box<dyn ReadTx + '_>, StoreError>;
+    /// Runs `op` in one write transaction and commits it if `op` succeeds;
+    /// on error nothing is written.
+    fn write(
+        &self,
+        op: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError>;
+}
+
+impl dyn Datastore {
+    /// [`Datastore::write`] for a mutation that returns a value.
+    pub fn transact<T>(
+        &self,
+        mut op: impl FnMut(&mut dyn WriteTx) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let mut out = None;
+        self.write(&mut |tx| {
+            out = Some(op(tx)?);
+            Ok(())
+        })?;
+        out.ok_or_else(|| RegistryError::internal("write transaction returned no result"))
+    }
 }

@@ -1,19 +1,30 @@
-//! The embedded datastore: one redb file, values as protobuf/JSON bytes.
+//! The embedded datastore: one redb file. Agents and tokens are stored as
+//! JSON of their record types, entries and federated bundles as protobuf
+//! (entries are re-validated through `Entry::from_proto` when read). Every
+//! [`Datastore::write`] is one redb write transaction.
 
 use std::path::Path;
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use sigil_proto::admin::Agent;
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle, WriteTransaction,
+};
+use sigil_core::TrustDomain;
+use sigil_core::entry::Entry;
 use sigil_proto::common::Entry as PbEntry;
 use sigil_proto::common::FederatedBundle;
 
-use super::{Datastore, StoreError, TokenRecord};
+use super::{AgentRecord, Datastore, ReadTx, StoreError, TokenRecord, WriteTx};
+use crate::error::RegistryError;
 
-const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
-const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
-const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
-const BUNDLES: TableDefinition<&str, &[u8]> = TableDefinition::new("federated_bundles");
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+const ENTRIES: Table = TableDefinition::new("entries");
+/// Version 2: JSON agent records (version 1 stored the admin wire message).
+const AGENTS: Table = TableDefinition::new("agents_v2");
+const TOKENS: Table = TableDefinition::new("join_tokens");
+const BUNDLES: Table = TableDefinition::new("federated_bundles");
 
 fn be(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -29,154 +40,231 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(be)?;
         let tx = db.begin_write().map_err(be)?;
-        {
-            tx.open_table(ENTRIES).map_err(be)?;
-            tx.open_table(AGENTS).map_err(be)?;
-            tx.open_table(TOKENS).map_err(be)?;
-            tx.open_table(BUNDLES).map_err(be)?;
+        for t in [ENTRIES, AGENTS, TOKENS, BUNDLES] {
+            tx.open_table(t).map_err(be)?;
         }
+        migrate_agents_v1(&tx)?;
         tx.commit().map_err(be)?;
         Ok(Self { db })
     }
-
-    fn put(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        val: &[u8],
-    ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(be)?;
-        {
-            let mut t = tx.open_table(table).map_err(be)?;
-            t.insert(key, val).map_err(be)?;
-        }
-        tx.commit().map_err(be)
-    }
-
-    fn take(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_write().map_err(be)?;
-        let old = {
-            let mut t = tx.open_table(table).map_err(be)?;
-            t.remove(key).map_err(be)?.map(|v| v.value().to_vec())
-        };
-        tx.commit().map_err(be)?;
-        Ok(old)
-    }
-
-    fn get(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(be)?;
-        let t = tx.open_table(table).map_err(be)?;
-        Ok(t.get(key).map_err(be)?.map(|v| v.value().to_vec()))
-    }
-
-    fn all(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<Vec<u8>>, StoreError> {
-        Ok(self.all_keyed(table)?.into_iter().map(|(_, v)| v).collect())
-    }
-
-    fn all_keyed(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read().map_err(be)?;
-        let t = tx.open_table(table).map_err(be)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(be)? {
-            let (k, v) = item.map_err(be)?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
-    }
 }
 
-fn decode<M: Message + Default>(b: &[u8]) -> Result<M, StoreError> {
-    M::decode(b).map_err(|e| StoreError::Corrupt(e.to_string()))
+/// Version 1 stored agents as the admin API's wire message; converts them
+/// to version 2 records in the opening transaction, refusing any that do
+/// not parse.
+fn migrate_agents_v1(tx: &WriteTransaction) -> Result<(), StoreError> {
+    const AGENTS_V1: Table = TableDefinition::new("agents");
+    let exists = tx
+        .list_tables()
+        .map_err(be)?
+        .any(|h| h.name() == AGENTS_V1.name());
+    if !exists {
+        return Ok(());
+    }
+    let old = all(&tx.open_table(AGENTS_V1).map_err(be)?)?;
+    for (key, bytes) in &old {
+        let a = sigil_proto::admin::Agent::decode(bytes.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("v1 agent record {key:?}: {e}")))?;
+        let bad = |what: String| StoreError::Corrupt(format!("v1 agent record {key:?}: {what}"));
+        let rec = AgentRecord {
+            spiffe_id: sigil_core::SpiffeId::new(&a.spiffe_id).map_err(|e| bad(e.to_string()))?,
+            attestation: a.attestation_type.parse().map_err(bad)?,
+            selectors: a
+                .selectors
+                .iter()
+                .map(|s| s.parse().map_err(|e| bad(format!("selector {s:?}: {e}"))))
+                .collect::<Result<_, _>>()?,
+            serial: a.serial,
+            previous_serial: None,
+            svid_expires_at: a.svid_expires_at,
+            last_attested_at: a.last_attested_at,
+            banned: a.banned,
+            created_at: a.created_at,
+        };
+        put(tx, AGENTS, key, &rec.encode()?)?;
+    }
+    tx.delete_table(AGENTS_V1).map_err(be)?;
+    tracing::info!(agents = old.len(), "migrated agent records to version 2");
+    Ok(())
+}
+
+/// Reads shared by read snapshots and write transactions.
+fn get(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(t.get(key).map_err(be)?.map(|v| v.value().to_vec()))
+}
+
+fn all(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let mut out = Vec::new();
+    for item in t.iter().map_err(be)? {
+        let (k, v) = item.map_err(be)?;
+        out.push((k.value().to_string(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+fn decode_entry(key: &str, b: &[u8], td: &TrustDomain) -> Result<Entry, StoreError> {
+    let pb = PbEntry::decode(b).map_err(|e| StoreError::Corrupt(format!("entry {key:?}: {e}")))?;
+    Entry::from_proto(&pb, td).map_err(|e| StoreError::Corrupt(format!("entry {key:?}: {e}")))
+}
+
+fn decode_bundle(key: &str, b: &[u8]) -> Result<FederatedBundle, StoreError> {
+    FederatedBundle::decode(b)
+        .map_err(|e| StoreError::Corrupt(format!("federated bundle {key:?}: {e}")))
+}
+
+/// Implements [`ReadTx`] for a transaction type whose `open_table` yields a
+/// readable table.
+macro_rules! read_tx {
+    ($ty:ty) => {
+        impl ReadTx for $ty {
+            fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+                let t = self.open_table(AGENTS).map_err(be)?;
+                get(&t, id)?
+                    .map(|b| AgentRecord::decode(id, &b))
+                    .transpose()
+            }
+            fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+                let t = self.open_table(AGENTS).map_err(be)?;
+                all(&t)?
+                    .iter()
+                    .map(|(k, v)| AgentRecord::decode(k, v))
+                    .collect()
+            }
+            fn agent_count(&self) -> Result<u64, StoreError> {
+                self.open_table(AGENTS).map_err(be)?.len().map_err(be)
+            }
+            fn entries(&self, td: &TrustDomain) -> Result<Vec<Entry>, StoreError> {
+                let t = self.open_table(ENTRIES).map_err(be)?;
+                all(&t)?
+                    .iter()
+                    .map(|(k, v)| decode_entry(k, v, td))
+                    .collect()
+            }
+            fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+                let t = self.open_table(TOKENS).map_err(be)?;
+                all(&t)?
+                    .iter()
+                    .map(|(k, v)| TokenRecord::decode(k, v))
+                    .collect()
+            }
+            fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError> {
+                let t = self.open_table(BUNDLES).map_err(be)?;
+                all(&t)?
+                    .into_iter()
+                    .map(|(k, v)| decode_bundle(&k, &v).map(|b| (k, b)))
+                    .collect()
+            }
+        }
+    };
+}
+
+read_tx!(ReadTransaction);
+read_tx!(WriteTransaction);
+
+fn put(tx: &WriteTransaction, table: Table, key: &str, val: &[u8]) -> Result<(), StoreError> {
+    tx.open_table(table)
+        .map_err(be)?
+        .insert(key, val)
+        .map_err(be)?;
+    Ok(())
+}
+
+fn take(tx: &WriteTransaction, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut t = tx.open_table(table).map_err(be)?;
+    let old = t.remove(key).map_err(be)?.map(|v| v.value().to_vec());
+    Ok(old)
+}
+
+impl WriteTx for WriteTransaction {
+    fn put_agent(&mut self, a: &AgentRecord) -> Result<(), StoreError> {
+        put(self, AGENTS, &a.spiffe_id.to_string(), &a.encode()?)
+    }
+    fn delete_agent(&mut self, id: &str) -> Result<bool, StoreError> {
+        Ok(take(self, AGENTS, id)?.is_some())
+    }
+    fn put_entry(&mut self, e: &Entry) -> Result<(), StoreError> {
+        put(self, ENTRIES, &e.id, &e.to_proto().encode_to_vec())
+    }
+    fn delete_entry(&mut self, id: &str) -> Result<bool, StoreError> {
+        Ok(take(self, ENTRIES, id)?.is_some())
+    }
+    fn put_token(&mut self, hash: &str, t: &TokenRecord) -> Result<(), StoreError> {
+        put(self, TOKENS, hash, &t.encode()?)
+    }
+    fn take_token(&mut self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        take(self, TOKENS, hash)?
+            .map(|b| TokenRecord::decode(hash, &b))
+            .transpose()
+    }
+    fn put_bundle(&mut self, td: &str, b: &FederatedBundle) -> Result<(), StoreError> {
+        put(self, BUNDLES, td, &b.encode_to_vec())
+    }
+    fn delete_bundle(&mut self, td: &str) -> Result<bool, StoreError> {
+        Ok(take(self, BUNDLES, td)?.is_some())
+    }
 }
 
 impl Datastore for RedbStore {
-    fn put_entry(&self, e: &PbEntry) -> Result<(), StoreError> {
-        self.put(ENTRIES, &e.id, &e.encode_to_vec())
+    fn read(&self) -> Result<Box<dyn ReadTx + '_>, StoreError> {
+        Ok(Box::new(self.db.begin_read().map_err(be)?))
     }
-    fn delete_entry(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.take(ENTRIES, id)?.is_some())
-    }
-    fn list_entries(&self) -> Result<Vec<PbEntry>, StoreError> {
-        self.all(ENTRIES)?.iter().map(|b| decode(b)).collect()
-    }
-    fn put_agent(&self, a: &Agent) -> Result<(), StoreError> {
-        self.put(AGENTS, &a.spiffe_id, &a.encode_to_vec())
-    }
-    fn get_agent(&self, spiffe_id: &str) -> Result<Option<Agent>, StoreError> {
-        self.get(AGENTS, spiffe_id)?.map(|b| decode(&b)).transpose()
-    }
-    fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        self.all(AGENTS)?.iter().map(|b| decode(b)).collect()
-    }
-    fn update_agent(
+
+    fn write(
         &self,
-        spiffe_id: &str,
-        f: &mut dyn FnMut(Option<Agent>) -> Option<Agent>,
-    ) -> Result<Option<Agent>, StoreError> {
-        let tx = self.db.begin_write().map_err(be)?;
-        let written = {
-            let mut t = tx.open_table(AGENTS).map_err(be)?;
-            let current = t
-                .get(spiffe_id)
-                .map_err(be)?
-                .map(|v| decode::<Agent>(v.value()))
-                .transpose()?;
-            let next = f(current);
-            if let Some(a) = &next {
-                t.insert(spiffe_id, a.encode_to_vec().as_slice())
-                    .map_err(be)?;
+        op: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut tx = self.db.begin_write().map_err(be)?;
+        match op(&mut tx) {
+            Ok(()) => tx.commit().map_err(|e| RegistryError::Store(be(e))),
+            Err(e) => {
+                tx.abort().map_err(be)?;
+                Err(e)
             }
-            next
-        };
-        tx.commit().map_err(be)?;
-        Ok(written)
-    }
-    fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError> {
-        Ok(self.take(AGENTS, spiffe_id)?.is_some())
-    }
-    fn put_token(&self, hash: &str, t: &TokenRecord) -> Result<(), StoreError> {
-        let v = serde_json::to_vec(t).map_err(be)?;
-        self.put(TOKENS, hash, &v)
-    }
-    fn take_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.take(TOKENS, hash)?
-            .map(|b| serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
-            .transpose()
-    }
-    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        self.all(TOKENS)?
-            .iter()
-            .map(|b| serde_json::from_slice(b).map_err(|e| StoreError::Corrupt(e.to_string())))
-            .collect()
-    }
-    fn put_bundle(&self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError> {
-        self.put(BUNDLES, trust_domain, &b.encode_to_vec())
-    }
-    fn delete_bundle(&self, trust_domain: &str) -> Result<bool, StoreError> {
-        Ok(self.take(BUNDLES, trust_domain)?.is_some())
-    }
-    fn list_bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError> {
-        self.all_keyed(BUNDLES)?
-            .into_iter()
-            .map(|(k, v)| Ok((k, decode(&v)?)))
-            .collect()
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sigil_core::SpiffeId;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn entry() -> Entry {
+        Entry::from_proto(
+            &PbEntry {
+                id: "e1".into(),
+                spiffe_id: "spiffe://example.org/y".into(),
+                parent_id: "spiffe://example.org/a".into(),
+                selectors: vec!["unix:uid:0".into()],
+                ..Default::default()
+            },
+            &td(),
+        )
+        .unwrap()
+    }
+
+    fn agent() -> AgentRecord {
+        AgentRecord {
+            spiffe_id: SpiffeId::new("spiffe://example.org/a").unwrap(),
+            attestation: super::super::AttestationType::JoinToken,
+            selectors: vec![],
+            serial: "01".into(),
+            previous_serial: None,
+            svid_expires_at: 0,
+            last_attested_at: 0,
+            banned: false,
+            created_at: 0,
+        }
+    }
 
     #[test]
     fn state_survives_reopen_and_tokens_are_single_use() {
@@ -184,34 +272,87 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.redb");
         {
-            let s = RedbStore::open(&path).unwrap();
-            s.put_entry(&PbEntry {
-                id: "e1".into(),
-                spiffe_id: "spiffe://x/y".into(),
-                ..Default::default()
+            let s: Box<dyn Datastore> = Box::new(RedbStore::open(&path).unwrap());
+            s.write(&mut |tx| {
+                tx.put_entry(&entry())?;
+                tx.put_agent(&agent())?;
+                tx.put_token(
+                    "h",
+                    &TokenRecord {
+                        spiffe_id: None,
+                        expires_at: 5,
+                    },
+                )?;
+                Ok(())
             })
-            .unwrap();
-            s.put_agent(&Agent {
-                spiffe_id: "spiffe://x/a".into(),
-                ..Default::default()
-            })
-            .unwrap();
-            s.put_token(
-                "h",
-                &TokenRecord {
-                    spiffe_id: None,
-                    expires_at: 5,
-                },
-            )
             .unwrap();
         }
-        let s = RedbStore::open(&path).unwrap();
-        assert_eq!(s.list_entries().unwrap()[0].spiffe_id, "spiffe://x/y");
-        assert!(s.get_agent("spiffe://x/a").unwrap().is_some());
-        assert_eq!(s.take_token("h").unwrap().unwrap().expires_at, 5);
-        assert!(s.take_token("h").unwrap().is_none(), "second use must fail");
-        assert!(s.delete_entry("e1").unwrap());
-        assert!(!s.delete_entry("e1").unwrap());
+        let s: Box<dyn Datastore> = Box::new(RedbStore::open(&path).unwrap());
+        assert_eq!(s.read().unwrap().entries(&td()).unwrap(), vec![entry()]);
+        assert!(
+            s.read()
+                .unwrap()
+                .agent("spiffe://example.org/a")
+                .unwrap()
+                .is_some()
+        );
+        let take = |s: &dyn Datastore| s.transact(|tx| Ok(tx.take_token("h")?));
+        assert_eq!(take(s.as_ref()).unwrap().unwrap().expires_at, 5);
+        assert!(take(s.as_ref()).unwrap().is_none(), "second use must fail");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_mutation_writes_nothing() {
+        let dir = std::env::temp_dir().join(format!("sigil-redb-abort-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s: Box<dyn Datastore> = Box::new(RedbStore::open(&dir.join("t.redb")).unwrap());
+        let err = s
+            .write(&mut |tx| {
+                tx.put_entry(&entry())?;
+                tx.put_agent(&agent())?;
+                Err(RegistryError::denied("refused after writing"))
+            })
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::PermissionDenied(_)));
+        let r = s.read().unwrap();
+        assert!(r.entries(&td()).unwrap().is_empty());
+        assert_eq!(r.agent_count().unwrap(), 0);
+        drop(r);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn version_1_agent_records_are_migrated_on_open() {
+        let dir = std::env::temp_dir().join(format!("sigil-redb-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            let v1: Table = TableDefinition::new("agents");
+            let a = sigil_proto::admin::Agent {
+                spiffe_id: "spiffe://example.org/a".into(),
+                attestation_type: "join_token".into(),
+                serial: "0a".into(),
+                ..Default::default()
+            };
+            tx.open_table(v1)
+                .unwrap()
+                .insert("spiffe://example.org/a", a.encode_to_vec().as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let s: Box<dyn Datastore> = Box::new(RedbStore::open(&path).unwrap());
+        let a = s
+            .read()
+            .unwrap()
+            .agent("spiffe://example.org/a")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.serial, "0a");
+        assert_eq!(a.attestation, super::super::AttestationType::JoinToken);
+        drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,237 @@
+//! The records the server persists, as domain types: what a backend stores
+//! and returns is always parsed and checked, never a wire message. Each has
+//! a plain serde form (`Stored*`) that is the backends' encoding; decoding
+//! a stored row that does not parse is [`StoreError::Corrupt`], never a
+//! silently dropped field.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sigil_core::SpiffeId;
+use sigil_core::selector::Selector;
+
+use super::StoreError;
+
+/// How a node proved its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttestationType {
+    /// A single-use join token.
+    JoinToken,
+    /// Proof of possession of a node certificate.
+    X509Pop,
+    /// TPM 2.0: EK, AK credential activation and a PCR quote.
+    Tpm,
+}
+
+impl AttestationType {
+    /// The name used on the wire, in selectors' context and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::JoinToken => "join_token",
+            Self::X509Pop => "x509pop",
+            Self::Tpm => "tpm",
+        }
+    }
+
+    /// Whether the node proves itself again on every renewal (re-attests
+    /// over the Attest stream) instead of renewing with `RenewAgent`.
+    pub fn reattests(self) -> bool {
+        !matches!(self, Self::JoinToken)
+    }
+}
+
+impl fmt::Display for AttestationType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AttestationType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "join_token" => Ok(Self::JoinToken),
+            "x509pop" => Ok(Self::X509Pop),
+            "tpm" => Ok(Self::Tpm),
+            other => Err(format!("unknown attestation type {other:?}")),
+        }
+    }
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// How it attested.
+    pub attestation: AttestationType,
+    /// Node selectors the server derived from verified evidence.
+    pub selectors: Vec<Selector>,
+    /// Serial (hex) of the agent SVID issued last: the pinned credential.
+    pub serial: String,
+    /// Serial of the SVID the agent held before, accepted until the agent
+    /// first presents `serial`.
+    pub previous_serial: Option<String>,
+    /// notAfter of the last issued agent SVID, Unix seconds.
+    pub svid_expires_at: i64,
+    /// Last successful attestation, Unix seconds.
+    pub last_attested_at: i64,
+    /// Banned: no renewal, sync, minting or re-attestation under this ID.
+    pub banned: bool,
+    /// First attestation of this record, Unix seconds.
+    pub created_at: i64,
+}
+
+/// The stored form of [`AgentRecord`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredAgent {
+    spiffe_id: String,
+    attestation: String,
+    selectors: Vec<String>,
+    serial: String,
+    #[serde(default)]
+    previous_serial: Option<String>,
+    svid_expires_at: i64,
+    last_attested_at: i64,
+    banned: bool,
+    created_at: i64,
+}
+
+fn corrupt(what: &str, key: &str, e: impl fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what} {key:?}: {e}"))
+}
+
+impl AgentRecord {
+    /// The backends' encoding (JSON).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(&StoredAgent {
+            spiffe_id: self.spiffe_id.to_string(),
+            attestation: self.attestation.as_str().into(),
+            selectors: self.selectors.iter().map(|s| s.to_string()).collect(),
+            serial: self.serial.clone(),
+            previous_serial: self.previous_serial.clone(),
+            svid_expires_at: self.svid_expires_at,
+            last_attested_at: self.last_attested_at,
+            banned: self.banned,
+            created_at: self.created_at,
+        })
+        .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// Parses a stored agent; every field must parse.
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        let s: StoredAgent =
+            serde_json::from_slice(bytes).map_err(|e| corrupt("agent record", key, e))?;
+        let spiffe_id = SpiffeId::new(&s.spiffe_id)
+            .map_err(|e| corrupt("agent record", key, format!("spiffe_id: {e}")))?;
+        let attestation = s
+            .attestation
+            .parse()
+            .map_err(|e| corrupt("agent record", key, format!("attestation: {e}")))?;
+        let selectors = s
+            .selectors
+            .iter()
+            .map(|t| {
+                t.parse::<Selector>()
+                    .map_err(|e| corrupt("agent record", key, format!("selector {t:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            spiffe_id,
+            attestation,
+            selectors,
+            serial: s.serial,
+            previous_serial: s.previous_serial.filter(|p| !p.is_empty()),
+            svid_expires_at: s.svid_expires_at,
+            last_attested_at: s.last_attested_at,
+            banned: s.banned,
+            created_at: s.created_at,
+        })
+    }
+
+    /// Whether a certificate with `serial` is this agent's credential.
+    pub fn accepts_serial(&self, serial: &str) -> bool {
+        self.serial == serial || self.previous_serial.as_deref() == Some(serial)
+    }
+
+    /// The admin API's view of the record.
+    pub fn to_proto(&self) -> sigil_proto::admin::Agent {
+        sigil_proto::admin::Agent {
+            spiffe_id: self.spiffe_id.to_string(),
+            attestation_type: self.attestation.as_str().into(),
+            selectors: self.selectors.iter().map(|s| s.to_string()).collect(),
+            serial: self.serial.clone(),
+            previous_serial: self.previous_serial.clone().unwrap_or_default(),
+            svid_expires_at: self.svid_expires_at,
+            last_attested_at: self.last_attested_at,
+            banned: self.banned,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A stored join token. The token text itself is never stored, only its
+/// SHA-256, which is the record's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The agent SPIFFE ID the token grants, if it names one.
+    pub spiffe_id: Option<String>,
+    /// Unix seconds after which the token is refused.
+    pub expires_at: i64,
+}
+
+impl TokenRecord {
+    /// The backends' encoding (JSON).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(self).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// Parses a stored token; a named ID must be a SPIFFE ID.
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        let t: Self = serde_json::from_slice(bytes).map_err(|e| corrupt("join token", key, e))?;
+        if let Some(id) = &t.spiffe_id {
+            SpiffeId::new(id).map_err(|e| corrupt("join token", key, format!("spiffe_id: {e}")))?;
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> AgentRecord {
+        AgentRecord {
+            spiffe_id: SpiffeId::new("spiffe://example.org/sigil/agent/tpm/ab").unwrap(),
+            attestation: AttestationType::Tpm,
+            selectors: vec!["tpm:ek-hash:ab".parse().unwrap()],
+            serial: "01".into(),
+            previous_serial: Some("02".into()),
+            svid_expires_at: 10,
+            last_attested_at: 5,
+            banned: false,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn agent_records_round_trip() {
+        let a = agent();
+        assert_eq!(AgentRecord::decode("k", &a.encode().unwrap()).unwrap(), a);
+    }
+
+    #[test]
+    fn a_stored_selector_that_does_not_parse_is_an_error_not_dropped() {
+        let text = String::from_utf8(agent().encode().unwrap())
+            .unwrap()
+            .replace("tpm:ek-hash:ab", "no-colons");
+        let err = AgentRecord::decode("k", text.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("no-colons"), "{err}");
+        let text = String::from_utf8(agent().encode().unwrap())
+            .unwrap()
+            .replace("\"tpm\"", "\"magic\"");
+        assert!(AgentRecord::decode("k", text.as_bytes()).is_err());
+    }
+}

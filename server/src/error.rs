@@ -1,0 +1,84 @@
+//! The registry's errors: what went wrong with an operation, independent of
+//! the API that carried it. They become gRPC `Status` only at the API edge
+//! (`impl From<RegistryError> for Status`), so the registry, the datastore
+//! backends and their tests speak no transport.
+
+use tonic::Status;
+
+use crate::datastore::StoreError;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    /// The request is malformed; the message names the field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The record it names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// It would collide with an existing record (named in the message).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The caller may not do this (banned, killed, not authorized).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller's credential is not (or no longer) valid.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The operation does not apply to the record's current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The datastore failed; details are logged, not returned.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A bug or broken invariant in the server.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Shorthands, so refusals read like the rule they enforce.
+impl RegistryError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Self::NotFound(msg.into())
+    }
+    pub fn exists(msg: impl Into<String>) -> Self {
+        Self::AlreadyExists(msg.into())
+    }
+    pub fn denied(msg: impl Into<String>) -> Self {
+        Self::PermissionDenied(msg.into())
+    }
+    pub fn unauthenticated(msg: impl Into<String>) -> Self {
+        Self::Unauthenticated(msg.into())
+    }
+    pub fn precondition(msg: impl Into<String>) -> Self {
+        Self::FailedPrecondition(msg.into())
+    }
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Self::Internal(msg.into())
+    }
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::InvalidArgument(m) => Status::invalid_argument(m),
+            RegistryError::NotFound(m) => Status::not_found(m),
+            RegistryError::AlreadyExists(m) => Status::already_exists(m),
+            RegistryError::PermissionDenied(m) => Status::permission_denied(m),
+            RegistryError::Unauthenticated(m) => Status::unauthenticated(m),
+            RegistryError::FailedPrecondition(m) => Status::failed_precondition(m),
+            RegistryError::Store(e) => {
+                tracing::error!(error = %e, "datastore failure");
+                Status::internal("datastore failure")
+            }
+            RegistryError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                Status::internal(m)
+            }
+        }
+    }
+}

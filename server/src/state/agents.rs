@@ -1,0 +1,265 @@
+//! Agents: recording a node attestation, the pinned agent credential
+//! (current serial, and the previous one until the new one is first used),
+//! renewal, eviction and bans. Every read-modify-write of an agent record
+//! runs inside one datastore transaction.
+
+use sigil_core::x509::{BACKDATE, CsrSignature, SvidInfo};
+use sigil_core::{SpiffeId, now_unix};
+
+use super::namespace::Claimant;
+use super::{Caller, IssuedAgentSvid, NodeAttestation, ServerState, poisoned};
+use crate::datastore::{AgentRecord, AttestationType};
+use crate::error::RegistryError;
+
+/// Whether a node may (re-)attest under an existing record.
+fn admissible(existing: Option<&AgentRecord>, a: &NodeAttestation) -> Result<(), RegistryError> {
+    let Some(e) = existing else { return Ok(()) };
+    if e.banned {
+        return Err(RegistryError::denied(format!(
+            "agent {} is banned",
+            a.spiffe_id
+        )));
+    }
+    if e.attestation == AttestationType::Tpm
+        && a.attestation_type == AttestationType::Tpm
+        && e.selectors != a.selectors
+    {
+        tracing::warn!(agent = %a.spiffe_id, "TPM measurements changed since enrollment; refusing");
+        return Err(RegistryError::denied(
+            "TPM measurements (PCRs) changed since enrollment; the node's identity is withdrawn (evict the agent to enroll it again)",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an agent may renew with `RenewAgent`.
+fn renewable(id: &SpiffeId, rec: Option<&AgentRecord>) -> Result<(), RegistryError> {
+    let rec = rec.ok_or_else(|| RegistryError::denied("agent is not attested"))?;
+    if rec.banned {
+        return Err(RegistryError::denied(format!("agent {id} is banned")));
+    }
+    // Hardware- and certificate-attested nodes prove themselves again on
+    // every renewal; a copied SVID and key must not keep the identity.
+    if rec.attestation.reattests() {
+        return Err(RegistryError::precondition(format!(
+            "{} agents renew by re-attesting (Attest stream), not RenewAgent",
+            rec.attestation
+        )));
+    }
+    Ok(())
+}
+
+/// The serial that stays acceptable next to a newly issued one: while the
+/// last issued SVID is still unused, the one in use is `previous` (a lost
+/// response must not lock the agent out); otherwise the last issued one.
+fn still_in_use(rec: &AgentRecord) -> String {
+    rec.previous_serial
+        .clone()
+        .unwrap_or_else(|| rec.serial.clone())
+}
+
+impl ServerState {
+    /// Issues the agent SVID for a successful node attestation and records
+    /// the agent with its node selectors. A banned ID gets nothing. A TPM
+    /// node that re-attests with different measurements than it enrolled
+    /// with loses its identity (evict it to enroll it again).
+    pub fn issue_agent_svid(
+        &self,
+        caller: &Caller,
+        a: NodeAttestation,
+        csr: &[u8],
+    ) -> Result<IssuedAgentSvid, RegistryError> {
+        let id = a.spiffe_id.clone();
+        let key = id.to_string();
+        // Cheap refusal before signing; repeated inside the write, where it
+        // decides.
+        admissible(self.store.read()?.agent(&key)?.as_ref(), &a)?;
+        let chain = self.sign_agent(&id, csr)?;
+        let info =
+            SvidInfo::from_der(&chain[0]).map_err(|e| RegistryError::internal(e.to_string()))?;
+        let now = now_unix();
+        // The entry index is held so no entry can claim this ID meanwhile.
+        let idx = self.entries.read().map_err(|_| poisoned())?;
+        self.check_namespace(&id, Claimant::Agent, &idx)?;
+        self.store.transact(|tx| {
+            let existing = tx.agent(&key)?;
+            admissible(existing.as_ref(), &a)?;
+            tx.put_agent(&AgentRecord {
+                spiffe_id: id.clone(),
+                attestation: a.attestation_type,
+                selectors: a.selectors.clone(),
+                serial: info.serial.clone(),
+                previous_serial: existing.as_ref().map(still_in_use),
+                svid_expires_at: info.not_after,
+                last_attested_at: now,
+                banned: false,
+                created_at: existing.as_ref().map_or(now, |e| e.created_at),
+            })?;
+            Ok(())
+        })?;
+        drop(idx);
+        self.notify_agent(&id);
+        tracing::info!(%caller, agent = %id, attestor = %a.attestation_type, serial = %info.serial, "agent attested");
+        Ok(IssuedAgentSvid {
+            spiffe_id: id,
+            chain,
+        })
+    }
+
+    fn sign_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, RegistryError> {
+        let leaf = self
+            .ca()
+            .sign_svid(csr, CsrSignature::Verify, id, &[], self.cfg.agent_svid_ttl)
+            .map_err(|e| RegistryError::invalid(format!("invalid field `csr`: {e}")))?;
+        Ok(vec![leaf])
+    }
+
+    /// Checks the client certificate of an mTLS call and returns the agent's
+    /// ID. The chain was already verified against the CA by the TLS layer;
+    /// see [`ServerState::check_agent`] for the rest.
+    pub fn authenticate_agent(&self, leaf_der: &[u8]) -> Result<SpiffeId, RegistryError> {
+        let info = SvidInfo::from_der(leaf_der)
+            .map_err(|e| RegistryError::unauthenticated(e.to_string()))?;
+        self.check_agent(&info)?;
+        Ok(info.spiffe_id)
+    }
+
+    /// The per-call checks of an agent's certificate, already parsed: the
+    /// agent is registered and not banned, the certificate is its pinned
+    /// credential, and it has not expired. Returns the agent's record.
+    pub fn check_agent(&self, info: &SvidInfo) -> Result<AgentRecord, RegistryError> {
+        let key = info.spiffe_id.to_string();
+        let rec = self.store.read()?.agent(&key)?.ok_or_else(|| {
+            RegistryError::denied(format!(
+                "agent {} is not attested (evicted?)",
+                info.spiffe_id
+            ))
+        })?;
+        if rec.banned {
+            return Err(RegistryError::denied(format!(
+                "agent {} is banned",
+                info.spiffe_id
+            )));
+        }
+        // The credential is pinned: only the agent SVID the server issued
+        // last (or, until that one is first used, the one before it) is
+        // accepted, even though any SVID for this ID that chains to the CA
+        // passed the TLS handshake.
+        if !rec.accepts_serial(&info.serial) {
+            tracing::warn!(
+                agent = %info.spiffe_id,
+                serial = %info.serial,
+                "refused a certificate that is not the agent's current SVID"
+            );
+            return Err(RegistryError::denied(format!(
+                "certificate {} is not the current SVID of agent {}",
+                info.serial, info.spiffe_id
+            )));
+        }
+        if info.not_before + (BACKDATE.as_secs() as i64) + 1 < rec.created_at {
+            return Err(RegistryError::denied(
+                "agent SVID predates the agent's current attestation",
+            ));
+        }
+        // TLS checked validity at the handshake only; a long-lived HTTP/2
+        // connection must not outlive the certificate it was opened with.
+        if info.not_after <= now_unix() {
+            return Err(RegistryError::unauthenticated(
+                "agent SVID has expired; reconnect with a current one",
+            ));
+        }
+        if info.serial == rec.serial && rec.previous_serial.is_some() {
+            // First use of the new SVID: the previous one is retired.
+            return self.store.transact(|tx| {
+                let Some(mut a) = tx.agent(&key)? else {
+                    return Err(RegistryError::denied(format!(
+                        "agent {} is not attested (evicted?)",
+                        info.spiffe_id
+                    )));
+                };
+                if a.serial == info.serial && a.previous_serial.is_some() {
+                    a.previous_serial = None;
+                    tx.put_agent(&a)?;
+                }
+                Ok(a)
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Renews an authenticated agent's SVID.
+    pub fn renew_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, RegistryError> {
+        let key = id.to_string();
+        renewable(id, self.store.read()?.agent(&key)?.as_ref())?;
+        let chain = self.sign_agent(id, csr)?;
+        let info =
+            SvidInfo::from_der(&chain[0]).map_err(|e| RegistryError::internal(e.to_string()))?;
+        // Re-checked inside the write: a ban or eviction that landed while
+        // signing wins, and the new SVID is discarded.
+        self.store.transact(|tx| {
+            let rec = tx.agent(&key)?;
+            renewable(id, rec.as_ref())?;
+            let Some(mut rec) = rec else {
+                return Err(RegistryError::denied("agent is not attested"));
+            };
+            rec.previous_serial = Some(still_in_use(&rec));
+            rec.serial = info.serial.clone();
+            rec.svid_expires_at = info.not_after;
+            tx.put_agent(&rec)?;
+            Ok(())
+        })?;
+        tracing::info!(caller = %Caller::agent(id.clone()), serial = %info.serial, "agent SVID renewed");
+        Ok(chain)
+    }
+
+    pub fn list_agents(&self) -> Result<Vec<AgentRecord>, RegistryError> {
+        let mut v = self.store.read()?.agents()?;
+        v.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        Ok(v)
+    }
+
+    /// How many agents are registered (for health checks).
+    pub fn agent_count(&self) -> Result<usize, RegistryError> {
+        Ok(self.store.read()?.agent_count()? as usize)
+    }
+
+    pub fn get_agent(&self, id: &str) -> Result<AgentRecord, RegistryError> {
+        self.store
+            .read()?
+            .agent(id)?
+            .ok_or_else(|| RegistryError::not_found(format!("no agent {id:?}")))
+    }
+
+    /// Removes the agent: it must re-attest with a new token.
+    pub fn evict_agent(&self, caller: &Caller, id: &str) -> Result<(), RegistryError> {
+        if !self.store.transact(|tx| Ok(tx.delete_agent(id)?))? {
+            return Err(RegistryError::not_found(format!("no agent {id:?}")));
+        }
+        tracing::warn!(%caller, agent = %id, "agent evicted");
+        self.notify_agent_text(id);
+        Ok(())
+    }
+
+    /// Bans the agent: it can neither renew, sync, nor re-attest under this ID.
+    pub fn ban_agent(&self, caller: &Caller, id: &str) -> Result<AgentRecord, RegistryError> {
+        let rec = self.store.transact(|tx| {
+            let mut rec = tx
+                .agent(id)?
+                .ok_or_else(|| RegistryError::not_found(format!("no agent {id:?}")))?;
+            rec.banned = true;
+            tx.put_agent(&rec)?;
+            Ok(rec)
+        })?;
+        tracing::warn!(%caller, agent = %id, "agent banned");
+        self.notify_agent_text(id);
+        Ok(rec)
+    }
+
+    /// Wakes the agent named by `id`, or everyone if it is not an ID.
+    fn notify_agent_text(&self, id: &str) {
+        match SpiffeId::new(id) {
+            Ok(a) => self.notify_agent(&a),
+            Err(_) => self.bump(),
+        }
+    }
+}

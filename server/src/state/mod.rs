@@ -1,0 +1,195 @@
+//! The server's registry: entries (persisted, indexed in memory), agents,
+//! join tokens, federated bundles and the CA, each behaviour in one module:
+//!
+//! - [`entries`] — entry create/update/delete and the in-memory index;
+//! - [`namespace`] — the one rule that keeps agent and entry IDs apart;
+//! - [`tokens`] — join tokens (stored by hash, single use);
+//! - [`agents`] — node attestation results, credential pinning, renewal,
+//!   eviction and bans;
+//! - [`authz`] — which entries an agent is authorized for;
+//! - [`minting`] — signing workload X.509- and JWT-SVIDs for an agent;
+//! - [`federation`] — federated trust domains' bundles;
+//! - [`notify`] — waking exactly the sync streams a change concerns.
+//!
+//! Every mutation names its [`Caller`] and runs as one datastore write
+//! transaction ([`Datastore::write`]), reading the records it changes inside
+//! it; the in-memory index and the sync streams are updated after the
+//! commit. Errors are [`RegistryError`]s; the APIs map them to gRPC status.
+
+mod agents;
+mod authz;
+mod entries;
+mod federation;
+mod minting;
+mod namespace;
+mod notify;
+#[cfg(test)]
+mod tests;
+mod tokens;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use sigil_core::tls::SharedBundle;
+use sigil_core::x509::Ca;
+use sigil_core::{SpiffeId, TrustDomain, now_unix};
+use sigil_proto::common::FederatedBundle;
+use tokio::sync::watch;
+
+pub use sigil_core::caller::{Caller, ServerTask};
+
+use crate::config::ServerConfig;
+use crate::datastore::{AttestationType, Datastore, StoreError};
+use crate::error::RegistryError;
+use crate::keys::Keys;
+
+pub use entries::EntryField;
+use entries::EntryIndex;
+
+/// The outcome of a verified node attestation.
+pub struct NodeAttestation {
+    pub spiffe_id: SpiffeId,
+    pub attestation_type: AttestationType,
+    /// Node selectors (`type:key:value`), derived from verified evidence.
+    pub selectors: Vec<sigil_core::selector::Selector>,
+}
+
+/// A freshly attested or renewed agent SVID.
+pub struct IssuedAgentSvid {
+    pub spiffe_id: SpiffeId,
+    pub chain: Vec<Vec<u8>>,
+}
+
+/// One CSR's result: the signed chain (DER, leaf first) or why it was refused.
+pub type MintOutcome = Result<Vec<Vec<u8>>, String>;
+
+/// Shared server state.
+pub struct ServerState {
+    pub cfg: ServerConfig,
+    store: Arc<dyn Datastore>,
+    keys: RwLock<Keys>,
+    /// The published X.509 authorities, shared with the TLS client verifier.
+    x509_bundle: SharedBundle,
+    entries: RwLock<EntryIndex>,
+    /// Bundles of federated trust domains, by trust domain name.
+    federated: RwLock<BTreeMap<String, FederatedBundle>>,
+    /// Wakes every sync stream (bundle, federation and node-alias changes).
+    global: watch::Sender<u64>,
+    /// Wakes one agent's sync stream (its entries or its record changed).
+    agent_watch: std::sync::Mutex<HashMap<SpiffeId, watch::Sender<u64>>>,
+    /// Counts every change; reported as the sync revision.
+    revision: std::sync::atomic::AtomicU64,
+    /// Bounds concurrent X.509 signing and measures the queue.
+    pub signing: crate::signing::SigningQueue,
+    /// Agent IDs named by unused join tokens, with the latest expiry of the
+    /// tokens naming each: they are reserved for agents (namespace rule).
+    token_ids: std::sync::Mutex<HashMap<SpiffeId, i64>>,
+}
+
+fn poisoned() -> RegistryError {
+    RegistryError::internal("internal lock poisoned")
+}
+
+impl ServerState {
+    /// Loads entries, bundles and token reservations from the datastore and
+    /// builds the index.
+    pub fn new(
+        cfg: ServerConfig,
+        store: Arc<dyn Datastore>,
+        keys: Keys,
+    ) -> Result<Self, StoreError> {
+        let (index, federated, token_ids) = {
+            let r = store.read()?;
+            let mut index = EntryIndex::default();
+            for e in r.entries(&cfg.trust_domain)? {
+                index.insert(Arc::new(e));
+            }
+            let federated: BTreeMap<_, _> = r.bundles()?.into_iter().collect();
+            let mut token_ids: HashMap<SpiffeId, i64> = HashMap::new();
+            for t in r.tokens()? {
+                if let Some(id) = &t.spiffe_id {
+                    let id = SpiffeId::new(id).map_err(|e| {
+                        StoreError::Corrupt(format!("join token spiffe_id {id:?}: {e}"))
+                    })?;
+                    let exp = token_ids.entry(id).or_insert(t.expires_at);
+                    *exp = (*exp).max(t.expires_at);
+                }
+            }
+            (index, federated, token_ids)
+        };
+        let (global, _) = watch::channel(0);
+        Ok(Self {
+            cfg,
+            store,
+            x509_bundle: Arc::new(RwLock::new(keys.x509_authorities())),
+            keys: RwLock::new(keys),
+            entries: RwLock::new(index),
+            federated: RwLock::new(federated),
+            global,
+            agent_watch: std::sync::Mutex::new(HashMap::new()),
+            revision: std::sync::atomic::AtomicU64::new(0),
+            signing: crate::signing::SigningQueue::per_core(),
+            token_ids: std::sync::Mutex::new(token_ids),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
+    }
+
+    /// The CA that signs now.
+    pub fn ca(&self) -> Arc<Ca> {
+        // A poisoned lock means a panic while rotating; the keys themselves
+        // are still consistent (rotation only appends, then switches index).
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .active_ca()
+    }
+
+    /// The X.509 authorities of the trust domain (DER), every published CA.
+    pub fn bundle(&self) -> Vec<Vec<u8>> {
+        self.x509_bundle
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_default()
+    }
+
+    /// The same authorities as a shared handle, for TLS verification.
+    pub fn shared_bundle(&self) -> SharedBundle {
+        self.x509_bundle.clone()
+    }
+
+    /// The JWT authorities as a JWKS document.
+    pub fn jwt_bundle(&self) -> Vec<u8> {
+        sigil_core::jwt::jwks(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .jwt_authorities(),
+        )
+    }
+
+    /// The bundle's sequence number (bumped on every key change).
+    pub fn bundle_sequence(&self) -> u64 {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).sequence
+    }
+
+    /// Advances key rotation; on change persists the keys and pushes the new
+    /// bundle to every agent.
+    pub fn rotate_keys(&self) -> Result<bool, String> {
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if !keys.rotate(now_unix())? {
+            return Ok(false);
+        }
+        keys.persist()?;
+        if let Ok(mut b) = self.x509_bundle.write() {
+            *b = keys.x509_authorities();
+        }
+        drop(keys);
+        tracing::info!(caller = %Caller::server(ServerTask::KeyRotation), "signing keys rotated");
+        self.bump();
+        Ok(true)
+    }
+}

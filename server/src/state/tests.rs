@@ -1,0 +1,271 @@
+//! Unit tests of the registry: the authorization core against a temporary datastore: agent
+//! credential pinning, the namespace rule, and record updates that
+//! concurrent renewals, bans and evictions cannot undo.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::datastore::AttestationType;
+use sigil_core::x509::new_key_and_csr;
+use sigil_core::x509::{CsrSignature, SvidInfo};
+use sigil_proto::common::Entry as PbEntry;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct TempState {
+    state: Arc<ServerState>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for TempState {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_state() -> TempState {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "sigil-state-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = ServerConfig::parse(&format!(
+        "trust_domain = \"example.org\"\ndata_dir = \"{}\"\n",
+        dir.display()
+    ))
+    .unwrap();
+    let store = Arc::new(crate::datastore::RedbStore::open(&dir.join("db.redb")).unwrap());
+    let keys = Keys::load_or_create(
+        &dir,
+        &cfg.trust_domain,
+        Duration::from_secs(3600),
+        sigil_core::jwt::JwtKeyType::EcP256,
+    )
+    .unwrap();
+    let state = Arc::new(ServerState::new(cfg, store, keys).unwrap());
+    TempState { state, dir }
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+fn attest(s: &ServerState, agent: &str) -> SvidInfo {
+    let (csr, _) = new_key_and_csr().unwrap();
+    let out = s
+        .issue_agent_svid(
+            &admin(),
+            NodeAttestation {
+                spiffe_id: id(agent),
+                attestation_type: AttestationType::JoinToken,
+                selectors: vec![],
+            },
+            &csr,
+        )
+        .unwrap();
+    SvidInfo::from_der(&out.chain[0]).unwrap()
+}
+
+fn renew(s: &ServerState, agent: &str) -> Result<SvidInfo, RegistryError> {
+    let (csr, _) = new_key_and_csr().unwrap();
+    let chain = s.renew_agent(&id(agent), &csr)?;
+    Ok(SvidInfo::from_der(&chain[0]).unwrap())
+}
+
+fn entry(parent: &str, spiffe_id: &str) -> PbEntry {
+    PbEntry {
+        parent_id: parent.into(),
+        spiffe_id: spiffe_id.into(),
+        selectors: vec!["unix:uid:0".into()],
+        ..Default::default()
+    }
+}
+
+fn admin() -> Caller {
+    Caller::admin(0, 0, None)
+}
+
+const AGENT: &str = "spiffe://example.org/agent1";
+
+#[test]
+fn a_ca_signed_certificate_that_is_not_the_agents_current_svid_is_refused() {
+    let t = temp_state();
+    let issued = attest(&t.state, AGENT);
+    assert!(t.state.check_agent(&issued).is_ok());
+    // Signed by the same CA for the same ID, valid, but never issued to
+    // the agent as its credential (as a workload SVID would be).
+    let (csr, _) = new_key_and_csr().unwrap();
+    let forged = t
+        .state
+        .ca()
+        .sign_svid(
+            &csr,
+            CsrSignature::Verify,
+            &id(AGENT),
+            &[],
+            Duration::from_secs(300),
+        )
+        .unwrap();
+    let forged = SvidInfo::from_der(&forged).unwrap();
+    let err = t.state.check_agent(&forged).unwrap_err();
+    assert!(matches!(err, RegistryError::PermissionDenied(_)), "{err:?}");
+    assert!(err.to_string().contains("not the current SVID"), "{err:?}");
+}
+
+#[test]
+fn the_previous_svid_is_accepted_only_until_the_new_one_is_used() {
+    let t = temp_state();
+    let first = attest(&t.state, AGENT);
+    let second = renew(&t.state, AGENT).unwrap();
+    // The agent may not have stored the renewal yet.
+    assert!(t.state.check_agent(&first).is_ok());
+    // A lost renewal response: the SVID in use stays acceptable.
+    let third = renew(&t.state, AGENT).unwrap();
+    assert!(t.state.check_agent(&first).is_ok());
+    assert!(
+        t.state.check_agent(&second).is_err(),
+        "never used, replaced"
+    );
+    assert!(t.state.check_agent(&third).is_ok());
+    // The new one was used: the old one is retired.
+    assert!(t.state.check_agent(&first).is_err());
+    assert!(t.state.check_agent(&third).is_ok());
+}
+
+#[test]
+fn entries_and_agents_never_share_an_id() {
+    let t = temp_state();
+    attest(&t.state, AGENT);
+    // An entry for a registered agent's ID.
+    let err = t
+        .state
+        .create_entry(&admin(), entry(AGENT, "spiffe://example.org/agent1"))
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::AlreadyExists(_)), "{err:?}");
+    assert!(err.to_string().contains("registered agent"), "{err:?}");
+    // An entry for an ID an unused token names.
+    t.state
+        .generate_token(
+            &admin(),
+            Some(id("spiffe://example.org/agent2")),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let err = t
+        .state
+        .create_entry(&admin(), entry(AGENT, "spiffe://example.org/agent2"))
+        .unwrap_err();
+    assert!(err.to_string().contains("unused join token"), "{err:?}");
+    // A token for an entry's ID, and for a live agent's ID.
+    let e = t
+        .state
+        .create_entry(&admin(), entry(AGENT, "spiffe://example.org/service"))
+        .unwrap();
+    let err = t
+        .state
+        .generate_token(
+            &admin(),
+            Some(id("spiffe://example.org/service")),
+            Duration::from_secs(60),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains(&e.id), "names the entry: {err:?}");
+    let err = t
+        .state
+        .generate_token(&admin(), Some(id(AGENT)), Duration::from_secs(60))
+        .unwrap_err();
+    assert!(err.to_string().contains("already registered"), "{err:?}");
+    // Updating an entry onto an agent's ID is refused too, and nothing
+    // changes.
+    let mut pb = e.to_proto();
+    pb.spiffe_id = AGENT.into();
+    let err = t
+        .state
+        .update_entry(&admin(), pb, &[EntryField::SpiffeId].into())
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::AlreadyExists(_)), "{err:?}");
+    assert_eq!(
+        t.state.get_entry(&e.id).unwrap().spiffe_id,
+        id("spiffe://example.org/service")
+    );
+}
+
+#[test]
+fn a_consumed_token_releases_its_id_only_when_no_other_token_names_it() {
+    let t = temp_state();
+    let agent2 = id("spiffe://example.org/agent2");
+    let (tok, _) = t
+        .state
+        .generate_token(&admin(), Some(agent2.clone()), Duration::from_secs(60))
+        .unwrap();
+    t.state
+        .generate_token(&admin(), Some(agent2.clone()), Duration::from_secs(60))
+        .unwrap();
+    t.state.consume_join_token(&admin(), &tok).unwrap();
+    assert!(
+        t.state
+            .create_entry(&admin(), entry(AGENT, agent2.to_string().as_str()))
+            .is_err(),
+        "the second token still names the ID"
+    );
+}
+
+/// Runs `renewals` renewals against `other` from many threads at once,
+/// released together by a barrier.
+fn race(s: &Arc<ServerState>, other: fn(&ServerState)) {
+    let barrier = Arc::new(std::sync::Barrier::new(12));
+    let threads: Vec<_> = (0..12)
+        .map(|i| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                if i % 2 == 0 {
+                    let _ = renew(&s, AGENT);
+                } else {
+                    other(&s);
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().unwrap();
+    }
+}
+
+#[test]
+fn renewals_racing_a_ban_never_undo_it() {
+    for _ in 0..10 {
+        let t = temp_state();
+        let old = attest(&t.state, AGENT);
+        race(&t.state, |s| {
+            let _ = s.ban_agent(&admin(), AGENT);
+        });
+        let rec = t.state.get_agent(AGENT).unwrap();
+        assert!(rec.banned, "a ban was undone: {rec:?}");
+        assert!(renew(&t.state, AGENT).is_err());
+        assert!(t.state.check_agent(&old).is_err());
+    }
+}
+
+#[test]
+fn renewals_racing_an_eviction_never_revive_the_agent() {
+    for _ in 0..10 {
+        let t = temp_state();
+        let old = attest(&t.state, AGENT);
+        race(&t.state, |s| {
+            let _ = s.evict_agent(&admin(), AGENT);
+        });
+        let err = t.state.get_agent(AGENT).unwrap_err();
+        assert!(
+            matches!(err, RegistryError::NotFound(_)),
+            "an evicted agent came back: {err:?}"
+        );
+        // Enrolled again (new token): the SVID from before the eviction
+        // is never accepted again.
+        let new = attest(&t.state, AGENT);
+        assert!(t.state.check_agent(&new).is_ok());
+        assert!(t.state.check_agent(&old).is_err());
+    }
+}
