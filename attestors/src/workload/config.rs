@@ -9,6 +9,13 @@
 //! cache_ttl = "5s"                       # per-container metadata reuse
 //! timeout = "2s"                         # per call
 //!
+//! [workload_attestor.k8s]
+//! kubelet_url = "https://127.0.0.1:10250"   # default
+//! token_path = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # default
+//! ca_path = "/etc/sigil/kubelet-ca.pem"     # required: the kubelet serving CA
+//! cache_ttl = "5s"
+//! timeout = "2s"
+//!
 //! [workload_attestor.systemd]
 //! unit_dirs = ["/etc/systemd/system", "/usr/lib/systemd/system"]
 //! timeout = "1s"
@@ -22,6 +29,7 @@ use serde::Deserialize;
 use sigil_core::duration::parse_duration;
 
 use super::docker::{DockerAttestor, DockerConfig};
+use super::k8s::{K8sAttestor, K8sConfig};
 use super::systemd::{DEFAULT_UNIT_DIRS, SystemdAttestor, SystemdConfig};
 use super::{AttestorSet, WorkloadAttestor};
 
@@ -36,6 +44,29 @@ pub const MAX_CACHE_TTL: Duration = Duration::from_secs(3600);
 pub struct RawWorkloadAttestors {
     docker: Option<RawDocker>,
     systemd: Option<RawSystemd>,
+    k8s: Option<RawK8s>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawK8s {
+    #[serde(default = "default_kubelet_url")]
+    kubelet_url: String,
+    #[serde(default = "default_token_path")]
+    token_path: PathBuf,
+    ca_path: PathBuf,
+    #[serde(default)]
+    cache_ttl: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+fn default_kubelet_url() -> String {
+    "https://127.0.0.1:10250".into()
+}
+
+fn default_token_path() -> PathBuf {
+    "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +136,8 @@ pub struct WorkloadAttestorSettings {
     pub docker: Option<DockerConfig>,
     /// `[workload_attestor.systemd]`, if present.
     pub systemd: Option<SystemdConfig>,
+    /// `[workload_attestor.k8s]`, if present.
+    pub k8s: Option<K8sConfig>,
 }
 
 impl RawWorkloadAttestors {
@@ -169,7 +202,53 @@ impl RawWorkloadAttestors {
                 })
             }
         };
-        Ok(WorkloadAttestorSettings { docker, systemd })
+        let k8s = match &self.k8s {
+            None => None,
+            Some(k) => {
+                let url: http::Uri = k.kubelet_url.parse().map_err(|e| {
+                    err(
+                        "workload_attestor.k8s.kubelet_url",
+                        format!("{:?}: {e}", k.kubelet_url),
+                    )
+                })?;
+                if url.scheme_str() != Some("https") || url.host().is_none_or(str::is_empty) {
+                    return Err(err(
+                        "workload_attestor.k8s.kubelet_url",
+                        format!("{:?} is not an https://host:port URL", k.kubelet_url),
+                    ));
+                }
+                for (key, p) in [
+                    ("workload_attestor.k8s.token_path", &k.token_path),
+                    ("workload_attestor.k8s.ca_path", &k.ca_path),
+                ] {
+                    if !p.is_absolute() {
+                        return Err(err(key, format!("{} is not an absolute path", p.display())));
+                    }
+                }
+                Some(K8sConfig {
+                    kubelet_url: url,
+                    token_path: k.token_path.clone(),
+                    ca_path: k.ca_path.clone(),
+                    cache_ttl: duration(
+                        "workload_attestor.k8s.cache_ttl",
+                        k.cache_ttl.as_deref(),
+                        Duration::from_secs(5),
+                        MAX_CACHE_TTL,
+                    )?,
+                    timeout: duration(
+                        "workload_attestor.k8s.timeout",
+                        k.timeout.as_deref(),
+                        Duration::from_secs(2),
+                        MAX_TIMEOUT,
+                    )?,
+                })
+            }
+        };
+        Ok(WorkloadAttestorSettings {
+            docker,
+            systemd,
+            k8s,
+        })
     }
 }
 
@@ -182,6 +261,9 @@ impl WorkloadAttestorSettings {
         }
         if let Some(s) = &self.systemd {
             others.push(Arc::new(SystemdAttestor::new(s.clone())));
+        }
+        if let Some(k) = &self.k8s {
+            others.push(Arc::new(K8sAttestor::new(k.clone())));
         }
         AttestorSet::new(others)
     }
@@ -243,6 +325,15 @@ mod tests {
             (
                 "[workload_attestor.systemd]\nunit_dirs = [\"etc\"]\n",
                 "workload_attestor.systemd.unit_dirs",
+            ),
+            ("[workload_attestor.k8s]\n", "ca_path"),
+            (
+                "[workload_attestor.k8s]\nca_path = \"/ca.pem\"\nkubelet_url = \"http://node:10250\"\n",
+                "workload_attestor.k8s.kubelet_url",
+            ),
+            (
+                "[workload_attestor.k8s]\nca_path = \"ca.pem\"\n",
+                "workload_attestor.k8s.ca_path",
             ),
         ] {
             let e = parse(doc).unwrap_err();

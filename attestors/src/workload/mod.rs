@@ -6,6 +6,7 @@
 //! - [`cgroup`] — which container and pod a process is in, from
 //!   `/proc/<pid>/cgroup` (used by the container attestors).
 //! - [`docker`] — `docker:*` and `container:*` from the Docker Engine API.
+//! - [`k8s`] — `k8s:*` and `container:*` from the kubelet's `/pods` (HTTPS).
 //! - [`systemd`] — `systemd:*` from the cgroup path and the unit files.
 //! - [`config`] — the `[workload_attestor.*]` tables of agent.toml.
 //!
@@ -19,6 +20,7 @@
 pub mod cgroup;
 pub mod config;
 pub mod docker;
+pub mod k8s;
 pub mod systemd;
 pub mod unix;
 
