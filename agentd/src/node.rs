@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -75,24 +74,46 @@ pub fn store_identity(data_dir: &Path, svid: &AgentSvid, bundle: &[Vec<u8>]) -> 
     Ok(())
 }
 
-/// Loads a stored, unexpired identity, if any.
-pub fn load_identity(data_dir: &Path, td: &TrustDomain) -> Option<(AgentSvid, Vec<Vec<u8>>)> {
-    let key_path = data_dir.join("agent_svid.key");
-    let mode = fs::metadata(&key_path).ok()?.permissions().mode();
-    if mode & 0o077 != 0 {
-        tracing::warn!(path = %key_path.display(), "agent key is readable by others; ignoring it and re-attesting");
-        return None;
-    }
-    let key = pem::parse(fs::read_to_string(&key_path).ok()?)
-        .ok()?
-        .into_contents();
-    let chain = pem_to_certs(&fs::read_to_string(data_dir.join("agent_svid.pem")).ok()?).ok()?;
-    let bundle = pem_to_certs(&fs::read_to_string(data_dir.join("bundle.pem")).ok()?).ok()?;
-    let svid = AgentSvid::new(chain, key, now_unix()).ok()?;
-    if svid.not_after <= now_unix() + 1 || !svid.spiffe_id.is_member_of(td) {
-        return None;
-    }
-    Some((svid, bundle))
+/// A stored agent SVID and the bundle stored with it.
+pub type StoredIdentity = (AgentSvid, Vec<Vec<u8>>);
+
+/// Loads a stored, unexpired identity, if any. Missing, unparsable or
+/// expired files mean `Ok(None)` (attest again). Files that cannot be trusted
+/// are an error, never silently replaced: the key must be a regular file
+/// (not a link) owned by this process's uid or root with mode 0600 or
+/// stricter, and the certificate and bundle (which decide whom the agent
+/// trusts) must be owned likewise and not writable by group or others.
+pub fn load_identity(data_dir: &Path, td: &TrustDomain) -> Result<Option<StoredIdentity>, String> {
+    use sigil_fs::{Links, read_private_file, read_trusted_file};
+    let read = |name: &str, private: bool| -> Result<Option<String>, String> {
+        let path = data_dir.join(name);
+        let r = if private {
+            read_private_file(&path, Links::Refuse)
+        } else {
+            read_trusted_file(&path, Links::Refuse)
+        };
+        match r {
+            Ok(b) => Ok(String::from_utf8(b).ok()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(format!("stored agent identity: {e}")),
+        }
+    };
+    let (Some(key), Some(chain), Some(bundle)) = (
+        read("agent_svid.key", true)?,
+        read("agent_svid.pem", false)?,
+        read("bundle.pem", false)?,
+    ) else {
+        return Ok(None);
+    };
+    let parsed = (|| {
+        let key = pem::parse(key).ok()?.into_contents();
+        let chain = pem_to_certs(&chain).ok()?;
+        let bundle = pem_to_certs(&bundle).ok()?;
+        let svid = AgentSvid::new(chain, key, now_unix()).ok()?;
+        Some((svid, bundle))
+    })();
+    Ok(parsed
+        .filter(|(svid, _)| svid.not_after > now_unix() + 1 && svid.spiffe_id.is_member_of(td)))
 }
 
 /// First attestation, over TLS that authenticates the server by the

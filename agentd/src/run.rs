@@ -84,7 +84,7 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
         .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
     // x509pop/TPM agents always need their prover (renewal re-attests); a
     // join-token agent only for its first attestation.
-    let stored = node::load_identity(&cfg.data_dir, &cfg.trust_domain);
+    let stored = node::load_identity(&cfg.data_dir, &cfg.trust_domain)?;
     let token = join_token.or_else(|| cfg.join_token.clone());
     let prover = match (&cfg.node_attestor, &stored) {
         (NodeAttestor::JoinToken, Some(_)) => None,

@@ -20,7 +20,7 @@ use sigil_core::TrustDomain;
 use sigil_core::jwt::{JwtKeyType, JwtSigner};
 use sigil_core::x509::{BACKDATE, Ca, certs_to_pem, pem_to_certs};
 
-use sigil_fs::{check_private_file, ensure_private_dir, write_atomic};
+use sigil_fs::{Links, ensure_private_dir, read_private_file, write_atomic};
 
 #[derive(Serialize, Deserialize)]
 struct StoredCa {
@@ -117,10 +117,16 @@ impl Keys {
             active_jwt: 0,
             sequence: 1,
         };
-        if path.exists() {
-            check_private_file(&path)?;
+        // Not following links, owned by us or root, 0600: whoever could
+        // plant this file would choose the trust domain's CA keys.
+        let found = match read_private_file(&path, Links::Refuse) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(format!("keys: {e}")),
+        };
+        if let Some(bytes) = found {
             let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))?;
             let s: Stored =
                 serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             for c in &s.cas {
@@ -356,6 +362,39 @@ mod tests {
                 .is_err(),
             "world-readable keys refused"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_linked_or_foreign_keys_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("sigil-keys-trust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256).unwrap();
+        let real = dir.join("keys.real");
+        std::fs::rename(dir.join("keys.json"), &real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.join("keys.json")).unwrap();
+        let e = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("keys.json") && e.contains("symbolic link"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("keys.json")).unwrap();
+        std::fs::rename(&real, dir.join("keys.json")).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(
+                &dir.join("keys.json"),
+                Some(nix::unistd::Uid::from_raw(65534)),
+                None,
+            )
+            .unwrap();
+            let e =
+                Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256)
+                    .err()
+                    .unwrap();
+            assert!(e.contains("uid 65534") && e.contains("0600"), "{e}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

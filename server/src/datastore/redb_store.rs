@@ -37,7 +37,14 @@ pub struct RedbStore {
 
 impl RedbStore {
     /// Opens (or creates) the database file and its tables.
+    /// An existing file must be a regular file (not a link) owned by this
+    /// process's uid or root and not writable by group or others.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        match sigil_fs::check_trusted_file(path, sigil_fs::Links::Refuse) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(StoreError::Backend(e.to_string())),
+        }
         let db = Database::create(path).map_err(be)?;
         let tx = db.begin_write().map_err(be)?;
         for t in [ENTRIES, AGENTS, TOKENS, BUNDLES] {
