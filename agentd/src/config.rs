@@ -1,4 +1,5 @@
-//! `agent.toml`: the keys of ../shared/DESIGN.md, unknown keys refused.
+//! `agent.toml`: the keys of ../shared/DESIGN.md, unknown keys refused,
+//! `log_level` one of the level names, and every path absolute.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,23 @@ use sigil_core::TrustDomain;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/agent/private/admin.sock";
 /// Built-in Workload API socket path.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil/agent/public/api.sock";
+/// The values `log_level` accepts (per-module filters go in `SIGIL_LOG`).
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Refuses an empty or relative path: the agent's working directory is not
+/// part of its configuration.
+fn absolute(key: &'static str, p: &Path) -> Result<(), ConfigError> {
+    if p.as_os_str().is_empty() {
+        return Err(key_err(key, "must not be empty"));
+    }
+    if !p.is_absolute() {
+        return Err(key_err(
+            key,
+            format!("{:?} must be an absolute path", p.display().to_string()),
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,8 +209,35 @@ impl AgentConfig {
                     key: e.key,
                     reason: e.reason,
                 })?;
-        if raw.data_dir.as_os_str().is_empty() {
-            return Err(key_err("data_dir", "must not be empty"));
+        absolute("data_dir", &raw.data_dir)?;
+        for (key, p) in [
+            ("socket_path", &raw.socket_path),
+            ("admin_socket", &raw.admin_socket),
+        ] {
+            if let Some(p) = p {
+                absolute(key, p)?;
+            }
+        }
+        if let Bootstrap::BundleFile(p) = &bootstrap {
+            absolute("trust_bundle_path", p)?;
+        }
+        if let NodeAttestor::X509Pop {
+            cert_path,
+            key_path,
+        } = &node_attestor
+        {
+            absolute("x509pop.cert_path", cert_path)?;
+            absolute("x509pop.key_path", key_path)?;
+        }
+        let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+        if !LOG_LEVELS.contains(&log_level.as_str()) {
+            return Err(key_err(
+                "log_level",
+                format!(
+                    "{log_level:?} is not a level (expected one of {}; per-module filters go in SIGIL_LOG)",
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
         }
         Ok(AgentConfig {
             trust_domain,
@@ -207,7 +252,7 @@ impl AgentConfig {
             data_dir: raw.data_dir,
             bootstrap,
             join_token: raw.join_token,
-            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+            log_level,
             node_attestor,
             workload_attestors,
         })
@@ -266,5 +311,54 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("workload_attestor.docker.timeout"), "{e}");
+    }
+
+    #[test]
+    fn log_level_must_be_a_level() {
+        let e = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\nlog_level = \"bogus\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`log_level`") && e.contains("bogus"), "{e}");
+        let c = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\nlog_level = \"debug\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn paths_must_be_absolute() {
+        let head = "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1\"\n";
+        let e = AgentConfig::parse(&format!(
+            "{head}data_dir = \"var/agent\"\ninsecure_bootstrap = true\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`data_dir`") && e.contains("absolute"), "{e}");
+        for (line, key) in [
+            (
+                "insecure_bootstrap = true\nsocket_path = \"api.sock\"",
+                "socket_path",
+            ),
+            (
+                "insecure_bootstrap = true\nadmin_socket = \"a.sock\"",
+                "admin_socket",
+            ),
+            ("trust_bundle_path = \"bundle.pem\"", "trust_bundle_path"),
+            (
+                "insecure_bootstrap = true\nnode_attestor = \"x509pop\"\n[x509pop]\ncert_path = \"/n.pem\"\nkey_path = \"n.key\"",
+                "x509pop.key_path",
+            ),
+        ] {
+            let e = AgentConfig::parse(&format!("{BASE}{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains("absolute"),
+                "{line}: {e}"
+            );
+        }
     }
 }

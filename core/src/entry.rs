@@ -8,10 +8,19 @@ use std::time::Duration;
 use sigil_proto::common as pb;
 use spiffe::{SpiffeId, TrustDomain};
 
+use crate::ids::parse_spiffe_id;
 use crate::selector::Selector;
 
 /// Longest SVID TTL an entry may ask for.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// Most selectors one entry may have.
+pub const MAX_SELECTORS: usize = 64;
+/// Most DNS names one entry may have.
+pub const MAX_DNS_NAMES: usize = 32;
+/// Most trust domains one entry may federate with.
+pub const MAX_FEDERATES_WITH: usize = 64;
+/// Longest hint or owner, in bytes.
+pub const MAX_TEXT_LEN: usize = 256;
 
 /// An entry field was invalid. Always names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,8 +80,7 @@ impl Entry {
     /// Validates a wire entry. `td` is the server's trust domain: the entry's
     /// SPIFFE ID must be in it.
     pub fn from_proto(p: &pb::Entry, td: &TrustDomain) -> Result<Self, EntryError> {
-        let spiffe_id = SpiffeId::new(&p.spiffe_id)
-            .map_err(|e| field_err("spiffe_id", format!("{:?}: {e}", p.spiffe_id)))?;
+        let spiffe_id = parse_spiffe_id(&p.spiffe_id).map_err(|e| field_err("spiffe_id", e))?;
         if !spiffe_id.is_member_of(td) {
             return Err(field_err(
                 "spiffe_id",
@@ -88,12 +96,20 @@ impl Entry {
                 "the /sigil/ path is reserved for the server and agents",
             ));
         }
-        let parent_id = SpiffeId::new(&p.parent_id)
-            .map_err(|e| field_err("parent_id", format!("{:?}: {e}", p.parent_id)))?;
+        let parent_id = parse_spiffe_id(&p.parent_id).map_err(|e| field_err("parent_id", e))?;
         if !parent_id.is_member_of(td) {
             return Err(field_err(
                 "parent_id",
                 format!("{parent_id} is not in trust domain {td}"),
+            ));
+        }
+        if p.selectors.len() > MAX_SELECTORS {
+            return Err(field_err(
+                "selector",
+                format!(
+                    "{} selectors exceed the maximum of {MAX_SELECTORS}",
+                    p.selectors.len()
+                ),
             ));
         }
         let mut selectors = p
@@ -129,24 +145,39 @@ impl Entry {
         };
         let x509_svid_ttl = ttl("x509_svid_ttl", p.x509_svid_ttl)?;
         let jwt_svid_ttl = ttl("jwt_svid_ttl", p.jwt_svid_ttl)?;
+        if p.dns_names.len() > MAX_DNS_NAMES {
+            return Err(field_err(
+                "dns",
+                format!(
+                    "{} DNS names exceed the maximum of {MAX_DNS_NAMES}",
+                    p.dns_names.len()
+                ),
+            ));
+        }
         let mut dns_names = Vec::with_capacity(p.dns_names.len());
         for d in &p.dns_names {
-            validate_dns_name(d).map_err(|r| field_err("dns", format!("{d:?}: {r}")))?;
+            validate_dns_name(d).map_err(|r| field_err("dns", format!("{:?}: {r}", preview(d))))?;
             if !dns_names.contains(d) {
                 dns_names.push(d.clone());
             }
         }
-        if p.hint.len() > 256 || p.hint.chars().any(char::is_control) {
-            return Err(field_err("hint", "at most 256 printable characters"));
-        }
-        if p.owner.len() > 256 || p.owner.chars().any(char::is_control) {
-            return Err(field_err("owner", "at most 256 printable characters"));
+        validate_text(&p.hint).map_err(|r| field_err("hint", r))?;
+        validate_text(&p.owner).map_err(|r| field_err("owner", r))?;
+        if p.federates_with.len() > MAX_FEDERATES_WITH {
+            return Err(field_err(
+                "federates_with",
+                format!(
+                    "{} trust domains exceed the maximum of {MAX_FEDERATES_WITH}",
+                    p.federates_with.len()
+                ),
+            ));
         }
         let federates_with = p
             .federates_with
             .iter()
             .map(|t| {
-                TrustDomain::new(t).map_err(|e| field_err("federates_with", format!("{t:?}: {e}")))
+                TrustDomain::new(t)
+                    .map_err(|e| field_err("federates_with", format!("{:?}: {e}", preview(t))))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if federates_with.contains(td) {
@@ -202,17 +233,89 @@ impl Entry {
         }
     }
 
+    /// Refuses an expiry that is not in the future. For entries being
+    /// created, or updated with a new `expires_at`: an entry stored earlier
+    /// may of course have expired since.
+    pub fn check_expiry_is_future(&self, now_unix: i64) -> Result<(), EntryError> {
+        match self.expires_at {
+            Some(t) if t <= now_unix => Err(field_err(
+                "expires_at",
+                format!(
+                    "{} is not in the future (now is {})",
+                    crate::rfc3339(t),
+                    crate::rfc3339(now_unix)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// True when the entry has an expiry in the past.
     pub fn is_expired(&self, now_unix: i64) -> bool {
         self.expires_at.is_some_and(|t| t <= now_unix)
     }
 }
 
-/// Checks a DNS SAN: LDH labels, optional leading `*.` wildcard.
+/// At most the first 64 characters of `s`, so an error never echoes an
+/// arbitrarily long input.
+fn preview(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// True for the Unicode bidirectional formatting characters (embeddings,
+/// overrides, isolates and marks), which can make text display differently
+/// from what it is (CVE-2021-42574, "Trojan Source").
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// Checks free text shown to operators and workloads (hint, owner): at most
+/// [`MAX_TEXT_LEN`] bytes, no control and no bidirectional formatting
+/// characters.
+pub fn validate_text(s: &str) -> Result<(), String> {
+    if s.len() > MAX_TEXT_LEN {
+        return Err(format!(
+            "{} bytes exceed the maximum of {MAX_TEXT_LEN}",
+            s.len()
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| c.is_control() || is_bidi_control(*c)) {
+        return Err(format!(
+            "contains the control or bidirectional formatting character U+{:04X}",
+            u32::from(c)
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a DNS SAN (RFC 1035 and RFC 1123 host names): at most 253
+/// characters in all, labels of 1-63 letters, digits and '-' that neither
+/// start nor end with '-', an optional leading `*.` wildcard label, and a
+/// last label that is not all digits. IP addresses are refused: they are not
+/// DNS names (and would belong in an IP SAN, which entries do not carry).
 pub fn validate_dns_name(d: &str) -> Result<(), &'static str> {
-    let name = d.strip_prefix("*.").unwrap_or(d);
-    if name.is_empty() || name.len() > 253 {
+    if d.parse::<std::net::IpAddr>().is_ok() {
+        return Err("is an IP address, not a DNS name");
+    }
+    if d.is_empty() || d.len() > 253 {
         return Err("must be 1-253 characters");
+    }
+    let name = d.strip_prefix("*.").unwrap_or(d);
+    if name.is_empty() {
+        return Err("a wildcard needs a domain after `*.`");
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| !tld.is_empty() && tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("the last label must not be all digits (an IP address is not a DNS name)");
     }
     for label in name.split('.') {
         if label.is_empty() || label.len() > 63 {
@@ -305,12 +408,87 @@ mod tests {
                 "federates_with",
                 Box::new(|e| e.federates_with = vec!["Bad Domain".into()]),
             ),
+            (
+                "spiffe_id",
+                Box::new(|e| e.spiffe_id = format!("spiffe://example.org/{}", "a".repeat(2100))),
+            ),
+            (
+                "parent_id",
+                Box::new(|e| e.parent_id = format!("spiffe://example.org/{}", "a".repeat(2100))),
+            ),
+            (
+                "selector",
+                Box::new(|e| e.selectors = (0..65).map(|i| format!("unix:uid:{i}")).collect()),
+            ),
+            ("dns", Box::new(|e| e.dns_names = vec!["127.0.0.1".into()])),
+            ("dns", Box::new(|e| e.dns_names = vec!["::1".into()])),
+            ("dns", Box::new(|e| e.dns_names = vec!["10.0.0.300".into()])),
+            ("dns", Box::new(|e| e.dns_names = vec!["a.b.".into()])),
+            ("dns", Box::new(|e| e.dns_names = vec!["*.".into()])),
+            ("dns", Box::new(|e| e.dns_names = vec!["a.*.org".into()])),
+            (
+                "dns",
+                Box::new(|e| e.dns_names = vec![format!("{}.org", "a".repeat(64))]),
+            ),
+            (
+                "dns",
+                Box::new(|e| e.dns_names = vec![format!("{}orgx", "abcdefghi.".repeat(25))]),
+            ),
+            (
+                "dns",
+                Box::new(|e| e.dns_names = (0..33).map(|i| format!("h{i}.example.org")).collect()),
+            ),
+            ("hint", Box::new(|e| e.hint = "abc\u{202E}txt.exe".into())),
+            ("hint", Box::new(|e| e.hint = "a\u{2066}b".into())),
+            ("hint", Box::new(|e| e.hint = "line\nbreak".into())),
+            ("hint", Box::new(|e| e.hint = "h".repeat(257))),
+            ("owner", Box::new(|e| e.owner = "team\u{202E}".into())),
+            (
+                "federates_with",
+                Box::new(|e| e.federates_with = (0..65).map(|i| format!("td{i}.org")).collect()),
+            ),
         ];
         for (field, mutate) in cases {
             let mut p = good();
             mutate(&mut p);
             let err = Entry::from_proto(&p, &td()).unwrap_err();
             assert_eq!(err.field, field, "{err}");
+            assert!(err.to_string().len() < 400, "errors stay short: {err}");
         }
+    }
+
+    #[test]
+    fn bounds_admit_their_limits() {
+        let mut p = good();
+        p.spiffe_id = format!("spiffe://example.org/{}", "a".repeat(2048 - 21));
+        p.dns_names = vec![
+            "*.example.org".into(),
+            format!("{}.org", "a".repeat(63)),
+            format!("{}org", "abcdefghi.".repeat(25)),
+            "xn--bcher-kva.example".into(),
+            "1.2.3.example".into(),
+        ];
+        p.hint = "h".repeat(256);
+        p.owner = "team-é".into();
+        p.selectors = (0..64).map(|i| format!("unix:uid:{i}")).collect();
+        let e = Entry::from_proto(&p, &td()).unwrap();
+        assert_eq!(e.spiffe_id.to_string().len(), 2048);
+    }
+
+    #[test]
+    fn a_past_expiry_is_refused_for_new_entries_only() {
+        let now = 1_800_000_000;
+        let mut p = good();
+        p.expires_at = now - 1;
+        let e = Entry::from_proto(&p, &td()).unwrap();
+        assert!(e.is_expired(now), "stored entries still load");
+        let err = e.check_expiry_is_future(now).unwrap_err();
+        assert_eq!(err.field, "expires_at", "{err}");
+        p.expires_at = now + 60;
+        let e = Entry::from_proto(&p, &td()).unwrap();
+        assert!(e.check_expiry_is_future(now).is_ok());
+        p.expires_at = 0;
+        let e = Entry::from_proto(&p, &td()).unwrap();
+        assert!(e.check_expiry_is_future(now).is_ok());
     }
 }

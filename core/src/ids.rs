@@ -1,7 +1,38 @@
-//! Well-known SPIFFE IDs and random identifiers.
+//! Well-known SPIFFE IDs, the one parser every untrusted SPIFFE ID goes
+//! through (with the length bound), and random identifiers.
 
 use ring::rand::{SecureRandom, SystemRandom};
 use spiffe::{SpiffeId, TrustDomain};
+
+/// Longest SPIFFE ID accepted anywhere, in bytes. The SPIFFE ID
+/// specification (§2.3) requires implementations to support URIs of up to
+/// 2048 bytes and forbids generating longer ones; accepting longer ones would
+/// only let a caller inflate SVIDs and tokens.
+pub const MAX_SPIFFE_ID_LEN: usize = 2048;
+
+/// A SPIFFE ID given as text was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdError {
+    /// Longer than [`MAX_SPIFFE_ID_LEN`] (the ID itself is not echoed).
+    #[error("a {len}-byte SPIFFE ID exceeds the maximum of {max} bytes", max = MAX_SPIFFE_ID_LEN)]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Not a valid SPIFFE ID (the message quotes it).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Parses an untrusted SPIFFE ID: at most [`MAX_SPIFFE_ID_LEN`] bytes, then
+/// the `spiffe` crate's syntax rules.
+pub fn parse_spiffe_id(s: &str) -> Result<SpiffeId, IdError> {
+    if s.len() > MAX_SPIFFE_ID_LEN {
+        return Err(IdError::TooLong { len: s.len() });
+    }
+    SpiffeId::new(s).map_err(|e| IdError::Invalid(format!("{s:?}: {e}")))
+}
 
 /// The server's SPIFFE ID: `spiffe://<td>/sigil/server`.
 pub fn server_id(td: &TrustDomain) -> SpiffeId {
@@ -65,6 +96,23 @@ mod tests {
             "spiffe://example.org/sigil/agent/join_token/abc"
         );
         assert!(agent_id(&td, "join_token", "a/b").is_err());
+    }
+
+    #[test]
+    fn spiffe_ids_are_bounded_at_2048_bytes() {
+        let prefix = "spiffe://example.org/";
+        let fits = format!("{prefix}{}", "a".repeat(MAX_SPIFFE_ID_LEN - prefix.len()));
+        assert_eq!(parse_spiffe_id(&fits).unwrap().to_string(), fits);
+        let long = format!("{fits}b");
+        let e = parse_spiffe_id(&long).unwrap_err();
+        assert_eq!(e, IdError::TooLong { len: 2049 });
+        let msg = e.to_string();
+        assert!(msg.contains("2049") && msg.contains("2048"), "{msg}");
+        assert!(!msg.contains("aaaa"), "the ID is not echoed: {msg}");
+        assert!(matches!(
+            parse_spiffe_id("http://example.org/x"),
+            Err(IdError::Invalid(_))
+        ));
     }
 
     #[test]

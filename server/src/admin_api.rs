@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sigil_core::SpiffeId;
 use sigil_proto::admin::admin_api_server::AdminApi;
 use sigil_proto::admin::{
     Agent, AgentId, Bundle, DeleteResponse, EntryId, GenerateTokenRequest, GenerateTokenResponse,
@@ -151,16 +150,14 @@ impl AdminApi for AdminService {
     ) -> Result<Response<GenerateTokenResponse>, Status> {
         let caller = self.authorize(&req)?;
         let r = req.into_inner();
-        let id = if r.spiffe_id.is_empty() {
-            None
-        } else {
-            Some(SpiffeId::new(&r.spiffe_id).map_err(|e| {
-                Status::invalid_argument(format!(
-                    "invalid field `spiffe_id`: {:?}: {e}",
-                    r.spiffe_id
-                ))
-            })?)
-        };
+        let id =
+            if r.spiffe_id.is_empty() {
+                None
+            } else {
+                Some(sigil_core::ids::parse_spiffe_id(&r.spiffe_id).map_err(|e| {
+                    Status::invalid_argument(format!("invalid field `spiffe_id`: {e}"))
+                })?)
+            };
         if r.ttl_seconds <= 0 {
             return Err(Status::invalid_argument(
                 "invalid field `ttl`: must be positive",

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
-use sigil_core::duration::parse_duration;
+use sigil_core::duration::parse_field;
+use sigil_core::entry::MAX_TTL;
+use sigil_core::ids::parse_spiffe_id;
 use sigil_core::rfc3339;
 use sigil_core::x509::certs_to_pem;
 use sigil_proto::admin::admin_api_client::AdminApiClient;
@@ -49,8 +51,8 @@ pub enum TokenCmd {
         /// SPIFFE ID the attested agent will get.
         #[arg(long)]
         spiffe_id: Option<String>,
-        /// Token lifetime.
-        #[arg(long, default_value = "600s")]
+        /// Token lifetime (at most 7d).
+        #[arg(long, default_value = "600s", allow_hyphen_values = true)]
         ttl: String,
         #[command(flatten)]
         out: OutputArgs,
@@ -68,11 +70,11 @@ pub struct EntryFields {
     /// Selector type:key:value; repeat for several.
     #[arg(long = "selector")]
     selectors: Vec<String>,
-    /// X.509-SVID TTL (e.g. 300s, 5m).
-    #[arg(long)]
+    /// X.509-SVID TTL (e.g. 300s, 5m; at most 30d).
+    #[arg(long, allow_hyphen_values = true)]
     x509_ttl: Option<String>,
-    /// JWT-SVID TTL.
-    #[arg(long)]
+    /// JWT-SVID TTL (at most 30d).
+    #[arg(long, allow_hyphen_values = true)]
     jwt_ttl: Option<String>,
     /// DNS SAN; repeat for several.
     #[arg(long = "dns")]
@@ -95,8 +97,9 @@ pub struct EntryFields {
     /// Who owns this identity.
     #[arg(long)]
     owner: Option<String>,
-    /// RFC 3339 time after which the entry is no longer served.
-    #[arg(long)]
+    /// RFC 3339 time after which the entry is no longer served (must be in
+    /// the future).
+    #[arg(long, allow_hyphen_values = true)]
     expires_at: Option<String>,
 }
 
@@ -257,12 +260,28 @@ fn status(e: tonic::Status) -> String {
     e.message().to_string()
 }
 
-fn secs_from(field: &str, v: &Option<String>) -> Result<i64, String> {
+/// Longest join token lifetime (the server enforces the same).
+const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
+fn secs_from(flag: &str, v: &Option<String>) -> Result<i64, String> {
     match v {
         None => Ok(0),
-        Some(s) => parse_duration(s)
-            .map(|d| d.as_secs() as i64)
-            .map_err(|e| format!("--{field}: {e}")),
+        Some(s) => {
+            let d = parse_field(flag, s, MAX_TTL).map_err(|e| e.to_string())?;
+            i64::try_from(d.as_secs()).map_err(|_| format!("{flag}: out of range"))
+        }
+    }
+}
+
+/// Refuses a SPIFFE ID used only as a lookup key (too long, bad syntax)
+/// before connecting, naming the flag. IDs that are stored (entries,
+/// tokens) are validated by the server, whose errors name the field.
+fn check_id(flag: &str, v: Option<&String>) -> Result<(), String> {
+    match v {
+        Some(s) => parse_spiffe_id(s)
+            .map(|_| ())
+            .map_err(|e| format!("{flag}: {e}")),
+        None => Ok(()),
     }
 }
 
@@ -291,17 +310,22 @@ impl EntryFields {
         let expires_at = match &self.expires_at {
             None => 0,
             Some(s) => {
-                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                    .map_err(|e| format!("--expires-at: {s:?} is not an RFC 3339 time: {e}"))?
-                    .unix_timestamp()
+                let t =
+                    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                        .map_err(|e| format!("--expires-at: {s:?} is not an RFC 3339 time: {e}"))?
+                        .unix_timestamp();
+                if t <= sigil_core::now_unix() {
+                    return Err(format!("--expires-at: {s} is not in the future"));
+                }
+                t
             }
         };
         let pb = PbEntry {
             spiffe_id: self.spiffe_id.clone().unwrap_or_default(),
             parent_id: self.parent_id.clone().unwrap_or_default(),
             selectors: self.selectors.clone(),
-            x509_svid_ttl: secs_from("x509-ttl", &self.x509_ttl)?,
-            jwt_svid_ttl: secs_from("jwt-ttl", &self.jwt_ttl)?,
+            x509_svid_ttl: secs_from("--x509-ttl", &self.x509_ttl)?,
+            jwt_svid_ttl: secs_from("--jwt-ttl", &self.jwt_ttl)?,
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone().unwrap_or_default(),
             federates_with: self.federates_with.clone(),
@@ -461,7 +485,7 @@ pub async fn token(cmd: TokenCmd) -> Result<(), String> {
         ttl,
         out,
     } = cmd;
-    let ttl = parse_duration(&ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let ttl = parse_field("--ttl", &ttl, MAX_TOKEN_TTL).map_err(|e| e.to_string())?;
     let mut c = connect(&admin).await?;
     let r = c
         .generate_token(GenerateTokenRequest {
@@ -508,6 +532,7 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), String> {
             parent_id,
             out,
         } => {
+            check_id("--parent-id", parent_id.as_ref())?;
             let r = connect(&admin)
                 .await?
                 .list_entries(ListEntriesRequest {
@@ -580,6 +605,12 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), String> {
 }
 
 pub async fn agent(cmd: AgentCmd) -> Result<(), String> {
+    if let AgentCmd::Show { spiffe_id, .. }
+    | AgentCmd::Evict { spiffe_id, .. }
+    | AgentCmd::Ban { spiffe_id, .. } = &cmd
+    {
+        check_id("SPIFFE_ID", Some(spiffe_id))?;
+    }
     match cmd {
         AgentCmd::List { admin, out } => {
             let r = connect(&admin)

@@ -1,14 +1,58 @@
-//! `server.toml`: the keys of ../shared/DESIGN.md, unknown keys refused.
+//! `server.toml`: the keys of ../shared/DESIGN.md, unknown keys refused,
+//! every duration bounded (see the `MAX_*` constants), `log_level` one of
+//! the level names, and every path absolute.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use sigil_core::TrustDomain;
-use sigil_core::duration::parse_duration;
+use sigil_core::duration::parse_field;
 
 /// Built-in admin socket path (DESIGN.md).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
+
+const DAY: u64 = 86_400;
+/// Largest `ca_ttl` (also the life of each JWT signing key).
+pub const MAX_CA_TTL: Duration = Duration::from_secs(365 * DAY);
+/// Largest `default_x509_svid_ttl`, `default_jwt_svid_ttl` and
+/// `agent_svid_ttl`: the same limit as an entry's own TTLs.
+pub const MAX_SVID_TTL: Duration = sigil_core::entry::MAX_TTL;
+/// Largest `bundle_endpoint.refresh_hint`.
+pub const MAX_REFRESH_HINT: Duration = Duration::from_secs(DAY);
+/// The values `log_level` accepts (per-module filters go in `SIGIL_LOG`).
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Refuses a relative path: the service's working directory is not part
+/// of its configuration.
+fn absolute(key: &'static str, p: &Path) -> Result<(), ConfigError> {
+    if p.as_os_str().is_empty() {
+        return Err(key_err(key, "must not be empty"));
+    }
+    if !p.is_absolute() {
+        return Err(key_err(
+            key,
+            format!("{:?} must be an absolute path", p.display().to_string()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `log_level` against [`LOG_LEVELS`].
+pub fn log_level(v: Option<String>) -> Result<String, ConfigError> {
+    let v = v.unwrap_or_else(|| "info".into());
+    if LOG_LEVELS.contains(&v.as_str()) {
+        Ok(v)
+    } else {
+        Err(key_err(
+            "log_level",
+            format!(
+                "{v:?} is not a level (expected one of {}; per-module filters go in SIGIL_LOG)",
+                LOG_LEVELS.join(", ")
+            ),
+        ))
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -294,11 +338,21 @@ impl ServerConfig {
                 format!("{:?} is not an IP address", raw.bind_address),
             )
         })?;
-        let dur = |key: &'static str, v: &str| parse_duration(v).map_err(|e| key_err(key, e));
-        let ca_ttl = dur("ca_ttl", &raw.ca_ttl)?;
-        let default_x509_svid_ttl = dur("default_x509_svid_ttl", &raw.default_x509_svid_ttl)?;
-        let default_jwt_svid_ttl = dur("default_jwt_svid_ttl", &raw.default_jwt_svid_ttl)?;
-        let agent_svid_ttl = dur("agent_svid_ttl", &raw.agent_svid_ttl)?;
+        let dur = |key: &'static str, v: &str, max: Duration| {
+            parse_field(key, v, max).map_err(|e| key_err(key, e.detail()))
+        };
+        let ca_ttl = dur("ca_ttl", &raw.ca_ttl, MAX_CA_TTL)?;
+        let default_x509_svid_ttl = dur(
+            "default_x509_svid_ttl",
+            &raw.default_x509_svid_ttl,
+            MAX_SVID_TTL,
+        )?;
+        let default_jwt_svid_ttl = dur(
+            "default_jwt_svid_ttl",
+            &raw.default_jwt_svid_ttl,
+            MAX_SVID_TTL,
+        )?;
+        let agent_svid_ttl = dur("agent_svid_ttl", &raw.agent_svid_ttl, MAX_SVID_TTL)?;
         if default_x509_svid_ttl > ca_ttl {
             return Err(key_err("default_x509_svid_ttl", "must not exceed ca_ttl"));
         }
@@ -381,9 +435,7 @@ impl ServerConfig {
                     ));
                 }
                 let refresh_hint = match &b.refresh_hint {
-                    Some(v) => {
-                        parse_duration(v).map_err(|e| key_err("bundle_endpoint.refresh_hint", e))?
-                    }
+                    Some(v) => dur("bundle_endpoint.refresh_hint", v, MAX_REFRESH_HINT)?,
                     None => Duration::from_secs(300),
                 };
                 Some(BundleEndpointConfig {
@@ -476,9 +528,30 @@ impl ServerConfig {
                 })
             }
         };
-        if raw.data_dir.as_os_str().is_empty() {
-            return Err(key_err("data_dir", "must not be empty"));
+        absolute("data_dir", &raw.data_dir)?;
+        if let Some(p) = &raw.admin_socket {
+            absolute("admin_socket", p)?;
         }
+        if let Some(x) = &raw.x509pop {
+            absolute("x509pop.ca_bundle_path", &x.ca_bundle_path)?;
+        }
+        if let Some(p) = tpm.as_ref().and_then(|t| t.ek_ca_path.as_ref()) {
+            absolute("tpm.ek_ca_path", p)?;
+        }
+        if let Some(b) = &bundle_endpoint {
+            if let Some(p) = &b.cert_path {
+                absolute("bundle_endpoint.cert_path", p)?;
+            }
+            if let Some(p) = &b.key_path {
+                absolute("bundle_endpoint.key_path", p)?;
+            }
+        }
+        for f in &federation {
+            if let Some(p) = &f.ca_bundle_path {
+                absolute("federation.ca_bundle_path", p)?;
+            }
+        }
+        let log_level = log_level(raw.log_level)?;
         Ok(ServerConfig {
             trust_domain,
             bind_address,
@@ -491,7 +564,7 @@ impl ServerConfig {
             default_x509_svid_ttl,
             default_jwt_svid_ttl,
             agent_svid_ttl,
-            log_level: raw.log_level.unwrap_or_else(|| "info".into()),
+            log_level,
             datastore,
             jwt_issuer: raw
                 .jwt_issuer
@@ -558,5 +631,90 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bind_address"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_bounded_naming_the_key_and_the_limit() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n";
+        for (line, key, limit) in [
+            ("agent_svid_ttl = \"999999999d\"", "agent_svid_ttl", "30d"),
+            ("agent_svid_ttl = \"31d\"", "agent_svid_ttl", "30d"),
+            (
+                "default_jwt_svid_ttl = \"-5\"",
+                "default_jwt_svid_ttl",
+                "30d",
+            ),
+            (
+                "default_x509_svid_ttl = \"99999999999999999999\"",
+                "default_x509_svid_ttl",
+                "30d",
+            ),
+            ("ca_ttl = \"366d\"", "ca_ttl", "365d"),
+            (
+                "[bundle_endpoint]\nport = 1\nrefresh_hint = \"2d\"",
+                "bundle_endpoint.refresh_hint",
+                "1d",
+            ),
+        ] {
+            let e = ServerConfig::parse(&format!("{base}{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(limit),
+                "{line}: {e}"
+            );
+        }
+        let c = ServerConfig::parse(&format!(
+            "{base}agent_svid_ttl = \"30d\"\nca_ttl = \"365d\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.agent_svid_ttl, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn log_level_must_be_a_level() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n";
+        let e = ServerConfig::parse(&format!("{base}log_level = \"bogus\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log_level") && e.contains("bogus"), "{e}");
+        for l in LOG_LEVELS {
+            let c = ServerConfig::parse(&format!("{base}log_level = \"{l}\"\n")).unwrap();
+            assert_eq!(c.log_level, l);
+        }
+    }
+
+    #[test]
+    fn paths_must_be_absolute() {
+        let td = "trust_domain = \"example.org\"\n";
+        let e = ServerConfig::parse(&format!("{td}data_dir = \"data\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`data_dir`") && e.contains("absolute"), "{e}");
+        let base = format!("{td}data_dir = \"/tmp/x\"\n");
+        for (line, key) in [
+            ("admin_socket = \"admin.sock\"", "admin_socket"),
+            (
+                "[x509pop]\nca_bundle_path = \"ca.pem\"",
+                "x509pop.ca_bundle_path",
+            ),
+            ("[tpm]\nek_ca_path = \"./ek.pem\"", "tpm.ek_ca_path"),
+            (
+                "[bundle_endpoint]\nport = 1\nprofile = \"https_web\"\ncert_path = \"/c.pem\"\nkey_path = \"k.pem\"",
+                "bundle_endpoint.key_path",
+            ),
+            (
+                "[[federation]]\ntrust_domain = \"other.org\"\nbundle_endpoint_url = \"https://h/\"\nprofile = \"https_web\"\nca_bundle_path = \"roots.pem\"",
+                "federation.ca_bundle_path",
+            ),
+        ] {
+            let e = ServerConfig::parse(&format!("{base}{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains("absolute"),
+                "{line}: {e}"
+            );
+        }
     }
 }

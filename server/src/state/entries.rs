@@ -188,6 +188,8 @@ impl ServerState {
         pb.revision = 0;
         pb.created_at = now_unix();
         let e = self.validate(&pb)?;
+        e.check_expiry_is_future(pb.created_at)
+            .map_err(|e| RegistryError::invalid(e.to_string()))?;
         let mut idx = self.entries.write().map_err(|_| poisoned())?;
         self.check_namespace(&e.spiffe_id, Claimant::Entry, &idx)?;
         if let Some(other) = idx.duplicate_of(&e) {
@@ -222,6 +224,10 @@ impl ServerState {
         }
         next.revision = old.revision + 1;
         let e = self.validate(&next)?;
+        if mask.contains(&EntryField::ExpiresAt) {
+            e.check_expiry_is_future(now_unix())
+                .map_err(|e| RegistryError::invalid(e.to_string()))?;
+        }
         self.check_namespace(&e.spiffe_id, Claimant::Entry, &idx)?;
         if let Some(other) = idx.duplicate_of(&e) {
             return Err(RegistryError::exists(format!(
