@@ -133,6 +133,65 @@ pub fn socket_path(flag: Option<&str>) -> Result<PathBuf, String> {
     Ok(PathBuf::from(path))
 }
 
+/// Where the join token for `sigil-agent run` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `--join-token` (visible in `/proc/PID/cmdline`).
+    Flag,
+    /// `--join-token-file`.
+    File,
+    /// `SIGIL_JOIN_TOKEN`.
+    Env,
+}
+
+/// Longest join token file read, in bytes (tokens are 32 hex digits).
+const MAX_TOKEN_FILE: usize = 4096;
+
+/// Picks the join token: `--join-token`, else `--join-token-file`, else the
+/// `SIGIL_JOIN_TOKEN` value `env` (the config's `join_token` comes after all
+/// of these). The file is a secret: a regular file owned by the agent's uid
+/// or root with no group/other bits; surrounding whitespace is dropped.
+pub fn join_token(
+    flag: Option<String>,
+    file: Option<&Path>,
+    env: Option<std::ffi::OsString>,
+) -> Result<Option<(String, TokenSource)>, String> {
+    let nonempty = |t: String, what: &str| {
+        let t = t.trim().to_string();
+        if t.is_empty() {
+            Err(format!("{what}: the join token is empty"))
+        } else if t.len() > 256 || t.chars().any(|c| c.is_control()) {
+            Err(format!(
+                "{what}: not a join token (at most 256 printable characters)"
+            ))
+        } else {
+            Ok(t)
+        }
+    };
+    if let Some(t) = flag {
+        return Ok(Some((nonempty(t, "--join-token")?, TokenSource::Flag)));
+    }
+    if let Some(p) = file {
+        let what = format!("--join-token-file {}", p.display());
+        let bytes = sigil_fs::read_private_file(p, sigil_fs::Links::Follow)
+            .map_err(|e| format!("--join-token-file: {e}"))?;
+        if bytes.len() > MAX_TOKEN_FILE {
+            return Err(format!("{what}: larger than {MAX_TOKEN_FILE} bytes"));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| format!("{what}: not UTF-8 text"))?;
+        return Ok(Some((nonempty(text, &what)?, TokenSource::File)));
+    }
+    match env {
+        None => Ok(None),
+        Some(v) => {
+            let v = v
+                .into_string()
+                .map_err(|_| "SIGIL_JOIN_TOKEN: not UTF-8 text".to_string())?;
+            Ok(Some((nonempty(v, "SIGIL_JOIN_TOKEN")?, TokenSource::Env)))
+        }
+    }
+}
+
 async fn uds_channel(path: &Path) -> Result<Channel, String> {
     let p = path.to_path_buf();
     Endpoint::from_static("http://localhost")
@@ -384,5 +443,47 @@ mod tests {
         );
         assert!(socket_path(Some("unix://host/run/a.sock")).is_err());
         assert!(socket_path(Some("tcp://1.2.3.4:5")).is_err());
+    }
+
+    #[test]
+    fn join_token_sources_and_their_checks() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("sigil-token-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        let f = d.join("token");
+        std::fs::write(&f, "abc123\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let env = Some(std::ffi::OsString::from("fromenv"));
+        assert_eq!(
+            join_token(Some("flag".into()), Some(&f), env.clone()).unwrap(),
+            Some(("flag".into(), TokenSource::Flag))
+        );
+        assert_eq!(
+            join_token(None, Some(&f), env.clone()).unwrap(),
+            Some(("abc123".into(), TokenSource::File))
+        );
+        assert_eq!(
+            join_token(None, None, env).unwrap(),
+            Some(("fromenv".into(), TokenSource::Env))
+        );
+        assert_eq!(join_token(None, None, None).unwrap(), None);
+        let e = join_token(None, None, Some("  ".into())).unwrap_err();
+        assert!(e.contains("SIGIL_JOIN_TOKEN"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = join_token(None, Some(&f), None).unwrap_err();
+        assert!(e.contains("--join-token-file") && e.contains("0644"), "{e}");
+        if nix::unistd::geteuid().is_root() {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+            nix::unistd::chown(&f, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let e = join_token(None, Some(&f), None).unwrap_err();
+            assert!(e.contains("uid 65534"), "{e}");
+        }
+        let e = join_token(None, Some(&d.join("missing")), None).unwrap_err();
+        assert!(
+            e.contains("--join-token-file") && e.contains("missing"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -25,9 +25,16 @@ enum Cmd {
         /// Path to agent.toml.
         #[arg(long)]
         config: PathBuf,
-        /// Join token for the first node attestation.
-        #[arg(long)]
+        /// Join token for the first node attestation. Every local user can
+        /// read it in /proc/PID/cmdline: prefer --join-token-file or the
+        /// SIGIL_JOIN_TOKEN environment variable.
+        #[arg(long, conflicts_with = "join_token_file")]
         join_token: Option<String>,
+        /// File holding the join token (owned by the agent's uid or root,
+        /// mode 0600 or stricter). Without either flag the token is read from
+        /// SIGIL_JOIN_TOKEN, then from the config's join_token.
+        #[arg(long, value_name = "PATH")]
+        join_token_file: Option<PathBuf>,
     },
     /// Check that the agent is up and synced.
     Healthcheck {
@@ -60,8 +67,17 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Run { config, join_token } => {
+            Cmd::Run {
+                config,
+                join_token,
+                join_token_file,
+            } => {
                 let cfg = config::AgentConfig::load(&config).map_err(|e| e.to_string())?;
+                let token = cli::join_token(
+                    join_token,
+                    join_token_file.as_deref(),
+                    std::env::var_os("SIGIL_JOIN_TOKEN"),
+                )?;
                 let filter = tracing_subscriber::EnvFilter::try_from_env("SIGIL_LOG")
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
                 let _ = tracing_subscriber::fmt()
@@ -69,7 +85,12 @@ fn main() -> ExitCode {
                     .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_writer(std::io::stderr)
                     .try_init();
-                run::run(cfg, join_token).await
+                if matches!(token, Some((_, cli::TokenSource::Flag))) {
+                    tracing::warn!(
+                        "--join-token is visible to every local user in /proc/PID/cmdline; prefer --join-token-file or SIGIL_JOIN_TOKEN"
+                    );
+                }
+                run::run(cfg, token.map(|(t, _)| t)).await
             }
             Cmd::Healthcheck {
                 admin_socket,
