@@ -149,6 +149,10 @@ fn file_key(m: &fs::Metadata) -> FileKey {
     )
 }
 
+/// How much later than the computed process start an executable's ctime
+/// may be before it counts as changed after start (see
+/// [`UnixAttestor::attest`]).
+const EXE_CHANGE_SLACK: Duration = Duration::from_secs(2);
 /// How long a uid → user name or gid → group name answer is reused.
 const NAME_TTL: Duration = Duration::from_secs(5);
 /// Most uids (and, separately, gids) whose names are kept.
@@ -225,6 +229,7 @@ pub struct UnixAttestor {
     users: Mutex<NameCache>,
     groups: Mutex<NameCache>,
     racy_window: Duration,
+    exe_change_slack: Duration,
 }
 
 impl Default for UnixAttestor {
@@ -234,6 +239,7 @@ impl Default for UnixAttestor {
             users: Mutex::default(),
             groups: Mutex::default(),
             racy_window: RACY_WINDOW,
+            exe_change_slack: EXE_CHANGE_SLACK,
         }
     }
 }
@@ -346,10 +352,21 @@ impl UnixAttestor {
             add("path", &escape_bytes(path.as_os_str().as_bytes()));
             // Opening (or stat-ing) /proc/<pid>/exe yields the binary the
             // process runs, even if the path was since replaced or deleted.
-            match self.file_sha256(Path::new(&exe), may_block, SystemTime::now()) {
-                Ok(Some(hash)) => add("sha256", &hash),
-                Ok(None) => return Ok(None),
-                Err(_) => {}
+            // If that inode changed after the process started (content
+            // rewritten, or chmod/chown), its current bytes need not be
+            // what was loaded: no digest, so entries pinning one do not
+            // match until the process is restarted.
+            if self.changed_since_start(Path::new(&exe), pid) {
+                tracing::info!(
+                    pid,
+                    "executable changed after the process started: no unix:sha256"
+                );
+            } else {
+                match self.file_sha256(Path::new(&exe), may_block, SystemTime::now()) {
+                    Ok(Some(hash)) => add("sha256", &hash),
+                    Ok(None) => return Ok(None),
+                    Err(_) => {}
+                }
             }
         }
 
@@ -367,6 +384,26 @@ impl UnixAttestor {
             (None, None) => return Err(AttestError::ProcessGone(pid)),
         }
         Ok(Some(set))
+    }
+
+    /// True when the inode behind `exe` had its status changed (ctime:
+    /// content, mode, owner, links; not settable by users) later than
+    /// `exe_change_slack` after process `pid` started. The start time is
+    /// known to about a second (boot time in /proc/stat has whole seconds),
+    /// which the slack absorbs; unknown times count as unchanged.
+    fn changed_since_start(&self, exe: &Path, pid: i32) -> bool {
+        let (Ok(meta), Ok(ticks), Some((btime, hz))) =
+            (fs::metadata(exe), start_time(pid), boot_clock())
+        else {
+            return false;
+        };
+        let started =
+            Duration::from_secs(btime) + Duration::from_secs_f64(ticks as f64 / hz as f64);
+        let Ok(ctime_s) = u64::try_from(meta.ctime()) else {
+            return false;
+        };
+        let ctime = Duration::new(ctime_s, u32::try_from(meta.ctime_nsec()).unwrap_or(0));
+        ctime > started + self.exe_change_slack
     }
 
     /// The name of `id` from `cache`, or from `lookup` (NSS) when not
@@ -449,6 +486,27 @@ impl UnixAttestor {
         }
         Ok(Some(h))
     }
+}
+
+/// Boot time (Unix seconds, from `btime` in /proc/stat) and clock ticks
+/// per second, read once.
+fn boot_clock() -> Option<(u64, u64)> {
+    static CLOCK: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+    *CLOCK.get_or_init(|| {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        let btime = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .and_then(|v| u64::try_from(v).ok())
+            .filter(|v| *v > 0)?;
+        Some((btime, hz))
+    })
 }
 
 /// Process start time in clock ticks since boot (field 22 of /proc/<pid>/stat).
@@ -792,6 +850,67 @@ mod tests {
         let entry_selector: Selector = want.parse().unwrap();
         let set: SelectorSet = got.iter().map(|s| s.parse().unwrap()).collect();
         assert!(set.satisfies(&[entry_selector]));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_executable_changed_after_start_gets_no_digest() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sigil-swap-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let bin = dir.join("worker");
+        fs::copy(fs::canonicalize("/bin/sleep").unwrap(), &bin).unwrap();
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import socket, os, sys\n\
+                 s = socket.socket(socket.AF_UNIX)\n\
+                 s.connect(sys.argv[1])\n\
+                 s.set_inheritable(True)\n\
+                 s.recv(1)\n\
+                 os.execv(sys.argv[2], [sys.argv[2], '30'])",
+            )
+            .arg(&path)
+            .arg(&bin)
+            .spawn()
+            .unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        let peer = Peer::from_socket(&conn).unwrap();
+        std::io::Write::write_all(&mut conn, b"x").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::read_link(format!("/proc/{}/exe", peer.pid))
+            .ok()
+            .as_ref()
+            != Some(&bin)
+        {
+            assert!(Instant::now() < deadline, "child did not exec");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let has_digest = |att: &UnixAttestor| {
+            selector_texts(&att.attest(&peer).unwrap())
+                .iter()
+                .any(|s| s.starts_with("unix:sha256:"))
+        };
+        // Unchanged since it was started: the digest is there.
+        assert!(has_digest(&UnixAttestor::new()));
+        // The running binary's inode changes (a writer could have changed
+        // its bytes; exec'd files refuse writes, so chmod stands in: it
+        // moves the ctime the same way). No slack, so the change counts at
+        // once.
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o700)).unwrap();
+        let strict = UnixAttestor {
+            exe_change_slack: Duration::ZERO,
+            ..UnixAttestor::new()
+        };
+        assert!(!has_digest(&strict), "a changed executable kept its digest");
+        // The other selectors stay.
+        let got = selector_texts(&strict.attest(&peer).unwrap());
+        assert!(got.iter().any(|s| s.starts_with("unix:path:")), "{got:?}");
         child.kill().unwrap();
         child.wait().unwrap();
         fs::remove_dir_all(&dir).unwrap();
