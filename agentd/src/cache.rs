@@ -3,6 +3,9 @@
 //! renews each at half its lifetime (keeping the old one while renewal
 //! fails), and publishes an immutable [`Snapshot`] on a `watch` channel that
 //! Workload API streams read without locks.
+//!
+//! [`JwtCache`] holds the JWT-SVIDs handed out, bounded per entry, in count
+//! and in bytes, evicting the least recently used.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -489,6 +492,175 @@ impl Cache {
     }
 }
 
+/// Most JWT-SVIDs cached for one entry (one per audience set).
+pub const JWT_CACHE_PER_ENTRY: usize = 32;
+/// Most JWT-SVIDs cached in total.
+pub const JWT_CACHE_TOTAL: usize = 4096;
+/// Most bytes (tokens, audiences, entry IDs) the JWT cache holds.
+pub const JWT_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// One cached JWT-SVID.
+struct CachedJwt {
+    token: String,
+    issued_at: i64,
+    expires_at: i64,
+    last_used: u64,
+    bytes: usize,
+}
+
+/// JWT-SVIDs by (entry ID, sorted audiences): each is handed out again
+/// while more than half its lifetime remains. Bounded by
+/// [`JwtCacheCaps`]; when full, the least recently used token goes first
+/// (of the same entry, if that entry is at its cap). Expired tokens are
+/// dropped on every insert.
+pub struct JwtCache {
+    caps: JwtCacheCaps,
+    tokens: HashMap<(String, Vec<String>), CachedJwt>,
+    per_entry: HashMap<String, usize>,
+    bytes: usize,
+    clock: u64,
+}
+
+/// The bounds of a [`JwtCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JwtCacheCaps {
+    pub per_entry: usize,
+    pub total: usize,
+    pub bytes: usize,
+}
+
+impl Default for JwtCacheCaps {
+    fn default() -> Self {
+        Self {
+            per_entry: JWT_CACHE_PER_ENTRY,
+            total: JWT_CACHE_TOTAL,
+            bytes: JWT_CACHE_BYTES,
+        }
+    }
+}
+
+impl JwtCache {
+    pub fn new(caps: JwtCacheCaps) -> Self {
+        Self {
+            caps,
+            tokens: HashMap::new(),
+            per_entry: HashMap::new(),
+            bytes: 0,
+            clock: 0,
+        }
+    }
+
+    /// Tokens cached now.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Bytes cached now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The cached token for `entry_id` and `audience` if more than half of
+    /// its lifetime remains at `now`.
+    pub fn get(&mut self, entry_id: &str, audience: &[String], now: i64) -> Option<String> {
+        self.clock += 1;
+        let clock = self.clock;
+        let key = (entry_id.to_string(), audience.to_vec());
+        let c = self.tokens.get_mut(&key)?;
+        if now < c.issued_at + (c.expires_at - c.issued_at) / 2 {
+            c.last_used = clock;
+            Some(c.token.clone())
+        } else {
+            None
+        }
+    }
+
+    /// Caches `token`, evicting as needed; a token that alone exceeds the
+    /// byte bound is not cached.
+    pub fn insert(
+        &mut self,
+        entry_id: &str,
+        audience: &[String],
+        token: String,
+        issued_at: i64,
+        expires_at: i64,
+        now: i64,
+    ) {
+        self.clock += 1;
+        let key = (entry_id.to_string(), audience.to_vec());
+        self.remove(&key);
+        let expired: Vec<_> = self
+            .tokens
+            .iter()
+            .filter(|(_, c)| c.expires_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            self.remove(&k);
+        }
+        let bytes = token.len() + entry_id.len() + audience.iter().map(String::len).sum::<usize>();
+        if bytes > self.caps.bytes || self.caps.per_entry == 0 || self.caps.total == 0 {
+            return;
+        }
+        while self.per_entry.get(entry_id).copied().unwrap_or(0) >= self.caps.per_entry {
+            if !self.evict_lru(Some(entry_id)) {
+                break;
+            }
+        }
+        while self.tokens.len() >= self.caps.total || self.bytes + bytes > self.caps.bytes {
+            if !self.evict_lru(None) {
+                break;
+            }
+        }
+        *self.per_entry.entry(entry_id.to_string()).or_insert(0) += 1;
+        self.bytes += bytes;
+        self.tokens.insert(
+            key,
+            CachedJwt {
+                token,
+                issued_at,
+                expires_at,
+                last_used: self.clock,
+                bytes,
+            },
+        );
+    }
+
+    fn remove(&mut self, key: &(String, Vec<String>)) {
+        if let Some(c) = self.tokens.remove(key) {
+            self.bytes -= c.bytes;
+            if let Some(n) = self.per_entry.get_mut(&key.0) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_entry.remove(&key.0);
+                }
+            }
+        }
+    }
+
+    /// Evicts the least recently used token (of `entry` only, if given);
+    /// false if there was none.
+    fn evict_lru(&mut self, entry: Option<&str>) -> bool {
+        let victim = self
+            .tokens
+            .iter()
+            .filter(|(k, _)| entry.is_none_or(|e| k.0 == e))
+            .min_by_key(|(_, c)| c.last_used)
+            .map(|(k, _)| k.clone());
+        match victim {
+            Some(k) => {
+                self.remove(&k);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,5 +753,71 @@ mod tests {
         }
         assert_eq!(refresh_delay(1), 1);
         assert_eq!(refresh_delay(4), 2);
+    }
+
+    fn aud(n: usize) -> Vec<String> {
+        vec![format!("aud-{n}")]
+    }
+
+    #[test]
+    fn jwt_cache_evicts_the_least_recently_used_token_of_a_full_entry() {
+        let mut c = JwtCache::new(JwtCacheCaps {
+            per_entry: 3,
+            total: 100,
+            bytes: 1 << 20,
+        });
+        for n in 0..3 {
+            c.insert("e1", &aud(n), format!("t{n}"), 0, 100, 0);
+        }
+        c.insert("e2", &aud(0), "other".into(), 0, 100, 0);
+        // aud-0 used last: aud-1 is the least recently used of e1.
+        assert_eq!(c.get("e1", &aud(0), 10).as_deref(), Some("t0"));
+        c.insert("e1", &aud(3), "t3".into(), 0, 100, 10);
+        assert_eq!(c.len(), 4);
+        assert!(c.get("e1", &aud(1), 10).is_none(), "evicted");
+        assert!(c.get("e1", &aud(0), 10).is_some());
+        assert!(c.get("e1", &aud(2), 10).is_some());
+        assert!(
+            c.get("e2", &aud(0), 10).is_some(),
+            "other entries untouched"
+        );
+    }
+
+    #[test]
+    fn jwt_cache_is_bounded_in_total_and_in_bytes() {
+        let mut c = JwtCache::new(JwtCacheCaps {
+            per_entry: 100,
+            total: 5,
+            bytes: 1 << 20,
+        });
+        for n in 0..20 {
+            c.insert(&format!("e{n}"), &aud(n), "tok".into(), 0, 100, 0);
+            assert!(c.len() <= 5);
+        }
+        assert!(c.get("e19", &aud(19), 1).is_some(), "newest kept");
+        assert!(c.get("e0", &aud(0), 1).is_none(), "oldest gone");
+
+        let mut c = JwtCache::new(JwtCacheCaps {
+            per_entry: 100,
+            total: 100,
+            bytes: 1000,
+        });
+        for n in 0..10 {
+            c.insert("e", &aud(n), "x".repeat(300), 0, 100, 0);
+            assert!(c.bytes() <= 1000, "{}", c.bytes());
+        }
+        assert_eq!(c.len(), 3);
+        c.insert("e", &aud(99), "x".repeat(2000), 0, 100, 0);
+        assert!(c.get("e", &aud(99), 1).is_none(), "too big to cache");
+    }
+
+    #[test]
+    fn jwt_cache_serves_until_half_life_and_drops_expired_tokens() {
+        let mut c = JwtCache::new(JwtCacheCaps::default());
+        c.insert("e", &aud(1), "t".into(), 100, 200, 100);
+        assert!(c.get("e", &aud(1), 149).is_some());
+        assert!(c.get("e", &aud(1), 150).is_none(), "half-life reached");
+        c.insert("e", &aud(2), "u".into(), 300, 400, 300);
+        assert_eq!(c.len(), 1, "the expired token was dropped");
     }
 }

@@ -410,7 +410,30 @@ pub async fn healthcheck(admin_socket: Option<PathBuf>, verbose: bool) -> Result
     if !h.synced {
         return Err("agent is up but has not synced with the server yet".into());
     }
+    // Every slot but the reserve taken: only uids holding few connections
+    // are still served.
+    let saturated = h.workload_connections_max > 0
+        && h.workload_connections
+            >= h.workload_connections_max
+                .saturating_sub(h.workload_connections_reserve);
+    if saturated {
+        return Err(format!(
+            "the Workload API is saturated: {} of {} connections open (the last {} are reserved for uids holding few connections); {} refused since start",
+            h.workload_connections,
+            h.workload_connections_max,
+            h.workload_connections_reserve,
+            h.workload_connections_refused
+        ));
+    }
     println!("Agent is healthy.");
+    if h.workload_uids_at_cap > 0 {
+        println!(
+            "Warning: {} uid(s) at the per-uid cap of {} Workload API connections; {} connections refused since start.",
+            h.workload_uids_at_cap,
+            h.workload_connections_per_uid_max,
+            h.workload_connections_refused
+        );
+    }
     if verbose {
         println!(
             "SPIFFE ID: {}\nEntries: {}\nSVIDs: {}\nAgent SVID valid until: {}",
@@ -418,6 +441,16 @@ pub async fn healthcheck(admin_socket: Option<PathBuf>, verbose: bool) -> Result
             h.entries,
             h.svids,
             rfc3339(h.agent_svid_expires_at)
+        );
+        println!(
+            "Workload API connections: {} open of {} (per uid {}, reserve {}), busiest uid {}, uids at cap {}, refused {}",
+            h.workload_connections,
+            h.workload_connections_max,
+            h.workload_connections_per_uid_max,
+            h.workload_connections_reserve,
+            h.workload_busiest_uid_connections,
+            h.workload_uids_at_cap,
+            h.workload_connections_refused
         );
     }
     Ok(())

@@ -59,6 +59,8 @@ struct RawConfig {
     /// `[workload_attestor.docker]`, `[workload_attestor.systemd]`.
     #[serde(default)]
     workload_attestor: RawWorkloadAttestors,
+    #[serde(default)]
+    limits: crate::workload_socket::RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +123,8 @@ pub struct AgentConfig {
     pub node_attestor: NodeAttestor,
     /// Workload attestors besides `unix`, from `[workload_attestor.*]`.
     pub workload_attestors: WorkloadAttestorSettings,
+    /// `[limits]`: Workload API connection caps and idle timeout.
+    pub limits: crate::workload_socket::WorkloadLimits,
 }
 
 /// A config error, naming the key.
@@ -255,6 +259,10 @@ impl AgentConfig {
             log_level,
             node_attestor,
             workload_attestors,
+            limits: raw
+                .limits
+                .validate()
+                .map_err(|(key, reason)| key_err(key, reason))?,
         })
     }
 }

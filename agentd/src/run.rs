@@ -14,6 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
+use sigil_core::limits::ConnLimiter;
+
 use crate::attestation::Prover;
 use crate::cache::{Cache, Snapshot};
 use crate::config::{AgentConfig, NodeAttestor};
@@ -25,6 +27,7 @@ struct AgentAdmin {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     svid: watch::Receiver<AgentSvid>,
     attestors: Arc<sigil_attestors::workload::AttestorSet>,
+    connections: ConnLimiter<u32>,
 }
 
 /// Only root and the agent's own uid may use the admin socket (it is also 0600).
@@ -53,7 +56,15 @@ impl AgentAdminApi for AgentAdmin {
         check_admin_peer(&req)?;
         let snap = self.snapshots.borrow().clone();
         let svid = self.svid.borrow().clone();
+        let c = self.connections.stats();
         Ok(Response::new(AgentHealthResponse {
+            workload_connections: c.open as u64,
+            workload_connections_max: c.total as u64,
+            workload_connections_per_uid_max: c.per_key as u64,
+            workload_connections_reserve: c.reserve as u64,
+            workload_uids_at_cap: c.keys_at_cap as u64,
+            workload_busiest_uid_connections: c.busiest_key as u64,
+            workload_connections_refused: c.refused,
             spiffe_id: svid.spiffe_id.to_string(),
             trust_domain: svid.spiffe_id.trust_domain_name().to_string(),
             synced: snap.synced,
@@ -80,6 +91,10 @@ fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), String> {
+    // Each Workload API connection costs a socket and a pidfd: take what the
+    // hard limit allows, then fit the connection caps to it.
+    let nofile = workload_socket::raise_nofile_limit();
+    let connections = cfg.limits.limiter(nofile);
     sigil_fs::ensure_private_dir(&cfg.data_dir)
         .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
     // x509pop/TPM agents always need their prover (renewal re-attests); a
@@ -126,20 +141,38 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
         .map_err(|e| format!("admin_socket {}: {e}", cfg.admin_socket.display()))?;
 
     let api = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(workload_socket::CONCURRENCY_PER_CONNECTION)
+        .timeout(workload_socket::REQUEST_TIMEOUT)
+        .max_concurrent_streams(workload_socket::MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(workload_socket::MAX_HEADER_LIST)
+        .initial_stream_window_size(workload_socket::WINDOW)
+        .initial_connection_window_size(workload_socket::WINDOW)
         .add_service(WorkloadApi::new(
             snapshots.clone(),
             link.channel.subscribe(),
             attestors.clone(),
         ))
-        .serve_with_incoming_shutdown(workload_socket::incoming(api_listener), shutdown_signal());
+        .serve_with_incoming_shutdown(
+            workload_socket::incoming(api_listener, connections.clone(), cfg.limits.idle_timeout),
+            shutdown_signal(),
+        );
     let admin = tonic::transport::Server::builder()
         .add_service(AgentAdminApiServer::new(AgentAdmin {
             snapshots,
             svid: link.svid.subscribe(),
             attestors,
+            connections: connections.clone(),
         }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
-    tracing::info!(socket = %cfg.socket_path.display(), "sigil-agent serving the Workload API");
+    let caps = connections.caps();
+    tracing::info!(
+        socket = %cfg.socket_path.display(),
+        max_connections = caps.total,
+        max_connections_per_uid = caps.per_key,
+        idle_timeout = ?cfg.limits.idle_timeout,
+        nofile,
+        "sigil-agent serving the Workload API"
+    );
     // Workload API streams are long-lived: short grace period, then exit.
     let r = tokio::select! {
         r = async { tokio::try_join!(api, admin) } => r.map(|_| ()).map_err(|e| e.to_string()),

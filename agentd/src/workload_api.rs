@@ -3,11 +3,17 @@
 //! are a subset of the process's selectors entitles it to: X.509-SVIDs,
 //! JWT-SVIDs, and the bundles of its own and its federated trust domains.
 //! Streams are fed from the cache's immutable snapshots and send a message
-//! only when the caller's view changed.
+//! only when the caller's view changed. Every call (a stream for as long as
+//! it runs) holds a [`CallGuard`] that keeps its connection from being
+//! closed as idle. Audiences are bounded by
+//! [`sigil_core::jwt::check_audiences`], and cached JWT-SVIDs by
+//! [`JwtCache`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+
+use sigil_core::limits::CallGuard;
 use std::task::{Context, Poll};
 
 use prost_types::value::Kind;
@@ -33,24 +39,15 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::cache::Snapshot;
+use crate::cache::{JwtCache, JwtCacheCaps, Snapshot};
 use crate::workload_socket::PeerInfo;
-
-/// A cached JWT-SVID: reused while more than half its lifetime remains.
-struct CachedJwt {
-    token: String,
-    issued_at: i64,
-    expires_at: i64,
-}
-
-type JwtKey = (String, Vec<String>);
 
 /// The Workload API service.
 pub struct WorkloadApi {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     server: watch::Receiver<Channel>,
     attestors: Arc<AttestorSet>,
-    jwts: Mutex<HashMap<JwtKey, CachedJwt>>,
+    jwts: Mutex<JwtCache>,
 }
 
 impl WorkloadApi {
@@ -63,12 +60,14 @@ impl WorkloadApi {
             snapshots,
             server,
             attestors,
-            jwts: Mutex::new(HashMap::new()),
+            jwts: Mutex::new(JwtCache::new(JwtCacheCaps::default())),
         })
+        .max_decoding_message_size(crate::workload_socket::MAX_MESSAGE)
     }
 
-    /// Checks the security header and attests the caller.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<SelectorSet, Status> {
+    /// Checks the security header and attests the caller; the guard keeps
+    /// the connection busy for as long as the caller holds it.
+    async fn caller<T>(&self, req: &Request<T>) -> Result<(SelectorSet, CallGuard), Status> {
         let hdr = req
             .metadata()
             .get(WORKLOAD_API_HEADER)
@@ -78,10 +77,10 @@ impl WorkloadApi {
                 "security header missing from request",
             ));
         }
-        let peer = req
+        let (peer, call) = req
             .extensions()
             .get::<PeerInfo>()
-            .map(|p| p.0.clone())
+            .map(|p| (p.0.clone(), p.1.begin()))
             .ok_or_else(|| Status::internal("peer information missing"))?;
         let pid = peer.pid;
         // Every call is attested afresh: `unix` inline when its caches are
@@ -101,18 +100,16 @@ impl WorkloadApi {
                 kinds.join(", ")
             )));
         }
-        Ok(attested.selectors)
+        Ok((attested.selectors, call))
     }
 
     /// A JWT-SVID for `entry` and `audience`, from the cache or the server.
     async fn jwt_for(&self, entry: &Entry, audience: &[String]) -> Result<String, Status> {
-        let key = (entry.id.clone(), audience.to_vec());
         let now = now_unix();
-        if let Ok(cache) = self.jwts.lock()
-            && let Some(c) = cache.get(&key)
-            && now < c.issued_at + (c.expires_at - c.issued_at) / 2
+        if let Ok(mut cache) = self.jwts.lock()
+            && let Some(token) = cache.get(&entry.id, audience, now)
         {
-            return Ok(c.token.clone());
+            return Ok(token);
         }
         let ch = self.server.borrow().clone();
         let token = AgentApiClient::new(ch)
@@ -134,15 +131,7 @@ impl WorkloadApi {
             .and_then(|c| c.get("exp").and_then(serde_json::Value::as_i64))
             .unwrap_or(now);
         if let Ok(mut cache) = self.jwts.lock() {
-            cache.retain(|_, c| c.expires_at > now);
-            cache.insert(
-                key,
-                CachedJwt {
-                    token: token.clone(),
-                    issued_at: now,
-                    expires_at,
-                },
-            );
+            cache.insert(&entry.id, audience, token.clone(), now, expires_at, now);
         }
         Ok(token)
     }
@@ -270,6 +259,8 @@ pub struct Updates<M, F> {
     build: F,
     last: Option<M>,
     done: bool,
+    /// Keeps the connection busy while the stream runs.
+    _call: CallGuard,
 }
 
 impl<M, F> Updates<M, F>
@@ -281,7 +272,11 @@ where
     /// (rather than in-stream) when the caller has no identity. `Ok(None)`
     /// from `build` means entitled but nothing minted yet: the stream then
     /// waits for the next snapshot.
-    fn start(mut snaps: watch::Receiver<Arc<Snapshot>>, build: F) -> Result<Self, Status> {
+    fn start(
+        mut snaps: watch::Receiver<Arc<Snapshot>>,
+        build: F,
+        call: CallGuard,
+    ) -> Result<Self, Status> {
         // Mark this version seen before reading it, so that a snapshot
         // published meanwhile is delivered as a change.
         let snap = snaps.borrow_and_update().clone();
@@ -292,6 +287,7 @@ where
             changes: WatchStream::from_changes(snaps),
             build,
             done: false,
+            _call: call,
         })
     }
 }
@@ -334,12 +330,13 @@ type UpdateStream<M> =
 
 fn updates<M>(
     snaps: watch::Receiver<Arc<Snapshot>>,
+    call: CallGuard,
     build: impl Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync + 'static,
 ) -> Result<UpdateStream<M>, Status>
 where
     M: PartialEq + Clone,
 {
-    Updates::start(snaps, Box::new(build))
+    Updates::start(snaps, Box::new(build), call)
 }
 
 /// JSON → protobuf `Value`, for the claims `Struct`.
@@ -376,34 +373,40 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.caller(&req).await?;
+        let (selectors, call) = self.caller(&req).await?;
         // Refuses at once (rather than in-stream) when the caller has no identity.
-        Ok(Response::new(updates(self.snapshots.clone(), move |s| {
-            x509_response(s, &selectors)
-        })?))
+        Ok(Response::new(updates(
+            self.snapshots.clone(),
+            call,
+            move |s| x509_response(s, &selectors),
+        )?))
     }
 
     async fn fetch_x509_bundles(
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.caller(&req).await?;
+        let (selectors, call) = self.caller(&req).await?;
         // Refuses at once (rather than in-stream) when the caller has no identity.
-        Ok(Response::new(updates(self.snapshots.clone(), move |s| {
-            x509_bundles_response(s, &selectors)
-        })?))
+        Ok(Response::new(updates(
+            self.snapshots.clone(),
+            call,
+            move |s| x509_bundles_response(s, &selectors),
+        )?))
     }
 
     async fn fetch_jwtsvid(
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let selectors = self.caller(&req).await?;
+        let (selectors, _call) = self.caller(&req).await?;
         let r = req.into_inner();
         let mut audience: Vec<String> = r.audience.into_iter().filter(|a| !a.is_empty()).collect();
         if audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
+        sigil_core::jwt::check_audiences(&audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         audience.sort();
         audience.dedup();
         let wanted =
@@ -439,22 +442,26 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.caller(&req).await?;
+        let (selectors, call) = self.caller(&req).await?;
         // Refuses at once (rather than in-stream) when the caller has no identity.
-        Ok(Response::new(updates(self.snapshots.clone(), move |s| {
-            jwt_bundles_response(s, &selectors)
-        })?))
+        Ok(Response::new(updates(
+            self.snapshots.clone(),
+            call,
+            move |s| jwt_bundles_response(s, &selectors),
+        )?))
     }
 
     async fn validate_jwtsvid(
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        self.caller(&req).await?;
+        let _call = self.caller(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
+        sigil_core::jwt::check_audiences(std::slice::from_ref(&r.audience))
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }

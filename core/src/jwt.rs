@@ -48,6 +48,73 @@ pub enum JwtError {
     Crypto(String),
 }
 
+/// Most audiences one JWT-SVID may carry.
+pub const MAX_AUDIENCES: usize = 16;
+/// Longest audience value, in bytes (the longest SPIFFE ID, since an
+/// audience is often one).
+pub const MAX_AUDIENCE_LEN: usize = 2048;
+
+/// A requested audience list that Sigil will not sign or cache.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AudienceError {
+    /// No audience at all, or only empty strings.
+    #[error("invalid field `audience`: at least one non-empty audience is required")]
+    Missing,
+    /// More than [`MAX_AUDIENCES`] values.
+    #[error("invalid field `audience`: {count} values, at most {max} are allowed")]
+    TooMany {
+        /// Values given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// One value is longer than [`MAX_AUDIENCE_LEN`] bytes.
+    #[error("invalid field `audience`: value #{index} is {len} bytes, at most {max} are allowed")]
+    TooLong {
+        /// Position of the value (from 1).
+        index: usize,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// One value is empty.
+    #[error("invalid field `audience`: value #{index} is empty")]
+    Empty {
+        /// Position of the value (from 1).
+        index: usize,
+    },
+}
+
+/// Checks a requested audience list against the bounds every JWT-SVID
+/// request must meet (server and agent alike): 1 to [`MAX_AUDIENCES`]
+/// non-empty values of at most [`MAX_AUDIENCE_LEN`] bytes each.
+pub fn check_audiences(audience: &[String]) -> Result<(), AudienceError> {
+    if audience.is_empty() {
+        return Err(AudienceError::Missing);
+    }
+    if audience.len() > MAX_AUDIENCES {
+        return Err(AudienceError::TooMany {
+            count: audience.len(),
+            max: MAX_AUDIENCES,
+        });
+    }
+    for (i, a) in audience.iter().enumerate() {
+        if a.is_empty() {
+            return Err(AudienceError::Empty { index: i + 1 });
+        }
+        if a.len() > MAX_AUDIENCE_LEN {
+            return Err(AudienceError::TooLong {
+                index: i + 1,
+                len: a.len(),
+                max: MAX_AUDIENCE_LEN,
+            });
+        }
+    }
+    Ok(())
+}
+
 const ALLOWED: &[Algorithm] = &[
     Algorithm::ES256,
     Algorithm::ES384,
@@ -409,6 +476,32 @@ pub fn validate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audience_bounds_name_the_field() {
+        let ok: Vec<String> = vec!["a".into(); MAX_AUDIENCES];
+        assert_eq!(check_audiences(&ok), Ok(()));
+        assert_eq!(check_audiences(&[]), Err(AudienceError::Missing));
+        let many: Vec<String> = vec!["a".into(); MAX_AUDIENCES + 1];
+        let e = check_audiences(&many).unwrap_err();
+        assert!(e.to_string().contains("`audience`"), "{e}");
+        assert!(matches!(e, AudienceError::TooMany { count: 17, max: 16 }));
+        let long = vec!["x".into(), "y".repeat(MAX_AUDIENCE_LEN + 1)];
+        assert_eq!(
+            check_audiences(&long),
+            Err(AudienceError::TooLong {
+                index: 2,
+                len: MAX_AUDIENCE_LEN + 1,
+                max: MAX_AUDIENCE_LEN
+            })
+        );
+        let exact = vec!["y".repeat(MAX_AUDIENCE_LEN)];
+        assert_eq!(check_audiences(&exact), Ok(()));
+        assert_eq!(
+            check_audiences(&["a".into(), String::new()]),
+            Err(AudienceError::Empty { index: 2 })
+        );
+    }
 
     fn setup() -> (JwtSigner, BTreeMap<TrustDomain, JwtBundle>) {
         let s = JwtSigner::generate(JwtKeyType::EcP256, crate::now_unix() + 3600).unwrap();

@@ -8,6 +8,7 @@
 //! - [`jwt`] — JWT-SVID signing, JWKS bundles and validation.
 //! - [`tls`] — rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`ids`] — well-known SPIFFE IDs (server, agents) and random identifiers.
+//! - [`limits`] — connection caps (per peer, total, reserve) and idle tracking.
 //!
 //! SPIFFE IDs and trust domains are the `spiffe` crate's validated types.
 
@@ -19,6 +20,7 @@ pub mod duration;
 pub mod entry;
 pub mod ids;
 pub mod jwt;
+pub mod limits;
 pub mod selector;
 pub mod tls;
 pub mod x509;

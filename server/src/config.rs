@@ -93,6 +93,8 @@ struct RawConfig {
     x509pop: Option<RawX509Pop>,
     #[serde(default)]
     tpm: Option<RawTpm>,
+    #[serde(default)]
+    limits: crate::limits::RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,6 +222,8 @@ pub struct ServerConfig {
     /// `[x509pop]`: PEM roots node certificates must chain to.
     pub x509pop_ca_bundle: Option<PathBuf>,
     pub tpm: Option<TpmConfig>,
+    /// `[limits]`: agent-API connection caps and idle timeout.
+    pub limits: crate::limits::Limits,
 }
 
 /// `[tpm]`: which TPMs may attest, and what to quote.
@@ -580,6 +584,10 @@ impl ServerConfig {
             bundle_endpoint,
             federation,
             oidc,
+            limits: raw
+                .limits
+                .validate()
+                .map_err(|(key, reason)| key_err(key, reason))?,
         })
     }
 }

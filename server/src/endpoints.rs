@@ -51,19 +51,36 @@ fn not_found() -> Response<Full<Bytes>> {
     r
 }
 
-/// Serves GET requests with `handler` on `listener`, over TLS if given.
+/// Serves GET requests with `handler` on `listener`, over TLS if given,
+/// within the limits of [`crate::limits::http_endpoint`].
 async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, handler: Handler) {
+    use crate::limits::{Guarded, admit, caps, http_endpoint as lim};
+    let limiter = sigil_core::limits::ConnLimiter::new(caps(
+        lim::MAX_CONNECTIONS,
+        lim::MAX_CONNECTIONS_PER_IP,
+    ));
     loop {
         let Ok((sock, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Some(permit) = admit(&limiter, peer, "http endpoint") else {
+            continue;
+        };
         let tls = tls.clone();
         let handler = handler.clone();
         tokio::spawn(async move {
+            let activity = sigil_core::limits::Activity::new(std::time::Instant::now());
+            let conn_peer = crate::limits::ConnPeer {
+                addr: peer,
+                certs: None,
+                activity: activity.clone(),
+            };
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
+                let call = activity.begin();
                 async move {
+                    let _call = call;
                     if req.method() != http::Method::GET {
                         let mut r =
                             Response::new(Full::new(Bytes::from_static(b"method not allowed\n")));
@@ -73,15 +90,27 @@ async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, handler: Handler
                     Ok(handler(req.uri().path()))
                 }
             });
-            let builder = hyper::server::conn::http1::Builder::new();
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(lim::HEADER_READ_TIMEOUT)
+                .max_buf_size(lim::MAX_BUF);
             let result = match tls {
                 Some(acc) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acc.accept(sock)).await {
-                        Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    match tokio::time::timeout(crate::limits::HANDSHAKE_TIMEOUT, acc.accept(sock))
+                        .await
+                    {
+                        Ok(Ok(s)) => {
+                            let io = Guarded::new(s, conn_peer, permit, lim::IDLE_TIMEOUT);
+                            builder.serve_connection(TokioIo::new(io), svc).await
+                        }
                         _ => return,
                     }
                 }
-                None => builder.serve_connection(TokioIo::new(sock), svc).await,
+                None => {
+                    let io = Guarded::new(sock, conn_peer, permit, lim::IDLE_TIMEOUT);
+                    builder.serve_connection(TokioIo::new(io), svc).await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "endpoint connection ended");

@@ -13,6 +13,7 @@
 //! - [`admin_api`] — the operator API on the admin Unix socket.
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
+//! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
 //! - [`run`] — wiring and serving; [`cli`] — operator subcommands.
 
 #![allow(missing_docs)]
@@ -25,6 +26,7 @@ pub mod datastore;
 pub mod endpoints;
 pub mod error;
 pub mod keys;
+pub mod limits;
 pub mod node_attestation;
 pub mod run;
 pub mod signing;

@@ -13,15 +13,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
 use crate::admin_api::AdminService;
-use crate::agent_api::AgentService;
+use crate::agent_api::{AgentService, Gate};
 use crate::config::{DatastoreKind, EndpointProfile, ServerConfig};
 use crate::datastore::{Datastore, RedbStore};
 use crate::endpoints;
 use crate::keys::Keys;
+use crate::limits::{self, Guarded, HANDSHAKE_TIMEOUT};
 use crate::state::ServerState;
-
-/// How long a client has to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight calls may run after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -32,6 +30,9 @@ pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 pub async fn run(cfg: ServerConfig) -> Result<(), String> {
+    // Every agent-API connection costs a descriptor: take what the hard
+    // limit allows, then fit the connection cap to it.
+    let nofile = limits::raise_nofile_limit();
     sigil_fs::ensure_private_dir(&cfg.data_dir)
         .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
     let store: Arc<dyn Datastore> = match cfg.datastore {
@@ -88,6 +89,8 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("bind {addr}: {e}"))?;
     let acceptor = TlsAcceptor::from(tls);
+    let limiter = limits::agent_api_limiter(&cfg.limits, nofile);
+    let idle = cfg.limits.idle_timeout;
     let (conn_tx, conn_rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -99,13 +102,20 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
                     continue;
                 }
             };
+            // The slot is taken before the handshake, so that handshakes in
+            // progress count too.
+            let Some(permit) = limits::admit(&limiter, peer, "agent API") else {
+                continue;
+            };
             let _ = sock.set_nodelay(true);
+            limits::tcp_keepalive(&sock);
             let acceptor = acceptor.clone();
             let conn_tx = conn_tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                     Ok(Ok(tls)) => {
-                        let _ = conn_tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        let conn = Guarded::agent_api(tls, peer, permit, idle);
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -118,13 +128,25 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         .map_err(|e| format!("admin_socket {}: {e}", cfg.admin_socket.display()))?;
 
     let agent_server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(AgentApiServer::new(AgentService::new(
-            state.clone(),
-            attestors,
-        )))
+        .concurrency_limit_per_connection(limits::CONCURRENCY_PER_CONNECTION)
+        .timeout(limits::REQUEST_TIMEOUT)
+        .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(limits::MAX_HEADER_LIST)
+        .initial_stream_window_size(limits::STREAM_WINDOW)
+        .initial_connection_window_size(limits::CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(limits::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(limits::KEEPALIVE_TIMEOUT))
+        .layer(Gate::new(state.clone()))
+        .add_service(
+            AgentApiServer::new(AgentService::new(state.clone(), attestors))
+                .max_decoding_message_size(limits::MAX_MESSAGE),
+        )
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown_signal());
+    // Root or the server's uid only (peer credentials), but bounded all the same.
     let admin_server = tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(limits::CONCURRENCY_PER_CONNECTION)
+        .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(limits::MAX_HEADER_LIST)
         .add_service(AdminApiServer::new(AdminService::new(state.clone())))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
 

@@ -340,6 +340,16 @@ impl Cluster {
             .expect("agent list JSON")
     }
 
+    /// Process ID of the running server.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.as_ref().map(Child::id)
+    }
+
+    /// Process ID of the running agent.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// The server and agent logs, for failure messages.
     pub fn logs(&self) -> String {
         let r = |n: &str| fs::read_to_string(self.dir.0.join(n)).unwrap_or_default();
