@@ -465,15 +465,15 @@ async fn the_agent_api_refuses_unauthenticated_and_oversized_calls_without_buffe
     let after_mint = rss_kib(pid);
 
     // Attest is open without a certificate, but its body is capped: a
-    // 3 MiB message (under the old 4 MiB default) is cut off.
-    let big = Bytes::from(vec![0x0au8; 3 * 1024 * 1024]);
+    // 600 KiB message (under the 1 MiB message limit) is cut off at 256 KiB.
+    let big = Bytes::from(vec![0x0au8; 600 * 1024]);
     let mut attests = Vec::new();
     for _ in 0..20 {
         let mut client = client.clone().ready().await.unwrap();
         let (resp, mut body) = client
             .send_request(grpc_request("/sigil.agent.AgentApi/Attest"), false)
             .unwrap();
-        let _ = body.send_data(grpc_prefix(3 * 1024 * 1024), false);
+        let _ = body.send_data(grpc_prefix(600 * 1024), false);
         let _ = body.send_data(big.clone(), false);
         attests.push((resp, body));
     }
@@ -505,16 +505,16 @@ async fn the_agent_api_refuses_unauthenticated_and_oversized_calls_without_buffe
     }
     let after_attest = rss_kib(pid);
     println!(
-        "server RSS: {before} KiB before, {after_mint} KiB after 40 x 1 MiB unauthenticated mint bodies ({refused} refused), {after_attest} KiB after 20 x 3 MiB Attest bodies; attest errors: {:?}",
+        "server RSS: {before} KiB before, {after_mint} KiB after 40 x 1 MiB unauthenticated mint bodies ({refused} refused), {after_attest} KiB after 20 x 600 KiB Attest bodies; attest errors: {:?}",
         attest_errors.first()
     );
     assert!(
         attest_errors
             .iter()
-            .all(|(_, m)| m.contains("limit") || m.contains("large")),
+            .all(|(_, m)| m.contains("length%20limit%20exceeded")),
         "{attest_errors:?}"
     );
-    // Generous: the bodies above total 100 MiB.
+    // Generous: the bodies above total 52 MiB.
     assert!(
         after_attest.saturating_sub(before) < 48 * 1024,
         "server RSS grew from {before} KiB to {after_attest} KiB"
