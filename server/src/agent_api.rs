@@ -273,7 +273,7 @@ impl AgentApi for AgentService {
             )
             .await;
             if let Err(st) = &result {
-                tracing::info!(peer = peer.as_deref().unwrap_or("unknown"), code = ?st.code(), error = %st.message(), "node attestation refused");
+                tracing::info!(peer = %peer.as_deref().unwrap_or("unknown"), code = ?st.code(), error = %st.message(), "node attestation refused");
             }
             let msg = result.map(|r| AttestResponse {
                 step: Some(attest_response::Step::Result(r)),
@@ -319,7 +319,7 @@ impl AgentApi for AgentService {
                     Ok(rec) => rec,
                     Err(e) => {
                         let st: Status = e.into();
-                        tracing::info!(peer = peer.as_deref().unwrap_or("unknown"), agent = %id, code = ?st.code(), error = %st.message(), "sync stream refused");
+                        tracing::info!(peer = %peer.as_deref().unwrap_or("unknown"), agent = %id, code = ?st.code(), error = %st.message(), "sync stream refused");
                         let _ = tx.send(Err(st)).await;
                         return;
                     }
