@@ -147,6 +147,38 @@ pub(crate) mod serde_text {
         s.parse()
             .map_err(|e| D::Error::custom(format!("{s:?}: {e}")))
     }
+
+    /// The same for `Option<T>` (`null` for `None`).
+    pub(crate) mod option {
+        use std::fmt::Display;
+        use std::str::FromStr;
+
+        use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+        pub(crate) fn serialize<T: Display, S: Serializer>(
+            v: &Option<T>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.collect_str(v),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, T, D>(d: D) -> Result<Option<T>, D::Error>
+        where
+            T: FromStr,
+            T::Err: Display,
+            D: Deserializer<'de>,
+        {
+            Option::<String>::deserialize(d)?
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e| D::Error::custom(format!("{s:?}: {e}")))
+                })
+                .transpose()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,11 +9,14 @@
 //! - [`tls`] — rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`ids`] — well-known SPIFFE IDs (server, agents) and random identifiers.
 //! - [`limits`] — connection caps (per peer, total, reserve) and idle tracking.
+//! - [`caller`] — who caused a change (admin peer, agent, node, server task).
+//! - [`audit`] — the hash-chained, checkpoint-signed audit trail and its verifier.
 //!
 //! SPIFFE IDs and trust domains are the `spiffe` crate's validated types.
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod bundle;
 pub mod caller;
 pub mod duration;
