@@ -191,6 +191,97 @@ fn probe_in_container(sock: &str, c: &Cluster, labels: &[&str], env: &[&str]) ->
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The py-spiffe virtualenv `scripts/test` creates (`SIGIL_PY_VENV`, else
+/// `target/pyvenv`), if it exists.
+fn py_venv() -> Option<PathBuf> {
+    let venv = std::env::var_os("SIGIL_PY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir_parent().join("pyvenv"));
+    venv.join("bin/python3").exists().then_some(venv)
+}
+
+fn bin_dir_parent() -> PathBuf {
+    sigil_tests::bin_dir().parent().unwrap().to_path_buf()
+}
+
+/// An image that is only the merged-/usr symlinks: the container gets the
+/// host's /usr (and the Python installation) bind-mounted read-only.
+fn import_usr_image(sock: &str) -> &'static str {
+    static DONE: OnceLock<()> = OnceLock::new();
+    const USR_IMAGE: &str = "sigil-e2e-usr:latest";
+    DONE.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("sigil-usr-root-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["usr", "tmp", "etc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (link, target) in [
+            ("bin", "usr/bin"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+            ("sbin", "usr/sbin"),
+        ] {
+            std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+        }
+        let tar = root.with_extension("tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        docker_ok(sock, &["import", tar.to_str().unwrap(), USR_IMAGE]);
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_file(&tar);
+    });
+    USR_IMAGE
+}
+
+/// py-spiffe's WorkloadApiClient in a container labelled `label`: its
+/// output line (`OK <id>` or `ERR <grpc code>`).
+fn py_spiffe_in_container(sock: &str, c: &Cluster, venv: &Path, label: &str) -> String {
+    let image = import_usr_image(sock);
+    let python = std::fs::canonicalize(venv.join("bin/python3")).unwrap();
+    let prefix = python.parent().unwrap().parent().unwrap().to_path_buf();
+    let script = "import sys, grpc\n\
+        from spiffe import WorkloadApiClient\n\
+        try:\n\
+        \x20   with WorkloadApiClient('unix:///sigil/api.sock', default_timeout=10) as c:\n\
+        \x20       print('OK', c.fetch_x509_svid().spiffe_id)\n\
+        except Exception as e:\n\
+        \x20   cause = e.__cause__\n\
+        \x20   print('ERR', cause.code() if isinstance(cause, grpc.RpcError) else repr(e))\n";
+    let mut mounts = vec![
+        format!("{}:/sigil:ro", c.api_socket().parent().unwrap().display()),
+        "/usr:/usr:ro".to_string(),
+        format!("{0}:{0}:ro", venv.display()),
+    ];
+    if !prefix.starts_with("/usr") {
+        mounts.push(format!("{0}:{0}:ro", prefix.display()));
+    }
+    let mut args: Vec<String> = ["run", "--rm", "--network", "none", "--label", label]
+        .map(String::from)
+        .to_vec();
+    for m in mounts {
+        args.push("-v".into());
+        args.push(m);
+    }
+    args.push(image.into());
+    args.push(venv.join("bin/python3").display().to_string());
+    args.push("-c".into());
+    args.push(script.into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = docker(sock, &args);
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if text.is_empty() {
+        return format!("(no output) {}", String::from_utf8_lossy(&out.stderr));
+    }
+    text
+}
+
 fn probe_on_host(c: &Cluster) -> String {
     let out = Command::new(bin("spiffe-probe"))
         .arg(c.api_addr())
@@ -244,6 +335,34 @@ fn containers_get_identities_by_label_and_env_and_the_host_does_not() {
         "{}",
         c.logs()
     );
+    // py-spiffe (gRPC C-core) in a container, as one of the clients.
+    match py_venv() {
+        Some(venv) => {
+            // The label matches but the image is not the one the triage
+            // entry pins: no identity.
+            assert_eq!(
+                py_spiffe_in_container(sock, &c, &venv, "team=sec"),
+                "ERR StatusCode.PERMISSION_DENIED"
+            );
+            c.create_entry(
+                "spiffe://example.org/py-triage",
+                &[
+                    "--selector",
+                    "docker:label:team:py",
+                    "--selector",
+                    "docker:image_id:sigil-e2e-usr:latest",
+                ],
+            );
+            let mut got = String::new();
+            wait_for("py-spiffe's SVID in a container", deadline, || {
+                got = py_spiffe_in_container(sock, &c, &venv, "team=py");
+                got == "OK spiffe://example.org/py-triage"
+            });
+        }
+        None => eprintln!(
+            "\n!!! py-spiffe part SKIPPED: no virtualenv at target/pyvenv (scripts/test creates it first) !!!\n"
+        ),
+    }
     // Same label but the env value the entry pins is different: nothing.
     let wrong_env = probe_in_container(sock, &c, &["team=web"], &["MODE=dev"]);
     assert!(
