@@ -93,6 +93,20 @@ fn a_process_in_a_service_cgroup_gets_systemd_selectors_and_its_identity() {
         sels.contains(&format!("systemd:fragment_path:{}/{unit}", units.display())),
         "{sels}"
     );
+    // The text form, as an operator sees it (printed for the docs).
+    let text = Command::new(bin("sigil-agent"))
+        .args(["api", "debug", "selectors", "--pid"])
+        .arg(sleeper.id().to_string())
+        .arg("--admin-socket")
+        .arg(&admin)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("Entry      : "), "{text}");
+    eprintln!(
+        "$ sigil-agent api debug selectors --pid {}\n{text}",
+        sleeper.id()
+    );
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 
