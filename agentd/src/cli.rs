@@ -255,6 +255,9 @@ pub async fn api(cmd: ApiCmd) -> Result<(), String> {
             audience,
             spiffe_id,
         }) => {
+            if let Some(id) = &spiffe_id {
+                sigil_core::ids::parse_spiffe_id(id).map_err(|e| format!("--spiffe-id: {e}"))?;
+            }
             let path = socket_path(socket.socket.as_deref())?;
             let mut client = SpiffeWorkloadApiClient::new(uds_channel(&path).await?);
             let r = client

@@ -582,3 +582,16 @@ fn help_documents_the_join_token_sources() {
         assert!(help.contains(n), "--help does not mention {n}: {help}");
     }
 }
+
+#[test]
+fn agent_cli_refuses_an_over_long_spiffe_id_naming_the_flag() {
+    let long_id = format!("spiffe://example.org/{}", "a".repeat(3000));
+    let out = Command::new(bin("sigil-agent"))
+        .args(["api", "fetch", "jwt", "--audience", "aud", "--spiffe-id"])
+        .arg(&long_id)
+        .args(["--socket", "unix:///nonexistent/api.sock"])
+        .output()
+        .unwrap();
+    assert_refused(&out, &["--spiffe-id", "2048"]);
+    assert!(stderr(&out).len() < 500, "the ID is not echoed");
+}
