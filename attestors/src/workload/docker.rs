@@ -54,11 +54,18 @@ pub struct DockerConfig {
 /// container of this engine" (empty).
 type Answer = Arc<Vec<Selector>>;
 
+/// One Engine request shared by every caller that needs the same
+/// container while it is in flight.
+type InFlight = Arc<tokio::sync::OnceCell<Result<Answer, WorkloadAttestError>>>;
+
 /// The docker attestor.
 #[derive(Debug)]
 pub struct DockerAttestor {
     cfg: DockerConfig,
     cache: Mutex<HashMap<String, (Instant, Answer)>>,
+    /// Lookups in progress, by container id: the processes of a container
+    /// that connect at once cost one Engine request, not one each.
+    inflight: Mutex<HashMap<String, InFlight>>,
 }
 
 /// The parts of `GET /containers/{id}/json` used.
@@ -102,6 +109,7 @@ impl DockerAttestor {
         Self {
             cfg,
             cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
         }
     }
 
@@ -245,14 +253,27 @@ impl WorkloadAttestor for DockerAttestor {
                 None => Runtime::Docker,
             };
             let now = Instant::now();
-            let answer = match self.cached(&c.id, now) {
-                Some(a) => a,
-                None => {
-                    let a = self.lookup(&c.id, runtime).await?;
-                    self.remember(&c.id, a.clone(), now);
-                    a
-                }
+            if let Some(a) = self.cached(&c.id, now) {
+                return Ok(a.as_ref().clone());
+            }
+            let cell: InFlight = match self.inflight.lock() {
+                Ok(mut m) => m.entry(c.id.clone()).or_default().clone(),
+                Err(_) => Arc::default(),
             };
+            // If the caller that started the request gives up (deadline),
+            // the next waiter runs it instead.
+            let result = cell
+                .get_or_init(|| self.lookup(&c.id, runtime))
+                .await
+                .clone();
+            if let Ok(mut m) = self.inflight.lock()
+                && m.get(&c.id).is_some_and(|x| Arc::ptr_eq(x, &cell))
+            {
+                m.remove(&c.id);
+            }
+            // Answers are cached, failures are not (the next call asks again).
+            let answer = result?;
+            self.remember(&c.id, answer.clone(), now);
             Ok(answer.as_ref().clone())
         })
     }
@@ -320,6 +341,80 @@ mod tests {
                 "docker:image_id:i"
             ]
         );
+    }
+
+    /// A stand-in Engine on a Unix socket that answers every inspect with
+    /// INSPECT after `delay`, counting requests (for the concurrency
+    /// property only; the real Engine is exercised by the end-to-end tests).
+    async fn slow_engine(
+        dir: &std::path::Path,
+        delay: Duration,
+    ) -> (PathBuf, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let sock = dir.join("engine.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let h = h.clone();
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from_static(INSPECT.as_bytes())),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(conn), svc)
+                        .await;
+                });
+            }
+        });
+        (sock, hits)
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_of_one_container_share_one_engine_request() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (sock, hits) = slow_engine(dir.path(), Duration::from_millis(200)).await;
+        let a = Arc::new(DockerAttestor::new(DockerConfig {
+            socket_path: sock,
+            env: vec![],
+            cache_ttl: Duration::from_secs(60),
+            timeout: Duration::from_secs(5),
+        }));
+        let id = "ba429f5ac3107fb9ffe62c973a37323ff28a62beb284280297ee168195327a77";
+        let w = Arc::new(Workload {
+            pid: 1,
+            uid: 0,
+            cgroup: format!("0::/system.slice/docker-{id}.scope\n"),
+        });
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (a, w) = (a.clone(), w.clone());
+                tokio::spawn(async move { a.attest(&w).await })
+            })
+            .collect();
+        for t in tasks {
+            let got = t.await.unwrap().unwrap();
+            assert!(
+                got.iter().any(|s| s.as_str() == "docker:label:team:sec"),
+                "{got:?}"
+            );
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // Then served from the cache.
+        a.attest(&w).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
