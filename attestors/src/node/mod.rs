@@ -4,5 +4,9 @@
 //!   AK bound to the EK by credential activation, quotes over SHA-256 PCRs.
 //!   Agent-side evidence comes from [`tpm::AgentTpm`] (feature `tpm`);
 //!   server-side verification is pure Rust.
+//! - [`ima`] — IMA `ima-ng` measurement logs replayed against a quoted
+//!   PCR 10 (the verified file digests behind `ima:sha256:`; not wired into
+//!   attestation yet).
 
+pub mod ima;
 pub mod tpm;
