@@ -19,7 +19,13 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::blocking;
+use crate::datastore::{KillRecord, KillTarget};
 use crate::state::{Caller, EntryField, ServerState};
+use sigil_proto::admin::kill_target::Target;
+use sigil_proto::admin::{
+    CreateKillRequest, Kill, KillId, KillTarget as PbKillTarget, ListKillsRequest,
+    ListKillsResponse,
+};
 
 /// Longest join token lifetime.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -263,6 +269,33 @@ impl AdminApi for AdminService {
         }))
     }
 
+    async fn create_kill(&self, req: Request<CreateKillRequest>) -> Result<Response<Kill>, Status> {
+        let caller = self.authorize(&req)?;
+        let r = req.into_inner();
+        let target = target_from_proto(r.target)?;
+        let state = self.state.clone();
+        let k = blocking(move || state.create_kill(&caller, target, &r.reason)).await?;
+        Ok(Response::new(kill_to_proto(&k)))
+    }
+
+    async fn list_kills(
+        &self,
+        req: Request<ListKillsRequest>,
+    ) -> Result<Response<ListKillsResponse>, Status> {
+        self.authorize(&req)?;
+        Ok(Response::new(ListKillsResponse {
+            kills: self.state.list_kills()?.iter().map(kill_to_proto).collect(),
+        }))
+    }
+
+    async fn lift_kill(&self, req: Request<KillId>) -> Result<Response<Kill>, Status> {
+        let caller = self.authorize(&req)?;
+        let id = req.into_inner().id;
+        let state = self.state.clone();
+        let k = blocking(move || state.lift_kill(&caller, &id)).await?;
+        Ok(Response::new(kill_to_proto(&k)))
+    }
+
     async fn delete_federated_bundle(
         &self,
         req: Request<TrustDomainId>,
@@ -272,6 +305,52 @@ impl AdminApi for AdminService {
         let state = self.state.clone();
         blocking(move || state.delete_federated_bundle(&caller, &td)).await?;
         Ok(Response::new(DeleteResponse {}))
+    }
+}
+
+/// The wire form of a kill.
+fn kill_to_proto(k: &KillRecord) -> Kill {
+    Kill {
+        id: k.id.clone(),
+        target: Some(target_to_proto(&k.target)),
+        reason: k.reason.clone(),
+        caller: k.caller.clone(),
+        created_at: k.created_at,
+    }
+}
+
+fn target_to_proto(t: &KillTarget) -> PbKillTarget {
+    let target = match t {
+        KillTarget::SpiffeId(id) => Target::SpiffeId(id.to_string()),
+        KillTarget::Entry(id) => Target::EntryId(id.clone()),
+        KillTarget::Agent(id) => Target::AgentId(id.to_string()),
+        KillTarget::Selector(s) => Target::Selector(s.to_string()),
+    };
+    PbKillTarget {
+        target: Some(target),
+    }
+}
+
+/// Validates a kill target from the wire; errors name the field.
+fn target_from_proto(t: Option<PbKillTarget>) -> Result<KillTarget, Status> {
+    let id = |field: &str, v: &str| {
+        SpiffeId::new(v)
+            .map_err(|e| Status::invalid_argument(format!("invalid field `{field}`: {v:?}: {e}")))
+    };
+    match t.and_then(|t| t.target) {
+        None => Err(Status::invalid_argument(
+            "invalid field `target`: exactly one of spiffe_id, entry, agent or selector is required",
+        )),
+        Some(Target::SpiffeId(v)) => Ok(KillTarget::SpiffeId(id("spiffe_id", &v)?)),
+        Some(Target::AgentId(v)) => Ok(KillTarget::Agent(id("agent", &v)?)),
+        Some(Target::EntryId(v)) if v.is_empty() => {
+            Err(Status::invalid_argument("invalid field `entry`: empty"))
+        }
+        Some(Target::EntryId(v)) => Ok(KillTarget::Entry(v)),
+        Some(Target::Selector(v)) => v
+            .parse()
+            .map(KillTarget::Selector)
+            .map_err(|e| Status::invalid_argument(format!("invalid field `selector`: {e}"))),
     }
 }
 

@@ -320,6 +320,21 @@ impl AgentApi for AgentService {
                     Err(e) => {
                         let st: Status = e.into();
                         tracing::info!(peer = %peer.as_deref().unwrap_or("unknown"), agent = %id, code = ?st.code(), error = %st.message(), "sync stream refused");
+                        // A killed or banned node is told so, with an empty
+                        // entry set: it drops every identity it serves.
+                        if let Some(reason) = state.withdrawal_of(&id) {
+                            tracing::warn!(agent = %id, %reason, "withdrawing every identity of the agent");
+                            let _ = tx
+                                .send(Ok(SyncUpdate {
+                                    revision: state.revision(),
+                                    bundle: state.bundle(),
+                                    jwt_bundle: state.jwt_bundle(),
+                                    agent_killed: true,
+                                    kill_reason: reason,
+                                    ..Default::default()
+                                }))
+                                .await;
+                        }
                         let _ = tx.send(Err(st)).await;
                         return;
                     }

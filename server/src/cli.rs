@@ -39,7 +39,7 @@ pub enum Output {
 pub struct OutputArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Pretty)]
-    output: Output,
+    pub(crate) output: Output,
 }
 
 #[derive(Subcommand)]
@@ -229,7 +229,7 @@ pub enum BundleCmd {
     },
 }
 
-async fn connect(a: &AdminArgs) -> Result<AdminApiClient<Channel>, String> {
+pub(crate) async fn connect(a: &AdminArgs) -> Result<AdminApiClient<Channel>, String> {
     let path = a.admin_socket.clone();
     if !path.exists() {
         return Err(format!(
@@ -256,7 +256,7 @@ async fn connect(a: &AdminArgs) -> Result<AdminApiClient<Channel>, String> {
     Ok(AdminApiClient::new(ch))
 }
 
-fn status(e: tonic::Status) -> String {
+pub(crate) fn status(e: tonic::Status) -> String {
     e.message().to_string()
 }
 
@@ -405,7 +405,7 @@ fn print_entry(e: &PbEntry) {
     println!();
 }
 
-fn print_json(v: &Value) -> Result<(), String> {
+pub(crate) fn print_json(v: &Value) -> Result<(), String> {
     println!(
         "{}",
         serde_json::to_string_pretty(v).map_err(|e| e.to_string())?

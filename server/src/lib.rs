@@ -14,7 +14,8 @@
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
-//! - [`run`] — wiring and serving; [`cli`] — operator subcommands.
+//! - [`run`] — wiring and serving; [`cli`] — operator subcommands
+//!   ([`kill_cli`]: `sigil-server kill`).
 
 #![allow(missing_docs)]
 
@@ -27,6 +28,7 @@ pub mod endpoints;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod kill_cli;
 pub mod node_attestation;
 pub mod run;
 pub mod signing;

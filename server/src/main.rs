@@ -49,6 +49,8 @@ enum Cmd {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(cli::BundleCmd),
+    /// Kill switch: withdraw identities everywhere until lifted.
+    Kill(Box<sigil_server::kill_cli::KillCmd>),
 }
 
 fn init_tracing(level: &str) {
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
             Cmd::Entry(c) => cli::entry(*c).await,
             Cmd::Agent(c) => cli::agent(c).await,
             Cmd::Bundle(c) => cli::bundle(c).await,
+            Cmd::Kill(c) => sigil_server::kill_cli::kill(*c).await,
         }
     });
     match result {

@@ -85,6 +85,7 @@ impl SyncTracker {
             more: false,
             delta,
             removed: if delta { removed } else { Vec::new() },
+            ..Default::default()
         };
         self.sent = Some(Sent {
             entries: sorted,
@@ -155,6 +156,7 @@ pub fn chunks(update: SyncUpdate) -> Vec<SyncUpdate> {
             jwt_bundle: update.jwt_bundle,
             federated: update.federated,
             removed: update.removed,
+            ..Default::default()
         });
         return out;
     }

@@ -162,12 +162,19 @@ async fn banned_agent_gets_no_new_entries_and_cannot_reattest() {
         "spiffe://example.org/b",
         &["--selector", &my_uid_selector()],
     );
-    // Give a healthy agent ample time to sync the new entry; a banned one must not.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(all_ids(&c.api_addr()).await, vec!["spiffe://example.org/a"]);
-    wait_for("sync refusal logged", LONG, || {
-        c.logs().contains("is banned")
+    // A banned node is told so on its sync stream and drops every identity
+    // it served, old and new.
+    wait_for("the banned agent withdraws its identities", LONG, || {
+        c.logs().contains("withdrawing every identity of the agent")
     });
+    let deadline = std::time::Instant::now() + LONG;
+    while fetch_id(&c.api_addr()).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a banned agent still serves an identity"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A fresh token for the banned ID does not get it back.
     let token = c.token("spiffe://example.org/test-agent");

@@ -1,6 +1,6 @@
 //! Persistent state of the server behind one backend-neutral interface:
 //! registration entries, attested agents, join tokens (stored by hash only)
-//! and federated bundles, as domain types ([`records`]).
+//! federated bundles and kills, as domain types ([`records`]).
 //!
 //! There is one write path: [`Datastore::write`] runs a mutation inside one
 //! backend transaction. The mutation reads what it needs through the same
@@ -14,7 +14,7 @@
 mod records;
 mod redb_store;
 
-pub use records::{AgentRecord, AttestationType, TokenRecord};
+pub use records::{AgentRecord, AttestationType, KillRecord, KillTarget, TokenRecord};
 pub use redb_store::RedbStore;
 
 use sigil_core::TrustDomain;
@@ -50,6 +50,8 @@ pub trait ReadTx {
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// All federated bundles by trust domain.
     fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError>;
+    /// Every kill in force.
+    fn kills(&self) -> Result<Vec<KillRecord>, StoreError>;
 }
 
 /// Writes inside one transaction.
@@ -71,6 +73,10 @@ pub trait WriteTx: ReadTx {
     fn put_bundle(&mut self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError>;
     /// Removes a federated bundle; false if absent.
     fn delete_bundle(&mut self, trust_domain: &str) -> Result<bool, StoreError>;
+    /// Inserts a kill.
+    fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError>;
+    /// Removes (lifts) a kill and returns it.
+    fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError>;
 }
 
 /// Everything the server persists.

@@ -198,6 +198,116 @@ impl TokenRecord {
     }
 }
 
+/// What a kill withdraws.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KillTarget {
+    /// Every workload identity with this SPIFFE ID.
+    SpiffeId(SpiffeId),
+    /// One entry.
+    Entry(String),
+    /// A node: the agent and every identity it serves.
+    Agent(SpiffeId),
+    /// Every entry that has this selector.
+    Selector(Selector),
+}
+
+impl KillTarget {
+    /// Whether this kill withdraws entry `e`.
+    pub fn covers(&self, e: &sigil_core::entry::Entry) -> bool {
+        match self {
+            Self::SpiffeId(id) => e.spiffe_id == *id,
+            Self::Entry(id) => e.id == *id,
+            Self::Agent(id) => e.parent_id == *id,
+            Self::Selector(s) => e.selectors.contains(s),
+        }
+    }
+
+    /// `kind` and value, as stored and shown.
+    pub fn parts(&self) -> (&'static str, String) {
+        match self {
+            Self::SpiffeId(id) => ("spiffe_id", id.to_string()),
+            Self::Entry(id) => ("entry", id.clone()),
+            Self::Agent(id) => ("agent", id.to_string()),
+            Self::Selector(s) => ("selector", s.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for KillTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (k, v) = self.parts();
+        write!(f, "{k} {v}")
+    }
+}
+
+/// A kill: a durable rule that withdraws identities until it is lifted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KillRecord {
+    /// Server-assigned ID.
+    pub id: String,
+    /// What it withdraws.
+    pub target: KillTarget,
+    /// Why (required).
+    pub reason: String,
+    /// Who created it, as shown in logs.
+    pub caller: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredKill {
+    id: String,
+    kind: String,
+    value: String,
+    reason: String,
+    caller: String,
+    created_at: i64,
+}
+
+impl KillRecord {
+    /// The backends' encoding (JSON).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let (kind, value) = self.target.parts();
+        serde_json::to_vec(&StoredKill {
+            id: self.id.clone(),
+            kind: kind.into(),
+            value,
+            reason: self.reason.clone(),
+            caller: self.caller.clone(),
+            created_at: self.created_at,
+        })
+        .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// Parses a stored kill; the target must parse.
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        let s: StoredKill = serde_json::from_slice(bytes).map_err(|e| corrupt("kill", key, e))?;
+        let bad = |e: String| corrupt("kill", key, e);
+        let target = match s.kind.as_str() {
+            "spiffe_id" => {
+                KillTarget::SpiffeId(SpiffeId::new(&s.value).map_err(|e| bad(e.to_string()))?)
+            }
+            "entry" => KillTarget::Entry(s.value),
+            "agent" => KillTarget::Agent(SpiffeId::new(&s.value).map_err(|e| bad(e.to_string()))?),
+            "selector" => KillTarget::Selector(
+                s.value
+                    .parse()
+                    .map_err(|e: sigil_core::selector::SelectorError| bad(e.to_string()))?,
+            ),
+            other => return Err(bad(format!("unknown target kind {other:?}"))),
+        };
+        Ok(Self {
+            id: s.id,
+            target,
+            reason: s.reason,
+            caller: s.caller,
+            created_at: s.created_at,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use sigil_core::entry::Entry;
 use sigil_proto::common::Entry as PbEntry;
 use sigil_proto::common::FederatedBundle;
 
-use super::{AgentRecord, Datastore, ReadTx, StoreError, TokenRecord, WriteTx};
+use super::{AgentRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, WriteTx};
 use crate::error::RegistryError;
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -25,6 +25,7 @@ const ENTRIES: Table = TableDefinition::new("entries");
 const AGENTS: Table = TableDefinition::new("agents_v2");
 const TOKENS: Table = TableDefinition::new("join_tokens");
 const BUNDLES: Table = TableDefinition::new("federated_bundles");
+const KILLS: Table = TableDefinition::new("kills");
 
 fn be(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -47,7 +48,7 @@ impl RedbStore {
         }
         let db = Database::create(path).map_err(be)?;
         let tx = db.begin_write().map_err(be)?;
-        for t in [ENTRIES, AGENTS, TOKENS, BUNDLES] {
+        for t in [ENTRIES, AGENTS, TOKENS, BUNDLES, KILLS] {
             tx.open_table(t).map_err(be)?;
         }
         migrate_agents_v1(&tx)?;
@@ -166,6 +167,13 @@ macro_rules! read_tx {
                     .map(|(k, v)| decode_bundle(&k, &v).map(|b| (k, b)))
                     .collect()
             }
+            fn kills(&self) -> Result<Vec<KillRecord>, StoreError> {
+                let t = self.open_table(KILLS).map_err(be)?;
+                all(&t)?
+                    .iter()
+                    .map(|(k, v)| KillRecord::decode(k, v))
+                    .collect()
+            }
         }
     };
 }
@@ -213,6 +221,14 @@ impl WriteTx for WriteTransaction {
     }
     fn delete_bundle(&mut self, td: &str) -> Result<bool, StoreError> {
         Ok(take(self, BUNDLES, td)?.is_some())
+    }
+    fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError> {
+        put(self, KILLS, &k.id, &k.encode()?)
+    }
+    fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError> {
+        take(self, KILLS, id)?
+            .map(|b| KillRecord::decode(id, &b))
+            .transpose()
     }
 }
 

@@ -71,6 +71,7 @@ impl ServerState {
     ) -> Result<IssuedAgentSvid, RegistryError> {
         let id = a.spiffe_id.clone();
         let key = id.to_string();
+        self.refuse_killed_agent(&id)?;
         // Cheap refusal before signing; repeated inside the write, where it
         // decides.
         admissible(self.store.read()?.agent(&key)?.as_ref(), &a)?;
@@ -141,6 +142,7 @@ impl ServerState {
                 info.spiffe_id
             )));
         }
+        self.refuse_killed_agent(&info.spiffe_id)?;
         // The credential is pinned: only the agent SVID the server issued
         // last (or, until that one is first used, the one before it) is
         // accepted, even though any SVID for this ID that chains to the CA
@@ -190,6 +192,7 @@ impl ServerState {
     /// Renews an authenticated agent's SVID.
     pub fn renew_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, RegistryError> {
         let key = id.to_string();
+        self.refuse_killed_agent(id)?;
         renewable(id, self.store.read()?.agent(&key)?.as_ref())?;
         let chain = self.sign_agent(id, csr)?;
         let info =
@@ -253,6 +256,30 @@ impl ServerState {
         tracing::warn!(%caller, agent = %id, "agent banned");
         self.notify_agent_text(id);
         Ok(rec)
+    }
+
+    /// Refuses an agent a kill names.
+    fn refuse_killed_agent(&self, id: &SpiffeId) -> Result<(), RegistryError> {
+        match self.kill_of_agent(id) {
+            Some(k) => Err(RegistryError::denied(format!(
+                "agent {id} is killed (kill {}: {})",
+                k.id, k.reason
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Why agent `id` may hold no identity at all (killed or banned), if
+    /// it may not: its sync stream sends a last, empty update with this
+    /// reason.
+    pub fn withdrawal_of(&self, id: &SpiffeId) -> Option<String> {
+        if let Some(k) = self.kill_of_agent(id) {
+            return Some(format!("killed (kill {}: {})", k.id, k.reason));
+        }
+        match self.store.read().and_then(|r| r.agent(&id.to_string())) {
+            Ok(Some(rec)) if rec.banned => Some("banned".into()),
+            _ => None,
+        }
     }
 
     /// Wakes the agent named by `id`, or everyone if it is not an ID.

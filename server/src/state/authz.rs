@@ -27,12 +27,14 @@ impl ServerState {
         let idx = self.entries.read().map_err(|_| poisoned())?;
         let now = now_unix();
         let mut seen = BTreeSet::new();
+        let any_kill = self.any_kill();
         Ok(parents
             .iter()
             .flat_map(|p| idx.by_parent.get(p).into_iter().flatten())
             .filter(|id| seen.insert(*id))
             .filter_map(|id| idx.by_id.get(id))
             .filter(|e| !e.node && !e.is_expired(now))
+            .filter(|e| !any_kill || self.kill_of_entry(e).is_none())
             .cloned()
             .collect())
     }

@@ -33,6 +33,12 @@ impl ServerState {
             .zip(entries)
             .map(|((_, csr), e)| {
                 let e = e?;
+                if let Some(k) = self.kill_of_entry(&e) {
+                    return Err(format!(
+                        "entry {:?} is killed (kill {}: {})",
+                        e.id, k.id, k.reason
+                    ));
+                }
                 let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
                 ca.sign_svid(
                     csr,
@@ -66,6 +72,12 @@ impl ServerState {
             Self::authorized_entry(&idx, &parents, entry_id, now)
         }
         .map_err(RegistryError::denied)?;
+        if let Some(k) = self.kill_of_entry(&e) {
+            return Err(RegistryError::denied(format!(
+                "entry {:?} is killed (kill {}: {})",
+                e.id, k.id, k.reason
+            )));
+        }
         let ttl = e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl);
         let signer = self
             .keys

@@ -9,6 +9,7 @@
 //! - [`authz`] — which entries an agent is authorized for;
 //! - [`minting`] — signing workload X.509- and JWT-SVIDs for an agent;
 //! - [`federation`] — federated trust domains' bundles;
+//! - [`kills`] — the kill switch: durable rules withdrawing identities;
 //! - [`notify`] — waking exactly the sync streams a change concerns.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
@@ -20,6 +21,7 @@ mod agents;
 mod authz;
 mod entries;
 mod federation;
+mod kills;
 mod minting;
 mod namespace;
 mod notify;
@@ -39,7 +41,7 @@ use tokio::sync::watch;
 pub use sigil_core::caller::{Caller, ServerTask};
 
 use crate::config::ServerConfig;
-use crate::datastore::{AttestationType, Datastore, StoreError};
+use crate::datastore::{AttestationType, Datastore, KillRecord, StoreError};
 use crate::error::RegistryError;
 use crate::keys::Keys;
 
@@ -84,6 +86,8 @@ pub struct ServerState {
     /// Agent IDs named by unused join tokens, with the latest expiry of the
     /// tokens naming each: they are reserved for agents (namespace rule).
     token_ids: std::sync::Mutex<HashMap<SpiffeId, i64>>,
+    /// Kills in force (few; checked on sync and minting).
+    kills: RwLock<Vec<KillRecord>>,
 }
 
 fn poisoned() -> RegistryError {
@@ -98,7 +102,7 @@ impl ServerState {
         store: Arc<dyn Datastore>,
         keys: Keys,
     ) -> Result<Self, StoreError> {
-        let (index, federated, token_ids) = {
+        let (index, federated, token_ids, kills) = {
             let r = store.read()?;
             let mut index = EntryIndex::default();
             for e in r.entries(&cfg.trust_domain)? {
@@ -115,7 +119,7 @@ impl ServerState {
                     *exp = (*exp).max(t.expires_at);
                 }
             }
-            (index, federated, token_ids)
+            (index, federated, token_ids, r.kills()?)
         };
         let (global, _) = watch::channel(0);
         Ok(Self {
@@ -130,6 +134,7 @@ impl ServerState {
             revision: std::sync::atomic::AtomicU64::new(0),
             signing: crate::signing::SigningQueue::per_core(),
             token_ids: std::sync::Mutex::new(token_ids),
+            kills: RwLock::new(kills),
         })
     }
 
