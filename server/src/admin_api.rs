@@ -334,7 +334,7 @@ fn target_to_proto(t: &KillTarget) -> PbKillTarget {
 /// Validates a kill target from the wire; errors name the field.
 fn target_from_proto(t: Option<PbKillTarget>) -> Result<KillTarget, Status> {
     let id = |field: &str, v: &str| {
-        SpiffeId::new(v)
+        sigil_core::ids::parse_spiffe_id(v)
             .map_err(|e| Status::invalid_argument(format!("invalid field `{field}`: {v:?}: {e}")))
     };
     match t.and_then(|t| t.target) {
