@@ -26,6 +26,10 @@ use sigil_proto::admin::{
     CreateKillRequest, Kill, KillId, KillTarget as PbKillTarget, ListKillsRequest,
     ListKillsResponse,
 };
+use sigil_proto::admin::{ExportAuditRequest, ExportAuditResponse};
+
+/// Most audit records in one export page.
+const MAX_AUDIT_PAGE: u32 = 10_000;
 
 /// Longest join token lifetime.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -294,6 +298,20 @@ impl AdminApi for AdminService {
         let state = self.state.clone();
         let k = blocking(move || state.lift_kill(&caller, &id)).await?;
         Ok(Response::new(kill_to_proto(&k)))
+    }
+
+    async fn export_audit(
+        &self,
+        req: Request<ExportAuditRequest>,
+    ) -> Result<Response<ExportAuditResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let limit = r.limit.clamp(1, MAX_AUDIT_PAGE) as usize;
+        let state = self.state.clone();
+        let records = blocking(move || state.audit_records(r.since, limit)).await?;
+        Ok(Response::new(ExportAuditResponse {
+            lines: records.iter().map(|r| r.to_jsonl_line()).collect(),
+        }))
     }
 
     async fn delete_federated_bundle(

@@ -15,12 +15,13 @@
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
 //! - [`run`] — wiring and serving; [`cli`] — operator subcommands
-//!   ([`kill_cli`]: `sigil-server kill`).
+//!   ([`kill_cli`]: `sigil-server kill`; [`audit_cli`]: `sigil-server audit`).
 
 #![allow(missing_docs)]
 
 pub mod admin_api;
 pub mod agent_api;
+pub mod audit_cli;
 pub mod cli;
 pub mod config;
 pub mod datastore;

@@ -51,6 +51,9 @@ enum Cmd {
     Bundle(cli::BundleCmd),
     /// Kill switch: withdraw identities everywhere until lifted.
     Kill(Box<sigil_server::kill_cli::KillCmd>),
+    /// The tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(sigil_server::audit_cli::AuditCmd),
 }
 
 fn init_tracing(level: &str) {
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
             Cmd::Agent(c) => cli::agent(c).await,
             Cmd::Bundle(c) => cli::bundle(c).await,
             Cmd::Kill(c) => sigil_server::kill_cli::kill(*c).await,
+            Cmd::Audit(c) => sigil_server::audit_cli::audit(c).await,
         }
     });
     match result {

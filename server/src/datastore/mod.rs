@@ -18,6 +18,8 @@ pub use records::{AgentRecord, AttestationType, KillRecord, KillTarget, TokenRec
 pub use redb_store::RedbStore;
 
 use sigil_core::TrustDomain;
+use sigil_core::audit;
+use sigil_core::caller::Caller;
 use sigil_core::entry::Entry;
 use sigil_proto::common::FederatedBundle;
 
@@ -52,6 +54,11 @@ pub trait ReadTx {
     fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError>;
     /// Every kill in force.
     fn kills(&self) -> Result<Vec<KillRecord>, StoreError>;
+    /// The last audit record's sequence number and hash (`None` before the
+    /// first record).
+    fn audit_head(&self) -> Result<Option<audit::Head>, StoreError>;
+    /// Audit records with `seq >= since`, in order, at most `limit`.
+    fn audit_records(&self, since: u64, limit: usize) -> Result<Vec<audit::Record>, StoreError>;
 }
 
 /// Writes inside one transaction.
@@ -77,6 +84,23 @@ pub trait WriteTx: ReadTx {
     fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError>;
     /// Removes (lifts) a kill and returns it.
     fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError>;
+    /// Appends an audit record; it must extend [`ReadTx::audit_head`] (use
+    /// [`append_audit`], which builds it from the head in this
+    /// transaction, so appends are serialized on the chain head).
+    fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError>;
+}
+
+/// Appends the audit record of a change to the transaction that makes the
+/// change: both commit, or neither does.
+pub fn append_audit(
+    tx: &mut dyn WriteTx,
+    caller: &Caller,
+    event: audit::Event,
+) -> Result<(), RegistryError> {
+    let head = tx.audit_head()?;
+    let rec = audit::next(head.as_ref(), sigil_core::now_unix(), caller.clone(), event);
+    tx.put_audit(&rec)?;
+    Ok(())
 }
 
 /// Everything the server persists.

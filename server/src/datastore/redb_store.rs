@@ -11,6 +11,7 @@ use redb::{
     TableDefinition, TableHandle, WriteTransaction,
 };
 use sigil_core::TrustDomain;
+use sigil_core::audit;
 use sigil_core::entry::Entry;
 use sigil_proto::common::Entry as PbEntry;
 use sigil_proto::common::FederatedBundle;
@@ -26,6 +27,8 @@ const AGENTS: Table = TableDefinition::new("agents_v2");
 const TOKENS: Table = TableDefinition::new("join_tokens");
 const BUNDLES: Table = TableDefinition::new("federated_bundles");
 const KILLS: Table = TableDefinition::new("kills");
+/// The audit chain: sequence number -> the record's JSON line.
+const AUDIT: TableDefinition<'static, u64, &'static str> = TableDefinition::new("audit");
 
 fn be(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -51,6 +54,7 @@ impl RedbStore {
         for t in [ENTRIES, AGENTS, TOKENS, BUNDLES, KILLS] {
             tx.open_table(t).map_err(be)?;
         }
+        tx.open_table(AUDIT).map_err(be)?;
         migrate_agents_v1(&tx)?;
         tx.commit().map_err(be)?;
         Ok(Self { db })
@@ -120,6 +124,18 @@ fn decode_entry(key: &str, b: &[u8], td: &TrustDomain) -> Result<Entry, StoreErr
     Entry::from_proto(&pb, td).map_err(|e| StoreError::Corrupt(format!("entry {key:?}: {e}")))
 }
 
+fn decode_audit(seq: u64, line: &str) -> Result<audit::Record, StoreError> {
+    let r = audit::Record::from_jsonl_line(line)
+        .map_err(|e| StoreError::Corrupt(format!("audit record {seq}: {e}")))?;
+    if r.seq != seq {
+        return Err(StoreError::Corrupt(format!(
+            "audit record stored at {seq} says seq {}",
+            r.seq
+        )));
+    }
+    Ok(r)
+}
+
 fn decode_bundle(key: &str, b: &[u8]) -> Result<FederatedBundle, StoreError> {
     FederatedBundle::decode(b)
         .map_err(|e| StoreError::Corrupt(format!("federated bundle {key:?}: {e}")))
@@ -166,6 +182,25 @@ macro_rules! read_tx {
                     .into_iter()
                     .map(|(k, v)| decode_bundle(&k, &v).map(|b| (k, b)))
                     .collect()
+            }
+            fn audit_head(&self) -> Result<Option<audit::Head>, StoreError> {
+                let t = self.open_table(AUDIT).map_err(be)?;
+                let last = t.last().map_err(be)?;
+                last.map(|(k, v)| decode_audit(k.value(), v.value()).map(|r| r.head()))
+                    .transpose()
+            }
+            fn audit_records(
+                &self,
+                since: u64,
+                limit: usize,
+            ) -> Result<Vec<audit::Record>, StoreError> {
+                let t = self.open_table(AUDIT).map_err(be)?;
+                let mut out = Vec::new();
+                for item in t.range(since..).map_err(be)?.take(limit) {
+                    let (k, v) = item.map_err(be)?;
+                    out.push(decode_audit(k.value(), v.value())?);
+                }
+                Ok(out)
             }
             fn kills(&self) -> Result<Vec<KillRecord>, StoreError> {
                 let t = self.open_table(KILLS).map_err(be)?;
@@ -224,6 +259,14 @@ impl WriteTx for WriteTransaction {
     }
     fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError> {
         put(self, KILLS, &k.id, &k.encode()?)
+    }
+    fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
+        let line = r.to_jsonl_line();
+        self.open_table(AUDIT)
+            .map_err(be)?
+            .insert(r.seq, line.as_str())
+            .map_err(be)?;
+        Ok(())
     }
     fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError> {
         take(self, KILLS, id)?

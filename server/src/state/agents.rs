@@ -8,8 +8,10 @@ use sigil_core::{SpiffeId, now_unix};
 
 use super::namespace::Claimant;
 use super::{Caller, IssuedAgentSvid, NodeAttestation, ServerState, poisoned};
+use crate::datastore::append_audit;
 use crate::datastore::{AgentRecord, AttestationType};
 use crate::error::RegistryError;
+use sigil_core::audit::Event;
 
 /// Whether a node may (re-)attest under an existing record.
 fn admissible(existing: Option<&AgentRecord>, a: &NodeAttestation) -> Result<(), RegistryError> {
@@ -96,7 +98,34 @@ impl ServerState {
                 banned: false,
                 created_at: existing.as_ref().map_or(now, |e| e.created_at),
             })?;
-            Ok(())
+            let peer = match caller {
+                Caller::Node { peer } => peer.clone(),
+                _ => None,
+            };
+            append_audit(
+                tx,
+                caller,
+                Event::NodeAttested {
+                    attestation_type: a.attestation_type.to_string(),
+                    evidence: a
+                        .selectors
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    agent_id: id.clone(),
+                    peer,
+                },
+            )?;
+            append_audit(
+                tx,
+                caller,
+                Event::AgentSvidIssued {
+                    agent_id: id.clone(),
+                    serial: info.serial.clone(),
+                    expires_at: info.not_after,
+                },
+            )
         })?;
         drop(idx);
         self.notify_agent(&id);
@@ -209,7 +238,15 @@ impl ServerState {
             rec.serial = info.serial.clone();
             rec.svid_expires_at = info.not_after;
             tx.put_agent(&rec)?;
-            Ok(())
+            append_audit(
+                tx,
+                &Caller::agent(id.clone()),
+                Event::AgentSvidRenewed {
+                    agent_id: id.clone(),
+                    serial: info.serial.clone(),
+                    expires_at: info.not_after,
+                },
+            )
         })?;
         tracing::info!(caller = %Caller::agent(id.clone()), serial = %info.serial, "agent SVID renewed");
         Ok(chain)
@@ -235,9 +272,20 @@ impl ServerState {
 
     /// Removes the agent: it must re-attest with a new token.
     pub fn evict_agent(&self, caller: &Caller, id: &str) -> Result<(), RegistryError> {
-        if !self.store.transact(|tx| Ok(tx.delete_agent(id)?))? {
-            return Err(RegistryError::not_found(format!("no agent {id:?}")));
-        }
+        let agent =
+            SpiffeId::new(id).map_err(|_| RegistryError::not_found(format!("no agent {id:?}")))?;
+        self.store.transact(|tx| {
+            if !tx.delete_agent(id)? {
+                return Err(RegistryError::not_found(format!("no agent {id:?}")));
+            }
+            append_audit(
+                tx,
+                caller,
+                Event::AgentEvicted {
+                    agent_id: agent.clone(),
+                },
+            )
+        })?;
         tracing::warn!(%caller, agent = %id, "agent evicted");
         self.notify_agent_text(id);
         Ok(())
@@ -251,6 +299,13 @@ impl ServerState {
                 .ok_or_else(|| RegistryError::not_found(format!("no agent {id:?}")))?;
             rec.banned = true;
             tx.put_agent(&rec)?;
+            append_audit(
+                tx,
+                caller,
+                Event::AgentBanned {
+                    agent_id: rec.spiffe_id.clone(),
+                },
+            )?;
             Ok(rec)
         })?;
         tracing::warn!(%caller, agent = %id, "agent banned");

@@ -14,7 +14,31 @@ use sigil_proto::common::Entry as PbEntry;
 
 use super::namespace::Claimant;
 use super::{Caller, ServerState, poisoned};
+use crate::datastore::append_audit;
 use crate::error::RegistryError;
+use sigil_core::audit::Event;
+
+/// An entry's fields as recorded in the audit trail.
+fn entry_json(e: &Entry) -> serde_json::Value {
+    let p = e.to_proto();
+    serde_json::json!({
+        "id": p.id,
+        "spiffe_id": p.spiffe_id,
+        "parent_id": p.parent_id,
+        "selectors": p.selectors,
+        "x509_svid_ttl": p.x509_svid_ttl,
+        "jwt_svid_ttl": p.jwt_svid_ttl,
+        "dns_names": p.dns_names,
+        "hint": p.hint,
+        "federates_with": p.federates_with,
+        "admin": p.admin,
+        "downstream": p.downstream,
+        "node": p.node,
+        "owner": p.owner,
+        "expires_at": p.expires_at,
+        "revision": p.revision,
+    })
+}
 
 /// In-memory index of the validated entries.
 #[derive(Default)]
@@ -197,7 +221,19 @@ impl ServerState {
                 "entry {other} already has this spiffe_id, parent_id and selectors"
             )));
         }
-        self.store.transact(|tx| Ok(tx.put_entry(&e)?))?;
+        self.store.transact(|tx| {
+            tx.put_entry(&e)?;
+            append_audit(
+                tx,
+                caller,
+                Event::EntryCreated {
+                    entry_id: e.id.clone(),
+                    spiffe_id: e.spiffe_id.clone(),
+                    parent_id: e.parent_id.clone(),
+                    entry: entry_json(&e),
+                },
+            )
+        })?;
         idx.insert(Arc::new(e.clone()));
         self.entry_changed(&idx, None, Some(&e));
         drop(idx);
@@ -234,7 +270,19 @@ impl ServerState {
                 "entry {other} already has this spiffe_id, parent_id and selectors"
             )));
         }
-        self.store.transact(|tx| Ok(tx.put_entry(&e)?))?;
+        self.store.transact(|tx| {
+            tx.put_entry(&e)?;
+            append_audit(
+                tx,
+                caller,
+                Event::EntryUpdated {
+                    entry_id: e.id.clone(),
+                    spiffe_id: e.spiffe_id.clone(),
+                    parent_id: e.parent_id.clone(),
+                    entry: entry_json(&e),
+                },
+            )
+        })?;
         idx.insert(Arc::new(e.clone()));
         self.entry_changed(&idx, Some(&old), Some(&e));
         drop(idx);
@@ -267,10 +315,21 @@ impl ServerState {
 
     pub fn delete_entry(&self, caller: &Caller, id: &str) -> Result<(), RegistryError> {
         let mut idx = self.entries.write().map_err(|_| poisoned())?;
-        if !idx.by_id.contains_key(id) {
+        let Some(gone) = idx.by_id.get(id).cloned() else {
             return Err(RegistryError::not_found(format!("no entry with id {id:?}")));
-        }
-        self.store.transact(|tx| Ok(tx.delete_entry(id)?))?;
+        };
+        self.store.transact(|tx| {
+            tx.delete_entry(id)?;
+            append_audit(
+                tx,
+                caller,
+                Event::EntryDeleted {
+                    entry_id: gone.id.clone(),
+                    spiffe_id: gone.spiffe_id.clone(),
+                    parent_id: gone.parent_id.clone(),
+                },
+            )
+        })?;
         let old = idx.remove(id);
         self.entry_changed(&idx, old.as_deref(), None);
         drop(idx);

@@ -9,7 +9,9 @@ use sigil_core::entry::Entry;
 use sigil_proto::common::FederatedBundle;
 
 use super::{Caller, ServerState, poisoned};
+use crate::datastore::append_audit;
 use crate::error::RegistryError;
+use sigil_core::audit::Event;
 
 impl ServerState {
     /// Bundles of the trust domains that any of `entries` federates with.
@@ -45,9 +47,21 @@ impl ServerState {
             ));
         }
         let mut fed = self.federated.write().map_err(|_| poisoned())?;
-        self.store
-            .transact(|tx| Ok(tx.put_bundle(td.as_str(), &b)?))?;
         let changed = fed.get(td.as_str()) != Some(&b);
+        if !changed {
+            return Ok(());
+        }
+        self.store.transact(|tx| {
+            tx.put_bundle(td.as_str(), &b)?;
+            append_audit(
+                tx,
+                caller,
+                Event::FederatedBundleSet {
+                    trust_domain: td.clone(),
+                    sequence: None,
+                },
+            )
+        })?;
         fed.insert(td.to_string(), b);
         drop(fed);
         if changed {
@@ -64,10 +78,19 @@ impl ServerState {
         td: &TrustDomain,
     ) -> Result<(), RegistryError> {
         let mut fed = self.federated.write().map_err(|_| poisoned())?;
-        if !self
-            .store
-            .transact(|tx| Ok(tx.delete_bundle(td.as_str())?))?
-        {
+        if !self.store.transact(|tx| {
+            if !tx.delete_bundle(td.as_str())? {
+                return Ok(false);
+            }
+            append_audit(
+                tx,
+                caller,
+                Event::FederatedBundleDeleted {
+                    trust_domain: td.clone(),
+                },
+            )?;
+            Ok(true)
+        })? {
             return Err(RegistryError::not_found(format!(
                 "no bundle for trust domain {td}"
             )));

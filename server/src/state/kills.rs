@@ -11,8 +11,25 @@ use sigil_core::ids::new_entry_id;
 use sigil_core::now_unix;
 
 use super::{Caller, ServerState, poisoned};
+use crate::datastore::append_audit;
 use crate::datastore::{KillRecord, KillTarget};
 use crate::error::RegistryError;
+use sigil_core::audit::{Event, KillTarget as AuditTarget};
+
+fn audit_target(t: &KillTarget) -> AuditTarget {
+    match t {
+        KillTarget::SpiffeId(id) => AuditTarget::SpiffeId {
+            spiffe_id: id.clone(),
+        },
+        KillTarget::Entry(id) => AuditTarget::Entry {
+            entry_id: id.clone(),
+        },
+        KillTarget::Agent(id) => AuditTarget::Agent {
+            agent_id: id.clone(),
+        },
+        KillTarget::Selector(s) => AuditTarget::selector(s),
+    }
+}
 
 /// Longest kill reason accepted.
 const MAX_REASON: usize = 1024;
@@ -60,7 +77,18 @@ impl ServerState {
             created_at: now_unix(),
         };
         let mut kills = self.kills.write().map_err(|_| poisoned())?;
-        self.store.transact(|tx| Ok(tx.put_kill(&kill)?))?;
+        self.store.transact(|tx| {
+            tx.put_kill(&kill)?;
+            append_audit(
+                tx,
+                caller,
+                Event::KillCreated {
+                    kill_id: kill.id.clone(),
+                    target: audit_target(&kill.target),
+                    reason: kill.reason.clone(),
+                },
+            )
+        })?;
         kills.push(kill.clone());
         drop(kills);
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, reason = %kill.reason, "kill created");
@@ -75,13 +103,35 @@ impl ServerState {
         let mut kills = self.kills.write().map_err(|_| poisoned())?;
         let kill = self
             .store
-            .transact(|tx| Ok(tx.take_kill(id)?))?
+            .transact(|tx| {
+                let Some(k) = tx.take_kill(id)? else {
+                    return Ok(None);
+                };
+                append_audit(
+                    tx,
+                    caller,
+                    Event::KillLifted {
+                        kill_id: k.id.clone(),
+                        target: audit_target(&k.target),
+                    },
+                )?;
+                Ok(Some(k))
+            })?
             .ok_or_else(|| RegistryError::not_found(format!("no kill {id:?}")))?;
         kills.retain(|k| k.id != id);
         drop(kills);
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, "kill lifted");
         self.bump();
         Ok(kill)
+    }
+
+    /// Audit records with `seq >= since`, at most `limit`.
+    pub fn audit_records(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<sigil_core::audit::Record>, RegistryError> {
+        Ok(self.store.read()?.audit_records(since, limit)?)
     }
 
     /// Every kill in force, oldest first.

@@ -8,8 +8,10 @@ use sigil_core::{SpiffeId, now_unix};
 
 use super::namespace::Claimant;
 use super::{Caller, NodeAttestation, ServerState, poisoned};
+use crate::datastore::append_audit;
 use crate::datastore::{AttestationType, TokenRecord};
 use crate::error::RegistryError;
+use sigil_core::audit::{Event, join_token_fingerprint};
 
 impl ServerState {
     /// Generates a single-use join token. Only its SHA-256 is stored.
@@ -52,7 +54,18 @@ impl ServerState {
             expires_at,
         };
         let hash = sha256_hex(token.as_bytes());
-        self.store.transact(|tx| Ok(tx.put_token(&hash, &rec)?))?;
+        self.store.transact(|tx| {
+            tx.put_token(&hash, &rec)?;
+            append_audit(
+                tx,
+                caller,
+                Event::JoinTokenGenerated {
+                    spiffe_id: spiffe_id.clone(),
+                    expires_at,
+                    token_hash: join_token_fingerprint(&token),
+                },
+            )
+        })?;
         if let Some(id) = &spiffe_id {
             let mut tokens = self.token_ids.lock().unwrap_or_else(|p| p.into_inner());
             let exp = tokens.entry(id.clone()).or_insert(expires_at);
@@ -70,10 +83,25 @@ impl ServerState {
         caller: &Caller,
         token: &str,
     ) -> Result<NodeAttestation, RegistryError> {
-        let hash = sha256_hex(token.trim().as_bytes());
+        let token = token.trim();
+        let hash = sha256_hex(token.as_bytes());
         let rec = self
             .store
-            .transact(|tx| Ok(tx.take_token(&hash)?))?
+            .transact(|tx| {
+                let Some(rec) = tx.take_token(&hash)? else {
+                    return Ok(None);
+                };
+                let agent = self.token_agent_id(&rec, &hash)?;
+                append_audit(
+                    tx,
+                    caller,
+                    Event::JoinTokenUsed {
+                        token_hash: join_token_fingerprint(token),
+                        agent_id: agent,
+                    },
+                )?;
+                Ok(Some(rec))
+            })?
             .ok_or_else(|| RegistryError::denied("join token is unknown or already used"))?;
         if let Some(id) = rec.spiffe_id.as_deref().and_then(|s| SpiffeId::new(s).ok()) {
             self.release_token_id(&id)?;
@@ -82,17 +110,23 @@ impl ServerState {
         if rec.expires_at <= now_unix() {
             return Err(RegistryError::denied("join token has expired"));
         }
-        let spiffe_id = match &rec.spiffe_id {
-            Some(s) => SpiffeId::new(s)
-                .map_err(|e| RegistryError::internal(format!("stored token id: {e}")))?,
-            None => agent_id(self.trust_domain(), "join_token", &hash[..32])
-                .map_err(|e| RegistryError::internal(e.to_string()))?,
-        };
+        let spiffe_id = self.token_agent_id(&rec, &hash)?;
         Ok(NodeAttestation {
             spiffe_id,
             attestation_type: AttestationType::JoinToken,
             selectors: vec![],
         })
+    }
+
+    /// The agent ID a token admits: the one it names, or one derived from
+    /// its hash.
+    fn token_agent_id(&self, rec: &TokenRecord, hash: &str) -> Result<SpiffeId, RegistryError> {
+        match &rec.spiffe_id {
+            Some(s) => SpiffeId::new(s)
+                .map_err(|e| RegistryError::internal(format!("stored token id: {e}"))),
+            None => agent_id(self.trust_domain(), "join_token", &hash[..32])
+                .map_err(|e| RegistryError::internal(e.to_string())),
+        }
     }
 
     /// Forgets a token-named agent ID once no unused token names it.
