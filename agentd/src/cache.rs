@@ -287,7 +287,7 @@ pub struct Cache {
     bundle: Arc<Bundle>,
     trust: Arc<TrustMaterial>,
     synced: bool,
-    backoff: Duration,
+    backoff: sigil_core::backoff::Backoff,
     retry_at: Option<tokio::time::Instant>,
 }
 
@@ -315,7 +315,7 @@ impl Cache {
                 bundle,
                 trust: Arc::new(TrustMaterial::default()),
                 synced: false,
-                backoff: MIN_BACKOFF,
+                backoff: sigil_core::backoff::Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
                 retry_at: None,
             },
             rx,
@@ -441,11 +441,10 @@ impl Cache {
                     }
                 }
                 if failed {
-                    self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
-                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    self.retry_at = Some(tokio::time::Instant::now() + self.backoff.next_delay());
                 } else {
                     self.retry_at = None;
-                    self.backoff = MIN_BACKOFF;
+                    self.backoff.reset();
                 }
             }
             // Expired SVIDs are never served.

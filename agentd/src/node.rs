@@ -3,6 +3,7 @@
 //! `bundle.pem` under `data_dir`), renewal at half-life, and the sync stream
 //! that feeds the SVID cache, reconnecting with backoff.
 
+use sigil_core::backoff::Backoff;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
@@ -209,14 +210,14 @@ impl ServerLink {
 
     /// Renews the agent SVID at half-life, forever; retries with backoff.
     pub async fn renew_loop(self: Arc<Self>) {
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).jittered();
         loop {
             let at = self.svid.borrow().renew_at();
             let wait = (at - now_unix()).max(0) as u64;
             tokio::time::sleep(Duration::from_secs(wait)).await;
             match self.renew_once().await {
                 Ok(()) => {
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
                     tracing::info!(
                         not_after = self.svid.borrow().not_after,
                         "renewed agent SVID"
@@ -224,8 +225,7 @@ impl ServerLink {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "agent SVID renewal failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
@@ -269,7 +269,8 @@ impl ServerLink {
     /// Keeps one sync stream open and forwards validated updates to the
     /// cache. Reconnects with backoff; restarts on channel replacement.
     pub async fn sync_loop(self: Arc<Self>, out: mpsc::Sender<SyncState>) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff =
+            Backoff::new(Duration::from_millis(200), Duration::from_secs(30)).jittered();
         let mut channels = self.channel.subscribe();
         loop {
             let ch = channels.borrow_and_update().clone();
@@ -315,12 +316,11 @@ impl ServerLink {
             match result {
                 Ok(true) => return,
                 Ok(false) => {
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                 }
                 Err(st) => {
                     tracing::warn!(code = ?st.code(), error = %st.message(), "sync stream failed; reconnecting");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }

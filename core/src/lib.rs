@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod backoff;
 pub mod bundle;
 pub mod caller;
 pub mod duration;

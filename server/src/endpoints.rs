@@ -309,11 +309,13 @@ async fn fetch_bundle(
 
 /// Keeps one foreign bundle fresh, forever.
 pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff =
+        sigil_core::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+            .jittered();
     loop {
         match fetch_bundle(&state, &f).await {
             Ok(p) => {
-                backoff = Duration::from_secs(1);
+                backoff.reset();
                 let hint = Duration::from_secs(p.refresh_hint.unwrap_or(300).clamp(1, 3600));
                 let jwt_bundle = if p.jwt_authorities.is_empty() {
                     vec![]
@@ -361,8 +363,7 @@ pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
             }
             Err(e) => {
                 tracing::warn!(trust_domain = %f.trust_domain, url = %f.url, error = %e, "bundle endpoint fetch failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -35,17 +35,19 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     let nofile = limits::raise_nofile_limit();
     sigil_fs::ensure_private_dir(&cfg.data_dir)
         .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
-    let store: Arc<dyn Datastore> = match cfg.datastore {
-        DatastoreKind::Redb => Arc::new(
-            RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
-        ),
-    };
+    // Keys first: a planted or foreign-owned keys.json is refused before
+    // anything is created in data_dir.
     let keys = Keys::load_or_create(
         &cfg.data_dir,
         &cfg.trust_domain,
         cfg.ca_ttl,
         cfg.jwt_key_type,
     )?;
+    let store: Arc<dyn Datastore> = match cfg.datastore {
+        DatastoreKind::Redb => Arc::new(
+            RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
+        ),
+    };
     let state = Arc::new(ServerState::new(cfg.clone(), store, keys).map_err(|e| e.to_string())?);
 
     // Key rotation: cheap checks once a second; changes are persisted and
