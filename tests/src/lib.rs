@@ -64,6 +64,36 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The async form of [`wait_for`]: polls `f` every 50 ms until it yields
+/// `Some`, and returns that value; panics naming `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many times `needle` occurs in the log file `name` of a test
+/// directory: a negative check waits for this count to grow, proving the
+/// system acted after the change it must not reflect.
+pub fn log_count(dir: &Path, name: &str, needle: &str) -> usize {
+    fs::read_to_string(dir.join(name))
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
+}
+
 /// A unique scratch directory under the system temp dir, world-traversable
 /// so that a probe running as another uid can reach the Workload API socket.
 pub struct Scratch(pub PathBuf);

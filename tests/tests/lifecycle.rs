@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use sigil_tests::{Cluster, bin, my_uid_selector, wait_for};
+use sigil_tests::{Cluster, bin, eventually, log_count, my_uid_selector, wait_for};
 use spiffe::WorkloadApiClient;
 
 const LONG: Duration = Duration::from_secs(20);
@@ -26,13 +26,10 @@ async fn fetch_id(addr: &str) -> Result<String, String> {
 }
 
 async fn wait_fetch(addr: &str, want: &str) {
-    for _ in 0..200 {
-        if fetch_id(addr).await.as_deref() == Ok(want) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("never fetched {want}: last = {:?}", fetch_id(addr).await);
+    eventually(&format!("a fetch of {want}"), LONG, || async {
+        (fetch_id(addr).await.as_deref() == Ok(want)).then_some(())
+    })
+    .await;
 }
 
 async fn all_ids(addr: &str) -> Vec<String> {
@@ -216,15 +213,20 @@ async fn evicted_agent_cannot_sync() {
     let list: serde_json::Value =
         serde_json::from_str(&c.server_ok(&["agent", "list", "--output", "json"])).unwrap();
     assert_eq!(list["agents"].as_array().unwrap().len(), 0);
+    wait_for("sync refusal logged", LONG, || {
+        c.logs().contains("not attested")
+    });
+    let refusals = log_count(&c.dir.0, "agent.log", "not attested");
     c.create_entry(
         "spiffe://example.org/b",
         &["--selector", &my_uid_selector()],
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(all_ids(&c.api_addr()).await, vec!["spiffe://example.org/a"]);
-    wait_for("sync refusal logged", LONG, || {
-        c.logs().contains("not attested")
+    // The agent tried again after `b` existed and was refused: only then
+    // does "b was not delivered" mean something.
+    wait_for("a refusal after the new entry", LONG, || {
+        log_count(&c.dir.0, "agent.log", "not attested") > refusals
     });
+    assert_eq!(all_ids(&c.api_addr()).await, vec!["spiffe://example.org/a"]);
 }
 
 #[test]

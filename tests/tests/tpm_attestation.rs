@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use sigil_tests::{Cluster, bin, my_uid_selector, wait_for};
+use sigil_tests::{Cluster, bin, log_count, my_uid_selector, wait_for};
 use spiffe::WorkloadApiClient;
 
 /// A running swtpm, killed (and its state removed) on drop.
@@ -185,7 +185,22 @@ async fn tpm_node_attests_gets_workloads_by_pcr_alias_and_loses_identity_when_a_
 
     // Once its (6 s) agent SVID has expired, the open connection is refused
     // too: a new entry for this node never reaches it.
-    std::thread::sleep(Duration::from_secs(7));
+    let pem_text = std::fs::read(c.dir.0.join("agent/data/agent_svid.pem")).unwrap();
+    let leaf = pem::parse_many(&pem_text).unwrap().remove(0);
+    let expires = x509_parser::parse_x509_certificate(leaf.contents())
+        .unwrap()
+        .1
+        .validity()
+        .not_after
+        .timestamp();
+    wait_for("the agent SVID to expire", Duration::from_secs(20), || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+            > expires
+    });
+    let refusals = log_count(&c.dir.0, "server.log", "agent SVID has expired");
     c.server_ok(&[
         "entry",
         "create",
@@ -196,7 +211,12 @@ async fn tpm_node_attests_gets_workloads_by_pcr_alias_and_loses_identity_when_a_
         "--selector",
         &my_uid_selector(),
     ]);
-    std::thread::sleep(Duration::from_secs(3));
+    // The node asked again after the entry existed and was refused.
+    wait_for(
+        "a refusal after the new entry",
+        Duration::from_secs(40),
+        || log_count(&c.dir.0, "server.log", "agent SVID has expired") > refusals,
+    );
     let ids: Vec<String> = client
         .fetch_all_x509_svids()
         .await
