@@ -195,6 +195,36 @@ impl FromStr for EntryField {
 }
 
 impl ServerState {
+    /// Writes a created (or updated) entry and its audit record in one
+    /// transaction.
+    fn store_entry(&self, caller: &Caller, e: &Entry, created: bool) -> Result<(), RegistryError> {
+        let (entry_id, spiffe_id, parent_id, entry) = (
+            e.id.clone(),
+            e.spiffe_id.clone(),
+            e.parent_id.clone(),
+            entry_json(e),
+        );
+        let event = if created {
+            Event::EntryCreated {
+                entry_id,
+                spiffe_id,
+                parent_id,
+                entry,
+            }
+        } else {
+            Event::EntryUpdated {
+                entry_id,
+                spiffe_id,
+                parent_id,
+                entry,
+            }
+        };
+        self.store.transact(|tx| {
+            tx.put_entry(e)?;
+            append_audit(tx, caller, event.clone())
+        })
+    }
+
     fn validate(&self, pb: &PbEntry) -> Result<Entry, RegistryError> {
         Entry::from_proto(pb, self.trust_domain())
             .map_err(|e| RegistryError::invalid(e.to_string()))
@@ -221,19 +251,7 @@ impl ServerState {
                 "entry {other} already has this spiffe_id, parent_id and selectors"
             )));
         }
-        self.store.transact(|tx| {
-            tx.put_entry(&e)?;
-            append_audit(
-                tx,
-                caller,
-                Event::EntryCreated {
-                    entry_id: e.id.clone(),
-                    spiffe_id: e.spiffe_id.clone(),
-                    parent_id: e.parent_id.clone(),
-                    entry: entry_json(&e),
-                },
-            )
-        })?;
+        self.store_entry(caller, &e, true)?;
         idx.insert(Arc::new(e.clone()));
         self.entry_changed(&idx, None, Some(&e));
         drop(idx);
@@ -270,19 +288,7 @@ impl ServerState {
                 "entry {other} already has this spiffe_id, parent_id and selectors"
             )));
         }
-        self.store.transact(|tx| {
-            tx.put_entry(&e)?;
-            append_audit(
-                tx,
-                caller,
-                Event::EntryUpdated {
-                    entry_id: e.id.clone(),
-                    spiffe_id: e.spiffe_id.clone(),
-                    parent_id: e.parent_id.clone(),
-                    entry: entry_json(&e),
-                },
-            )
-        })?;
+        self.store_entry(caller, &e, false)?;
         idx.insert(Arc::new(e.clone()));
         self.entry_changed(&idx, Some(&old), Some(&e));
         drop(idx);
