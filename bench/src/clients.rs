@@ -148,6 +148,23 @@ pub(crate) mod admin {
         .into_inner())
     }
 
+    /// Creates a kill (as `sigil-server kill --entry|--spiffe-id|--agent`).
+    pub(crate) async fn kill(
+        c: &mut Client,
+        target: sigil_proto::admin::kill_target::Target,
+    ) -> Result<String> {
+        let k = c
+            .create_kill(sigil_proto::admin::CreateKillRequest {
+                target: Some(sigil_proto::admin::KillTarget {
+                    target: Some(target),
+                }),
+                reason: "sigil-bench kill".into(),
+            })
+            .await?
+            .into_inner();
+        Ok(k.id)
+    }
+
     pub(crate) async fn delete(c: &mut Client, id: &str) -> Result<()> {
         c.delete_entry(EntryId {
             id: id.to_string(),

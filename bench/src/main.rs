@@ -9,7 +9,7 @@
 //! harness still works; its figures mean nothing.
 //!
 //! - [`scenarios`] — one module per scenario of issue 5 (`sign-limit`,
-//!   `mint`, `fetch`, `propagation`, `scale`, `startup`), plus `all`.
+//!   `mint`, `fetch`, `propagation`, `kill`, `scale`, `startup`), plus `all`.
 //! - [`harness`] — scratch directories, server/agent processes, RSS and CPU
 //!   readings from /proc, CPU pinning.
 //! - [`clients`] — the gRPC clients the bench drives the binaries with:
@@ -33,7 +33,7 @@ mod stats;
 use clap::{Parser, Subcommand};
 
 use crate::report::Reporter;
-use crate::scenarios::{fetch, mint, propagation, scale, sign_limit, startup};
+use crate::scenarios::{fetch, kill, mint, propagation, scale, sign_limit, startup};
 
 /// Errors of the harness: any failure aborts the scenario with a message.
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -66,6 +66,8 @@ enum Scenario {
     Fetch(fetch::Args),
     /// Entry create/update/delete to workload stream update, across several agents.
     Propagation(propagation::Args),
+    /// Kill (by SPIFFE ID, entry, agent) to every affected workload stream's update.
+    Kill(kill::Args),
     /// Server and agent memory and sync cost with many entries and agents.
     Scale(scale::Args),
     /// Agent restart (stored identity) to the first SVID served.
@@ -86,6 +88,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Mint(a) => mint::run(&a, quick, &mut rep).await,
         Scenario::Fetch(a) => fetch::run(&a, quick, &mut rep).await,
         Scenario::Propagation(a) => propagation::run(&a, quick, &mut rep).await,
+        Scenario::Kill(a) => kill::run(&a, quick, &mut rep).await,
         Scenario::Scale(a) => scale::run(&a, quick, &mut rep).await,
         Scenario::Startup(a) => startup::run(&a, quick, &mut rep).await,
         Scenario::All => scenarios::all(quick, &mut rep).await,

@@ -376,6 +376,28 @@ fn markdown(records: &[Record]) -> String {
                     ok,
                 );
             }
+            "kill" => {
+                let p99 = f("p99_ms");
+                row(
+                    "kill",
+                    format!(
+                        "kill → affected workload stream updated, {} kills ({} agent kills), {} agents, {} entries: p50 / p99 ms",
+                        sh("kills"),
+                        sh("agent_kills"),
+                        sh("agents"),
+                        sh("entries")
+                    ),
+                    format!(
+                        "{} / {} (agent kills: {} / {})",
+                        sh("p50_ms"),
+                        sh("p99_ms"),
+                        sh("agent_p50_ms"),
+                        sh("agent_p99_ms")
+                    ),
+                    "p99 < 1 s",
+                    p99.map(|p| p < 1000.0),
+                );
+            }
             "propagation" => {
                 let p99 = f("p99_ms");
                 row(

@@ -1,6 +1,7 @@
 //! The scenarios of issue 5, one module each, and `all`.
 
 pub(crate) mod fetch;
+pub(crate) mod kill;
 pub(crate) mod mint;
 pub(crate) mod propagation;
 pub(crate) mod scale;
@@ -105,6 +106,7 @@ pub(crate) async fn all(quick: bool, rep: &mut Reporter) -> Result<()> {
         "propagation",
         propagation::run(&Default::default(), quick, rep).await
     );
+    step!("kill", kill::run(&Default::default(), quick, rep).await);
     step!("scale", scale::run(&Default::default(), quick, rep).await);
     step!(
         "startup",
