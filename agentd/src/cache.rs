@@ -228,6 +228,9 @@ pub struct TrustMaterial {
     pub federated_x509: BTreeMap<String, Bytes>,
     /// Parsed JWT bundles (own and federated) for validation.
     pub jwt_bundles: BTreeMap<TrustDomain, JwtBundle>,
+    /// SPIFFE IDs withdrawn by a kill (sorted): ValidateJWTSVID rejects
+    /// their tokens.
+    pub killed: Vec<String>,
 }
 
 impl TrustMaterial {
@@ -261,6 +264,7 @@ impl TrustMaterial {
             federated,
             federated_x509,
             jwt_bundles,
+            killed: Vec::new(),
         }
     }
 }
@@ -272,6 +276,8 @@ pub struct SyncState {
     pub bundle: Vec<Vec<u8>>,
     pub jwt_bundle: Vec<u8>,
     pub federated: BTreeMap<String, FederatedBundle>,
+    /// SPIFFE IDs withdrawn by a kill: their JWT-SVIDs fail validation.
+    pub killed: Vec<String>,
 }
 
 /// The cache worker.
@@ -331,8 +337,13 @@ impl Cache {
         if s.bundle != self.bundle.certs {
             self.bundle = Arc::new(Bundle::new(s.bundle));
         }
-        if s.jwt_bundle != self.trust.jwks || s.federated != self.trust.federated {
-            self.trust = Arc::new(TrustMaterial::new(&self.td, s.jwt_bundle, s.federated));
+        if s.jwt_bundle != self.trust.jwks
+            || s.federated != self.trust.federated
+            || s.killed != self.trust.killed
+        {
+            let mut trust = TrustMaterial::new(&self.td, s.jwt_bundle, s.federated);
+            trust.killed = s.killed;
+            self.trust = Arc::new(trust);
         }
         self.synced = true;
     }

@@ -296,11 +296,15 @@ impl ServerLink {
                                     self.set_bundle(&u.bundle);
                                 }
                                 tracing::debug!(revision = u.revision, "sync update");
+                                if u.agent_killed {
+                                    tracing::error!(reason = %u.kill_reason, "this agent is withdrawn by the server: serving no identity");
+                                }
                                 let state = SyncState {
                                     entries,
                                     bundle: u.bundle,
                                     jwt_bundle: u.jwt_bundle,
                                     federated: u.federated.into_iter().collect(),
+                                    killed: u.killed_spiffe_ids,
                                 };
                                 if out.send(state).await.is_err() {
                                     return Ok(true);

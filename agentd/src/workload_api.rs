@@ -468,6 +468,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let snap = self.snapshots.borrow().clone();
         let v = sigil_core::jwt::validate(&r.svid, &r.audience, &snap.trust.jwt_bundles)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if snap
+            .trust
+            .killed
+            .binary_search(&v.spiffe_id.to_string())
+            .is_ok()
+        {
+            return Err(Status::invalid_argument(format!(
+                "the JWT-SVID's identity {} has been killed",
+                v.spiffe_id
+            )));
+        }
         Ok(Response::new(ValidateJwtsvidResponse {
             spiffe_id: v.spiffe_id.to_string(),
             claims: Some(to_prost_struct(&v.claims)),

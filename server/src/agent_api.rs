@@ -353,6 +353,7 @@ impl AgentApi for AgentService {
                     bundle: state.bundle(),
                     jwt_bundle: state.jwt_bundle(),
                     federated: state.federated_for(&entries),
+                    killed: state.killed_spiffe_ids(),
                 };
                 if let Some(update) = tracker.next(&entries, trust, state.revision()) {
                     for chunk in chunks(update) {

@@ -24,6 +24,8 @@ pub struct Trust {
     pub bundle: Vec<Vec<u8>>,
     pub jwt_bundle: Vec<u8>,
     pub federated: HashMap<String, FederatedBundle>,
+    /// SPIFFE IDs whose JWT-SVIDs validators must reject (killed).
+    pub killed: Vec<String>,
 }
 
 /// Remembers what one stream has been sent.
@@ -85,6 +87,7 @@ impl SyncTracker {
             more: false,
             delta,
             removed: if delta { removed } else { Vec::new() },
+            killed_spiffe_ids: trust.killed.clone(),
             ..Default::default()
         };
         self.sent = Some(Sent {
@@ -156,6 +159,7 @@ pub fn chunks(update: SyncUpdate) -> Vec<SyncUpdate> {
             jwt_bundle: update.jwt_bundle,
             federated: update.federated,
             removed: update.removed,
+            killed_spiffe_ids: update.killed_spiffe_ids,
             ..Default::default()
         });
         return out;

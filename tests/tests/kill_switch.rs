@@ -223,3 +223,68 @@ fn bad_kill_requests_name_the_field_and_write_nothing() {
     }
     assert_eq!(kills(&c)["kills"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test]
+async fn validate_jwtsvid_rejects_a_killed_identity_until_the_kill_is_lifted() {
+    let c = Cluster::with_agent();
+    c.create_entry(
+        "spiffe://example.org/signer",
+        &["--selector", &my_uid_selector()],
+    );
+    c.create_entry(
+        "spiffe://example.org/bystander",
+        &["--selector", &my_uid_selector()],
+    );
+    let addr = c.api_addr();
+    wait_ids(
+        &addr,
+        &[
+            "spiffe://example.org/bystander",
+            "spiffe://example.org/signer",
+        ],
+    )
+    .await;
+    let client = WorkloadApiClient::connect_to(&addr).await.unwrap();
+    let fetch = |id: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .fetch_jwt_svid(["aud"], Some(&spiffe::SpiffeId::new(id).unwrap()))
+                .await
+                .unwrap()
+                .token()
+                .to_string()
+        }
+    };
+    let signer = fetch("spiffe://example.org/signer").await;
+    let bystander = fetch("spiffe://example.org/bystander").await;
+    assert!(client.validate_jwt_token("aud", &signer).await.is_ok());
+
+    let k = kill(&c, &["--spiffe-id", "spiffe://example.org/signer"]);
+    let deadline = Instant::now() + LONG;
+    let err = loop {
+        match client.validate_jwt_token("aud", &signer).await {
+            Err(e) => break e.to_string(),
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the killed token still validates"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(err.contains("killed"), "{err}");
+    // Only the killed identity: another one's token still validates.
+    assert!(client.validate_jwt_token("aud", &bystander).await.is_ok());
+
+    c.server_ok(&["kill", "lift", &k]);
+    let deadline = Instant::now() + LONG;
+    while client.validate_jwt_token("aud", &signer).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "lifting did not restore validation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

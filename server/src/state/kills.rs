@@ -155,6 +155,36 @@ impl ServerState {
             .cloned()
     }
 
+    /// SPIFFE IDs withdrawn as a whole: named by a SPIFFE-ID kill, or
+    /// whose every entry some kill covers. Sorted; empty without kills.
+    pub fn killed_spiffe_ids(&self) -> Vec<String> {
+        if !self.any_kill() {
+            return Vec::new();
+        }
+        let kills = self.kills.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: std::collections::BTreeSet<String> = kills
+            .iter()
+            .filter_map(|k| match &k.target {
+                KillTarget::SpiffeId(id) => Some(id.to_string()),
+                _ => None,
+            })
+            .collect();
+        let idx = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        // SPIFFE ID -> whether some entry with it is still live.
+        let mut live: std::collections::HashMap<&sigil_core::SpiffeId, bool> =
+            std::collections::HashMap::new();
+        for e in idx.by_id.values().filter(|e| !e.node) {
+            let covered = kills.iter().any(|k| k.target.covers(e));
+            *live.entry(&e.spiffe_id).or_insert(false) |= !covered;
+        }
+        out.extend(
+            live.into_iter()
+                .filter(|(_, alive)| !alive)
+                .map(|(id, _)| id.to_string()),
+        );
+        out.into_iter().collect()
+    }
+
     /// Whether any kill is in force (fast path for the hot paths).
     pub(super) fn any_kill(&self) -> bool {
         !self

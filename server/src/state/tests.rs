@@ -269,3 +269,42 @@ fn renewals_racing_an_eviction_never_revive_the_agent() {
         assert!(t.state.check_agent(&old).is_err());
     }
 }
+
+#[test]
+fn a_spiffe_id_is_withdrawn_only_when_no_live_entry_holds_it() {
+    use crate::datastore::KillTarget;
+    let t = temp_state();
+    attest(&t.state, AGENT);
+    let a = t
+        .state
+        .create_entry(&admin(), entry(AGENT, "spiffe://example.org/x"))
+        .unwrap();
+    let mut second = entry(AGENT, "spiffe://example.org/x");
+    second.selectors = vec!["unix:uid:1".into()];
+    let b = t.state.create_entry(&admin(), second).unwrap();
+    assert!(t.state.killed_spiffe_ids().is_empty());
+    t.state
+        .create_kill(&admin(), KillTarget::Entry(a.id.clone()), "one of two")
+        .unwrap();
+    assert!(
+        t.state.killed_spiffe_ids().is_empty(),
+        "entry {} still serves the ID",
+        b.id
+    );
+    t.state
+        .create_kill(&admin(), KillTarget::Entry(b.id.clone()), "both")
+        .unwrap();
+    assert_eq!(t.state.killed_spiffe_ids(), vec!["spiffe://example.org/x"]);
+    // A SPIFFE-ID kill names the ID even with no entry at all.
+    t.state
+        .create_kill(
+            &admin(),
+            KillTarget::SpiffeId(id("spiffe://example.org/none")),
+            "preemptive",
+        )
+        .unwrap();
+    assert_eq!(
+        t.state.killed_spiffe_ids(),
+        vec!["spiffe://example.org/none", "spiffe://example.org/x"]
+    );
+}
