@@ -27,6 +27,9 @@ use sigil_proto::admin::{
     ListKillsResponse,
 };
 use sigil_proto::admin::{ExportAuditRequest, ExportAuditResponse};
+use sigil_proto::admin::{
+    GetAuditKeyRequest, GetAuditKeyResponse, QueryAuditRequest, QueryAuditResponse,
+};
 
 /// Most audit records in one export page.
 const MAX_AUDIT_PAGE: u32 = 10_000;
@@ -308,9 +311,58 @@ impl AdminApi for AdminService {
         let r = req.into_inner();
         let limit = r.limit.clamp(1, MAX_AUDIT_PAGE) as usize;
         let state = self.state.clone();
-        let records = blocking(move || state.audit_records(r.since, limit)).await?;
+        let records = blocking(move || state.audit_export_page(r.since, limit)).await?;
         Ok(Response::new(ExportAuditResponse {
             lines: records.iter().map(|r| r.to_jsonl_line()).collect(),
+        }))
+    }
+
+    async fn get_audit_key(
+        &self,
+        req: Request<GetAuditKeyRequest>,
+    ) -> Result<Response<GetAuditKeyResponse>, Status> {
+        self.authorize(&req)?;
+        let key = self
+            .state
+            .audit_public_key()
+            .ok_or_else(|| Status::unavailable("the audit key is not loaded"))?;
+        Ok(Response::new(GetAuditKeyResponse {
+            public_key_pem: key.to_pem(),
+            key_id: key.key_id(),
+        }))
+    }
+
+    async fn query_audit(
+        &self,
+        req: Request<QueryAuditRequest>,
+    ) -> Result<Response<QueryAuditResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let id = |field: &str, v: &str| -> Result<Option<sigil_core::SpiffeId>, Status> {
+            if v.is_empty() {
+                return Ok(None);
+            }
+            sigil_core::SpiffeId::new(v).map(Some).map_err(|e| {
+                Status::invalid_argument(format!("invalid field `{field}`: {v:?}: {e}"))
+            })
+        };
+        let q = crate::state::AuditQuery {
+            spiffe_id: id("spiffe_id", &r.spiffe_id)?,
+            agent_id: id("agent_id", &r.agent_id)?,
+            serial: if r.serial.is_empty() {
+                None
+            } else {
+                Some(crate::state::normalize_serial(&r.serial).map_err(Status::from)?)
+            },
+            jti: (!r.jti.is_empty()).then_some(r.jti),
+            since_time: (r.since_time != 0).then_some(r.since_time),
+        };
+        let limit = r.limit.clamp(1, MAX_AUDIT_PAGE) as usize;
+        let state = self.state.clone();
+        let (records, truncated) = blocking(move || state.query_audit(&q, limit)).await?;
+        Ok(Response::new(QueryAuditResponse {
+            lines: records.iter().map(|r| r.to_jsonl_line()).collect(),
+            truncated,
         }))
     }
 

@@ -20,6 +20,10 @@ pub const MAX_CA_TTL: Duration = Duration::from_secs(365 * DAY);
 pub const MAX_SVID_TTL: Duration = sigil_core::entry::MAX_TTL;
 /// Largest `bundle_endpoint.refresh_hint`.
 pub const MAX_REFRESH_HINT: Duration = Duration::from_secs(DAY);
+/// Largest `audit_checkpoint_every`.
+pub const MAX_AUDIT_CHECKPOINT_EVERY: u64 = 1_000_000;
+/// Largest `audit_checkpoint_interval`.
+pub const MAX_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(DAY);
 /// The values `log_level` accepts (per-module filters go in `SIGIL_LOG`).
 pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
@@ -95,6 +99,10 @@ struct RawConfig {
     tpm: Option<RawTpm>,
     #[serde(default)]
     limits: crate::limits::RawLimits,
+    #[serde(default = "default_audit_checkpoint_every")]
+    audit_checkpoint_every: u64,
+    #[serde(default = "default_audit_checkpoint_interval")]
+    audit_checkpoint_interval: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +191,12 @@ fn default_x509_ttl() -> String {
 fn default_jwt_ttl() -> String {
     "5m".into()
 }
+fn default_audit_checkpoint_every() -> u64 {
+    1000
+}
+fn default_audit_checkpoint_interval() -> String {
+    "60s".into()
+}
 fn default_agent_ttl() -> String {
     "1h".into()
 }
@@ -224,6 +238,10 @@ pub struct ServerConfig {
     pub tpm: Option<TpmConfig>,
     /// `[limits]`: agent-API connection caps and idle timeout.
     pub limits: crate::limits::Limits,
+    /// Sign a checkpoint once this many records follow the last one.
+    pub audit_checkpoint_every: u64,
+    /// Sign a checkpoint when unsigned records are this old.
+    pub audit_checkpoint_interval: Duration,
 }
 
 /// `[tpm]`: which TPMs may attest, and what to quote.
@@ -357,6 +375,23 @@ impl ServerConfig {
             MAX_SVID_TTL,
         )?;
         let agent_svid_ttl = dur("agent_svid_ttl", &raw.agent_svid_ttl, MAX_SVID_TTL)?;
+        if !(1..=MAX_AUDIT_CHECKPOINT_EVERY).contains(&raw.audit_checkpoint_every) {
+            return Err(key_err(
+                "audit_checkpoint_every",
+                format!(
+                    "{} is out of range (1 to {MAX_AUDIT_CHECKPOINT_EVERY} records)",
+                    raw.audit_checkpoint_every
+                ),
+            ));
+        }
+        let audit_checkpoint_interval = dur(
+            "audit_checkpoint_interval",
+            &raw.audit_checkpoint_interval,
+            MAX_AUDIT_CHECKPOINT_INTERVAL,
+        )?;
+        if audit_checkpoint_interval < Duration::from_secs(1) {
+            return Err(key_err("audit_checkpoint_interval", "must be at least 1s"));
+        }
         if default_x509_svid_ttl > ca_ttl {
             return Err(key_err("default_x509_svid_ttl", "must not exceed ca_ttl"));
         }
@@ -588,6 +623,8 @@ impl ServerConfig {
                 .limits
                 .validate()
                 .map_err(|(key, reason)| key_err(key, reason))?,
+            audit_checkpoint_every: raw.audit_checkpoint_every,
+            audit_checkpoint_interval,
         })
     }
 }
@@ -677,6 +714,42 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.agent_svid_ttl, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn audit_checkpoint_settings_default_and_are_bounded_naming_the_key() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n";
+        let c = ServerConfig::parse(base).unwrap();
+        assert_eq!(c.audit_checkpoint_every, 1000);
+        assert_eq!(c.audit_checkpoint_interval, Duration::from_secs(60));
+        for (line, key) in [
+            ("audit_checkpoint_every = 0", "audit_checkpoint_every"),
+            ("audit_checkpoint_every = 1000001", "audit_checkpoint_every"),
+            ("audit_checkpoint_every = -1", "audit_checkpoint_every"),
+            (
+                "audit_checkpoint_interval = \"0s\"",
+                "audit_checkpoint_interval",
+            ),
+            (
+                "audit_checkpoint_interval = \"2d\"",
+                "audit_checkpoint_interval",
+            ),
+            (
+                "audit_checkpoint_interval = \"soon\"",
+                "audit_checkpoint_interval",
+            ),
+        ] {
+            let e = ServerConfig::parse(&format!("{base}{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{line}: {e}");
+        }
+        let c = ServerConfig::parse(&format!(
+            "{base}audit_checkpoint_every = 5\naudit_checkpoint_interval = \"2s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.audit_checkpoint_every, 5);
+        assert_eq!(c.audit_checkpoint_interval, Duration::from_secs(2));
     }
 
     #[test]

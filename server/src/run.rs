@@ -49,6 +49,22 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         ),
     };
     let state = Arc::new(ServerState::new(cfg.clone(), store, keys).map_err(|e| e.to_string())?);
+    state.install_audit_key(crate::state::load_or_create_audit_key(&cfg.data_dir)?)?;
+    // Audit checkpoints: every audit_checkpoint_every records or
+    // audit_checkpoint_interval, checked once a second.
+    let cp = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let cp = cp.clone();
+            match tokio::task::spawn_blocking(move || cp.audit_checkpoint_if_due()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed; retrying"),
+                Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
+            }
+        }
+    });
 
     // Key rotation: cheap checks once a second; changes are persisted and
     // pushed to every agent by rotate_keys().

@@ -10,6 +10,7 @@
 //! - [`minting`] — signing workload X.509- and JWT-SVIDs for an agent;
 //! - [`federation`] — federated trust domains' bundles;
 //! - [`kills`] — the kill switch: durable rules withdrawing identities;
+//! - [`audit`] — the audit key, signed checkpoints and audit queries;
 //! - [`notify`] — waking exactly the sync streams a change concerns.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
@@ -18,6 +19,7 @@
 //! commit. Errors are [`RegistryError`]s; the APIs map them to gRPC status.
 
 mod agents;
+mod audit;
 mod authz;
 mod entries;
 mod federation;
@@ -45,6 +47,7 @@ use crate::datastore::{AttestationType, Datastore, KillRecord, StoreError};
 use crate::error::RegistryError;
 use crate::keys::Keys;
 
+pub use audit::{AUDIT_KEY_FILE, AuditQuery, load_or_create_audit_key, normalize_serial};
 pub use entries::EntryField;
 use entries::EntryIndex;
 
@@ -88,6 +91,8 @@ pub struct ServerState {
     token_ids: std::sync::Mutex<HashMap<SpiffeId, i64>>,
     /// Kills in force (few; checked on sync and minting).
     kills: RwLock<Vec<KillRecord>>,
+    /// The audit key and the last checkpoint.
+    audit: audit::AuditState,
 }
 
 fn poisoned() -> RegistryError {
@@ -135,6 +140,7 @@ impl ServerState {
             signing: crate::signing::SigningQueue::per_core(),
             token_ids: std::sync::Mutex::new(token_ids),
             kills: RwLock::new(kills),
+            audit: audit::AuditState::default(),
         })
     }
 

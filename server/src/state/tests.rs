@@ -308,3 +308,64 @@ fn a_spiffe_id_is_withdrawn_only_when_no_live_entry_holds_it() {
         vec!["spiffe://example.org/none", "spiffe://example.org/x"]
     );
 }
+
+#[test]
+fn checkpoints_sign_the_head_once_and_exports_end_signed() {
+    let t = temp_state();
+    let s = &t.state;
+    // No key yet: nothing is signed.
+    attest(s, AGENT);
+    assert_eq!(s.audit_checkpoint().unwrap(), None);
+    let key = load_or_create_audit_key(&t.dir).unwrap();
+    let public = key.public_key().clone();
+    s.install_audit_key(key).unwrap();
+    assert!(
+        s.install_audit_key(load_or_create_audit_key(&t.dir).unwrap())
+            .is_err()
+    );
+
+    let head = s.store.read().unwrap().audit_head().unwrap().unwrap();
+    assert_eq!(s.audit_checkpoint().unwrap(), Some(head.seq + 1));
+    // The head is a checkpoint now: nothing more to sign, not even when due.
+    assert_eq!(s.audit_checkpoint().unwrap(), None);
+    assert_eq!(s.audit_checkpoint_if_due().unwrap(), None);
+
+    s.create_entry(&admin(), entry(AGENT, "spiffe://example.org/w"))
+        .unwrap();
+    // One unsigned record, 1000 per checkpoint and 60 s: not due yet.
+    assert_eq!(s.audit_checkpoint_if_due().unwrap(), None);
+    // An export page reaching the head ends with a checkpoint over it.
+    let page = s.audit_export_page(1, 10_000).unwrap();
+    let last = page.last().unwrap();
+    assert!(matches!(
+        last.event,
+        sigil_core::audit::Event::Checkpoint { .. }
+    ));
+    assert_eq!(last.caller, Caller::server(ServerTask::AuditCheckpoint));
+    let summary = sigil_core::audit::verify(&page, Some(&public)).unwrap();
+    // Only the checkpoint record itself follows the signed head.
+    assert_eq!(summary.unauthenticated_tail(), 1);
+    // A page that stops before the head appends nothing.
+    let before = s.store.read().unwrap().audit_head().unwrap().unwrap();
+    s.create_entry(&admin(), entry(AGENT, "spiffe://example.org/w2"))
+        .unwrap();
+    s.audit_export_page(1, 2).unwrap();
+    let after = s.store.read().unwrap().audit_head().unwrap().unwrap();
+    assert_eq!(after.seq, before.seq + 1);
+
+    // Queries filter by every field given.
+    let q = AuditQuery {
+        spiffe_id: Some(id("spiffe://example.org/w2")),
+        ..Default::default()
+    };
+    let (found, truncated) = s.query_audit(&q, 10).unwrap();
+    assert!(!truncated);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].seq, after.seq);
+    let q = AuditQuery {
+        agent_id: Some(id(AGENT)),
+        ..Default::default()
+    };
+    let (found, truncated) = s.query_audit(&q, 1).unwrap();
+    assert!(truncated && found.len() == 1);
+}
