@@ -140,7 +140,7 @@ fn pretty(line: &str) -> String {
     };
     format!(
         "{:>6}  {}  {:<24} {:<28} {}",
-        v["seq"],
+        v["seq"].as_u64().unwrap_or(0),
         v["at"].as_str().unwrap_or("?"),
         kind,
         caller,
