@@ -133,8 +133,21 @@ struct Claims<'a> {
     aud: &'a [String],
     exp: i64,
     iat: i64,
+    /// 128 random bits, lowercase hex: names this token in the audit trail.
+    jti: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     iss: Option<&'a str>,
+}
+
+/// A JWT-SVID as [`JwtSigner::sign`] issued it.
+#[derive(Debug, Clone)]
+pub struct SignedJwt {
+    /// The compact JWS.
+    pub token: String,
+    /// Its `jti` claim: 128 random bits, lowercase hex.
+    pub jti: String,
+    /// Its `exp` claim, Unix seconds.
+    pub expires_at: i64,
 }
 
 /// The key types a JWT signing key may have.
@@ -321,7 +334,7 @@ impl JwtSigner {
         ttl: Duration,
         now: i64,
         issuer: Option<&str>,
-    ) -> Result<String, JwtError> {
+    ) -> Result<SignedJwt, JwtError> {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(JwtError::Malformed("audience must be non-empty".into()));
         }
@@ -330,15 +343,22 @@ impl JwtSigner {
         header.typ = Some("JWT".into());
         let exp = (now + ttl.as_secs() as i64).min(self.not_after);
         let sub = sub.to_string();
+        let jti = hex::encode(crate::x509::random_16());
         let claims = Claims {
             sub: &sub,
             aud: audience,
             exp,
             iat: now,
+            jti: &jti,
             iss: issuer,
         };
-        jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .map_err(|e| JwtError::Crypto(e.to_string()))
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| JwtError::Crypto(e.to_string()))?;
+        Ok(SignedJwt {
+            token,
+            jti,
+            expires_at: exp,
+        })
     }
 }
 
@@ -525,7 +545,8 @@ mod tests {
                 crate::now_unix(),
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .token;
         let v = validate(&t, "db", &bundles).unwrap();
         assert_eq!(v.spiffe_id, id);
         assert_eq!(v.claims["aud"], json!(["api", "db"]));
@@ -533,6 +554,30 @@ mod tests {
             validate(&t, "other", &bundles),
             Err(JwtError::Rejected(_))
         ));
+    }
+
+    #[test]
+    fn every_token_carries_a_fresh_random_jti() {
+        let (s, bundles) = setup();
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let now = crate::now_unix();
+        let aud = ["api".to_string()];
+        let a = s
+            .sign(&id, &aud, Duration::from_secs(60), now, None)
+            .unwrap();
+        let b = s
+            .sign(&id, &aud, Duration::from_secs(60), now, None)
+            .unwrap();
+        assert_eq!(a.jti.len(), 32);
+        assert!(
+            a.jti
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a.jti, b.jti);
+        let v = validate(&a.token, "api", &bundles).unwrap();
+        assert_eq!(v.claims["jti"], json!(a.jti));
+        assert_eq!(v.claims["exp"], json!(a.expires_at));
     }
 
     #[test]
@@ -547,7 +592,8 @@ mod tests {
                 crate::now_unix() - 100,
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .token;
         assert!(matches!(
             validate(&old, "a", &bundles),
             Err(JwtError::Rejected(_))
@@ -561,7 +607,8 @@ mod tests {
                 crate::now_unix(),
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .token;
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
         let forged = URL_SAFE_NO_PAD
             .encode(br#"{"sub":"spiffe://example.org/admin","aud":["a"],"exp":9999999999}"#);
@@ -581,7 +628,8 @@ mod tests {
                 crate::now_unix(),
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .token;
         assert!(matches!(
             validate(&foreign, "a", &bundles),
             Err(JwtError::UnknownKey { .. })
@@ -600,7 +648,8 @@ mod tests {
                 crate::now_unix(),
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .token;
         let td = peek_trust_domain(&t).unwrap();
         assert_eq!(td.as_str(), "example.org");
         let payload: Value = serde_json::from_slice(
@@ -627,7 +676,8 @@ mod tests {
                 crate::now_unix(),
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .token;
         assert_eq!(
             jsonwebtoken::decode_header(&t).unwrap().alg,
             Algorithm::ES384
@@ -658,7 +708,8 @@ mod tests {
                 crate::now_unix(),
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .token;
         assert_eq!(
             jsonwebtoken::decode_header(&t).unwrap().alg,
             Algorithm::RS256

@@ -69,7 +69,7 @@ fn crypto(e: impl std::fmt::Display) -> X509Error {
 
 /// 16 bytes from the OS CSPRNG, drawn 4 KiB at a time per thread: one
 /// `getrandom` call serves 256 serials, instead of one call per SVID.
-fn random_16() -> [u8; 16] {
+pub(crate) fn random_16() -> [u8; 16] {
     use std::cell::RefCell;
     thread_local! {
         static POOL: RefCell<(Box<[u8; 4096]>, usize)> = RefCell::new((Box::new([0; 4096]), 4096));
@@ -238,6 +238,21 @@ impl Ca {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<Vec<u8>, X509Error> {
+        self.sign_svid_issued(csr_der, check, id, dns_names, ttl)
+            .map(|s| s.der)
+    }
+
+    /// [`Ca::sign_svid`], also returning the leaf's serial and `notAfter`
+    /// as they were encoded (for the audit trail, without re-parsing the
+    /// certificate).
+    pub fn sign_svid_issued(
+        &self,
+        csr_der: &[u8],
+        check: CsrSignature,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<SignedSvid, X509Error> {
         if !id.is_member_of(&self.trust_domain) {
             return Err(X509Error::Certificate(format!(
                 "{id} is not in trust domain {}",
@@ -255,18 +270,36 @@ impl Ca {
         let now = OffsetDateTime::now_utc();
         let serial = random_serial_bytes();
         let spiffe_id = id.to_string();
+        let not_after = offset(now, ttl, true).min(self.not_after);
         let tbs = self.template.tbs(&leaf::Leaf {
             serial: &serial,
             not_before: offset(now, BACKDATE, false),
-            not_after: offset(now, ttl, true).min(self.not_after),
+            not_after,
             spki: key.spki,
             public_key: key.point,
             spiffe_id: &spiffe_id,
             dns_names,
         });
         let signature = self.issuer.key().sign(&tbs).map_err(crypto)?;
-        Ok(self.template.certificate(&tbs, &signature))
+        Ok(SignedSvid {
+            der: self.template.certificate(&tbs, &signature),
+            serial: hex::encode(serial),
+            // Certificate times have whole seconds: the encoding drops the
+            // fraction, as `unix_timestamp` does.
+            not_after: not_after.unix_timestamp(),
+        })
     }
+}
+
+/// A leaf signed by [`Ca::sign_svid_issued`].
+#[derive(Debug, Clone)]
+pub struct SignedSvid {
+    /// The certificate, DER.
+    pub der: Vec<u8>,
+    /// Its serial number, lowercase hex (as [`SvidInfo::serial`] reads it).
+    pub serial: String,
+    /// Its `notAfter`, Unix seconds.
+    pub not_after: i64,
 }
 
 /// Parses a PKCS#10 CSR, checks that its key is ECDSA P-256 or P-384 and,
@@ -397,6 +430,28 @@ mod tests {
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn issued_serial_and_expiry_match_the_signed_leaf() {
+        let (ca, _) = Ca::generate(&td(), Duration::from_secs(3600)).unwrap();
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        for ttl in [1, 300, 7200] {
+            let (csr, _key) = new_key_and_csr().unwrap();
+            let s = ca
+                .sign_svid_issued(
+                    &csr,
+                    CsrSignature::TrustChannel,
+                    &id,
+                    &[],
+                    Duration::from_secs(ttl),
+                )
+                .unwrap();
+            let info = SvidInfo::from_der(&s.der).unwrap();
+            assert_eq!(s.serial, info.serial);
+            assert_eq!(s.serial.len(), 32);
+            assert_eq!(s.not_after, info.not_after);
+        }
     }
 
     #[test]

@@ -407,9 +407,17 @@ impl AgentApi for AgentService {
             .acquire(csrs.len())
             .await
             .ok_or_else(|| Status::unavailable("server shutting down"))?;
-        let results = blocking(move || state.mint_for_agent(&id, &csrs)).await?;
-        slot.signed(results.iter().filter(|r| r.is_ok()).count());
+        let batch = blocking({
+            let (state, id) = (state.clone(), id.clone());
+            move || state.sign_for_agent(&id, &csrs)
+        })
+        .await?;
+        slot.signed(batch.signed());
+        // The slot goes before the audit commit: the next batch signs while
+        // this one waits on the disk.
         drop(slot);
+        // Audited before anything is returned.
+        let results = blocking(move || state.audit_batch(&id, batch)).await?;
         Ok(Response::new(MintX509SvidsResponse {
             results: ids
                 .into_iter()

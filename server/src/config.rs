@@ -87,6 +87,9 @@ struct RawConfig {
     jwt_key_type: Option<String>,
     #[serde(default)]
     verify_csr_signatures: bool,
+    /// Undocumented, for `sigil-bench mint`'s baseline only.
+    #[serde(default = "default_true")]
+    audit_issuance: bool,
     #[serde(default)]
     bundle_endpoint: Option<RawBundleEndpoint>,
     #[serde(default)]
@@ -201,6 +204,10 @@ fn default_agent_ttl() -> String {
     "1h".into()
 }
 
+fn default_true() -> bool {
+    true
+}
+
 /// Which datastore backs the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatastoreKind {
@@ -230,6 +237,9 @@ pub struct ServerConfig {
     /// (off by default: the agent's mTLS channel vouches for its keys; agent
     /// CSRs at attestation and renewal are always verified).
     pub workload_csr_check: sigil_core::x509::CsrSignature,
+    /// Audit workload X.509- and JWT-SVID issuance (on unless the hidden
+    /// key `audit_issuance = false` turns it off, for benchmark baselines).
+    pub audit_issuance: bool,
     pub bundle_endpoint: Option<BundleEndpointConfig>,
     pub federation: Vec<FederationConfig>,
     pub oidc: Option<OidcConfig>,
@@ -614,6 +624,7 @@ impl ServerConfig {
             } else {
                 sigil_core::x509::CsrSignature::TrustChannel
             },
+            audit_issuance: raw.audit_issuance,
             x509pop_ca_bundle: raw.x509pop.map(|x| x.ca_bundle_path),
             tpm,
             bundle_endpoint,

@@ -385,3 +385,127 @@ fn audit_query_answers_what_an_agent_got_when_from_which_node_and_who_allowed_it
         );
     }
 }
+
+/// The claims of a compact JWS, decoded without checking anything.
+fn jwt_claims(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).unwrap();
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in payload.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => panic!("not base64url: {c}"),
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    serde_json::from_slice(&out).unwrap()
+}
+
+#[tokio::test]
+async fn a_mint_batch_is_one_record_of_its_serials_and_a_jwt_is_audited_by_jti() {
+    let mut c = Cluster::start();
+    let sel = my_uid_selector();
+    let agent = "spiffe://example.org/batch-agent";
+    // Three entries before the agent starts: its first sync mints them in
+    // one batch.
+    c.agent_id = agent.to_string();
+    let mut entries = Vec::new();
+    for name in ["a", "b", "c"] {
+        entries.push(c.create_entry(
+            &format!("spiffe://example.org/batch/{name}"),
+            &["--selector", &sel],
+        ));
+    }
+    c.start_agent(agent);
+
+    let client = spiffe::WorkloadApiClient::connect_to(c.api_addr())
+        .await
+        .unwrap();
+    let mut ctx = None;
+    for _ in 0..100 {
+        match client.fetch_x509_context().await {
+            Ok(x) if x.svids().len() == 3 => {
+                ctx = Some(x);
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    let ctx = ctx.expect("three X.509-SVIDs");
+    let mut got: Vec<(String, String, i64)> = ctx
+        .svids()
+        .iter()
+        .map(|s| {
+            let (_, cert) = x509_parser::parse_x509_certificate(s.leaf().as_bytes()).unwrap();
+            (
+                s.spiffe_id().to_string(),
+                cert.raw_serial_as_string().replace(':', ""),
+                cert.validity().not_after.timestamp(),
+            )
+        })
+        .collect();
+    got.sort();
+
+    let token = client
+        .fetch_jwt_token(["payments", "ledger"], None)
+        .await
+        .unwrap();
+    let claims = jwt_claims(&token);
+    let jti = claims["jti"].as_str().expect("a jti claim").to_string();
+    assert_eq!(jti.len(), 32, "{jti}");
+
+    let export = c.server_ok(&["audit", "export"]);
+    let records: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let batches: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"]["kind"] == "x509_svids_issued")
+        .collect();
+    assert_eq!(batches.len(), 1, "one record per mint batch: {batches:?}");
+    let b = batches[0];
+    assert_eq!(b["caller"]["kind"], "agent");
+    assert_eq!(b["event"]["agent_id"], agent);
+    let mut listed: Vec<(String, String, i64)> = b["event"]["svids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert!(entries.iter().any(|e| s["entry_id"] == e.as_str()), "{s}");
+            (
+                s["spiffe_id"].as_str().unwrap().to_string(),
+                s["serial"].as_str().unwrap().to_string(),
+                s["expires_at"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(listed, got, "the record lists exactly the SVIDs delivered");
+
+    let jwts: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"]["kind"] == "jwt_svid_issued")
+        .collect();
+    assert_eq!(jwts.len(), 1, "{jwts:?}");
+    let j = &jwts[0]["event"];
+    assert_eq!(jwts[0]["caller"]["kind"], "agent");
+    assert_eq!(j["jti"], jti.as_str());
+    assert_eq!(j["spiffe_id"], claims["sub"]);
+    assert_eq!(j["expires_at"], claims["exp"]);
+    assert_eq!(j["audience"], serde_json::json!(["payments", "ledger"]));
+    assert_eq!(j["agent_id"], agent);
+
+    let live = c.server_ok(&["audit", "verify"]);
+    assert!(live.starts_with("OK:"), "{live}");
+}

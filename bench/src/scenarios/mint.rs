@@ -8,7 +8,10 @@
 //!   from a simulated agent (join token, then mTLS with its agent SVID) on
 //!   another core, `--inflight` calls at a time so the server never waits
 //!   for the client. CSRs are generated before the clock starts (key
-//!   generation is the agent's cost). This is `svids_per_sec`.
+//!   generation is the agent's cost). This is `svids_per_sec`, with
+//!   issuance audited as always (one audit record and commit per batch);
+//!   `no_audit_svids_per_sec` is the same run with the hidden server key
+//!   `audit_issuance = false`, the baseline the audit's cost is read from.
 //! - in process: `sigil_core::x509::Ca::sign_svid` in a loop on one core,
 //!   interleaved with sign-limit runs on the same core.
 
@@ -224,6 +227,9 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     })
     .await?;
 
+    // Baseline first: the same run with issuance audit off (a hidden
+    // server key, for this comparison only), then the default (audited).
+    let no_audit = end_to_end(total, batch, inflight, slice, "audit_issuance = false\n").await?;
     let run = end_to_end(total, batch, inflight, slice, "").await?;
     let verify = end_to_end(
         total,
@@ -244,6 +250,11 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .with("inflight", inflight)
             .with("server_cores", if nproc() > 1 { 1 } else { nproc() })
             .f("server_cpu_util", run.server_cpu_util)
+            .f("no_audit_svids_per_sec", no_audit.svids_per_sec)
+            .f(
+                "no_audit_ratio",
+                no_audit.svids_per_sec / no_audit.sign_limit,
+            )
             .f("verify_csr_svids_per_sec", verify.svids_per_sec)
             .f("verify_csr_ratio", verify.svids_per_sec / verify.sign_limit)
             .f("inprocess_svids_per_sec", inp.svids_per_sec)

@@ -1,22 +1,63 @@
 //! Minting: workload X.509-SVIDs (batched CSRs) and JWT-SVIDs, each against
 //! an entry the calling agent is authorized for.
+//!
+//! Issuance is audited before anything is handed out: one
+//! `x509_svids_issued` record per mint batch (listing the serial and expiry
+//! of every leaf actually signed) and one `jwt_svid_issued` record per
+//! JWT-SVID (with its random `jti`), each committed in its own write
+//! transaction before the SVIDs are returned. A crash or a failed commit
+//! therefore never leaves an SVID in an agent's hands without its record;
+//! it can leave a record for SVIDs that were never delivered, which is the
+//! safe direction. Signing a batch ([`ServerState::sign_for_agent`]) and
+//! auditing it ([`ServerState::audit_batch`]) are separate steps so that the
+//! agent API can release its signing slot before waiting on the commit.
 
 use std::sync::Arc;
 
+use sigil_core::audit::{Event, IssuedX509Svid};
+use sigil_core::caller::Caller;
 use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, now_unix};
 
 use super::{MintOutcome, ServerState, poisoned};
+use crate::datastore::append_audit;
 use crate::error::RegistryError;
 
+/// A signed mint batch whose audit record is not written yet: hand it to
+/// [`ServerState::audit_batch`] before returning anything from it.
+#[must_use = "a signed batch must be audited before its SVIDs are returned"]
+pub struct MintBatch {
+    outcomes: Vec<MintOutcome>,
+    issued: Vec<IssuedX509Svid>,
+}
+
+impl MintBatch {
+    /// How many CSRs were signed.
+    pub fn signed(&self) -> usize {
+        self.issued.len()
+    }
+}
+
 impl ServerState {
-    /// Signs workload CSRs for an agent, each against an entry the agent is
-    /// authorized for. Per-CSR failures are reported per CSR.
+    /// Signs workload CSRs for an agent and audits the batch: see
+    /// [`ServerState::sign_for_agent`] and [`ServerState::audit_batch`].
     pub fn mint_for_agent(
         &self,
         agent: &SpiffeId,
         csrs: &[(String, Vec<u8>)],
     ) -> Result<Vec<MintOutcome>, RegistryError> {
+        let batch = self.sign_for_agent(agent, csrs)?;
+        self.audit_batch(agent, batch)
+    }
+
+    /// Signs workload CSRs for an agent, each against an entry the agent is
+    /// authorized for. Per-CSR failures are reported per CSR. Nothing is
+    /// audited yet.
+    pub fn sign_for_agent(
+        &self,
+        agent: &SpiffeId,
+        csrs: &[(String, Vec<u8>)],
+    ) -> Result<MintBatch, RegistryError> {
         let now = now_unix();
         let ca = self.ca();
         let parents = self.agent_parents(agent)?;
@@ -28,7 +69,8 @@ impl ServerState {
                 .map(|(id, _)| Self::authorized_entry(&idx, &parents, id, now))
                 .collect()
         };
-        Ok(csrs
+        let mut issued = Vec::with_capacity(csrs.len());
+        let outcomes = csrs
             .iter()
             .zip(entries)
             .map(|((_, csr), e)| {
@@ -40,17 +82,47 @@ impl ServerState {
                     ));
                 }
                 let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
-                ca.sign_svid(
-                    csr,
-                    self.cfg.workload_csr_check,
-                    &e.spiffe_id,
-                    &e.dns_names,
-                    ttl,
-                )
-                .map(|leaf| vec![leaf])
-                .map_err(|e| e.to_string())
+                let leaf = ca
+                    .sign_svid_issued(
+                        csr,
+                        self.cfg.workload_csr_check,
+                        &e.spiffe_id,
+                        &e.dns_names,
+                        ttl,
+                    )
+                    .map_err(|e| e.to_string())?;
+                issued.push(IssuedX509Svid {
+                    entry_id: e.id.clone(),
+                    spiffe_id: e.spiffe_id.clone(),
+                    serial: leaf.serial,
+                    expires_at: leaf.not_after,
+                });
+                Ok(vec![leaf.der])
             })
-            .collect())
+            .collect();
+        Ok(MintBatch { outcomes, issued })
+    }
+
+    /// Writes a signed batch's one `x509_svids_issued` record (when it
+    /// signed anything) and only then releases its outcomes. On error the
+    /// SVIDs must not be returned.
+    pub fn audit_batch(
+        &self,
+        agent: &SpiffeId,
+        batch: MintBatch,
+    ) -> Result<Vec<MintOutcome>, RegistryError> {
+        let MintBatch { outcomes, issued } = batch;
+        if issued.is_empty() || !self.cfg.audit_issuance {
+            return Ok(outcomes);
+        }
+        let caller = Caller::agent(agent.clone());
+        let event = Event::X509SvidsIssued {
+            agent_id: agent.clone(),
+            svids: issued,
+        };
+        self.store
+            .transact(|tx| append_audit(tx, &caller, event.clone()))?;
+        Ok(outcomes)
     }
 
     /// Signs a JWT-SVID for an entry the agent is authorized for.
@@ -84,7 +156,7 @@ impl ServerState {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .active_jwt();
-        signer
+        let jwt = signer
             .sign(
                 &e.spiffe_id,
                 audience,
@@ -92,6 +164,20 @@ impl ServerState {
                 now,
                 self.cfg.jwt_issuer.as_deref(),
             )
-            .map_err(|e| RegistryError::internal(e.to_string()))
+            .map_err(|e| RegistryError::internal(e.to_string()))?;
+        if self.cfg.audit_issuance {
+            let caller = Caller::agent(agent.clone());
+            let event = Event::JwtSvidIssued {
+                agent_id: agent.clone(),
+                entry_id: e.id.clone(),
+                spiffe_id: e.spiffe_id.clone(),
+                audience: audience.to_vec(),
+                jti: jwt.jti,
+                expires_at: jwt.expires_at,
+            };
+            self.store
+                .transact(|tx| append_audit(tx, &caller, event.clone()))?;
+        }
+        Ok(jwt.token)
     }
 }

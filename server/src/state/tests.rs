@@ -369,3 +369,96 @@ fn checkpoints_sign_the_head_once_and_exports_end_signed() {
     let (found, truncated) = s.query_audit(&q, 1).unwrap();
     assert!(truncated && found.len() == 1);
 }
+
+fn issuance_records(s: &ServerState) -> Vec<sigil_core::audit::Event> {
+    s.store
+        .read()
+        .unwrap()
+        .audit_records(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event)
+        .filter(|e| {
+            matches!(
+                e,
+                sigil_core::audit::Event::X509SvidsIssued { .. }
+                    | sigil_core::audit::Event::JwtSvidIssued { .. }
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_mint_batch_is_one_record_of_the_serials_actually_signed() {
+    use sigil_core::audit::Event;
+    let t = temp_state();
+    let s = &t.state;
+    attest(s, AGENT);
+    let a = s
+        .create_entry(&admin(), entry(AGENT, "spiffe://example.org/w/a"))
+        .unwrap();
+    let b = s
+        .create_entry(&admin(), entry(AGENT, "spiffe://example.org/w/b"))
+        .unwrap();
+    let csr = || new_key_and_csr().unwrap().0;
+    let batch = [
+        (a.id.clone(), csr()),
+        ("no-such-entry".to_string(), csr()),
+        (b.id.clone(), b"not a csr".to_vec()),
+        (b.id.clone(), csr()),
+    ];
+    let out = s.mint_for_agent(&id(AGENT), &batch).unwrap();
+    assert!(out[0].is_ok() && out[1].is_err() && out[2].is_err() && out[3].is_ok());
+    let leaf = |i: usize| SvidInfo::from_der(&out[i].as_ref().unwrap()[0]).unwrap();
+    let recs = issuance_records(s);
+    let [Event::X509SvidsIssued { agent_id, svids }] = recs.as_slice() else {
+        panic!("expected one batch record, got {recs:?}");
+    };
+    assert_eq!(agent_id, &id(AGENT));
+    let listed: Vec<(&str, &str, i64)> = svids
+        .iter()
+        .map(|v| (v.entry_id.as_str(), v.serial.as_str(), v.expires_at))
+        .collect();
+    let (l0, l3) = (leaf(0), leaf(3));
+    assert_eq!(
+        listed,
+        [
+            (a.id.as_str(), l0.serial.as_str(), l0.not_after),
+            (b.id.as_str(), l3.serial.as_str(), l3.not_after),
+        ]
+    );
+
+    // A batch that signs nothing writes nothing.
+    let none = s
+        .mint_for_agent(&id(AGENT), &[("no-such-entry".to_string(), csr())])
+        .unwrap();
+    assert!(none[0].is_err());
+    assert_eq!(issuance_records(s).len(), 1);
+
+    // Each JWT-SVID is recorded with its jti.
+    let token = s
+        .mint_jwt_for_agent(&id(AGENT), &a.id, &["aud".to_string()])
+        .unwrap();
+    let recs = issuance_records(s);
+    let Some(Event::JwtSvidIssued {
+        jti,
+        spiffe_id,
+        audience,
+        entry_id,
+        ..
+    }) = recs.last()
+    else {
+        panic!("no JWT record in {recs:?}");
+    };
+    assert_eq!(entry_id, &a.id);
+    assert_eq!(spiffe_id, &a.spiffe_id);
+    assert_eq!(audience, &["aud".to_string()]);
+    let bundle = sigil_core::jwt::JwtBundle::from_jwks(&s.jwt_bundle()).unwrap();
+    let v = sigil_core::jwt::validate(
+        &token,
+        "aud",
+        &std::collections::BTreeMap::from([(s.cfg.trust_domain.clone(), bundle)]),
+    )
+    .unwrap();
+    assert_eq!(v.claims["jti"], serde_json::json!(jti));
+}
