@@ -353,7 +353,8 @@ fn audit_query_answers_what_an_agent_got_when_from_which_node_and_who_allowed_it
 
     // By SPIFFE ID; filters combine (all must match).
     let by_id = q(&["--spiffe-id", "spiffe://example.org/q"]);
-    assert_eq!(kinds(&by_id), vec!["entry_created"]);
+    // The entry, and the workload SVID the agent minted under it.
+    assert_eq!(kinds(&by_id), vec!["entry_created", "x509_svids_issued"]);
     assert!(q(&["--spiffe-id", "spiffe://example.org/q", "--serial", serial]).is_empty());
     assert!(q(&["--jti", "no-such-jti"]).is_empty());
     assert!(q(&["--agent", agent, "--since", "2999-01-01T00:00:00Z"]).is_empty());
@@ -493,17 +494,41 @@ async fn a_mint_batch_is_one_record_of_its_serials_and_a_jwt_is_audited_by_jti()
     listed.sort();
     assert_eq!(listed, got, "the record lists exactly the SVIDs delivered");
 
+    // The workload holds three identities: the agent mints a JWT-SVID
+    // for each, and each has its own record and jti.
     let jwts: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["event"]["kind"] == "jwt_svid_issued")
         .collect();
-    assert_eq!(jwts.len(), 1, "{jwts:?}");
-    let j = &jwts[0]["event"];
-    assert_eq!(jwts[0]["caller"]["kind"], "agent");
-    assert_eq!(j["jti"], jti.as_str());
+    assert_eq!(jwts.len(), 3, "{jwts:?}");
+    let mut jtis: Vec<&str> = jwts
+        .iter()
+        .map(|r| r["event"]["jti"].as_str().unwrap())
+        .collect();
+    jtis.sort();
+    jtis.dedup();
+    assert_eq!(jtis.len(), 3, "{jtis:?}");
+    let mine: Vec<&&serde_json::Value> = jwts
+        .iter()
+        .filter(|r| r["event"]["jti"] == jti.as_str())
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "the token's jti {jti} is in the trail: {jwts:?}"
+    );
+    let j = &mine[0]["event"];
+    assert_eq!(mine[0]["caller"]["kind"], "agent");
     assert_eq!(j["spiffe_id"], claims["sub"]);
     assert_eq!(j["expires_at"], claims["exp"]);
-    assert_eq!(j["audience"], serde_json::json!(["payments", "ledger"]));
+    let mut aud: Vec<&str> = j["audience"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    aud.sort();
+    assert_eq!(aud, ["ledger", "payments"]);
     assert_eq!(j["agent_id"], agent);
 
     let live = c.server_ok(&["audit", "verify"]);
