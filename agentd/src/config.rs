@@ -1,4 +1,4 @@
-//! `agent.toml`: the keys of ../shared/DESIGN.md, unknown keys refused,
+//! `agent.toml` (every key in deploy/config/agent.toml), unknown keys refused,
 //! `log_level` one of the level names, and every path absolute.
 
 use std::net::IpAddr;

@@ -1,4 +1,4 @@
-//! `server.toml`: the keys of ../shared/DESIGN.md, unknown keys refused,
+//! `server.toml` (every key in deploy/config/server.toml), unknown keys refused,
 //! every duration bounded (see the `MAX_*` constants), `log_level` one of
 //! the level names, and every path absolute.
 
