@@ -253,6 +253,9 @@ impl ServerState {
         }
         self.store_entry(caller, &e, true)?;
         idx.insert(Arc::new(e.clone()));
+        if self.any_kill() {
+            self.refresh_killed_ids(&idx);
+        }
         self.entry_changed(&idx, None, Some(&e));
         drop(idx);
         tracing::info!(%caller, entry = %e.id, spiffe_id = %e.spiffe_id, "entry created");
@@ -290,6 +293,9 @@ impl ServerState {
         }
         self.store_entry(caller, &e, false)?;
         idx.insert(Arc::new(e.clone()));
+        if self.any_kill() {
+            self.refresh_killed_ids(&idx);
+        }
         self.entry_changed(&idx, Some(&old), Some(&e));
         drop(idx);
         tracing::info!(%caller, entry = %e.id, revision = e.revision, "entry updated");
@@ -337,6 +343,9 @@ impl ServerState {
             )
         })?;
         let old = idx.remove(id);
+        if self.any_kill() {
+            self.refresh_killed_ids(&idx);
+        }
         self.entry_changed(&idx, old.as_deref(), None);
         drop(idx);
         tracing::info!(%caller, entry = %id, "entry deleted");

@@ -10,6 +10,7 @@ use sigil_core::entry::Entry;
 use sigil_core::ids::new_entry_id;
 use sigil_core::now_unix;
 
+use super::entries::EntryIndex;
 use super::{Caller, ServerState, poisoned};
 use crate::datastore::append_audit;
 use crate::datastore::{KillRecord, KillTarget};
@@ -91,6 +92,7 @@ impl ServerState {
         })?;
         kills.push(kill.clone());
         drop(kills);
+        self.refresh_killed_ids(&*self.entries.read().map_err(|_| poisoned())?);
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, reason = %kill.reason, "kill created");
         // Every stream re-evaluates: a kill may touch entries under any
         // agent or node alias, and kills are rare next to syncs.
@@ -120,6 +122,7 @@ impl ServerState {
             .ok_or_else(|| RegistryError::not_found(format!("no kill {id:?}")))?;
         kills.retain(|k| k.id != id);
         drop(kills);
+        self.refresh_killed_ids(&*self.entries.read().map_err(|_| poisoned())?);
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, "kill lifted");
         self.bump();
         Ok(kill)
@@ -157,10 +160,19 @@ impl ServerState {
 
     /// SPIFFE IDs withdrawn as a whole: named by a SPIFFE-ID kill, or
     /// whose every entry some kill covers. Sorted; empty without kills.
+    /// Kept up to date by every kill and entry change, so a sync wake-up
+    /// only copies it.
     pub fn killed_spiffe_ids(&self) -> Vec<String> {
-        if !self.any_kill() {
-            return Vec::new();
-        }
+        self.killed_ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Recomputes [`ServerState::killed_spiffe_ids`] from `idx` (the entry
+    /// index the caller holds). Called before the change is announced, so
+    /// a woken stream never sees a stale list.
+    pub(super) fn refresh_killed_ids(&self, idx: &EntryIndex) {
         let kills = self.kills.read().unwrap_or_else(|p| p.into_inner());
         let mut out: std::collections::BTreeSet<String> = kills
             .iter()
@@ -169,20 +181,22 @@ impl ServerState {
                 _ => None,
             })
             .collect();
-        let idx = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        // SPIFFE ID -> whether some entry with it is still live.
-        let mut live: std::collections::HashMap<&sigil_core::SpiffeId, bool> =
-            std::collections::HashMap::new();
-        for e in idx.by_id.values().filter(|e| !e.node) {
-            let covered = kills.iter().any(|k| k.target.covers(e));
-            *live.entry(&e.spiffe_id).or_insert(false) |= !covered;
+        if !kills.is_empty() {
+            // SPIFFE ID -> whether some entry with it is still live.
+            let mut live: std::collections::HashMap<&sigil_core::SpiffeId, bool> =
+                std::collections::HashMap::new();
+            for e in idx.by_id.values().filter(|e| !e.node) {
+                let covered = kills.iter().any(|k| k.target.covers(e));
+                *live.entry(&e.spiffe_id).or_insert(false) |= !covered;
+            }
+            out.extend(
+                live.into_iter()
+                    .filter(|(_, alive)| !alive)
+                    .map(|(id, _)| id.to_string()),
+            );
         }
-        out.extend(
-            live.into_iter()
-                .filter(|(_, alive)| !alive)
-                .map(|(id, _)| id.to_string()),
-        );
-        out.into_iter().collect()
+        drop(kills);
+        *self.killed_ids.write().unwrap_or_else(|p| p.into_inner()) = out.into_iter().collect();
     }
 
     /// Whether any kill is in force (fast path for the hot paths).

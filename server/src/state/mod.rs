@@ -91,6 +91,9 @@ pub struct ServerState {
     token_ids: std::sync::Mutex<HashMap<SpiffeId, i64>>,
     /// Kills in force (few; checked on sync and minting).
     kills: RwLock<Vec<KillRecord>>,
+    /// SPIFFE IDs withdrawn by kills, derived from `kills` and the entries
+    /// on every change (see `kills::refresh_killed_ids`).
+    killed_ids: RwLock<Vec<String>>,
     /// The audit key and the last checkpoint.
     audit: audit::AuditState,
 }
@@ -140,7 +143,13 @@ impl ServerState {
             signing: crate::signing::SigningQueue::per_core(),
             token_ids: std::sync::Mutex::new(token_ids),
             kills: RwLock::new(kills),
+            killed_ids: RwLock::default(),
             audit: audit::AuditState::default(),
+        })
+        .inspect(|s: &Self| {
+            if let Ok(idx) = s.entries.read() {
+                s.refresh_killed_ids(&idx);
+            }
         })
     }
 
