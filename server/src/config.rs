@@ -177,6 +177,12 @@ struct RawDatastore {
     kind: String,
     #[serde(default)]
     url: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    sslmode: Option<String>,
+    #[serde(default)]
+    pool_size: Option<u32>,
 }
 
 fn default_bind_address() -> String {
@@ -209,10 +215,124 @@ fn default_true() -> bool {
 }
 
 /// Which datastore backs the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum DatastoreKind {
     /// redb file under `data_dir` (default).
     Redb,
+    /// A PostgreSQL database, shared by several servers.
+    Postgres(Box<PostgresConfig>),
+}
+
+/// Largest `datastore.pool_size`.
+pub const MAX_POOL_SIZE: u32 = 256;
+/// Default `datastore.pool_size`.
+pub const DEFAULT_POOL_SIZE: u32 = 8;
+
+/// `[datastore] kind = "postgres"`.
+#[derive(Clone)]
+pub struct PostgresConfig {
+    /// The parsed `url` (it may hold a password: never logged, and shown
+    /// by `Debug` without it).
+    pub client: postgres::Config,
+    /// `password_file`: read at start, must be 0600 or stricter.
+    pub password_file: Option<PathBuf>,
+    /// Connections kept open at most.
+    pub pool_size: u32,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("target", &crate::datastore::describe_target(&self.client))
+            .field("password_file", &self.password_file)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `sslmode` values: only `disable` is implemented so far.
+const SSLMODES: [&str; 3] = ["disable", "require", "verify-full"];
+
+fn postgres_config(d: RawDatastore) -> Result<PostgresConfig, ConfigError> {
+    let url = d
+        .url
+        .ok_or_else(|| key_err("datastore.url", "required for kind = \"postgres\""))?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(key_err(
+            "datastore.url",
+            "must be a postgres:// URL (postgres://user@host:port/dbname)",
+        ));
+    }
+    // The URL may carry a password: errors never quote it.
+    let mut client: postgres::Config = url
+        .parse()
+        .map_err(|e| key_err("datastore.url", format!("not a valid PostgreSQL URL: {e}")))?;
+    if url.contains("sslmode=") {
+        return Err(key_err(
+            "datastore.url",
+            "set TLS with datastore.sslmode, not in the URL",
+        ));
+    }
+    if client.get_user().is_none_or(str::is_empty) {
+        return Err(key_err(
+            "datastore.url",
+            "names no user (postgres://user@host:port/dbname)",
+        ));
+    }
+    if client.get_dbname().is_none_or(str::is_empty) {
+        return Err(key_err(
+            "datastore.url",
+            "names no database (postgres://user@host:port/dbname)",
+        ));
+    }
+    if client.get_hosts().is_empty() {
+        return Err(key_err(
+            "datastore.url",
+            "names no host (postgres://user@host:port/dbname)",
+        ));
+    }
+    if d.password_file.is_some() && client.get_password().is_some() {
+        return Err(key_err(
+            "datastore.password_file",
+            "the URL already has a password: give one or the other",
+        ));
+    }
+    if let Some(p) = &d.password_file {
+        absolute("datastore.password_file", p)?;
+    }
+    match d.sslmode.as_deref().unwrap_or("disable") {
+        "disable" => {
+            client.ssl_mode(postgres::config::SslMode::Disable);
+        }
+        "require" | "verify-full" => {
+            return Err(key_err(
+                "datastore.sslmode",
+                "TLS to PostgreSQL is not implemented yet: use \"disable\" over a Unix socket \
+                 or a trusted network",
+            ));
+        }
+        other => {
+            return Err(key_err(
+                "datastore.sslmode",
+                format!(
+                    "unknown mode {other:?} (expected one of {})",
+                    SSLMODES.join(", ")
+                ),
+            ));
+        }
+    }
+    let pool_size = d.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+    if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
+        return Err(key_err(
+            "datastore.pool_size",
+            format!("{pool_size} is out of range (1 to {MAX_POOL_SIZE})"),
+        ));
+    }
+    Ok(PostgresConfig {
+        client,
+        password_file: d.password_file,
+        pool_size,
+    })
 }
 
 /// A validated server configuration.
@@ -409,21 +529,23 @@ impl ServerConfig {
             None => DatastoreKind::Redb,
             Some(d) => match d.kind.as_str() {
                 "redb" => {
-                    if d.url.is_some() {
-                        return Err(key_err("datastore.url", "not used by the redb datastore"));
+                    for (key, set) in [
+                        ("datastore.url", d.url.is_some()),
+                        ("datastore.password_file", d.password_file.is_some()),
+                        ("datastore.sslmode", d.sslmode.is_some()),
+                        ("datastore.pool_size", d.pool_size.is_some()),
+                    ] {
+                        if set {
+                            return Err(key_err(key, "not used by the redb datastore"));
+                        }
                     }
                     DatastoreKind::Redb
                 }
-                "postgres" => {
-                    return Err(key_err(
-                        "datastore.kind",
-                        "postgres is not available in this build yet",
-                    ));
-                }
+                "postgres" => DatastoreKind::Postgres(Box::new(postgres_config(d)?)),
                 other => {
                     return Err(key_err(
                         "datastore.kind",
-                        format!("unknown kind {other:?} (expected redb)"),
+                        format!("unknown kind {other:?} (expected redb or postgres)"),
                     ));
                 }
             },
@@ -808,5 +930,111 @@ mod tests {
                 "{line}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn postgres_datastore_settings_are_checked_naming_the_key() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n[datastore]\n";
+        let c = ServerConfig::parse(&format!(
+            "{base}kind = \"postgres\"\nurl = \"postgres://sigil@db.internal:5433/sigil\"\n\
+             password_file = \"/etc/sigil/pgpass\"\npool_size = 4\n"
+        ))
+        .unwrap();
+        let DatastoreKind::Postgres(pg) = &c.datastore else {
+            panic!("not postgres: {:?}", c.datastore);
+        };
+        assert_eq!(pg.pool_size, 4);
+        assert_eq!(pg.client.get_dbname(), Some("sigil"));
+        assert_eq!(pg.client.get_ports(), &[5433]);
+        assert_eq!(
+            pg.password_file.as_deref(),
+            Some(Path::new("/etc/sigil/pgpass"))
+        );
+        let c = ServerConfig::parse(&format!(
+            "{base}kind = \"postgres\"\nurl = \"postgres://sigil@db/sigil\"\n"
+        ))
+        .unwrap();
+        let DatastoreKind::Postgres(pg) = &c.datastore else {
+            panic!("not postgres");
+        };
+        assert_eq!(pg.pool_size, DEFAULT_POOL_SIZE);
+        let url = "url = \"postgres://sigil@db/sigil\"";
+        for (lines, key, says) in [
+            ("kind = \"postgres\"", "datastore.url", "required"),
+            (
+                "kind = \"postgres\"\nurl = \"mysql://a@b/c\"",
+                "datastore.url",
+                "postgres://",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://db/sigil\"",
+                "datastore.url",
+                "no user",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u@db\"",
+                "datastore.url",
+                "no database",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u@db/d?sslmode=require\"",
+                "datastore.url",
+                "sslmode",
+            ),
+            (
+                &format!("kind = \"postgres\"\n{url}\nsslmode = \"verify-full\""),
+                "datastore.sslmode",
+                "not implemented",
+            ),
+            (
+                &format!("kind = \"postgres\"\n{url}\nsslmode = \"sometimes\""),
+                "datastore.sslmode",
+                "sometimes",
+            ),
+            (
+                &format!("kind = \"postgres\"\n{url}\npool_size = 0"),
+                "datastore.pool_size",
+                "out of range",
+            ),
+            (
+                &format!("kind = \"postgres\"\n{url}\npassword_file = \"pw\""),
+                "datastore.password_file",
+                "absolute",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u:pw@db/d\"\npassword_file = \"/pw\"",
+                "datastore.password_file",
+                "already has a password",
+            ),
+            (&format!("kind = \"redb\"\n{url}"), "datastore.url", "redb"),
+            (
+                "kind = \"redb\"\npool_size = 3",
+                "datastore.pool_size",
+                "redb",
+            ),
+            ("kind = \"mongo\"", "datastore.kind", "mongo"),
+            (
+                &format!("kind = \"postgres\"\n{url}\nhost = \"x\""),
+                "host",
+                "unknown field",
+            ),
+        ] {
+            let e = ServerConfig::parse(&format!("{base}{lines}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(says), "{lines}: {e}");
+        }
+        // A password in the URL is accepted but never shown.
+        let c = ServerConfig::parse(&format!(
+            "{base}kind = \"postgres\"\nurl = \"postgres://u:s3cret@db/d\"\n"
+        ))
+        .unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let e = ServerConfig::parse(&format!(
+            "{base}kind = \"postgres\"\nurl = \"postgres://u:s3cret@db/d\"\nsslmode = \"require\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("s3cret"), "{e}");
     }
 }

@@ -2,7 +2,8 @@
 //! importable by benchmarks and tests.
 //!
 //! - [`config`] — `server.toml` parsing and validation.
-//! - [`datastore`] — persistence behind the [`datastore::Datastore`] trait (redb).
+//! - [`datastore`] — persistence behind the [`datastore::Datastore`] trait
+//!   (redb, or PostgreSQL for several servers).
 //! - [`keys`] — X.509 CAs and JWT keys: persistence (0600) and rotation.
 //! - [`state`] — the registry: entries, agents, tokens, federation, minting
 //!   and change notification, one module each; [`error`] — its error type.

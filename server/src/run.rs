@@ -15,7 +15,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use crate::admin_api::AdminService;
 use crate::agent_api::{AgentService, Gate};
 use crate::config::{DatastoreKind, EndpointProfile, ServerConfig};
-use crate::datastore::{Datastore, RedbStore};
+use crate::datastore::{Datastore, PostgresStore, RedbStore};
 use crate::endpoints;
 use crate::keys::Keys;
 use crate::limits::{self, Guarded, HANDSHAKE_TIMEOUT};
@@ -43,10 +43,13 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         cfg.ca_ttl,
         cfg.jwt_key_type,
     )?;
-    let store: Arc<dyn Datastore> = match cfg.datastore {
+    let store: Arc<dyn Datastore> = match &cfg.datastore {
         DatastoreKind::Redb => Arc::new(
             RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
         ),
+        DatastoreKind::Postgres(pg) => {
+            Arc::new(PostgresStore::open_configured(pg).map_err(|e| format!("datastore: {e}"))?)
+        }
     };
     let state = Arc::new(ServerState::new(cfg.clone(), store, keys).map_err(|e| e.to_string())?);
     state.install_audit_key(crate::state::load_or_create_audit_key(&cfg.data_dir)?)?;

@@ -13,6 +13,8 @@
     unreachable_pub
 )]
 
+pub mod pg;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

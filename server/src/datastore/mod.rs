@@ -1,6 +1,8 @@
 //! Persistent state of the server behind one backend-neutral interface:
 //! registration entries, attested agents, join tokens (stored by hash only)
-//! federated bundles and kills, as domain types ([`records`]).
+//! federated bundles, kills and the audit chain, as domain types
+//! ([`records`]). Backends: [`RedbStore`] (one file, the default) and
+//! [`PostgresStore`] (a database several servers can share).
 //!
 //! There is one write path: [`Datastore::write`] runs a mutation inside one
 //! backend transaction. The mutation reads what it needs through the same
@@ -11,9 +13,11 @@
 //! serialization failure), so mutations must not have side effects outside
 //! the transaction.
 
+mod postgres;
 mod records;
 mod redb_store;
 
+pub use postgres::{PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, describe_target};
 pub use records::{AgentRecord, AttestationType, KillRecord, KillTarget, TokenRecord};
 pub use redb_store::RedbStore;
 

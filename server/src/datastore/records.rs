@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 use sigil_core::SpiffeId;
 use sigil_core::selector::Selector;
 
+use prost::Message;
+use sigil_core::TrustDomain;
+use sigil_core::audit;
+use sigil_core::entry::Entry;
+use sigil_proto::common::Entry as PbEntry;
+use sigil_proto::common::FederatedBundle;
+
 use super::StoreError;
 
 /// How a node proved its identity.
@@ -306,6 +313,38 @@ impl KillRecord {
             created_at: s.created_at,
         })
     }
+}
+
+/// Entries are stored as their protobuf form and validated again when read.
+pub(super) fn encode_entry(e: &Entry) -> Vec<u8> {
+    e.to_proto().encode_to_vec()
+}
+
+/// Federated bundles are stored as their protobuf form.
+pub(super) fn encode_bundle(b: &FederatedBundle) -> Vec<u8> {
+    b.encode_to_vec()
+}
+
+pub(super) fn decode_entry(key: &str, b: &[u8], td: &TrustDomain) -> Result<Entry, StoreError> {
+    let pb = PbEntry::decode(b).map_err(|e| StoreError::Corrupt(format!("entry {key:?}: {e}")))?;
+    Entry::from_proto(&pb, td).map_err(|e| StoreError::Corrupt(format!("entry {key:?}: {e}")))
+}
+
+pub(super) fn decode_audit(seq: u64, line: &str) -> Result<audit::Record, StoreError> {
+    let r = audit::Record::from_jsonl_line(line)
+        .map_err(|e| StoreError::Corrupt(format!("audit record {seq}: {e}")))?;
+    if r.seq != seq {
+        return Err(StoreError::Corrupt(format!(
+            "audit record stored at {seq} says seq {}",
+            r.seq
+        )));
+    }
+    Ok(r)
+}
+
+pub(super) fn decode_bundle(key: &str, b: &[u8]) -> Result<FederatedBundle, StoreError> {
+    FederatedBundle::decode(b)
+        .map_err(|e| StoreError::Corrupt(format!("federated bundle {key:?}: {e}")))
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@ use redb::{
 use sigil_core::TrustDomain;
 use sigil_core::audit;
 use sigil_core::entry::Entry;
-use sigil_proto::common::Entry as PbEntry;
 use sigil_proto::common::FederatedBundle;
 
+use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
 use super::{AgentRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, WriteTx};
 use crate::error::RegistryError;
 
@@ -119,28 +119,6 @@ fn all(
     Ok(out)
 }
 
-fn decode_entry(key: &str, b: &[u8], td: &TrustDomain) -> Result<Entry, StoreError> {
-    let pb = PbEntry::decode(b).map_err(|e| StoreError::Corrupt(format!("entry {key:?}: {e}")))?;
-    Entry::from_proto(&pb, td).map_err(|e| StoreError::Corrupt(format!("entry {key:?}: {e}")))
-}
-
-fn decode_audit(seq: u64, line: &str) -> Result<audit::Record, StoreError> {
-    let r = audit::Record::from_jsonl_line(line)
-        .map_err(|e| StoreError::Corrupt(format!("audit record {seq}: {e}")))?;
-    if r.seq != seq {
-        return Err(StoreError::Corrupt(format!(
-            "audit record stored at {seq} says seq {}",
-            r.seq
-        )));
-    }
-    Ok(r)
-}
-
-fn decode_bundle(key: &str, b: &[u8]) -> Result<FederatedBundle, StoreError> {
-    FederatedBundle::decode(b)
-        .map_err(|e| StoreError::Corrupt(format!("federated bundle {key:?}: {e}")))
-}
-
 /// Implements [`ReadTx`] for a transaction type whose `open_table` yields a
 /// readable table.
 macro_rules! read_tx {
@@ -238,7 +216,7 @@ impl WriteTx for WriteTransaction {
         Ok(take(self, AGENTS, id)?.is_some())
     }
     fn put_entry(&mut self, e: &Entry) -> Result<(), StoreError> {
-        put(self, ENTRIES, &e.id, &e.to_proto().encode_to_vec())
+        put(self, ENTRIES, &e.id, &encode_entry(e))
     }
     fn delete_entry(&mut self, id: &str) -> Result<bool, StoreError> {
         Ok(take(self, ENTRIES, id)?.is_some())
@@ -252,7 +230,7 @@ impl WriteTx for WriteTransaction {
             .transpose()
     }
     fn put_bundle(&mut self, td: &str, b: &FederatedBundle) -> Result<(), StoreError> {
-        put(self, BUNDLES, td, &b.encode_to_vec())
+        put(self, BUNDLES, td, &encode_bundle(b))
     }
     fn delete_bundle(&mut self, td: &str) -> Result<bool, StoreError> {
         Ok(take(self, BUNDLES, td)?.is_some())
@@ -299,6 +277,7 @@ impl Datastore for RedbStore {
 mod tests {
     use super::*;
     use sigil_core::SpiffeId;
+    use sigil_proto::common::Entry as PbEntry;
 
     fn td() -> TrustDomain {
         TrustDomain::new("example.org").unwrap()

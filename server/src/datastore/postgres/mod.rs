@@ -1,0 +1,440 @@
+//! The PostgreSQL datastore, for several servers sharing one database.
+//!
+//! Tables and encodings are those of the redb backend (see
+//! `schema/0001_initial.sql`): one row per record, the record's body in the
+//! same encoding, parsed and validated again when read. Keeping the bodies
+//! rather than one column per field means one encoding for both backends
+//! (a migration copies bodies as they are) and one decoding path with its
+//! checks; an index column can be added by a later migration when a query
+//! needs one.
+//!
+//! Transactions:
+//! - [`Datastore::read`] is a `REPEATABLE READ READ ONLY` snapshot, taken
+//!   when `read` is called.
+//! - [`Datastore::write`] runs at `READ COMMITTED` and first locks the
+//!   one-row `write_lock` table `FOR UPDATE`. Writers, on every server,
+//!   therefore take turns and each sees everything committed before it:
+//!   read-modify-write never interleaves (a renewal cannot undo a ban), a
+//!   join token is taken once, and audit appends are serialized on the
+//!   chain head. Every mutation appends an audit record, so the chain
+//!   serialized writers already; the lock makes it explicit and covers
+//!   the reads made before the append.
+//! - Serialization failures and deadlocks (SQLSTATE 40001, 40P01) are
+//!   retried a bounded number of times; the mutation is re-runnable by the
+//!   [`Datastore::write`] contract.
+//!
+//! Connections are owned by threads of their own ([`pool`]), so the store
+//! can be called from async tasks and blocking threads alike.
+
+mod migrate;
+mod pool;
+
+use std::time::Duration;
+
+use postgres::Row;
+use sigil_core::TrustDomain;
+use sigil_core::audit;
+use sigil_core::entry::Entry;
+use sigil_proto::common::FederatedBundle;
+
+pub use migrate::SCHEMA_VERSION;
+use pool::{Param, Pool, Session};
+
+use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
+use super::{AgentRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, WriteTx};
+use crate::error::RegistryError;
+
+/// How often a write is attempted when it keeps conflicting.
+const WRITE_ATTEMPTS: u32 = 8;
+
+/// PostgreSQL-backed [`Datastore`].
+pub struct PostgresStore {
+    pool: Pool,
+    /// `user@host:port/db`, for messages (never the password).
+    target: String,
+}
+
+/// `user@host:port/dbname` of a client config, without the password.
+pub fn describe_target(cfg: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let host = cfg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(p) => p.display().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let port = cfg
+        .get_ports()
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "{}@{}:{}/{}",
+        cfg.get_user().unwrap_or(""),
+        host,
+        if port.is_empty() { "5432".into() } else { port },
+        cfg.get_dbname().unwrap_or("")
+    )
+}
+
+impl PostgresStore {
+    /// Connects with `cfg` (password already set, if any), applies pending
+    /// schema migrations, and keeps at most `pool_size` connections.
+    pub fn open(mut cfg: postgres::Config, pool_size: usize) -> Result<Self, StoreError> {
+        cfg.connect_timeout(pool::CONNECT_TIMEOUT)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .application_name("sigil-server");
+        let target = describe_target(&cfg);
+        let pool = Pool::new(cfg, pool_size);
+        let before = {
+            let mut s = pool
+                .session()
+                .map_err(|e| StoreError::Backend(format!("{target}: {e}")))?;
+            migrate::migrate(&mut s).map_err(|e| StoreError::Backend(format!("{target}: {e}")))?
+        };
+        tracing::info!(%target, schema_version = SCHEMA_VERSION, found = before, pool_size, "PostgreSQL datastore open");
+        Ok(Self { pool, target })
+    }
+
+    /// Opens the database `[datastore]` names, with the password from
+    /// `password_file` (which must be private: 0600 or stricter, owned by
+    /// this uid or root) when one is given.
+    pub fn open_configured(pg: &crate::config::PostgresConfig) -> Result<Self, StoreError> {
+        let mut cfg = pg.client.clone();
+        if let Some(path) = &pg.password_file {
+            cfg.password(read_password(path)?);
+        }
+        Self::open(cfg, pg.pool_size as usize)
+    }
+
+    /// The database's schema version.
+    pub fn schema_version(&self) -> Result<i32, StoreError> {
+        let s = self.pool.session()?;
+        migrate::current_version(&s)
+    }
+
+    /// `user@host:port/db` of the database.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// A session in a transaction started with `begin`. A stale pooled
+    /// connection (e.g. after a database restart) fails at `BEGIN`, before
+    /// anything was done, and is replaced by a fresh one.
+    fn begin(&self, begin: &str) -> Result<Session<'_>, StoreError> {
+        let mut last = None;
+        for _ in 0..2 {
+            let mut s = self.pool.session()?;
+            match s.begin(begin) {
+                Ok(()) => return Ok(s),
+                Err(e) if s.broken() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Backend("PostgreSQL: no connection".into())))
+    }
+}
+
+/// The password in `path`: the file's first line, which must not be empty.
+fn read_password(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
+    let bad = |why: String| {
+        StoreError::Backend(format!("datastore.password_file {}: {why}", path.display()))
+    };
+    let raw = sigil_fs::read_private_file(path, sigil_fs::Links::Follow)
+        .map_err(|e| bad(e.to_string()))?;
+    let line = raw.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    Ok(line.to_vec())
+}
+
+/// A transaction: read-only snapshot or a write transaction.
+struct PgTx<'p> {
+    s: Session<'p>,
+}
+
+fn text(row: &Row, i: usize, what: &str, key: &str) -> Result<String, StoreError> {
+    row.try_get::<_, String>(i)
+        .map_err(|e| StoreError::Corrupt(format!("{what} {key:?}: column {i}: {e}")))
+}
+
+fn bytes(row: &Row, i: usize, what: &str, key: &str) -> Result<Vec<u8>, StoreError> {
+    row.try_get::<_, Vec<u8>>(i)
+        .map_err(|e| StoreError::Corrupt(format!("{what} {key:?}: column {i}: {e}")))
+}
+
+fn int(row: &Row, i: usize, what: &str) -> Result<i64, StoreError> {
+    row.try_get::<_, i64>(i)
+        .map_err(|e| StoreError::Corrupt(format!("{what}: column {i}: {e}")))
+}
+
+/// `(key, body)` rows of a table whose key is text.
+fn keyed<T>(
+    rows: Vec<Row>,
+    what: &str,
+    body: fn(&Row, usize, &str, &str) -> Result<T, StoreError>,
+) -> Result<Vec<(String, T)>, StoreError> {
+    rows.iter()
+        .map(|r| {
+            let k = text(r, 0, what, "?")?;
+            let v = body(r, 1, what, &k)?;
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn audit_row(r: &Row) -> Result<audit::Record, StoreError> {
+    let seq = int(r, 0, "audit record")?;
+    let seq = u64::try_from(seq)
+        .map_err(|_| StoreError::Corrupt(format!("audit record with seq {seq}")))?;
+    let line = text(r, 1, "audit record", &seq.to_string())?;
+    decode_audit(seq, &line)
+}
+
+fn seq_param(seq: u64) -> Result<Param, StoreError> {
+    i64::try_from(seq)
+        .map(Param::Int)
+        .map_err(|_| StoreError::Backend(format!("audit seq {seq} out of range")))
+}
+
+fn t(s: &str) -> Param {
+    Param::Text(s.to_owned())
+}
+
+impl ReadTx for PgTx<'_> {
+    fn agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let rows = self.s.query(
+            "SELECT body FROM agents WHERE spiffe_id = $1",
+            vec![t(spiffe_id)],
+        )?;
+        rows.first()
+            .map(|r| {
+                AgentRecord::decode(spiffe_id, text(r, 0, "agent record", spiffe_id)?.as_bytes())
+            })
+            .transpose()
+    }
+    fn agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = self.s.query(
+            "SELECT spiffe_id, body FROM agents ORDER BY spiffe_id",
+            vec![],
+        )?;
+        keyed(rows, "agent record", text)?
+            .iter()
+            .map(|(k, v)| AgentRecord::decode(k, v.as_bytes()))
+            .collect()
+    }
+    fn agent_count(&self) -> Result<u64, StoreError> {
+        let rows = self.s.query("SELECT count(*) FROM agents", vec![])?;
+        let n = rows
+            .first()
+            .map(|r| int(r, 0, "agent count"))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+    fn entries(&self, td: &TrustDomain) -> Result<Vec<Entry>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT id, body FROM entries ORDER BY id", vec![])?;
+        keyed(rows, "entry", bytes)?
+            .iter()
+            .map(|(k, v)| decode_entry(k, v, td))
+            .collect()
+    }
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT hash, body FROM join_tokens ORDER BY hash", vec![])?;
+        keyed(rows, "join token", text)?
+            .iter()
+            .map(|(k, v)| TokenRecord::decode(k, v.as_bytes()))
+            .collect()
+    }
+    fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError> {
+        let rows = self.s.query(
+            "SELECT trust_domain, body FROM federated_bundles ORDER BY trust_domain",
+            vec![],
+        )?;
+        keyed(rows, "federated bundle", bytes)?
+            .into_iter()
+            .map(|(k, v)| decode_bundle(&k, &v).map(|b| (k, b)))
+            .collect()
+    }
+    fn kills(&self) -> Result<Vec<KillRecord>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT id, body FROM kills ORDER BY id", vec![])?;
+        keyed(rows, "kill", text)?
+            .iter()
+            .map(|(k, v)| KillRecord::decode(k, v.as_bytes()))
+            .collect()
+    }
+    fn audit_head(&self) -> Result<Option<audit::Head>, StoreError> {
+        let rows = self.s.query(
+            "SELECT seq, line FROM audit ORDER BY seq DESC LIMIT 1",
+            vec![],
+        )?;
+        rows.first()
+            .map(|r| audit_row(r).map(|rec| rec.head()))
+            .transpose()
+    }
+    fn audit_records(&self, since: u64, limit: usize) -> Result<Vec<audit::Record>, StoreError> {
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.s.query(
+            "SELECT seq, line FROM audit WHERE seq >= $1 ORDER BY seq LIMIT $2",
+            vec![Param::Int(since), Param::Int(limit)],
+        )?;
+        rows.iter().map(audit_row).collect()
+    }
+}
+
+impl PgTx<'_> {
+    fn upsert(&self, sql: &'static str, key: &str, body: Param) -> Result<(), StoreError> {
+        self.s.execute(sql, vec![t(key), body])?;
+        Ok(())
+    }
+    fn delete(&self, sql: &'static str, key: &str) -> Result<bool, StoreError> {
+        Ok(self.s.execute(sql, vec![t(key)])? > 0)
+    }
+    /// Runs a `DELETE … RETURNING body` and yields the text body, if any.
+    fn take_text(
+        &self,
+        sql: &'static str,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let rows = self.s.query(sql, vec![t(key)])?;
+        rows.first().map(|r| text(r, 0, what, key)).transpose()
+    }
+}
+
+impl WriteTx for PgTx<'_> {
+    fn put_agent(&mut self, a: &AgentRecord) -> Result<(), StoreError> {
+        let body = String::from_utf8(a.encode()?)
+            .map_err(|e| StoreError::Backend(format!("agent record encoding: {e}")))?;
+        self.upsert(
+            "INSERT INTO agents (spiffe_id, body) VALUES ($1, $2)
+             ON CONFLICT (spiffe_id) DO UPDATE SET body = EXCLUDED.body",
+            &a.spiffe_id.to_string(),
+            Param::Text(body),
+        )
+    }
+    fn delete_agent(&mut self, spiffe_id: &str) -> Result<bool, StoreError> {
+        self.delete("DELETE FROM agents WHERE spiffe_id = $1", spiffe_id)
+    }
+    fn put_entry(&mut self, e: &Entry) -> Result<(), StoreError> {
+        self.upsert(
+            "INSERT INTO entries (id, body) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+            &e.id,
+            Param::Bytes(encode_entry(e)),
+        )
+    }
+    fn delete_entry(&mut self, id: &str) -> Result<bool, StoreError> {
+        self.delete("DELETE FROM entries WHERE id = $1", id)
+    }
+    fn put_token(&mut self, hash: &str, tok: &TokenRecord) -> Result<(), StoreError> {
+        let body = String::from_utf8(tok.encode()?)
+            .map_err(|e| StoreError::Backend(format!("join token encoding: {e}")))?;
+        self.upsert(
+            "INSERT INTO join_tokens (hash, body) VALUES ($1, $2)
+             ON CONFLICT (hash) DO UPDATE SET body = EXCLUDED.body",
+            hash,
+            Param::Text(body),
+        )
+    }
+    fn take_token(&mut self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.take_text(
+            "DELETE FROM join_tokens WHERE hash = $1 RETURNING body",
+            hash,
+            "join token",
+        )?
+        .map(|b| TokenRecord::decode(hash, b.as_bytes()))
+        .transpose()
+    }
+    fn put_bundle(&mut self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError> {
+        self.upsert(
+            "INSERT INTO federated_bundles (trust_domain, body) VALUES ($1, $2)
+             ON CONFLICT (trust_domain) DO UPDATE SET body = EXCLUDED.body",
+            trust_domain,
+            Param::Bytes(encode_bundle(b)),
+        )
+    }
+    fn delete_bundle(&mut self, trust_domain: &str) -> Result<bool, StoreError> {
+        self.delete(
+            "DELETE FROM federated_bundles WHERE trust_domain = $1",
+            trust_domain,
+        )
+    }
+    fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError> {
+        let body = String::from_utf8(k.encode()?)
+            .map_err(|e| StoreError::Backend(format!("kill encoding: {e}")))?;
+        self.upsert(
+            "INSERT INTO kills (id, body) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+            &k.id,
+            Param::Text(body),
+        )
+    }
+    fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError> {
+        self.take_text("DELETE FROM kills WHERE id = $1 RETURNING body", id, "kill")?
+            .map(|b| KillRecord::decode(id, b.as_bytes()))
+            .transpose()
+    }
+    fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
+        self.s.execute(
+            "INSERT INTO audit (seq, line) VALUES ($1, $2)",
+            vec![seq_param(r.seq)?, Param::Text(r.to_jsonl_line())],
+        )?;
+        Ok(())
+    }
+}
+
+impl Datastore for PostgresStore {
+    fn read(&self) -> Result<Box<dyn ReadTx + '_>, StoreError> {
+        // The snapshot is taken at a transaction's first statement: take it
+        // now, in the same round trip, so that it is the state at `read()`.
+        let s = self.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")?;
+        Ok(Box::new(PgTx { s }))
+    }
+
+    fn write(
+        &self,
+        op: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut attempt = 1;
+        loop {
+            let mut tx = PgTx {
+                s: self.begin("BEGIN ISOLATION LEVEL READ COMMITTED")?,
+            };
+            let locked =
+                tx.s.query("SELECT id FROM write_lock WHERE id = 1 FOR UPDATE", vec![]);
+            let r = match locked {
+                Ok(rows) if rows.is_empty() => Err(RegistryError::Store(StoreError::Corrupt(
+                    "table write_lock has lost its row".into(),
+                ))),
+                Ok(_) => op(&mut tx).and_then(|()| tx.s.commit().map_err(RegistryError::Store)),
+                Err(e) => Err(e.into()),
+            };
+            let conflicted = tx.s.conflicted();
+            tx.s.rollback();
+            drop(tx);
+            match r {
+                Err(e) if conflicted && attempt < WRITE_ATTEMPTS => {
+                    tracing::debug!(attempt, error = %e, "PostgreSQL write conflicted; retrying");
+                    std::thread::sleep(Duration::from_millis(2 << attempt.min(6)));
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+}

@@ -1,0 +1,538 @@
+//! One suite of the datastore interface, run against every backend: redb
+//! (a fresh file per case) and PostgreSQL (a real server started by the
+//! test harness, a fresh database per case). Then the PostgreSQL-only
+//! behaviour: schema migrations (concurrent first start, a newer schema
+//! refused), corrupt rows named, and calls from inside a tokio runtime.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+
+use sigil_core::audit::{self, Caller, Event, ServerTask};
+use sigil_core::entry::Entry;
+use sigil_core::{SpiffeId, TrustDomain};
+use sigil_proto::common::{Entry as PbEntry, FederatedBundle};
+use sigil_server::datastore::{
+    AgentRecord, AttestationType, Datastore, KillRecord, KillTarget, POSTGRES_SCHEMA_VERSION,
+    PostgresStore, RedbStore, StoreError, TokenRecord, WriteTx, append_audit,
+};
+use sigil_server::error::RegistryError;
+use sigil_tests::pg::{self, Postgres};
+
+type Case = (&'static str, fn(&dyn Datastore));
+
+/// Every case of the suite; each gets an empty store.
+const CASES: &[Case] = &[
+    ("records_round_trip", records_round_trip),
+    ("a_transaction_reads_its_own_writes", reads_its_own_writes),
+    (
+        "a_failed_write_writes_nothing_not_even_audit",
+        failed_write_writes_nothing,
+    ),
+    (
+        "a_read_snapshot_ignores_later_commits",
+        snapshot_ignores_later_commits,
+    ),
+    (
+        "a_token_is_taken_once_by_concurrent_takers",
+        token_taken_once,
+    ),
+    (
+        "concurrent_writers_keep_one_valid_audit_chain",
+        concurrent_audit_chain,
+    ),
+    ("a_ban_racing_renewals_is_never_undone", ban_never_undone),
+];
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
+fn entry(n: u32) -> Entry {
+    Entry::from_proto(
+        &PbEntry {
+            id: format!("entry-{n:05}"),
+            spiffe_id: format!("spiffe://example.org/w{n}"),
+            parent_id: "spiffe://example.org/agent".into(),
+            selectors: vec![format!("unix:uid:{n}")],
+            dns_names: vec!["w.example.org".into()],
+            ..Default::default()
+        },
+        &td(),
+    )
+    .unwrap()
+}
+
+fn agent(name: &str) -> AgentRecord {
+    AgentRecord {
+        spiffe_id: id(&format!("spiffe://example.org/sigil/agent/x509pop/{name}")),
+        attestation: AttestationType::X509Pop,
+        selectors: vec!["x509pop:subject:cn:node".parse().unwrap()],
+        serial: "01".into(),
+        previous_serial: Some("00".into()),
+        svid_expires_at: 2_000,
+        last_attested_at: 1_000,
+        banned: false,
+        created_at: 900,
+    }
+}
+
+fn token(exp: i64) -> TokenRecord {
+    TokenRecord {
+        spiffe_id: Some("spiffe://example.org/node".into()),
+        expires_at: exp,
+    }
+}
+
+fn kill(n: u32) -> KillRecord {
+    KillRecord {
+        id: format!("kill-{n}"),
+        target: KillTarget::Entry(format!("entry-{n:05}")),
+        reason: "compromised".into(),
+        caller: "uid 0".into(),
+        created_at: 5,
+    }
+}
+
+fn bundle(sequence: u64) -> FederatedBundle {
+    FederatedBundle {
+        x509_authorities: vec![vec![1, 2, 3]],
+        jwt_bundle: b"{\"keys\":[]}".to_vec(),
+        sequence,
+    }
+}
+
+fn event(n: u32) -> Event {
+    Event::EntryDeleted {
+        entry_id: format!("entry-{n}"),
+        spiffe_id: id(&format!("spiffe://example.org/w{n}")),
+        parent_id: id("spiffe://example.org/agent"),
+    }
+}
+
+fn caller() -> Caller {
+    Caller::server(ServerTask::Expiry)
+}
+
+fn all_audit(s: &dyn Datastore) -> Vec<audit::Record> {
+    s.read().unwrap().audit_records(0, usize::MAX).unwrap()
+}
+
+fn put(s: &dyn Datastore, mut op: impl FnMut(&mut dyn WriteTx) -> Result<(), RegistryError>) {
+    s.write(&mut op).unwrap();
+}
+
+fn records_round_trip(s: &dyn Datastore) {
+    let a = agent("a");
+    let mut b = agent("b");
+    b.banned = true;
+    b.previous_serial = None;
+    put(s, |tx| {
+        tx.put_agent(&a)?;
+        tx.put_agent(&b)?;
+        tx.put_entry(&entry(2))?;
+        tx.put_entry(&entry(1))?;
+        tx.put_token("hash-1", &token(10))?;
+        tx.put_bundle("other.org", &bundle(1))?;
+        tx.put_kill(&kill(1))?;
+        append_audit(tx, &caller(), event(1))?;
+        Ok(())
+    });
+    {
+        let r = s.read().unwrap();
+        assert_eq!(r.agent(&a.spiffe_id.to_string()).unwrap(), Some(a.clone()));
+        assert_eq!(r.agent("spiffe://example.org/none").unwrap(), None);
+        assert_eq!(r.agents().unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(r.agent_count().unwrap(), 2);
+        assert_eq!(r.entries(&td()).unwrap(), vec![entry(1), entry(2)]);
+        assert_eq!(r.tokens().unwrap(), vec![token(10)]);
+        assert_eq!(
+            r.bundles().unwrap(),
+            vec![("other.org".to_string(), bundle(1))]
+        );
+        assert_eq!(r.kills().unwrap(), vec![kill(1)]);
+        assert_eq!(r.audit_head().unwrap().map(|h| h.seq), Some(1));
+    }
+    // Replacing and removing each kind.
+    let mut a2 = a.clone();
+    a2.serial = "02".into();
+    let mut e1 = entry(1);
+    e1.revision = 7;
+    put(s, |tx| {
+        tx.put_agent(&a2)?;
+        assert!(tx.delete_agent(&b.spiffe_id.to_string())?);
+        assert!(!tx.delete_agent("spiffe://example.org/none")?);
+        tx.put_entry(&e1)?;
+        assert!(tx.delete_entry("entry-00002")?);
+        assert!(!tx.delete_entry("entry-00002")?);
+        assert_eq!(tx.take_token("hash-1")?, Some(token(10)));
+        assert_eq!(tx.take_token("hash-1")?, None);
+        tx.put_bundle("other.org", &bundle(2))?;
+        assert!(tx.delete_bundle("other.org")?);
+        assert!(!tx.delete_bundle("other.org")?);
+        assert_eq!(tx.take_kill("kill-1")?, Some(kill(1)));
+        assert_eq!(tx.take_kill("kill-1")?, None);
+        append_audit(tx, &caller(), event(2))?;
+        Ok(())
+    });
+    let r = s.read().unwrap();
+    assert_eq!(r.agents().unwrap(), vec![a2]);
+    assert_eq!(r.entries(&td()).unwrap(), vec![e1]);
+    assert!(r.tokens().unwrap().is_empty());
+    assert!(r.bundles().unwrap().is_empty());
+    assert!(r.kills().unwrap().is_empty());
+    let recs = r.audit_records(1, 10).unwrap();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[1].event, event(2));
+    assert_eq!(r.audit_records(2, 10).unwrap().len(), 1);
+    assert_eq!(r.audit_records(1, 1).unwrap().len(), 1);
+    assert!(r.audit_records(3, 10).unwrap().is_empty());
+    audit::verify(&recs, None).unwrap();
+}
+
+fn reads_its_own_writes(s: &dyn Datastore) {
+    put(s, |tx| {
+        tx.put_token("t", &token(1))?;
+        Ok(())
+    });
+    put(s, |tx| {
+        tx.put_entry(&entry(1))?;
+        assert_eq!(tx.entries(&td())?, vec![entry(1)]);
+        tx.put_agent(&agent("a"))?;
+        assert!(tx.agent(&agent("a").spiffe_id.to_string())?.is_some());
+        assert_eq!(tx.agent_count()?, 1);
+        assert!(tx.take_token("t")?.is_some());
+        assert!(tx.tokens()?.is_empty());
+        append_audit(tx, &caller(), event(1))?;
+        append_audit(tx, &caller(), event(2))?;
+        assert_eq!(tx.audit_head()?.map(|h| h.seq), Some(2));
+        assert_eq!(tx.audit_records(1, 10)?.len(), 2);
+        Ok(())
+    });
+    audit::verify(&all_audit(s), None).unwrap();
+}
+
+fn failed_write_writes_nothing(s: &dyn Datastore) {
+    put(s, |tx| {
+        tx.put_token("keep", &token(3))?;
+        append_audit(tx, &caller(), event(0))?;
+        Ok(())
+    });
+    let err = s
+        .write(&mut |tx| {
+            tx.put_entry(&entry(1))?;
+            tx.put_agent(&agent("a"))?;
+            tx.put_kill(&kill(1))?;
+            tx.put_bundle("other.org", &bundle(1))?;
+            tx.take_token("keep")?;
+            append_audit(tx, &caller(), event(1))?;
+            Err(RegistryError::denied("refused after writing"))
+        })
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::PermissionDenied(_)), "{err}");
+    let r = s.read().unwrap();
+    assert!(r.entries(&td()).unwrap().is_empty());
+    assert_eq!(r.agent_count().unwrap(), 0);
+    assert!(r.kills().unwrap().is_empty());
+    assert!(r.bundles().unwrap().is_empty());
+    assert_eq!(r.tokens().unwrap(), vec![token(3)]);
+    assert_eq!(r.audit_head().unwrap().map(|h| h.seq), Some(1));
+    assert_eq!(r.audit_records(0, 10).unwrap().len(), 1);
+}
+
+fn snapshot_ignores_later_commits(s: &dyn Datastore) {
+    let r = s.read().unwrap();
+    put(s, |tx| {
+        tx.put_entry(&entry(1))?;
+        Ok(())
+    });
+    assert!(r.entries(&td()).unwrap().is_empty());
+    drop(r);
+    assert_eq!(s.read().unwrap().entries(&td()).unwrap().len(), 1);
+}
+
+const THREADS: usize = 8;
+
+fn token_taken_once(s: &dyn Datastore) {
+    for round in 0..5 {
+        let hash = format!("race-{round}");
+        put(s, |tx| {
+            tx.put_token(&hash, &token(round))?;
+            Ok(())
+        });
+        let barrier = Barrier::new(THREADS);
+        let winners: usize = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    sc.spawn(|| {
+                        barrier.wait();
+                        s.transact(|tx| {
+                            let t = tx.take_token(&hash)?;
+                            if t.is_some() {
+                                append_audit(tx, &caller(), event(0))?;
+                            }
+                            Ok(t.is_some())
+                        })
+                        .unwrap()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap()))
+                .sum()
+        });
+        assert_eq!(winners, 1, "round {round}: {winners} takers got the token");
+    }
+    assert!(s.read().unwrap().tokens().unwrap().is_empty());
+    assert_eq!(audit::verify(&all_audit(s), None).unwrap().records, 5);
+}
+
+fn concurrent_audit_chain(s: &dyn Datastore) {
+    const PER_THREAD: u32 = 25;
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|sc| {
+        for t in 0..THREADS as u32 {
+            let barrier = &barrier;
+            sc.spawn(move || {
+                barrier.wait();
+                for i in 0..PER_THREAD {
+                    let n = t * 1000 + i;
+                    put(s, |tx| {
+                        tx.put_entry(&entry(n))?;
+                        append_audit(tx, &caller(), event(n))?;
+                        Ok(())
+                    });
+                }
+            });
+        }
+    });
+    let recs = all_audit(s);
+    let want = THREADS * PER_THREAD as usize;
+    assert_eq!(recs.len(), want);
+    let summary = audit::verify(&recs, None).unwrap();
+    assert_eq!(summary.last_seq, want as u64);
+    assert_eq!(s.read().unwrap().entries(&td()).unwrap().len(), want);
+}
+
+fn ban_never_undone(s: &dyn Datastore) {
+    let a = agent("raced");
+    let key = a.spiffe_id.to_string();
+    put(s, |tx| {
+        tx.put_agent(&a)?;
+        Ok(())
+    });
+    let barrier = Barrier::new(THREADS + 1);
+    let renewals_after_ban = AtomicUsize::new(0);
+    let banned = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        for t in 0..THREADS {
+            let (barrier, key, banned, after) = (&barrier, &key, &banned, &renewals_after_ban);
+            sc.spawn(move || {
+                barrier.wait();
+                for i in 0..20u32 {
+                    let r = s.write(&mut |tx| {
+                        let mut rec = tx
+                            .agent(key)?
+                            .ok_or_else(|| RegistryError::not_found("agent"))?;
+                        if rec.banned {
+                            return Err(RegistryError::denied("banned"));
+                        }
+                        std::thread::yield_now();
+                        rec.previous_serial = Some(rec.serial.clone());
+                        rec.serial = format!("{t:02x}{i:02x}");
+                        tx.put_agent(&rec)?;
+                        append_audit(tx, &caller(), event(i))?;
+                        Ok(())
+                    });
+                    match r {
+                        Ok(()) => {
+                            if banned.load(Ordering::SeqCst) {
+                                after.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        Err(RegistryError::PermissionDenied(_)) => break,
+                        Err(e) => panic!("renewal failed: {e}"),
+                    }
+                }
+            });
+        }
+        barrier.wait();
+        put(s, |tx| {
+            let mut rec = tx
+                .agent(&key)?
+                .ok_or_else(|| RegistryError::not_found("agent"))?;
+            std::thread::yield_now();
+            rec.banned = true;
+            tx.put_agent(&rec)?;
+            append_audit(tx, &caller(), event(9999))?;
+            Ok(())
+        });
+        banned.store(true, Ordering::SeqCst);
+    });
+    let rec = s.read().unwrap().agent(&key).unwrap().unwrap();
+    assert!(rec.banned, "a renewal undid the ban");
+    assert_eq!(
+        renewals_after_ban.load(Ordering::SeqCst),
+        0,
+        "a renewal committed after the ban"
+    );
+    audit::verify(&all_audit(s), None).unwrap();
+}
+
+/// Runs every case, each on a fresh store from `make`, and reports every
+/// failing case by name.
+fn run_suite(backend: &str, mut make: impl FnMut(&str) -> Box<dyn Datastore>) {
+    let mut failed = Vec::new();
+    for (name, case) in CASES {
+        let store = make(name);
+        eprintln!("{backend}: {name}");
+        if catch_unwind(AssertUnwindSafe(|| case(store.as_ref()))).is_err() {
+            failed.push(*name);
+        }
+    }
+    assert!(failed.is_empty(), "{backend} failed: {failed:?}");
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn redb_passes_the_datastore_suite() {
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("sigil-suite-redb-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    run_suite("redb", |name| {
+        Box::new(RedbStore::open(&dir.0.join(format!("{name}.redb"))).unwrap())
+    });
+}
+
+fn pg_config(pg: &Postgres, db: &str) -> postgres::Config {
+    let mut c: postgres::Config = pg.url(db).parse().unwrap();
+    c.password(pg::PASSWORD);
+    c
+}
+
+fn open_db(pg: &Postgres, db: &str) -> PostgresStore {
+    pg.create_db(db);
+    PostgresStore::open(pg_config(pg, db), 16).unwrap()
+}
+
+#[test]
+fn postgres_passes_the_datastore_suite_and_migrates_once() {
+    let Some(pg) = pg::start("suite") else {
+        return;
+    };
+    run_suite("postgres", |name| Box::new(open_db(&pg, name)));
+
+    // Servers starting at once on an empty database: one schema, one set
+    // of migrations.
+    pg.create_db("racing_start");
+    let barrier = Barrier::new(6);
+    std::thread::scope(|sc| {
+        for _ in 0..6 {
+            sc.spawn(|| {
+                barrier.wait();
+                let s = PostgresStore::open(pg_config(&pg, "racing_start"), 2).unwrap();
+                assert_eq!(s.schema_version().unwrap(), POSTGRES_SCHEMA_VERSION);
+            });
+        }
+    });
+    assert_eq!(
+        pg.psql(
+            "racing_start",
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM sigil_schema_migrations"
+        ),
+        (1..=POSTGRES_SCHEMA_VERSION)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    assert_eq!(
+        pg.psql("racing_start", "SELECT count(*) FROM write_lock"),
+        "1"
+    );
+
+    // A database upgraded by a newer binary is refused, naming both versions.
+    pg.psql(
+        "racing_start",
+        "INSERT INTO sigil_schema_migrations (version) VALUES (999)",
+    );
+    let err = PostgresStore::open(pg_config(&pg, "racing_start"), 1)
+        .err()
+        .expect("a newer schema must be refused")
+        .to_string();
+    assert!(
+        err.contains("999") && err.contains(&format!("sigil-server's {POSTGRES_SCHEMA_VERSION}")),
+        "{err}"
+    );
+
+    // A corrupt row is an error naming it, not a panic or a dropped record.
+    let s = open_db(&pg, "corrupt");
+    put(&s, |tx| {
+        tx.put_agent(&agent("a"))?;
+        tx.put_entry(&entry(1))?;
+        Ok(())
+    });
+    pg.psql("corrupt", "UPDATE agents SET body = '{\"spiffe_id\": 5}'");
+    pg.psql("corrupt", "UPDATE entries SET body = '\\xff00'::bytea");
+    let e = s.read().unwrap().agents().unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Corrupt(m) if m.contains("sigil/agent/x509pop/a")),
+        "{e}"
+    );
+    let e = s.read().unwrap().entries(&td()).unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Corrupt(m) if m.contains("entry-00001")),
+        "{e}"
+    );
+
+    // A wrong password: a clear error naming the database, not the password.
+    let mut bad = pg_config(&pg, "corrupt");
+    bad.password("not-the-password");
+    let err = PostgresStore::open(bad, 1)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(!err.contains("not-the-password"), "{err}");
+    assert!(err.contains("postgres@127.0.0.1"), "{err}");
+
+    // Called straight from async code on both runtime flavours (the
+    // synchronous client must never start a runtime inside one).
+    let s = Arc::new(open_db(&pg, "from_async"));
+    for rt in [
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    ] {
+        let s = s.clone();
+        rt.block_on(async move {
+            put(s.as_ref(), |tx| {
+                append_audit(tx, &caller(), event(1))?;
+                Ok(())
+            });
+            let s2 = s.clone();
+            tokio::spawn(async move { s2.read().unwrap().audit_head().unwrap() })
+                .await
+                .unwrap()
+                .unwrap();
+        });
+    }
+    assert_eq!(s.read().unwrap().audit_head().unwrap().unwrap().seq, 2);
+}

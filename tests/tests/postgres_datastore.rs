@@ -1,0 +1,157 @@
+//! End-to-end with `[datastore] kind = "postgres"`: the real sigil-server on
+//! a real PostgreSQL started by the harness. An agent attests, an entry
+//! reaches a workload (fetched with the `spiffe` crate), a server restart
+//! keeps entries and agents, and `audit verify` passes; the records are in
+//! the database, not in a redb file. A group-readable password file stops
+//! the server before it serves, naming the key.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a test failure"
+)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use sigil_tests::pg::{self, Postgres};
+use sigil_tests::{Cluster, Scratch, bin, eventually, my_uid_selector};
+use spiffe::WorkloadApiClient;
+
+const LONG: Duration = Duration::from_secs(30);
+
+async fn ids(addr: &str) -> Option<Vec<String>> {
+    let client = WorkloadApiClient::connect_to(addr).await.ok()?;
+    let mut v: Vec<String> = client
+        .fetch_all_x509_svids()
+        .await
+        .ok()?
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+async fn wait_ids(addr: &str, want: &[&str]) {
+    eventually(&format!("SVIDs {want:?}"), LONG, || async {
+        (ids(addr).await? == want).then_some(())
+    })
+    .await;
+}
+
+fn datastore_section(pg: &Postgres, db: &str, password_file: &std::path::Path) -> String {
+    format!(
+        "[datastore]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\npool_size = 4\n",
+        pg.url(db),
+        password_file.display()
+    )
+}
+
+#[tokio::test]
+async fn a_server_on_postgres_serves_survives_restart_and_audits() {
+    let Some(pg) = pg::start("e2e") else {
+        return;
+    };
+    pg.create_db("sigil");
+    let secrets = Scratch::new("pg-secret");
+    let pw = secrets.0.join("pgpass");
+    pg.write_password_file(&pw);
+    let mut c = Cluster::start_with(&datastore_section(&pg, "sigil", &pw));
+    c.start_agent("spiffe://example.org/test-agent");
+    c.create_entry(
+        "spiffe://example.org/pg-a",
+        &["--selector", &my_uid_selector()],
+    );
+    let addr = c.api_addr();
+    wait_ids(&addr, &["spiffe://example.org/pg-a"]).await;
+
+    // Everything is in PostgreSQL: no redb file was created.
+    assert!(!c.dir.0.join("server/datastore.redb").exists());
+    assert_eq!(pg.psql("sigil", "SELECT count(*) FROM entries"), "1");
+    assert_eq!(pg.psql("sigil", "SELECT count(*) FROM agents"), "1");
+
+    let entries_before = c.server_ok(&["entry", "list", "--output", "json"]);
+    c.stop_server();
+    c.start_server();
+    assert_eq!(
+        c.server_ok(&["entry", "list", "--output", "json"]),
+        entries_before
+    );
+    let agents: serde_json::Value =
+        serde_json::from_str(&c.server_ok(&["agent", "list", "--output", "json"])).unwrap();
+    assert_eq!(
+        agents["agents"][0]["spiffe_id"],
+        "spiffe://example.org/test-agent"
+    );
+
+    // The agent reconnects and receives a change made after the restart.
+    c.create_entry(
+        "spiffe://example.org/pg-b",
+        &["--selector", &my_uid_selector()],
+    );
+    wait_ids(
+        &addr,
+        &["spiffe://example.org/pg-a", "spiffe://example.org/pg-b"],
+    )
+    .await;
+
+    let verified = c.server_ok(&["audit", "verify"]);
+    assert!(verified.starts_with("OK:"), "{verified}");
+    let records: u64 = pg
+        .psql("sigil", "SELECT count(*) FROM audit")
+        .parse()
+        .unwrap();
+    assert!(
+        records >= 4,
+        "token, attestation and two entries audited: {records}"
+    );
+    assert!(
+        !c.logs().contains(pg::PASSWORD),
+        "the database password is in a log"
+    );
+}
+
+#[test]
+fn a_group_readable_password_file_is_refused_naming_the_key() {
+    let Some(pg) = pg::start("e2e-pw") else {
+        return;
+    };
+    pg.create_db("sigil");
+    let dir = Scratch::new("pg-pw");
+    let pw = dir.0.join("pgpass");
+    pg.write_password_file(&pw);
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let cfg = dir.0.join("server.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "trust_domain = \"example.org\"\nbind_port = {}\ndata_dir = \"{d}/server\"\nadmin_socket = \"{d}/admin.sock\"\n{}",
+            sigil_tests::free_port(),
+            datastore_section(&pg, "sigil", &pw),
+            d = dir.0.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("sigil-server"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a 0640 password file");
+    assert!(
+        err.contains("datastore.password_file") && err.contains("pgpass"),
+        "{err}"
+    );
+    assert!(!err.contains(pg::PASSWORD), "{err}");
+    // Nothing was created in the database.
+    assert_eq!(
+        pg.psql(
+            "sigil",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0"
+    );
+}
