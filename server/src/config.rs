@@ -253,18 +253,16 @@ impl std::fmt::Debug for PostgresConfig {
 /// `sslmode` values: only `disable` is implemented so far.
 const SSLMODES: [&str; 3] = ["disable", "require", "verify-full"];
 
-fn postgres_config(d: RawDatastore) -> Result<PostgresConfig, ConfigError> {
-    let url = d
-        .url
-        .ok_or_else(|| key_err("datastore.url", "required for kind = \"postgres\""))?;
+/// Parses and checks a `postgres://user@host:port/dbname` URL (key
+/// `datastore.url`); errors never quote it, since it may hold a password.
+pub fn postgres_url(url: &str) -> Result<postgres::Config, ConfigError> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(key_err(
             "datastore.url",
             "must be a postgres:// URL (postgres://user@host:port/dbname)",
         ));
     }
-    // The URL may carry a password: errors never quote it.
-    let mut client: postgres::Config = url
+    let client: postgres::Config = url
         .parse()
         .map_err(|e| key_err("datastore.url", format!("not a valid PostgreSQL URL: {e}")))?;
     if url.contains("sslmode=") {
@@ -291,6 +289,14 @@ fn postgres_config(d: RawDatastore) -> Result<PostgresConfig, ConfigError> {
             "names no host (postgres://user@host:port/dbname)",
         ));
     }
+    Ok(client)
+}
+
+fn postgres_config(d: RawDatastore) -> Result<PostgresConfig, ConfigError> {
+    let url = d
+        .url
+        .ok_or_else(|| key_err("datastore.url", "required for kind = \"postgres\""))?;
+    let mut client = postgres_url(&url)?;
     if d.password_file.is_some() && client.get_password().is_some() {
         return Err(key_err(
             "datastore.password_file",

@@ -16,7 +16,8 @@
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
 //! - [`run`] — wiring and serving; [`cli`] — operator subcommands
-//!   ([`kill_cli`]: `sigil-server kill`; [`audit_cli`]: `sigil-server audit`).
+//!   ([`kill_cli`]: `sigil-server kill`; [`audit_cli`]: `sigil-server audit`;
+//!   [`datastore_cli`]: `sigil-server datastore migrate`).
 
 #![allow(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod audit_cli;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod datastore_cli;
 pub mod endpoints;
 pub mod error;
 pub mod keys;

@@ -54,6 +54,9 @@ enum Cmd {
     /// The tamper-evident audit trail.
     #[command(subcommand)]
     Audit(sigil_server::audit_cli::AuditCmd),
+    /// Datastore maintenance: migrate redb to PostgreSQL.
+    #[command(subcommand)]
+    Datastore(sigil_server::datastore_cli::DatastoreCmd),
 }
 
 fn init_tracing(level: &str) {
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             Cmd::Bundle(c) => cli::bundle(c).await,
             Cmd::Kill(c) => sigil_server::kill_cli::kill(*c).await,
             Cmd::Audit(c) => sigil_server::audit_cli::audit(c).await,
+            Cmd::Datastore(c) => sigil_server::datastore_cli::datastore(c).await,
         }
     });
     match result {

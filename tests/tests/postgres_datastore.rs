@@ -155,3 +155,114 @@ fn a_group_readable_password_file_is_refused_naming_the_key() {
         "0"
     );
 }
+
+#[tokio::test]
+async fn a_redb_deployment_migrates_to_postgres_with_nothing_lost() {
+    let Some(pg) = pg::start("migrate") else {
+        return;
+    };
+    pg.create_db("sigil");
+    let secrets = Scratch::new("pg-mig-secret");
+    let pw = secrets.0.join("pgpass");
+    pg.write_password_file(&pw);
+
+    // A redb deployment with an agent, entries, an unused token and a kill.
+    let mut c = Cluster::start();
+    c.start_agent("spiffe://example.org/test-agent");
+    c.create_entry(
+        "spiffe://example.org/m-a",
+        &["--selector", &my_uid_selector()],
+    );
+    c.create_entry("spiffe://example.org/m-b", &["--selector", "unix:uid:4242"]);
+    c.token("spiffe://example.org/spare-node");
+    c.server_ok(&[
+        "kill",
+        "--spiffe-id",
+        "spiffe://example.org/m-b",
+        "--reason",
+        "drill",
+    ]);
+    let addr = c.api_addr();
+    wait_ids(&addr, &["spiffe://example.org/m-a"]).await;
+    let listed = |c: &Cluster| {
+        [
+            c.server_ok(&["entry", "list", "--output", "json"]),
+            c.server_ok(&["agent", "list", "--output", "json"]),
+            c.server_ok(&["kill", "list", "--output", "json"]),
+        ]
+    };
+    let before = listed(&c);
+    let audit_before = c.server_ok(&["audit", "export"]);
+
+    let redb = c.dir.0.join("server/datastore.redb");
+    let migrate = || {
+        Command::new(bin("sigil-server"))
+            .args(["datastore", "migrate", "--from"])
+            .arg(format!("redb:{}", redb.display()))
+            .args(["--to", &pg.url("sigil"), "--password-file"])
+            .arg(&pw)
+            .args(["--trust-domain", "example.org"])
+            .output()
+            .unwrap()
+    };
+    // The file of a running server is refused, and nothing is copied.
+    let busy = migrate();
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(!busy.status.success(), "migrated a datastore in use");
+    assert!(err.contains("still running"), "{err}");
+    assert_eq!(
+        pg.psql(
+            "sigil",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0"
+    );
+    c.stop_server();
+
+    let out = migrate();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 entries, 1 agents, 1 join tokens, 0 federated bundles, 1 kills"),
+        "{stdout}"
+    );
+    // Into a database that is no longer empty: refused, nothing added.
+    let audit_rows = pg.psql("sigil", "SELECT count(*) FROM audit");
+    let again = migrate();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already holds"), "{err}");
+    assert_eq!(pg.psql("sigil", "SELECT count(*) FROM audit"), audit_rows);
+
+    // The server on PostgreSQL (the redb file moved away) has everything.
+    std::fs::rename(&redb, redb.with_extension("migrated")).unwrap();
+    let toml = c.dir.0.join("server.toml");
+    let mut cfg = std::fs::read_to_string(&toml).unwrap();
+    cfg.push_str(&datastore_section(&pg, "sigil", &pw));
+    std::fs::write(&toml, cfg).unwrap();
+    c.start_server();
+    assert!(!redb.exists(), "the server created a new redb file");
+    assert_eq!(listed(&c), before);
+    let verified = c.server_ok(&["audit", "verify"]);
+    assert!(verified.starts_with("OK:"), "{verified}");
+    let audit_after = c.server_ok(&["audit", "export"]);
+    assert!(
+        audit_after.starts_with(&audit_before),
+        "the migrated audit chain is not the old one"
+    );
+
+    // The agent reconnects with its migrated record and gets new entries.
+    c.create_entry(
+        "spiffe://example.org/m-c",
+        &["--selector", &my_uid_selector()],
+    );
+    wait_ids(
+        &addr,
+        &["spiffe://example.org/m-a", "spiffe://example.org/m-c"],
+    )
+    .await;
+}

@@ -13,10 +13,12 @@
 //! serialization failure), so mutations must not have side effects outside
 //! the transaction.
 
+mod copy;
 mod postgres;
 mod records;
 mod redb_store;
 
+pub use copy::{CopySummary, copy_all};
 pub use postgres::{PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, describe_target};
 pub use records::{AgentRecord, AttestationType, KillRecord, KillTarget, TokenRecord};
 pub use redb_store::RedbStore;
@@ -54,6 +56,9 @@ pub trait ReadTx {
     fn entries(&self, td: &TrustDomain) -> Result<Vec<Entry>, StoreError>;
     /// Every unused join token record.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Every unused join token record with its key (the token's hash), in
+    /// key order: for copying a datastore.
+    fn tokens_by_hash(&self) -> Result<Vec<(String, TokenRecord)>, StoreError>;
     /// All federated bundles by trust domain.
     fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError>;
     /// Every kill in force.

@@ -154,6 +154,13 @@ macro_rules! read_tx {
                     .map(|(k, v)| TokenRecord::decode(k, v))
                     .collect()
             }
+            fn tokens_by_hash(&self) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+                let t = self.open_table(TOKENS).map_err(be)?;
+                all(&t)?
+                    .into_iter()
+                    .map(|(k, v)| TokenRecord::decode(&k, &v).map(|r| (k, r)))
+                    .collect()
+            }
             fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError> {
                 let t = self.open_table(BUNDLES).map_err(be)?;
                 all(&t)?

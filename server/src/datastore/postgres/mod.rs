@@ -257,6 +257,15 @@ impl ReadTx for PgTx<'_> {
             .map(|(k, v)| TokenRecord::decode(k, v.as_bytes()))
             .collect()
     }
+    fn tokens_by_hash(&self) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT hash, body FROM join_tokens ORDER BY hash", vec![])?;
+        keyed(rows, "join token", text)?
+            .into_iter()
+            .map(|(k, v)| TokenRecord::decode(&k, v.as_bytes()).map(|r| (k, r)))
+            .collect()
+    }
     fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError> {
         let rows = self.s.query(
             "SELECT trust_domain, body FROM federated_bundles ORDER BY trust_domain",
