@@ -231,6 +231,9 @@ pub struct TrustMaterial {
     /// SPIFFE IDs withdrawn by a kill (sorted): ValidateJWTSVID rejects
     /// their tokens.
     pub killed: Vec<String>,
+    /// The trust domain's CRLs (DER), as received: delivered in the
+    /// Workload API's `crl` fields.
+    pub crl: Vec<Bytes>,
 }
 
 impl TrustMaterial {
@@ -265,6 +268,7 @@ impl TrustMaterial {
             federated_x509,
             jwt_bundles,
             killed: Vec::new(),
+            crl: Vec::new(),
         }
     }
 }
@@ -278,6 +282,8 @@ pub struct SyncState {
     pub federated: BTreeMap<String, FederatedBundle>,
     /// SPIFFE IDs withdrawn by a kill: their JWT-SVIDs fail validation.
     pub killed: Vec<String>,
+    /// CRLs of the trust domain's CAs (DER).
+    pub crl: Vec<Vec<u8>>,
 }
 
 /// The cache worker.
@@ -329,6 +335,7 @@ impl Cache {
     }
 
     fn apply(&mut self, s: SyncState) {
+        let crl: Vec<Bytes> = s.crl.into_iter().map(Bytes::from).collect();
         self.entries = Arc::new(EntrySet::new(s.entries));
         if self.svids.keys().any(|id| self.entries.get(id).is_none()) {
             let entries = &self.entries;
@@ -340,9 +347,11 @@ impl Cache {
         if s.jwt_bundle != self.trust.jwks
             || s.federated != self.trust.federated
             || s.killed != self.trust.killed
+            || crl != self.trust.crl
         {
             let mut trust = TrustMaterial::new(&self.td, s.jwt_bundle, s.federated);
             trust.killed = s.killed;
+            trust.crl = crl;
             self.trust = Arc::new(trust);
         }
         self.synced = true;

@@ -14,7 +14,7 @@ use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{DEFAULT_ADMIN_SOCKET, DEFAULT_SOCKET_PATH};
@@ -193,18 +193,7 @@ pub fn join_token(
 }
 
 async fn uds_channel(path: &Path) -> Result<Channel, String> {
-    let p = path.to_path_buf();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))
+    sigil_proto::unix::channel(path).await
 }
 
 /// Splits concatenated DER certificates.
@@ -398,6 +387,24 @@ async fn fetch_x509(socket: SocketArgs, write: Option<PathBuf>) -> Result<(), St
                 dir.join(format!("bundle{suffix}.pem")).display()
             );
         }
+    }
+    // The CRLs of the trust domain's CAs, for `openssl verify -crl_check`
+    // and relying parties that read files.
+    if let Some(dir) = &write
+        && !resp.crl.is_empty()
+    {
+        let text: String = resp
+            .crl
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("X509 CRL", c.clone())))
+            .collect();
+        let path = dir.join("crl.pem");
+        write_file(&path, text.as_bytes(), 0o644)?;
+        println!(
+            "Writing {} CRL(s) to file {}",
+            resp.crl.len(),
+            path.display()
+        );
     }
     Ok(())
 }

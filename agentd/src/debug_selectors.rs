@@ -74,18 +74,7 @@ pub async fn run(args: DebugSelectorsArgs) -> Result<(), String> {
     let path = args
         .admin_socket
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
-    let p = path.clone();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move {
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", path.display()))?;
+    let channel = sigil_proto::unix::channel(&path).await?;
     let r = AgentAdminApiClient::new(channel)
         .debug_selectors(DebugSelectorsRequest { pid: args.pid })
         .await

@@ -305,6 +305,7 @@ impl ServerLink {
                                     jwt_bundle: u.jwt_bundle,
                                     federated: u.federated.into_iter().collect(),
                                     killed: u.killed_spiffe_ids,
+                                    crl: u.crl,
                                 };
                                 if out.send(state).await.is_err() {
                                     return Ok(true);

@@ -184,7 +184,7 @@ fn x509_response(
         .collect();
     Ok(Some(X509svidResponse {
         svids,
-        crl: vec![],
+        crl: snap.trust.crl.clone(),
         federated_bundles,
     }))
 }
@@ -214,7 +214,7 @@ fn x509_bundles_response(
         .collect();
     bundles.insert(td.id_string(), snap.bundle.concat.to_vec());
     Ok(Some(X509BundlesResponse {
-        crl: vec![],
+        crl: snap.trust.crl.iter().map(|c| c.to_vec()).collect(),
         bundles,
     }))
 }

@@ -8,7 +8,7 @@
 //! - [`SimAgent`]: a simulated agent on the agent API (TLS 1.3, mTLS with
 //!   the agent SVID it got from a join token), as the real agent speaks it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use sigil_proto::agent::{
     AttestBegin, AttestRequest, JoinToken, attest_begin, attest_request, attest_response,
 };
 use sigil_proto::common::Entry;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
@@ -34,14 +34,9 @@ use crate::Result;
 
 /// A channel over a Unix socket (connects now).
 pub(crate) async fn unix_channel(path: &Path) -> Result<Channel> {
-    let path: PathBuf = path.to_path_buf();
-    let ch = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move { UnixStream::connect(path).await.map(TokioIo::new) }
-        }))
-        .await?;
-    Ok(ch)
+    sigil_proto::unix::channel(path)
+        .await
+        .map_err(crate::Error::from)
 }
 
 /// The server's admin API.

@@ -61,6 +61,43 @@ pub fn verify_svid_chain<R: AsRef<[u8]>>(
     now: UnixTime,
     server: bool,
 ) -> Result<SpiffeId, String> {
+    verify_svid_chain_with_crls(
+        roots,
+        end_entity,
+        intermediates,
+        now,
+        server,
+        &[] as &[&[u8]],
+    )
+}
+
+/// [`verify_svid_chain`], also refusing a leaf whose serial a CRL of its
+/// issuer lists (`crls`: DER, as the Workload API's `crl` fields carry
+/// them). A leaf whose issuer has no CRL among them is not refused for it
+/// (federated trust domains need not publish CRLs); a CRL that does not
+/// parse is an error, so a corrupt list never silently disables the check.
+pub fn verify_svid_chain_with_crls<R: AsRef<[u8]>, C: AsRef<[u8]>>(
+    roots: &[R],
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    server: bool,
+    crls: &[C],
+) -> Result<SpiffeId, String> {
+    let parsed = crls
+        .iter()
+        .map(|c| {
+            webpki::BorrowedCertRevocationList::from_der(c.as_ref())
+                .map(webpki::CertRevocationList::from)
+                .map_err(|e| format!("bad CRL: {e:?}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&webpki::CertRevocationList<'_>> = parsed.iter().collect();
+    let revocation = webpki::RevocationOptionsBuilder::new(&refs).ok().map(|b| {
+        b.with_depth(webpki::RevocationCheckDepth::EndEntity)
+            .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+            .build()
+    });
     let root_ders: Vec<CertificateDer<'_>> = roots
         .iter()
         .map(|r| CertificateDer::from(r.as_ref()))
@@ -85,10 +122,13 @@ pub fn verify_svid_chain<R: AsRef<[u8]>>(
         intermediates,
         now,
         usage,
-        None,
+        revocation,
         None,
     )
-    .map_err(|e| format!("certificate does not chain to the trust bundle: {e:?}"))?;
+    .map_err(|e| match e {
+        webpki::Error::CertRevoked => "certificate is revoked (listed in its CA's CRL)".to_string(),
+        e => format!("certificate does not chain to the trust bundle: {e:?}"),
+    })?;
     let info = SvidInfo::from_der(end_entity).map_err(|e| e.to_string())?;
     Ok(info.spiffe_id)
 }
@@ -355,5 +395,52 @@ mod tests {
         // Both CAs published (as during a rotation): accepted.
         let both = vec![other.cert_der().to_vec(), ca.cert_der().to_vec()];
         assert!(verify_svid_chain(&both, &ee, &[], now, false).is_ok());
+    }
+
+    #[test]
+    fn a_leaf_listed_in_its_cas_crl_is_refused_and_others_pass() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let (ca, _) = Ca::generate(&td, Duration::from_secs(600)).unwrap();
+        let (other, _) = Ca::generate(&td, Duration::from_secs(600)).unwrap();
+        let id = SpiffeId::new("spiffe://example.org/w").unwrap();
+        let mint = |ca: &Ca| {
+            let (csr, _) = new_key_and_csr().unwrap();
+            ca.sign_svid_issued(
+                &csr,
+                crate::x509::CsrSignature::Verify,
+                &id,
+                &[],
+                Duration::from_secs(60),
+            )
+            .unwrap()
+        };
+        let (killed, live, foreign) = (mint(&ca), mint(&ca), mint(&other));
+        let t = crate::now_unix();
+        let crl = ca
+            .sign_crl(
+                &[crate::x509::CrlEntry {
+                    serial: killed.serial.clone(),
+                    revoked_at: t,
+                }],
+                1,
+                t,
+                t + 600,
+            )
+            .unwrap();
+        let roots = vec![ca.cert_der().to_vec(), other.cert_der().to_vec()];
+        let now = UnixTime::now();
+        let check = |der: &[u8], crls: &[Vec<u8>]| {
+            verify_svid_chain_with_crls(&roots, &CertificateDer::from(der), &[], now, false, crls)
+        };
+        let err = check(&killed.der, std::slice::from_ref(&crl)).unwrap_err();
+        assert!(err.contains("revoked"), "{err}");
+        assert_eq!(check(&live.der, std::slice::from_ref(&crl)).unwrap(), id);
+        // No CRL of its issuer: not refused for it.
+        assert_eq!(check(&foreign.der, std::slice::from_ref(&crl)).unwrap(), id);
+        // Without CRLs the killed leaf still chains (what a relying party
+        // that ignores CRLs sees).
+        assert_eq!(check(&killed.der, &[]).unwrap(), id);
+        // A corrupt CRL is an error, never a silent pass.
+        assert!(check(&live.der, &[vec![0x30, 0x03, 1, 2, 3]]).is_err());
     }
 }

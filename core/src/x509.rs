@@ -9,8 +9,11 @@
 
 use std::time::Duration;
 
+mod crl;
 mod csr;
 mod leaf;
+
+pub use crl::CrlEntry;
 
 use csr::CsrKey;
 use rcgen::{
@@ -116,6 +119,9 @@ pub struct Ca {
     /// The encoding every leaf of this CA shares.
     template: leaf::Template,
     cert_der: Vec<u8>,
+    /// The CA certificate's subject key identifier, repeated as the
+    /// authority key identifier of the CRLs it signs.
+    key_id: Option<Vec<u8>>,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     trust_domain: TrustDomain,
@@ -141,6 +147,14 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Sigil");
         dn.push(DnType::CommonName, format!("Sigil CA {td}"));
+        // Every CA of the trust domain gets its own name: CRLs are matched
+        // to certificates by issuer name (webpki compares nothing else), so
+        // two published CAs with one name would have each other's CRLs
+        // checked against the wrong key during a rotation.
+        dn.push(
+            DnType::OrganizationalUnitName,
+            format!("ca-{}", hex::encode(&random_16()[..8])),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -196,11 +210,13 @@ impl Ca {
                 _ => None,
             });
         let template = leaf::Template::new(sig_alg, parsed.subject().as_raw(), key_id);
+        let key_id = key_id.map(<[u8]>::to_vec);
         let issuer = Issuer::from_ca_cert_der(&cert_der.to_vec().into(), key).map_err(crypto)?;
         Ok(Ca {
             issuer,
             template,
             cert_der: cert_der.to_vec(),
+            key_id,
             not_before,
             not_after,
             trust_domain: td.clone(),

@@ -7,7 +7,10 @@
 //! accept the peer only if its SPIFFE ID is on an allow-list. A peer from
 //! another trust domain is accepted only when the workload has that trust
 //! domain's bundle (its entry federates with it) *and* the peer's ID is
-//! allowed.
+//! allowed. The peer's leaf is also checked against the CRLs the Workload
+//! API delivers ([`crl`]): a killed peer is refused at its next handshake.
+
+pub mod crl;
 
 use std::sync::Arc;
 
@@ -25,15 +28,17 @@ use spiffe::{SpiffeId, TrustDomain, X509Source};
 #[derive(Debug)]
 pub struct SpiffeTls {
     source: Arc<X509Source>,
+    crls: Arc<crl::Crls>,
     allowed: Vec<SpiffeId>,
     provider: Arc<CryptoProvider>,
 }
 
 impl SpiffeTls {
-    /// Peers must present one of `allowed`.
-    pub fn new(source: Arc<X509Source>, allowed: Vec<SpiffeId>) -> Arc<Self> {
+    /// Peers must present one of `allowed`, and not be listed in `crls`.
+    pub fn new(source: Arc<X509Source>, crls: Arc<crl::Crls>, allowed: Vec<SpiffeId>) -> Arc<Self> {
         Arc::new(Self {
             source,
+            crls,
             allowed,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         })
@@ -74,8 +79,16 @@ impl SpiffeTls {
                 rustls::Error::General(format!("no bundle for trust domain {td} (not federated)"))
             })?;
         let roots: Vec<&[u8]> = bundle.authorities().iter().map(|a| a.as_bytes()).collect();
-        let id = sigil_core::tls::verify_svid_chain(&roots, end_entity, intermediates, now, server)
-            .map_err(rustls::Error::General)?;
+        let crls = self.crls.current();
+        let id = sigil_core::tls::verify_svid_chain_with_crls(
+            &roots,
+            end_entity,
+            intermediates,
+            now,
+            server,
+            &crls,
+        )
+        .map_err(rustls::Error::General)?;
         if !self.allowed.contains(&id) {
             return Err(rustls::Error::General(format!("peer {id} is not allowed")));
         }

@@ -5,6 +5,8 @@
 //! - [`agent`] — the agent <-> server API (attestation, sync, minting).
 //! - [`admin`] — the operator CLI <-> server admin socket API.
 //! - [`common`] — messages shared by the two Sigil APIs.
+//! - [`unix`] — the one way every client here opens a gRPC channel over a
+//!   Unix socket (Workload API, agent and server admin sockets).
 
 #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 
@@ -27,6 +29,8 @@ pub mod agent {
 pub mod admin {
     tonic::include_proto!("sigil.admin");
 }
+
+pub mod unix;
 
 /// The gRPC metadata key every Workload API request must carry with value `true`.
 pub const WORKLOAD_API_HEADER: &str = "workload.spiffe.io";

@@ -354,6 +354,7 @@ impl AgentApi for AgentService {
                     jwt_bundle: state.jwt_bundle(),
                     federated: state.federated_for(&entries),
                     killed: state.killed_spiffe_ids(),
+                    crl: state.crls(),
                 };
                 if let Some(update) = tracker.next(&entries, trust, state.revision()) {
                     for chunk in chunks(update) {

@@ -298,6 +298,11 @@ impl Keys {
         self.cas[self.active_ca].0.clone()
     }
 
+    /// Every published CA, oldest first.
+    pub fn cas(&self) -> Vec<Arc<Ca>> {
+        self.cas.iter().map(|(c, _)| c.clone()).collect()
+    }
+
     /// The JWT key that signs now.
     pub fn active_jwt(&self) -> Arc<JwtSigner> {
         self.jwts[self.active_jwt].signer.clone()

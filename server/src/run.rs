@@ -82,6 +82,23 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         }
     });
 
+    // CRLs: re-signed at half their lifetime and whenever the published
+    // CAs change (which rotation does); a re-signing rebuilds the withdrawn
+    // set from the audit trail, so it reads the datastore off the runtime.
+    let crl = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let crl = crl.clone();
+            match tokio::task::spawn_blocking(move || crl.refresh_crls_if_due()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "CRL refresh failed; retrying"),
+                Err(e) => tracing::error!(error = %e, "CRL refresh task failed"),
+            }
+        }
+    });
+
     let attestors = crate::node_attestation::NodeAttestors::from_config(&cfg)?;
     let (tls, resolver, renew) = crate::tls::server_config(state.clone())?;
     tokio::spawn(renew);

@@ -26,6 +26,8 @@ pub struct Trust {
     pub federated: HashMap<String, FederatedBundle>,
     /// SPIFFE IDs whose JWT-SVIDs validators must reject (killed).
     pub killed: Vec<String>,
+    /// CRLs (DER) of the trust domain's CAs.
+    pub crl: Vec<Vec<u8>>,
 }
 
 /// Remembers what one stream has been sent.
@@ -88,6 +90,7 @@ impl SyncTracker {
             delta,
             removed: if delta { removed } else { Vec::new() },
             killed_spiffe_ids: trust.killed.clone(),
+            crl: trust.crl.clone(),
             ..Default::default()
         };
         self.sent = Some(Sent {
@@ -160,6 +163,7 @@ pub fn chunks(update: SyncUpdate) -> Vec<SyncUpdate> {
             federated: update.federated,
             removed: update.removed,
             killed_spiffe_ids: update.killed_spiffe_ids,
+            crl: update.crl,
             ..Default::default()
         });
         return out;

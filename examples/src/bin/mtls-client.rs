@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use sigil_examples::{SpiffeTls, source};
+use sigil_examples::{SpiffeTls, crl, source};
 use spiffe::SpiffeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -33,7 +33,8 @@ async fn main() -> Result<(), String> {
     let args = Args::parse();
     let server_id = SpiffeId::new(&args.server_id).map_err(|e| format!("--server-id: {e}"))?;
     let src = source(&args.socket).await?;
-    let tls = SpiffeTls::new(src, vec![server_id]);
+    let crls = crl::watch(&args.socket, std::time::Duration::from_secs(30)).await?;
+    let tls = SpiffeTls::new(src, crls, vec![server_id]);
     let connector =
         tokio_rustls::TlsConnector::from(tls.client_config().map_err(|e| e.to_string())?);
     let mut failures = 0;

@@ -2,7 +2,7 @@
 //! every allowed client.
 
 use clap::Parser;
-use sigil_examples::{SpiffeTls, own_id, source};
+use sigil_examples::{SpiffeTls, crl, own_id, source};
 use spiffe::SpiffeId;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -28,7 +28,8 @@ async fn main() -> Result<(), String> {
         .map(|a| SpiffeId::new(a).map_err(|e| format!("--allow {a:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let src = source(&args.socket).await?;
-    let tls = SpiffeTls::new(src.clone(), allowed);
+    let crls = crl::watch(&args.socket, std::time::Duration::from_secs(30)).await?;
+    let tls = SpiffeTls::new(src.clone(), crls, allowed);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config().map_err(|e| e.to_string())?);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

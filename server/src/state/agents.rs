@@ -309,7 +309,12 @@ impl ServerState {
             Ok(rec)
         })?;
         tracing::warn!(%caller, agent = %id, "agent banned");
+        if let Err(e) = self.revoke_for_ban(&rec.spiffe_id) {
+            tracing::error!(agent = %id, error = %e, "revoking the banned agent's SVIDs failed; retried at the next CRL refresh");
+        }
         self.notify_agent_text(id);
+        // Every agent gets the new CRLs.
+        self.bump();
         Ok(rec)
     }
 

@@ -93,6 +93,11 @@ impl ServerState {
         kills.push(kill.clone());
         drop(kills);
         self.refresh_killed_ids(&*self.entries.read().map_err(|_| poisoned())?);
+        // The kill is in force before the CRL scan: a mint batch signed
+        // meanwhile is caught by `revoke_raced` after its audit record.
+        if let Err(e) = self.revoke_for_kill(&kill) {
+            tracing::error!(kill = %kill.id, error = %e, "revoking the killed SVIDs failed; retried at the next CRL refresh");
+        }
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, reason = %kill.reason, "kill created");
         // Every stream re-evaluates: a kill may touch entries under any
         // agent or node alias, and kills are rare next to syncs.
@@ -123,6 +128,10 @@ impl ServerState {
         kills.retain(|k| k.id != id);
         drop(kills);
         self.refresh_killed_ids(&*self.entries.read().map_err(|_| poisoned())?);
+        // What only this kill withdrew leaves the CRLs.
+        if let Err(e) = self.rebuild_revocations() {
+            tracing::error!(kill = %kill.id, error = %e, "rebuilding the CRLs failed; retried at the next CRL refresh");
+        }
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, "kill lifted");
         self.bump();
         Ok(kill)

@@ -122,6 +122,11 @@ impl ServerState {
         };
         self.store
             .transact(|tx| append_audit(tx, &caller, event.clone()))?;
+        if self.any_kill()
+            && let Event::X509SvidsIssued { svids, .. } = &event
+        {
+            self.revoke_raced(agent, svids)?;
+        }
         Ok(outcomes)
     }
 

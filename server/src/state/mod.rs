@@ -11,6 +11,7 @@
 //! - [`federation`] — federated trust domains' bundles;
 //! - [`kills`] — the kill switch: durable rules withdrawing identities;
 //! - [`audit`] — the audit key, signed checkpoints and audit queries;
+//! - [`revocation`] — CRLs listing the withdrawn, unexpired SVIDs;
 //! - [`notify`] — waking exactly the sync streams a change concerns.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
@@ -27,6 +28,9 @@ mod kills;
 mod minting;
 mod namespace;
 mod notify;
+mod revocation;
+#[cfg(test)]
+mod revocation_tests;
 #[cfg(test)]
 mod tests;
 mod tokens;
@@ -96,6 +100,8 @@ pub struct ServerState {
     killed_ids: RwLock<Vec<String>>,
     /// The audit key and the last checkpoint.
     audit: audit::AuditState,
+    /// Withdrawn serials and the CRLs signed over them.
+    revocations: RwLock<revocation::Revocations>,
 }
 
 fn poisoned() -> RegistryError {
@@ -130,7 +136,7 @@ impl ServerState {
             (index, federated, token_ids, r.kills()?)
         };
         let (global, _) = watch::channel(0);
-        Ok(Self {
+        let state = Self {
             cfg,
             store,
             x509_bundle: Arc::new(RwLock::new(keys.x509_authorities())),
@@ -145,12 +151,15 @@ impl ServerState {
             kills: RwLock::new(kills),
             killed_ids: RwLock::default(),
             audit: audit::AuditState::default(),
-        })
-        .inspect(|s: &Self| {
-            if let Ok(idx) = s.entries.read() {
-                s.refresh_killed_ids(&idx);
-            }
-        })
+            revocations: RwLock::default(),
+        };
+        if let Ok(idx) = state.entries.read() {
+            state.refresh_killed_ids(&idx);
+        }
+        state
+            .rebuild_revocations()
+            .map_err(|e| StoreError::Backend(format!("building the CRLs: {e}")))?;
+        Ok(state)
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {

@@ -12,9 +12,9 @@ use sigil_core::x509::{CsrSignature, SvidInfo};
 use sigil_proto::common::Entry as PbEntry;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-struct TempState {
-    state: Arc<ServerState>,
-    dir: std::path::PathBuf,
+pub(super) struct TempState {
+    pub(super) state: Arc<ServerState>,
+    pub(super) dir: std::path::PathBuf,
 }
 
 impl Drop for TempState {
@@ -23,7 +23,7 @@ impl Drop for TempState {
     }
 }
 
-fn temp_state() -> TempState {
+pub(super) fn temp_state() -> TempState {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "sigil-state-{}-{}",
@@ -48,11 +48,11 @@ fn temp_state() -> TempState {
     TempState { state, dir }
 }
 
-fn id(s: &str) -> SpiffeId {
+pub(super) fn id(s: &str) -> SpiffeId {
     SpiffeId::new(s).unwrap()
 }
 
-fn attest(s: &ServerState, agent: &str) -> SvidInfo {
+pub(super) fn attest(s: &ServerState, agent: &str) -> SvidInfo {
     let (csr, _) = new_key_and_csr().unwrap();
     let out = s
         .issue_agent_svid(
@@ -74,7 +74,7 @@ fn renew(s: &ServerState, agent: &str) -> Result<SvidInfo, RegistryError> {
     Ok(SvidInfo::from_der(&chain[0]).unwrap())
 }
 
-fn entry(parent: &str, spiffe_id: &str) -> PbEntry {
+pub(super) fn entry(parent: &str, spiffe_id: &str) -> PbEntry {
     PbEntry {
         parent_id: parent.into(),
         spiffe_id: spiffe_id.into(),
@@ -83,11 +83,11 @@ fn entry(parent: &str, spiffe_id: &str) -> PbEntry {
     }
 }
 
-fn admin() -> Caller {
+pub(super) fn admin() -> Caller {
     Caller::admin(0, 0, None)
 }
 
-const AGENT: &str = "spiffe://example.org/agent1";
+pub(super) const AGENT: &str = "spiffe://example.org/agent1";
 
 #[test]
 fn a_ca_signed_certificate_that_is_not_the_agents_current_svid_is_refused() {
