@@ -535,4 +535,47 @@ fn postgres_passes_the_datastore_suite_and_migrates_once() {
         });
     }
     assert_eq!(s.read().unwrap().audit_head().unwrap().unwrap().seq, 2);
+
+    // The database goes away: reads and writes fail with an error (no
+    // hang, no panic) and write nothing; once it is back the same store
+    // reconnects by itself.
+    let mut pg = pg;
+    let s = open_db(&pg, "outage");
+    put(&s, |tx| {
+        tx.put_entry(&entry(1))?;
+        Ok(())
+    });
+    {
+        // Several pooled connections, all to go stale at once.
+        let held: Vec<_> = (0..4).map(|_| s.read().unwrap()).collect();
+        drop(held);
+    }
+    pg.stop();
+    pg.start_server();
+    for _ in 0..4 {
+        s.read().unwrap();
+    }
+    pg.stop();
+    let err = s
+        .write(&mut |tx| {
+            tx.put_entry(&entry(2))?;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Store(_)), "{err}");
+    assert!(s.read().is_err(), "a read while the database is down");
+    pg.start_server();
+    put(&s, |tx| {
+        tx.put_entry(&entry(3))?;
+        Ok(())
+    });
+    let ids: Vec<String> = s
+        .read()
+        .unwrap()
+        .entries(&td())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec!["entry-00001", "entry-00003"]);
 }

@@ -125,14 +125,19 @@ impl PostgresStore {
 
     /// A session in a transaction started with `begin`. A stale pooled
     /// connection (e.g. after a database restart) fails at `BEGIN`, before
-    /// anything was done, and is replaced by a fresh one.
+    /// anything was done: it and every other idle one are closed, and a
+    /// fresh connection is tried once.
     fn begin(&self, begin: &str) -> Result<Session<'_>, StoreError> {
         let mut last = None;
         for _ in 0..2 {
             let mut s = self.pool.session()?;
             match s.begin(begin) {
                 Ok(()) => return Ok(s),
-                Err(e) if s.broken() => last = Some(e),
+                Err(e) if s.broken() => {
+                    drop(s);
+                    self.pool.discard_idle();
+                    last = Some(e);
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -179,6 +179,17 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection: after one failed, the others (opened
+    /// before the same database restart) are likely dead too.
+    pub(super) fn discard_idle(&self) {
+        let mut st = self.lock();
+        let n = st.idle.len();
+        st.idle.clear();
+        st.open = st.open.saturating_sub(n);
+        drop(st);
+        self.freed.notify_all();
+    }
+
     fn release(&self, conn: Option<Conn>) {
         let mut st = self.lock();
         match conn {
