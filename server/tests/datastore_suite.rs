@@ -15,8 +15,9 @@ use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, TrustDomain};
 use sigil_proto::common::{Entry as PbEntry, FederatedBundle};
 use sigil_server::datastore::{
-    AgentRecord, AttestationType, Datastore, KillRecord, KillTarget, POSTGRES_SCHEMA_VERSION,
-    PostgresStore, RedbStore, StoreError, TokenRecord, WriteTx, append_audit,
+    AgentRecord, AttestationType, ChangeKind, Datastore, KillRecord, KillTarget,
+    POSTGRES_SCHEMA_VERSION, PostgresStore, RedbStore, StoreError, TokenRecord, WriteTx,
+    append_audit,
 };
 use sigil_server::error::RegistryError;
 use sigil_tests::pg::{self, Postgres};
@@ -535,6 +536,76 @@ fn postgres_passes_the_datastore_suite_and_migrates_once() {
         });
     }
     assert_eq!(s.read().unwrap().audit_head().unwrap().unwrap().seq, 2);
+
+    // The change feed: a second store on the same database (another
+    // server) is woken by a commit and reads what changed, in order; a
+    // failed write and a token that was not there add nothing.
+    let a = open_db(&pg, "events");
+    let b = PostgresStore::open(pg_config(&pg, "events"), 2).unwrap();
+    let listener = b.listen().unwrap();
+    put(&a, |tx| {
+        tx.put_entry(&entry(1))?;
+        tx.put_agent(&agent("a"))?;
+        append_audit(tx, &caller(), event(1))?;
+        Ok(())
+    });
+    assert!(
+        listener.wait(std::time::Duration::from_secs(20)),
+        "no notification after a commit"
+    );
+    let evs = b.events_since(0, 100).unwrap();
+    let got: Vec<(ChangeKind, &str)> = evs.iter().map(|e| (e.kind, e.id.as_str())).collect();
+    let agent_id = agent("a").spiffe_id.to_string();
+    assert_eq!(
+        got,
+        vec![
+            (ChangeKind::Entry, "entry-00001"),
+            (ChangeKind::Agent, agent_id.as_str())
+        ]
+    );
+    assert!(evs[0].seq < evs[1].seq);
+    let last = b.last_event_seq().unwrap();
+    assert_eq!(last, evs[1].seq);
+    let _ = a.write(&mut |tx| {
+        tx.put_entry(&entry(2))?;
+        Err(RegistryError::denied("no"))
+    });
+    put(&a, |tx| {
+        assert!(tx.take_token("absent")?.is_none());
+        assert!(!tx.delete_entry("absent")?);
+        tx.put_kill(&kill(1))?;
+        assert!(tx.take_kill("kill-1")?.is_some());
+        Ok(())
+    });
+    let evs = b.events_since(last, 100).unwrap();
+    let got: Vec<(ChangeKind, &str)> = evs.iter().map(|e| (e.kind, e.id.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![(ChangeKind::Kill, "kill-1"), (ChangeKind::Kill, "kill-1")]
+    );
+    // Catch-up reads what was committed while nobody listened.
+    drop(listener);
+    put(&a, |tx| {
+        tx.delete_entry("entry-00001")?;
+        Ok(())
+    });
+    let evs = b.events_since(evs[1].seq, 100).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(
+        (evs[0].kind, evs[0].id.as_str()),
+        (ChangeKind::Entry, "entry-00001")
+    );
+
+    // A database at schema 1 is brought to the current version on open.
+    pg.psql(
+        "events",
+        "DROP TABLE events; DELETE FROM sigil_schema_migrations WHERE version = 2",
+    );
+    drop((a, b));
+    let s = PostgresStore::open(pg_config(&pg, "events"), 1).unwrap();
+    assert_eq!(s.schema_version().unwrap(), POSTGRES_SCHEMA_VERSION);
+    assert_eq!(s.last_event_seq().unwrap(), 0);
+    assert_eq!(s.read().unwrap().entries(&td()).unwrap().len(), 0);
 
     // The database goes away: reads and writes fail with an error (no
     // hang, no panic) and write nothing; once it is back the same store

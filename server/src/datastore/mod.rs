@@ -19,7 +19,10 @@ mod records;
 mod redb_store;
 
 pub use copy::{CopySummary, copy_all};
-pub use postgres::{PostgresStore, SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, describe_target};
+pub use postgres::{
+    ChangeEvent, ChangeKind, EventListener, PostgresStore,
+    SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, describe_target,
+};
 pub use records::{AgentRecord, AttestationType, KillRecord, KillTarget, TokenRecord};
 pub use redb_store::RedbStore;
 

@@ -9,10 +9,13 @@ use crate::datastore::StoreError;
 
 /// Migrations in order: (version, SQL). Never edit one that has shipped;
 /// add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("schema/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("schema/0001_initial.sql")),
+    (2, include_str!("schema/0002_events.sql")),
+];
 
 /// The schema version this binary writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Advisory lock key guarding migrations (the ASCII of "sigilsch").
 const MIGRATION_LOCK: i64 = 0x7369_6769_6c73_6368;
@@ -62,4 +65,17 @@ pub(super) fn current_version(s: &Session<'_>) -> Result<i32, StoreError> {
     rows.first()
         .and_then(|r| r.try_get::<_, i32>(0).ok())
         .ok_or_else(|| StoreError::Corrupt("sigil_schema_migrations: no version".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_from_1_without_gaps_up_to_the_schema_version() {
+        for (i, (v, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(usize::try_from(*v).ok(), Some(i + 1));
+        }
+        assert_eq!(MIGRATIONS.last().map(|m| m.0), Some(SCHEMA_VERSION));
+    }
 }

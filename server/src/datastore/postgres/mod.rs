@@ -25,7 +25,12 @@
 //!
 //! Connections are owned by threads of their own ([`pool`]), so the store
 //! can be called from async tasks and blocking threads alike.
+//!
+//! Every write also records which records it changed in the `events`
+//! table and notifies at commit ([`events`]), so that other servers can
+//! follow.
 
+mod events;
 mod migrate;
 mod pool;
 
@@ -37,6 +42,7 @@ use sigil_core::audit;
 use sigil_core::entry::Entry;
 use sigil_proto::common::FederatedBundle;
 
+pub use events::{ChangeEvent, ChangeKind, EventListener};
 pub use migrate::SCHEMA_VERSION;
 use pool::{Param, Pool, Session};
 
@@ -163,6 +169,8 @@ fn read_password(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
 /// A transaction: read-only snapshot or a write transaction.
 struct PgTx<'p> {
     s: Session<'p>,
+    /// Whether this write transaction recorded a change event.
+    changed: bool,
 }
 
 fn text(row: &Row, i: usize, what: &str, key: &str) -> Result<String, StoreError> {
@@ -311,22 +319,58 @@ impl ReadTx for PgTx<'_> {
 }
 
 impl PgTx<'_> {
-    fn upsert(&self, sql: &'static str, key: &str, body: Param) -> Result<(), StoreError> {
-        self.s.execute(sql, vec![t(key), body])?;
+    /// Records that the record `id` of `kind` changed in this transaction.
+    fn event(&mut self, kind: ChangeKind, id: &str) -> Result<(), StoreError> {
+        self.s.execute(
+            "INSERT INTO events (kind, id) VALUES ($1, $2)",
+            vec![t(kind.as_str()), t(id)],
+        )?;
+        self.changed = true;
         Ok(())
     }
-    fn delete(&self, sql: &'static str, key: &str) -> Result<bool, StoreError> {
-        Ok(self.s.execute(sql, vec![t(key)])? > 0)
+    fn upsert(
+        &mut self,
+        kind: ChangeKind,
+        sql: &'static str,
+        key: &str,
+        body: Param,
+    ) -> Result<(), StoreError> {
+        self.s.execute(sql, vec![t(key), body])?;
+        self.event(kind, key)
+    }
+    fn delete(
+        &mut self,
+        kind: ChangeKind,
+        sql: &'static str,
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        let gone = self.s.execute(sql, vec![t(key)])? > 0;
+        if gone {
+            self.event(kind, key)?;
+        }
+        Ok(gone)
     }
     /// Runs a `DELETE … RETURNING body` and yields the text body, if any.
     fn take_text(
-        &self,
+        &mut self,
+        kind: ChangeKind,
         sql: &'static str,
         key: &str,
         what: &str,
     ) -> Result<Option<String>, StoreError> {
         let rows = self.s.query(sql, vec![t(key)])?;
-        rows.first().map(|r| text(r, 0, what, key)).transpose()
+        let body = rows.first().map(|r| text(r, 0, what, key)).transpose()?;
+        if body.is_some() {
+            self.event(kind, key)?;
+        }
+        Ok(body)
+    }
+    /// Notifies listeners (delivered at commit only) and commits.
+    fn finish(&mut self) -> Result<(), StoreError> {
+        if self.changed && !self.s.failed() {
+            self.s.batch(&format!("NOTIFY {}", events::CHANNEL))?;
+        }
+        self.s.commit()
     }
 }
 
@@ -335,6 +379,7 @@ impl WriteTx for PgTx<'_> {
         let body = String::from_utf8(a.encode()?)
             .map_err(|e| StoreError::Backend(format!("agent record encoding: {e}")))?;
         self.upsert(
+            ChangeKind::Agent,
             "INSERT INTO agents (spiffe_id, body) VALUES ($1, $2)
              ON CONFLICT (spiffe_id) DO UPDATE SET body = EXCLUDED.body",
             &a.spiffe_id.to_string(),
@@ -342,10 +387,15 @@ impl WriteTx for PgTx<'_> {
         )
     }
     fn delete_agent(&mut self, spiffe_id: &str) -> Result<bool, StoreError> {
-        self.delete("DELETE FROM agents WHERE spiffe_id = $1", spiffe_id)
+        self.delete(
+            ChangeKind::Agent,
+            "DELETE FROM agents WHERE spiffe_id = $1",
+            spiffe_id,
+        )
     }
     fn put_entry(&mut self, e: &Entry) -> Result<(), StoreError> {
         self.upsert(
+            ChangeKind::Entry,
             "INSERT INTO entries (id, body) VALUES ($1, $2)
              ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
             &e.id,
@@ -353,12 +403,13 @@ impl WriteTx for PgTx<'_> {
         )
     }
     fn delete_entry(&mut self, id: &str) -> Result<bool, StoreError> {
-        self.delete("DELETE FROM entries WHERE id = $1", id)
+        self.delete(ChangeKind::Entry, "DELETE FROM entries WHERE id = $1", id)
     }
     fn put_token(&mut self, hash: &str, tok: &TokenRecord) -> Result<(), StoreError> {
         let body = String::from_utf8(tok.encode()?)
             .map_err(|e| StoreError::Backend(format!("join token encoding: {e}")))?;
         self.upsert(
+            ChangeKind::JoinToken,
             "INSERT INTO join_tokens (hash, body) VALUES ($1, $2)
              ON CONFLICT (hash) DO UPDATE SET body = EXCLUDED.body",
             hash,
@@ -367,6 +418,7 @@ impl WriteTx for PgTx<'_> {
     }
     fn take_token(&mut self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.take_text(
+            ChangeKind::JoinToken,
             "DELETE FROM join_tokens WHERE hash = $1 RETURNING body",
             hash,
             "join token",
@@ -376,6 +428,7 @@ impl WriteTx for PgTx<'_> {
     }
     fn put_bundle(&mut self, trust_domain: &str, b: &FederatedBundle) -> Result<(), StoreError> {
         self.upsert(
+            ChangeKind::FederatedBundle,
             "INSERT INTO federated_bundles (trust_domain, body) VALUES ($1, $2)
              ON CONFLICT (trust_domain) DO UPDATE SET body = EXCLUDED.body",
             trust_domain,
@@ -384,6 +437,7 @@ impl WriteTx for PgTx<'_> {
     }
     fn delete_bundle(&mut self, trust_domain: &str) -> Result<bool, StoreError> {
         self.delete(
+            ChangeKind::FederatedBundle,
             "DELETE FROM federated_bundles WHERE trust_domain = $1",
             trust_domain,
         )
@@ -392,6 +446,7 @@ impl WriteTx for PgTx<'_> {
         let body = String::from_utf8(k.encode()?)
             .map_err(|e| StoreError::Backend(format!("kill encoding: {e}")))?;
         self.upsert(
+            ChangeKind::Kill,
             "INSERT INTO kills (id, body) VALUES ($1, $2)
              ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
             &k.id,
@@ -399,9 +454,14 @@ impl WriteTx for PgTx<'_> {
         )
     }
     fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError> {
-        self.take_text("DELETE FROM kills WHERE id = $1 RETURNING body", id, "kill")?
-            .map(|b| KillRecord::decode(id, b.as_bytes()))
-            .transpose()
+        self.take_text(
+            ChangeKind::Kill,
+            "DELETE FROM kills WHERE id = $1 RETURNING body",
+            id,
+            "kill",
+        )?
+        .map(|b| KillRecord::decode(id, b.as_bytes()))
+        .transpose()
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
         self.s.execute(
@@ -417,7 +477,7 @@ impl Datastore for PostgresStore {
         // The snapshot is taken at a transaction's first statement: take it
         // now, in the same round trip, so that it is the state at `read()`.
         let s = self.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")?;
-        Ok(Box::new(PgTx { s }))
+        Ok(Box::new(PgTx { s, changed: false }))
     }
 
     fn write(
@@ -428,6 +488,7 @@ impl Datastore for PostgresStore {
         loop {
             let mut tx = PgTx {
                 s: self.begin("BEGIN ISOLATION LEVEL READ COMMITTED")?,
+                changed: false,
             };
             let locked =
                 tx.s.query("SELECT id FROM write_lock WHERE id = 1 FOR UPDATE", vec![]);
@@ -435,7 +496,7 @@ impl Datastore for PostgresStore {
                 Ok(rows) if rows.is_empty() => Err(RegistryError::Store(StoreError::Corrupt(
                     "table write_lock has lost its row".into(),
                 ))),
-                Ok(_) => op(&mut tx).and_then(|()| tx.s.commit().map_err(RegistryError::Store)),
+                Ok(_) => op(&mut tx).and_then(|()| tx.finish().map_err(RegistryError::Store)),
                 Err(e) => Err(e.into()),
             };
             let conflicted = tx.s.conflicted();

@@ -137,6 +137,11 @@ impl Pool {
         }
     }
 
+    /// The client configuration connections are opened with.
+    pub(super) fn config(&self) -> &postgres::Config {
+        &self.cfg
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
         // The state is two plain fields updated together; a panic elsewhere
         // cannot leave it half-changed.
