@@ -197,15 +197,8 @@ async fn uds_channel(path: &Path) -> Result<Channel, String> {
 }
 
 /// Splits concatenated DER certificates.
-fn split_der(mut b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let (rest, _) = X509Certificate::from_der(b)
-            .map_err(|e| format!("bad certificate in response: {e}"))?;
-        out.push(b[..b.len() - rest.len()].to_vec());
-        b = rest;
-    }
-    Ok(out)
+fn split_der(b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    sigil_core::x509::split_der_certs(b).map_err(|e| format!("bad certificate in response: {e}"))
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {

@@ -230,6 +230,29 @@ fn tls_config(client_svid: Option<(&[Vec<u8>], &[u8])>) -> Result<Arc<rustls::Cl
     Ok(Arc::new(cfg))
 }
 
+/// One connection to the example mTLS service (examples/ `mtls-server`)
+/// on loopback `port`, presenting `chain`/`key` as the client: whether the
+/// service admitted it (answered its line). A refused client certificate
+/// shows up after the TLS 1.3 handshake, as a failed read.
+pub(crate) async fn mtls_admitted(port: u16, chain: &[Vec<u8>], key: &[u8]) -> Result<bool> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = (*tls_config(Some((chain, key)))?).clone();
+    cfg.alpn_protocols.clear();
+    let connector = TlsConnector::from(Arc::new(cfg));
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("mtls-server").map_err(std::io::Error::other)?;
+    let Ok(mut tls) = connector.connect(name, tcp).await else {
+        return Ok(false);
+    };
+    if tls.write_all(b"hi\n").await.is_err() {
+        return Ok(false);
+    }
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    Ok(answer.starts_with(b"hello "))
+}
+
 /// One TLS connection to the agent API (connects now).
 async fn tls_channel(port: u16, tls: Arc<rustls::ClientConfig>) -> Result<Channel> {
     let connector = TlsConnector::from(tls);

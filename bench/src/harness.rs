@@ -17,6 +17,8 @@ pub(crate) const TD: &str = "example.org";
 pub(crate) struct Bins {
     pub(crate) server: PathBuf,
     pub(crate) agent: PathBuf,
+    /// The example mTLS service (used by `kill` for the CRL figure).
+    pub(crate) mtls_server: PathBuf,
 }
 
 impl Bins {
@@ -26,8 +28,9 @@ impl Bins {
         let bins = Bins {
             server: dir.join("sigil-server"),
             agent: dir.join("sigil-agent"),
+            mtls_server: dir.join("mtls-server"),
         };
-        for b in [&bins.server, &bins.agent] {
+        for b in [&bins.server, &bins.agent, &bins.mtls_server] {
             if !b.exists() {
                 return Err(format!(
                     "{} is missing: build the binaries in the same profile first \
@@ -66,7 +69,7 @@ impl Drop for Scratch {
 }
 
 /// A free TCP port on 127.0.0.1.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

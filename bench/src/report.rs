@@ -408,6 +408,21 @@ fn markdown(records: &[Record]) -> String {
                     "p99 < 1 s",
                     p99.map(|p| p < 1000.0),
                 );
+                let crl = f("crl_refused_p99_ms");
+                row(
+                    "kill (CRL)",
+                    format!(
+                        "kill → example mTLS service refuses the killed client's unexpired certificate (CRL), {} kills: p50 / p99 ms",
+                        sh("crl_kills")
+                    ),
+                    format!(
+                        "{} / {}",
+                        sh("crl_refused_p50_ms"),
+                        sh("crl_refused_p99_ms")
+                    ),
+                    "p99 < 1 s",
+                    crl.map(|p| p < 1000.0),
+                );
             }
             "propagation" => {
                 let p99 = f("p99_ms");

@@ -417,6 +417,19 @@ impl SvidInfo {
     }
 }
 
+/// Splits concatenated DER certificates (the Workload API's `x509_svid`
+/// and `bundle` fields) into one DER blob each, in order.
+pub fn split_der_certs(mut b: &[u8]) -> Result<Vec<Vec<u8>>, X509Error> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let (rest, _) =
+            X509Certificate::from_der(b).map_err(|e| X509Error::Certificate(e.to_string()))?;
+        out.push(b[..b.len() - rest.len()].to_vec());
+        b = rest;
+    }
+    Ok(out)
+}
+
 /// PEM-encodes DER certificates, one block each, in order.
 pub fn certs_to_pem<'a>(ders: impl IntoIterator<Item = &'a [u8]>) -> String {
     ders.into_iter()

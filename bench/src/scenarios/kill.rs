@@ -11,8 +11,14 @@
 //! (`--agent`), one after another, and the clock stops when its stream
 //! shows no identity left (an empty update or the stream's end). Selector
 //! kills are the same code path on the server as SPIFFE-ID kills (an entry
-//! filter) and are not measured separately. No CRL exists yet, so the
-//! issue's `crl_refused_p99_ms` is not reported.
+//! filter) and are not measured separately.
+//!
+//! CRLs: the example mTLS service (`mtls-server` from examples/, which
+//! checks client leaves against the CRLs the Workload API delivers) runs on
+//! agent-0's socket and admits agent-0's victims. For every kill of an
+//! agent-0 victim the bench keeps presenting the victim's (unexpired)
+//! certificate, fetched before the kills, until the service refuses it:
+//! `crl_refused_*` is the time from the kill returning to that refusal.
 
 use std::time::{Duration, Instant};
 
@@ -20,8 +26,10 @@ use sigil_proto::admin::kill_target::Target;
 use tokio::sync::mpsc;
 
 use crate::Result;
-use crate::clients::{admin, workload};
-use crate::harness::{Agent, Bins, Scratch, Server, TD, my_uid_selector, other_uid_selector};
+use crate::clients::{admin, mtls_admitted, workload};
+use crate::harness::{
+    Agent, Bins, Scratch, Server, TD, free_port, my_uid_selector, other_uid_selector,
+};
 use crate::report::{Record, Reporter, progress};
 use crate::stats::Samples;
 
@@ -105,6 +113,52 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .await?;
     }
 
+    // Agent-0's victims as a client would hold them: (chain, key) by ID.
+    let mut held: std::collections::HashMap<String, (Vec<Vec<u8>>, Vec<u8>)> =
+        std::collections::HashMap::new();
+    {
+        let mut c = workload::connect(&agents[0].socket).await?;
+        let first = c
+            .fetch_x509svid(workload::x509_request())
+            .await?
+            .into_inner()
+            .message()
+            .await?
+            .ok_or("agent-0 sent no SVIDs")?;
+        for s in first.svids {
+            let chain = sigil_core::x509::split_der_certs(&s.x509_svid)?;
+            held.insert(s.spiffe_id, (chain, s.x509_svid_key.to_vec()));
+        }
+    }
+    let mtls_port = free_port()?;
+    let mut mtls = tokio::process::Command::new(&bins.mtls_server);
+    mtls.arg("--socket")
+        .arg(format!("unix://{}", agents[0].socket.display()))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{mtls_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (_, id) in &victims[0] {
+        mtls.arg("--allow").arg(id);
+    }
+    let _mtls = mtls.spawn()?;
+    let probe = victims[0]
+        .first()
+        .and_then(|(_, id)| held.get(id))
+        .ok_or("agent-0 has no victim SVID")?
+        .clone();
+    let ready = Instant::now() + Duration::from_secs(30);
+    while !mtls_admitted(mtls_port, &probe.0, &probe.1)
+        .await
+        .unwrap_or(false)
+    {
+        if Instant::now() > ready {
+            return Err("mtls-server did not admit a live victim within 30 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let (tx, mut rx) = mpsc::unbounded_channel::<StreamMsg>();
     let mut readers = tokio::task::JoinSet::new();
     for (i, ag) in agents.iter().enumerate() {
@@ -138,6 +192,7 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
 
     let mut adm = server.admin.clone();
     let mut identity = Vec::new();
+    let mut crl_refused = Vec::new();
     for k in 0..n_kills {
         let i = k % n_agents;
         let Some((entry_id, spiffe_id)) = victims[i].pop() else {
@@ -151,6 +206,17 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
         admin::kill(&mut adm, target).await?;
         let t_ret = Instant::now();
         identity.push(wait(&mut rx, i, t_ret, |ids| !ids.contains(&spiffe_id)).await?);
+        if let Some((chain, key)) = (i == 0).then(|| held.get(&spiffe_id)).flatten() {
+            loop {
+                if !mtls_admitted(mtls_port, chain, key).await? {
+                    crl_refused.push(t_ret.elapsed());
+                    break;
+                }
+                if t_ret.elapsed() > Duration::from_secs(10) {
+                    return Err(format!("{spiffe_id} still admitted 10 s after its kill").into());
+                }
+            }
+        }
     }
     let mut node = Vec::new();
     for (i, ag) in agents.iter().enumerate() {
@@ -161,6 +227,7 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     readers.abort_all();
 
     let all = Samples::from_durations(identity.iter().copied());
+    let crl = Samples::from_durations(crl_refused.iter().copied());
     let nodes = Samples::from_durations(node.iter().copied());
     rep.emit(
         Record::new("kill")
@@ -172,7 +239,10 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .with("agents", n_agents)
             .with("entries", (per_agent + victims_per_agent + 1) * n_agents)
             .f("agent_p50_ms", nodes.q_ms(0.5))
-            .f("agent_p99_ms", nodes.q_ms(0.99)),
+            .f("agent_p99_ms", nodes.q_ms(0.99))
+            .f("crl_refused_p50_ms", crl.q_ms(0.5))
+            .f("crl_refused_p99_ms", crl.q_ms(0.99))
+            .with("crl_kills", crl.len()),
     );
     rep.table("kill");
     Ok(())
