@@ -116,11 +116,18 @@ pub struct Snapshot {
     pub trust: Arc<TrustMaterial>,
     /// True once the first sync from the server has arrived.
     pub synced: bool,
+    /// Set when the agent has been cut off from the server for longer than
+    /// `serve_offline_for`: nothing is served until the sync stream is back.
+    pub offline: bool,
 }
 
 impl Snapshot {
-    /// The entries whose selectors `selectors` satisfies, in `entries` order.
+    /// The entries whose selectors `selectors` satisfies, in `entries` order
+    /// (none while [`Snapshot::offline`]).
     pub fn entitled(&self, selectors: &SelectorSet) -> Vec<&Arc<Entry>> {
+        if self.offline {
+            return Vec::new();
+        }
         self.entries.entitled(selectors)
     }
 }
@@ -273,6 +280,15 @@ impl TrustMaterial {
     }
 }
 
+/// What the sync loop tells the cache.
+pub enum SyncEvent {
+    /// A complete update arrived (the server is reachable).
+    State(SyncState),
+    /// The sync stream failed or ended: the agent is offline from now
+    /// until the next [`SyncEvent::State`].
+    Lost,
+}
+
 /// A sync message from the server, already validated.
 pub struct SyncState {
     /// Shared with the sync loop's own map: one copy of each entry.
@@ -290,7 +306,7 @@ pub struct SyncState {
 pub struct Cache {
     td: TrustDomain,
     channel: watch::Receiver<Channel>,
-    updates: mpsc::Receiver<SyncState>,
+    updates: mpsc::Receiver<SyncEvent>,
     out: watch::Sender<Arc<Snapshot>>,
     entries: Arc<EntrySet>,
     /// Shared with the published snapshot: copied (on write) only when
@@ -301,14 +317,21 @@ pub struct Cache {
     synced: bool,
     backoff: sigil_core::backoff::Backoff,
     retry_at: Option<tokio::time::Instant>,
+    /// `serve_offline_for`: how long SVIDs are served without the server.
+    serve_offline_for: Option<Duration>,
+    /// Since when the sync stream has been down.
+    offline_since: Option<tokio::time::Instant>,
+    /// The offline limit has passed: SVIDs dropped, nothing served.
+    offline: bool,
 }
 
 impl Cache {
     pub fn new(
         td: TrustDomain,
         channel: watch::Receiver<Channel>,
-        updates: mpsc::Receiver<SyncState>,
+        updates: mpsc::Receiver<SyncEvent>,
         bundle: Vec<Vec<u8>>,
+        serve_offline_for: Option<Duration>,
     ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let bundle = Arc::new(Bundle::new(bundle));
         let (out, rx) = watch::channel(Arc::new(Snapshot {
@@ -329,9 +352,29 @@ impl Cache {
                 synced: false,
                 backoff: sigil_core::backoff::Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
                 retry_at: None,
+                serve_offline_for,
+                offline_since: None,
+                offline: false,
             },
             rx,
         )
+    }
+
+    fn event(&mut self, ev: SyncEvent) {
+        match ev {
+            SyncEvent::State(s) => {
+                if self.offline {
+                    tracing::info!("the server is reachable again: serving");
+                }
+                self.offline_since = None;
+                self.offline = false;
+                self.apply(s);
+            }
+            SyncEvent::Lost => {
+                self.offline_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+            }
+        }
     }
 
     fn apply(&mut self, s: SyncState) {
@@ -376,6 +419,7 @@ impl Cache {
             bundle: self.bundle.clone(),
             trust: self.trust.clone(),
             synced: self.synced,
+            offline: self.offline,
         }));
     }
 
@@ -446,7 +490,24 @@ impl Cache {
             let can_try = self
                 .retry_at
                 .is_none_or(|t| tokio::time::Instant::now() >= t);
-            let due = if can_try { self.due(now) } else { vec![] };
+            // Cut off for longer than serve_offline_for: serve nothing.
+            if let (Some(since), Some(limit)) = (self.offline_since, self.serve_offline_for)
+                && !self.offline
+                && tokio::time::Instant::now() >= since + limit
+            {
+                tracing::error!(
+                    limit = ?limit,
+                    "no contact with the server for longer than serve_offline_for: dropping every SVID and serving nothing until it is back"
+                );
+                self.offline = true;
+                Arc::make_mut(&mut self.svids).clear();
+                self.publish();
+            }
+            let due = if can_try && !self.offline {
+                self.due(now)
+            } else {
+                vec![]
+            };
             let mut changed = false;
             if !due.is_empty() {
                 let mut failed = false;
@@ -492,13 +553,18 @@ impl Cache {
             if let Some(r) = self.retry_at {
                 wake = wake.min(r);
             }
+            if let (Some(since), Some(limit), false) =
+                (self.offline_since, self.serve_offline_for, self.offline)
+            {
+                wake = wake.min(since + limit);
+            }
             tokio::select! {
                 u = self.updates.recv() => match u {
-                    Some(s) => {
-                        self.apply(s);
+                    Some(ev) => {
+                        self.event(ev);
                         // Drain whatever else queued up; only the newest matters.
-                        while let Ok(s) = self.updates.try_recv() {
-                            self.apply(s);
+                        while let Ok(ev) = self.updates.try_recv() {
+                            self.event(ev);
                         }
                         self.retry_at = None;
                         self.publish();

@@ -61,6 +61,9 @@ struct RawConfig {
     workload_attestor: RawWorkloadAttestors,
     #[serde(default)]
     limits: crate::workload_socket::RawLimits,
+    /// How long SVIDs are served without contact with the server.
+    #[serde(default)]
+    serve_offline_for: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +128,9 @@ pub struct AgentConfig {
     pub workload_attestors: WorkloadAttestorSettings,
     /// `[limits]`: Workload API connection caps and idle timeout.
     pub limits: crate::workload_socket::WorkloadLimits,
+    /// `serve_offline_for`: serve cached SVIDs for at most this long after
+    /// the sync stream to the server is lost (`None`: until they expire).
+    pub serve_offline_for: Option<std::time::Duration>,
 }
 
 /// A config error, naming the key.
@@ -233,6 +239,18 @@ impl AgentConfig {
             absolute("x509pop.cert_path", cert_path)?;
             absolute("x509pop.key_path", key_path)?;
         }
+        let serve_offline_for = raw
+            .serve_offline_for
+            .as_deref()
+            .map(|s| match sigil_core::duration::parse_duration(s) {
+                Ok(d) if d.is_zero() => Err(key_err(
+                    "serve_offline_for",
+                    "must be positive (leave it out to serve until the SVIDs expire)",
+                )),
+                Ok(d) => Ok(d),
+                Err(e) => Err(key_err("serve_offline_for", format!("{s:?}: {e}"))),
+            })
+            .transpose()?;
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
         if !LOG_LEVELS.contains(&log_level.as_str()) {
             return Err(key_err(
@@ -259,6 +277,7 @@ impl AgentConfig {
             log_level,
             node_attestor,
             workload_attestors,
+            serve_offline_for,
             limits: raw
                 .limits
                 .validate()
@@ -280,6 +299,28 @@ mod tests {
         assert_eq!(c.server_port, 8081);
         assert_eq!(c.bootstrap, Bootstrap::Insecure);
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
+    }
+
+    #[test]
+    fn serve_offline_for_is_a_positive_duration() {
+        let ok = AgentConfig::parse(&format!(
+            "{BASE}insecure_bootstrap = true\nserve_offline_for = \"90s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.serve_offline_for,
+            Some(std::time::Duration::from_secs(90))
+        );
+        let unset = AgentConfig::parse(&format!("{BASE}insecure_bootstrap = true\n")).unwrap();
+        assert_eq!(unset.serve_offline_for, None);
+        for bad in ["0s", "soon", "-5m"] {
+            let e = AgentConfig::parse(&format!(
+                "{BASE}insecure_bootstrap = true\nserve_offline_for = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("serve_offline_for"), "{bad}: {e}");
+        }
     }
 
     #[test]

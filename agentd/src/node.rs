@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
 use crate::attestation::Prover;
-use crate::cache::SyncState;
+use crate::cache::{SyncEvent, SyncState};
 use crate::config::{AgentConfig, Bootstrap};
 use crate::server_client;
 use sigil_core::tls::{ServerTrust, SharedBundle, SvidCertResolver, client_config};
@@ -268,7 +268,7 @@ impl ServerLink {
 
     /// Keeps one sync stream open and forwards validated updates to the
     /// cache. Reconnects with backoff; restarts on channel replacement.
-    pub async fn sync_loop(self: Arc<Self>, out: mpsc::Sender<SyncState>) {
+    pub async fn sync_loop(self: Arc<Self>, out: mpsc::Sender<SyncEvent>) {
         let mut backoff =
             Backoff::new(Duration::from_millis(200), Duration::from_secs(30)).jittered();
         let mut channels = self.channel.subscribe();
@@ -307,7 +307,7 @@ impl ServerLink {
                                     killed: u.killed_spiffe_ids,
                                     crl: u.crl,
                                 };
-                                if out.send(state).await.is_err() {
+                                if out.send(SyncEvent::State(state)).await.is_err() {
                                     return Ok(true);
                                 }
                             }
@@ -325,6 +325,10 @@ impl ServerLink {
                 }
                 Err(st) => {
                     tracing::warn!(code = ?st.code(), error = %st.message(), "sync stream failed; reconnecting");
+                    // Offline until the next complete update (serve_offline_for).
+                    if out.send(SyncEvent::Lost).await.is_err() {
+                        return;
+                    }
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }

@@ -128,6 +128,7 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
         link.channel.subscribe(),
         sync_rx,
         bundle,
+        cfg.serve_offline_for,
     );
     tokio::spawn(cache.run());
     tokio::spawn(link.clone().sync_loop(sync_tx));

@@ -145,8 +145,17 @@ fn federations(entries: &[&Arc<Entry>]) -> BTreeSet<String> {
         .collect()
 }
 
+/// Why nothing is served: `serve_offline_for` has passed without contact.
+fn offline() -> Status {
+    Status::unavailable(
+        "this agent has had no contact with the server for longer than serve_offline_for: serving no identity until it is back",
+    )
+}
+
 fn no_identity(snap: &Snapshot) -> Result<(), Status> {
-    if snap.synced {
+    if snap.offline {
+        Err(offline())
+    } else if snap.synced {
         Err(Status::permission_denied("no identity issued"))
     } else {
         Ok(())
@@ -425,7 +434,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .cloned()
             .collect();
         if matching.is_empty() {
-            return Err(Status::permission_denied("no identity issued"));
+            return Err(if snap.offline {
+                offline()
+            } else {
+                Status::permission_denied("no identity issued")
+            });
         }
         let mut svids = Vec::with_capacity(matching.len());
         for e in &matching {
@@ -466,6 +479,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         let snap = self.snapshots.borrow().clone();
+        // The killed list may be stale: validate nothing while cut off.
+        if snap.offline {
+            return Err(offline());
+        }
         let v = sigil_core::jwt::validate(&r.svid, &r.audience, &snap.trust.jwt_bundles)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if snap
