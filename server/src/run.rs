@@ -43,15 +43,30 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         cfg.ca_ttl,
         cfg.jwt_key_type,
     )?;
-    let store: Arc<dyn Datastore> = match &cfg.datastore {
-        DatastoreKind::Redb => Arc::new(
-            RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
+    let (store, shared): (Arc<dyn Datastore>, Option<Arc<PostgresStore>>) = match &cfg.datastore {
+        DatastoreKind::Redb => (
+            Arc::new(
+                RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
+            ),
+            None,
         ),
         DatastoreKind::Postgres(pg) => {
-            Arc::new(PostgresStore::open_configured(pg).map_err(|e| format!("datastore: {e}"))?)
+            let s = Arc::new(
+                PostgresStore::open_configured(pg).map_err(|e| format!("datastore: {e}"))?,
+            );
+            (s.clone(), Some(s))
         }
     };
+    // Where to follow the change feed from: taken before the state is
+    // loaded, so that a change committed in between is applied (again).
+    let feed_start = match &shared {
+        Some(pg) => Some(pg.last_event_seq().map_err(|e| format!("datastore: {e}"))?),
+        None => None,
+    };
     let state = Arc::new(ServerState::new(cfg.clone(), store, keys).map_err(|e| e.to_string())?);
+    if let (Some(pg), Some(last)) = (shared, feed_start) {
+        follow_changes(pg, state.clone(), last)?;
+    }
     state.install_audit_key(crate::state::load_or_create_audit_key(&cfg.data_dir)?)?;
     // Audit checkpoints: every audit_checkpoint_every records or
     // audit_checkpoint_interval, checked once a second.
@@ -198,6 +213,46 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     let _ = std::fs::remove_file(&cfg.admin_socket);
     tracing::info!("sigil-server stopped");
     r
+}
+
+/// Applies other servers' changes from the PostgreSQL change feed, on a
+/// thread of its own: woken by their commits, and every few seconds in
+/// case a notification was lost; events are read from the last one
+/// applied, so nothing is skipped after a reconnect or a failed read.
+fn follow_changes(
+    pg: Arc<PostgresStore>,
+    state: Arc<ServerState>,
+    mut last: u64,
+) -> Result<(), String> {
+    const BATCH: usize = 1000;
+    let listener = pg.listen().map_err(|e| format!("datastore: {e}"))?;
+    std::thread::Builder::new()
+        .name("sigil-follow".into())
+        .spawn(move || {
+            loop {
+                listener.wait(Duration::from_secs(2));
+                loop {
+                    match pg.events_since(last, BATCH) {
+                        Ok(evs) => {
+                            let Some(end) = evs.last().map(|e| e.seq) else {
+                                break;
+                            };
+                            if let Err(e) = state.apply_changes(&evs) {
+                                tracing::error!(error = %e, "applying datastore changes failed; retrying");
+                                break;
+                            }
+                            last = end;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the datastore change feed failed; retrying");
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("change feed thread: {e}"))?;
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

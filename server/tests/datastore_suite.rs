@@ -528,6 +528,8 @@ fn postgres_passes_the_datastore_suite_and_migrates_once() {
                 append_audit(tx, &caller(), event(1))?;
                 Ok(())
             });
+            drop(s.listen().unwrap());
+            assert!(s.last_event_seq().is_ok());
             let s2 = s.clone();
             tokio::spawn(async move { s2.read().unwrap().audit_head().unwrap() })
                 .await

@@ -2,7 +2,8 @@
 //! a real PostgreSQL started by the harness. An agent attests, an entry
 //! reaches a workload (fetched with the `spiffe` crate), a server restart
 //! keeps entries and agents, and `audit verify` passes; the records are in
-//! the database, not in a redb file. A group-readable password file stops
+//! the database, not in a redb file; a redb deployment migrates; two servers
+//! on one database converge. A group-readable password file stops
 //! the server before it serves, naming the key.
 
 #![allow(
@@ -265,4 +266,61 @@ async fn a_redb_deployment_migrates_to_postgres_with_nothing_lost() {
         &["spiffe://example.org/m-a", "spiffe://example.org/m-c"],
     )
     .await;
+}
+
+#[tokio::test]
+async fn two_servers_on_one_database_converge_on_each_others_entries() {
+    let Some(pg) = pg::start("two") else {
+        return;
+    };
+    pg.create_db("sigil");
+    let secrets = Scratch::new("pg-two-secret");
+    let pw = secrets.0.join("pgpass");
+    pg.write_password_file(&pw);
+    let section = datastore_section(&pg, "sigil", &pw);
+    let mut a = Cluster::start_with(&section);
+    a.start_agent("spiffe://example.org/test-agent");
+    let b = Cluster::start_with(&section);
+    let addr = a.api_addr();
+
+    // Created on B, served by the agent connected to A.
+    let created: serde_json::Value = serde_json::from_str(&b.server_ok(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/test-agent",
+        "--spiffe-id",
+        "spiffe://example.org/from-b",
+        "--selector",
+        &my_uid_selector(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    wait_ids(&addr, &["spiffe://example.org/from-b"]).await;
+    assert!(
+        a.server_ok(&["entry", "show", &id])
+            .contains("spiffe://example.org/from-b"),
+        "server A does not list the entry created on B"
+    );
+
+    // Updated and then deleted on B: A follows.
+    b.server_ok(&["entry", "update", &id, "--hint", "via-b"]);
+    eventually("A to see B's update", LONG, || async {
+        a.server_ok(&["entry", "show", &id])
+            .contains("via-b")
+            .then_some(())
+    })
+    .await;
+    b.server_ok(&["entry", "delete", &id]);
+    eventually("the entry deleted on B to be withdrawn", LONG, || async {
+        ids(&addr).await.is_none_or(|v| v.is_empty()).then_some(())
+    })
+    .await;
+    assert!(!a.server_cli(&["entry", "show", &id]).status.success());
+
+    // Both servers wrote one audit chain.
+    let verified = a.server_ok(&["audit", "verify"]);
+    assert!(verified.starts_with("OK:"), "{verified}");
 }

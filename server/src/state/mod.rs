@@ -12,7 +12,9 @@
 //! - [`kills`] — the kill switch: durable rules withdrawing identities;
 //! - [`audit`] — the audit key, signed checkpoints and audit queries;
 //! - [`revocation`] — CRLs listing the withdrawn, unexpired SVIDs;
-//! - [`notify`] — waking exactly the sync streams a change concerns.
+//! - [`notify`] — waking exactly the sync streams a change concerns;
+//! - [`remote`] — converging on changes another server made in a shared
+//!   datastore.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
 //! transaction ([`Datastore::write`]), reading the records it changes inside
@@ -28,6 +30,7 @@ mod kills;
 mod minting;
 mod namespace;
 mod notify;
+mod remote;
 mod revocation;
 #[cfg(test)]
 mod revocation_tests;

@@ -108,12 +108,24 @@ impl PostgresStore {
     /// meanwhile are lost and the reader must catch up.
     pub fn listen(&self) -> Result<EventListener, StoreError> {
         let cfg = self.pool.config().clone();
-        let mut first = Some(listen_on(&cfg)?);
+        let (ready_tx, ready) = mpsc::sync_channel(1);
         let (wake_tx, wake) = mpsc::sync_channel(1);
         let (stop, stop_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("sigil-pg-listen".into())
             .spawn(move || {
+                // Connected here, never on the caller's thread, which may
+                // be driving a tokio runtime.
+                let mut first = match listen_on(&cfg) {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        Some(c)
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
                 let mut backoff = sigil_core::backoff::Backoff::new(
                     Duration::from_millis(100),
                     Duration::from_secs(5),
@@ -165,7 +177,13 @@ impl PostgresStore {
                 }
             })
             .map_err(|e| StoreError::Backend(format!("event listener thread: {e}")))?;
-        Ok(EventListener { wake, _stop: stop })
+        match ready.recv_timeout(super::pool::CONNECT_TIMEOUT + Duration::from_secs(1)) {
+            Ok(Ok(())) => Ok(EventListener { wake, _stop: stop }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Backend(
+                "event listener: no connection within the connect timeout".into(),
+            )),
+        }
     }
 }
 
