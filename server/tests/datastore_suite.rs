@@ -152,6 +152,8 @@ fn records_round_trip(s: &dyn Datastore) {
         assert_eq!(r.agents().unwrap(), vec![a.clone(), b.clone()]);
         assert_eq!(r.agent_count().unwrap(), 2);
         assert_eq!(r.entries(&td()).unwrap(), vec![entry(1), entry(2)]);
+        assert_eq!(r.entry("entry-00002", &td()).unwrap(), Some(entry(2)));
+        assert_eq!(r.entry("entry-99999", &td()).unwrap(), None);
         assert_eq!(r.tokens().unwrap(), vec![token(10)]);
         assert_eq!(
             r.bundles().unwrap(),

@@ -57,6 +57,8 @@ pub trait ReadTx {
     fn agent_count(&self) -> Result<u64, StoreError>;
     /// All entries, validated for trust domain `td`.
     fn entries(&self, td: &TrustDomain) -> Result<Vec<Entry>, StoreError>;
+    /// One entry, validated for trust domain `td`.
+    fn entry(&self, id: &str, td: &TrustDomain) -> Result<Option<Entry>, StoreError>;
     /// Every unused join token record.
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Every unused join token record with its key (the token's hash), in

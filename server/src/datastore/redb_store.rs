@@ -147,6 +147,10 @@ macro_rules! read_tx {
                     .map(|(k, v)| decode_entry(k, v, td))
                     .collect()
             }
+            fn entry(&self, id: &str, td: &TrustDomain) -> Result<Option<Entry>, StoreError> {
+                let t = self.open_table(ENTRIES).map_err(be)?;
+                get(&t, id)?.map(|b| decode_entry(id, &b, td)).transpose()
+            }
             fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
                 let t = self.open_table(TOKENS).map_err(be)?;
                 all(&t)?

@@ -47,19 +47,17 @@ impl ServerState {
     }
 
     fn apply_entry_changes(&self, ids: &BTreeSet<&str>) -> Result<(), RegistryError> {
-        let stored: HashMap<String, _> = self
-            .store
-            .read()?
-            .entries(self.trust_domain())?
-            .into_iter()
-            .filter(|e| ids.contains(e.id.as_str()))
-            .map(|e| (e.id.clone(), e))
-            .collect();
+        let stored: HashMap<&str, Option<_>> = {
+            let r = self.store.read()?;
+            ids.iter()
+                .map(|id| Ok((*id, r.entry(id, self.trust_domain())?)))
+                .collect::<Result<_, RegistryError>>()?
+        };
         let mut idx = self.entries.write().map_err(|_| poisoned())?;
         let mut changed = false;
         for id in ids {
             let old = idx.by_id.get(*id).cloned();
-            match stored.get(*id) {
+            match stored.get(id).and_then(Option::as_ref) {
                 Some(e) if old.as_deref() == Some(e) => {}
                 Some(e) => {
                     idx.insert(Arc::new(e.clone()));

@@ -261,6 +261,14 @@ impl ReadTx for PgTx<'_> {
             .map(|(k, v)| decode_entry(k, v, td))
             .collect()
     }
+    fn entry(&self, id: &str, td: &TrustDomain) -> Result<Option<Entry>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT body FROM entries WHERE id = $1", vec![t(id)])?;
+        rows.first()
+            .map(|r| decode_entry(id, &bytes(r, 0, "entry", id)?, td))
+            .transpose()
+    }
     fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         let rows = self
             .s
