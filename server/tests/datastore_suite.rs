@@ -541,6 +541,26 @@ fn postgres_passes_the_datastore_suite_and_migrates_once() {
     }
     assert_eq!(s.read().unwrap().audit_head().unwrap().unwrap().seq, 2);
 
+    // A Unix socket directory as the host (percent-encoded, as documented
+    // in deploy/config/server.toml), through the config parser.
+    pg.create_db("over_socket");
+    let dir: String = pg.socket_dir().to_str().unwrap().replace('/', "%2F");
+    let cfg = sigil_server::config::ServerConfig::parse(&format!(
+        "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n[datastore]\nkind = \"postgres\"\n\
+         url = \"postgres://postgres@{dir}:{}/over_socket\"\n",
+        pg.port()
+    ))
+    .unwrap();
+    let sigil_server::config::DatastoreKind::Postgres(pgc) = &cfg.datastore else {
+        panic!("not postgres");
+    };
+    let s = PostgresStore::open_configured(pgc).unwrap();
+    put(&s, |tx| {
+        tx.put_entry(&entry(1))?;
+        Ok(())
+    });
+    assert_eq!(pg.psql("over_socket", "SELECT count(*) FROM entries"), "1");
+
     // The change feed: a second store on the same database (another
     // server) is woken by a commit and reads what changed, in order; a
     // failed write and a token that was not there add nothing.
