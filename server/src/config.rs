@@ -20,6 +20,8 @@ pub const MAX_CA_TTL: Duration = Duration::from_secs(365 * DAY);
 pub const MAX_SVID_TTL: Duration = sigil_core::entry::MAX_TTL;
 /// Largest `bundle_endpoint.refresh_hint`.
 pub const MAX_REFRESH_HINT: Duration = Duration::from_secs(DAY);
+/// Largest `audit_retention` (ten years).
+const MAX_AUDIT_RETENTION: Duration = Duration::from_secs(10 * 366 * 86_400);
 /// Largest `audit_checkpoint_every`.
 pub const MAX_AUDIT_CHECKPOINT_EVERY: u64 = 1_000_000;
 /// Largest `audit_checkpoint_interval`.
@@ -106,6 +108,8 @@ struct RawConfig {
     audit_checkpoint_every: u64,
     #[serde(default = "default_audit_checkpoint_interval")]
     audit_checkpoint_interval: String,
+    #[serde(default)]
+    audit_retention: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -378,6 +382,9 @@ pub struct ServerConfig {
     pub audit_checkpoint_every: u64,
     /// Sign a checkpoint when unsigned records are this old.
     pub audit_checkpoint_interval: Duration,
+    /// Delete audit records older than this (keeping the chain verifiable
+    /// from a signed checkpoint); `None` keeps everything.
+    pub audit_retention: Option<Duration>,
 }
 
 /// `[tpm]`: which TPMs may attest, and what to quote.
@@ -527,6 +534,25 @@ impl ServerConfig {
         )?;
         if audit_checkpoint_interval < Duration::from_secs(1) {
             return Err(key_err("audit_checkpoint_interval", "must be at least 1s"));
+        }
+        let audit_retention = raw
+            .audit_retention
+            .as_deref()
+            .map(|v| dur("audit_retention", v, MAX_AUDIT_RETENTION))
+            .transpose()?;
+        // No SVID outlives its CA, and a CA lives ca_ttl: a record older
+        // than ca_ttl lists only expired SVIDs, so pruning it never takes
+        // a killed serial off the CRL.
+        if let Some(r) = audit_retention
+            && r < ca_ttl
+        {
+            return Err(key_err(
+                "audit_retention",
+                format!(
+                    "must be at least ca_ttl ({}s): the CRL of killed SVIDs is rebuilt from the issuance records of that window",
+                    ca_ttl.as_secs()
+                ),
+            ));
         }
         if default_x509_svid_ttl > ca_ttl {
             return Err(key_err("default_x509_svid_ttl", "must not exceed ca_ttl"));
@@ -764,6 +790,7 @@ impl ServerConfig {
                 .map_err(|(key, reason)| key_err(key, reason))?,
             audit_checkpoint_every: raw.audit_checkpoint_every,
             audit_checkpoint_interval,
+            audit_retention,
         })
     }
 }

@@ -84,6 +84,25 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         }
     });
 
+    // Audit retention: prune up to a signed checkpoint, a few times per
+    // retention period (at most once a minute).
+    if let Some(retention) = cfg.audit_retention {
+        let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let pr = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let pr = pr.clone();
+                match tokio::task::spawn_blocking(move || pr.audit_prune_if_due()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed; retrying"),
+                    Err(e) => tracing::error!(error = %e, "audit retention task failed"),
+                }
+            }
+        });
+    }
+
     // Key rotation: cheap checks once a second; changes are persisted and
     // pushed to every agent by rotate_keys().
     let rot = state.clone();

@@ -102,6 +102,10 @@ pub trait WriteTx: ReadTx {
     /// [`append_audit`], which builds it from the head in this
     /// transaction, so appends are serialized on the chain head).
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError>;
+    /// Deletes the audit records with `seq <= through` (retention) and
+    /// returns how many went. Only ever a prefix of the chain, followed by
+    /// a checkpoint that anchors what remains.
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64, StoreError>;
 }
 
 /// Appends the audit record of a change to the transaction that makes the

@@ -257,6 +257,16 @@ impl WriteTx for WriteTransaction {
             .map_err(be)?;
         Ok(())
     }
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64, StoreError> {
+        let mut t = self.open_table(AUDIT).map_err(be)?;
+        let mut n = 0;
+        t.retain_in(..=through, |_, _| {
+            n += 1;
+            false
+        })
+        .map_err(be)?;
+        Ok(n)
+    }
     fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError> {
         take(self, KILLS, id)?
             .map(|b| KillRecord::decode(id, &b))

@@ -37,6 +37,9 @@ pub const AUDIT_KEY_FILE: &str = "audit_key.pem";
 /// Records read per datastore call while scanning.
 const SCAN_PAGE: usize = 10_000;
 
+/// Most audit records one retention pass examines.
+const PRUNE_SCAN: usize = 500_000;
+
 /// Loads `<data_dir>/audit_key.pem`, or creates it (mode 0600) if absent.
 /// The error names the file; it never contains key material.
 pub fn load_or_create_audit_key(data_dir: &Path) -> Result<AuditKey, String> {
@@ -249,6 +252,72 @@ impl ServerState {
         } else {
             Ok(None)
         }
+    }
+
+    /// Retention: deletes the longest prefix of the chain older than
+    /// `audit_retention` that is directly followed by a signed checkpoint
+    /// (which stays, anchoring what remains), in one transaction with a
+    /// `pruned` record naming what went. Returns how many records went.
+    /// At most `PRUNE_SCAN` records are examined per call; the next call
+    /// goes on from there.
+    pub fn audit_prune_if_due(&self) -> Result<u64, RegistryError> {
+        let Some(retention) = self.cfg.audit_retention else {
+            return Ok(0);
+        };
+        let cutoff =
+            now_unix().saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+        // The plan, from a read snapshot: the prefix is immutable (records
+        // are only ever appended at the head), so it stays valid.
+        let plan = {
+            let r = self.store.read()?;
+            let mut plan = None;
+            let mut prev: Option<Record> = None;
+            let mut next = 0u64;
+            let mut seen = 0usize;
+            loop {
+                let page = r.audit_records(next, SCAN_PAGE)?;
+                let Some(last) = page.last() else { break };
+                next = last.seq + 1;
+                let reached_cutoff = page.iter().any(|rec| rec.time >= cutoff);
+                let full = page.len() == SCAN_PAGE;
+                seen += page.len();
+                // The previous page's last record first, so a checkpoint at
+                // the start of this page can anchor.
+                let mut window: Vec<Record> = prev.take().into_iter().collect();
+                window.extend(page);
+                if let Some(p) = sigil_core::audit::prune_plan(&window, cutoff) {
+                    plan = Some(p);
+                }
+                if reached_cutoff || !full || seen >= PRUNE_SCAN {
+                    break;
+                }
+                prev = window.pop();
+            }
+            plan
+        };
+        let Some(plan) = plan else {
+            return Ok(0);
+        };
+        let caller = Caller::server(ServerTask::AuditRetention);
+        let n = self.store.transact(|tx| {
+            // Another server (or an earlier call) may have pruned already.
+            let first = tx.audit_records(0, 1)?.first().map(|r| r.seq);
+            if first.is_none_or(|f| f > plan.drop_through) {
+                return Ok(0);
+            }
+            let n = tx.delete_audit_through(plan.drop_through)?;
+            append_audit(tx, &caller, plan.marker())?;
+            Ok(n)
+        })?;
+        if n > 0 {
+            tracing::info!(
+                records = n,
+                through = plan.drop_through,
+                anchor = plan.anchor_seq,
+                "audit retention: pruned the chain up to a signed checkpoint"
+            );
+        }
+        Ok(n)
     }
 
     /// One export page (`seq >= since`, at most `limit`): when the page

@@ -478,6 +478,12 @@ impl WriteTx for PgTx<'_> {
         )?;
         Ok(())
     }
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64, StoreError> {
+        self.s.execute(
+            "DELETE FROM audit WHERE seq <= $1",
+            vec![seq_param(through)?],
+        )
+    }
 }
 
 impl Datastore for PostgresStore {
