@@ -269,7 +269,7 @@ async fn a_redb_deployment_migrates_to_postgres_with_nothing_lost() {
 }
 
 #[tokio::test]
-async fn two_servers_on_one_database_converge_on_each_others_entries() {
+async fn two_servers_on_one_database_converge_on_each_others_entries_and_bans() {
     let Some(pg) = pg::start("two") else {
         return;
     };
@@ -319,6 +319,18 @@ async fn two_servers_on_one_database_converge_on_each_others_entries() {
     })
     .await;
     assert!(!a.server_cli(&["entry", "show", &id]).status.success());
+
+    // A ban made on B withdraws the identities served through A.
+    a.create_entry(
+        "spiffe://example.org/on-a",
+        &["--selector", &my_uid_selector()],
+    );
+    wait_ids(&addr, &["spiffe://example.org/on-a"]).await;
+    b.server_ok(&["agent", "ban", "spiffe://example.org/test-agent"]);
+    eventually("the agent banned on B to stop serving", LONG, || async {
+        ids(&addr).await.is_none_or(|v| v.is_empty()).then_some(())
+    })
+    .await;
 
     // Both servers wrote one audit chain.
     let verified = a.server_ok(&["audit", "verify"]);
