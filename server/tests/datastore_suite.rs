@@ -45,6 +45,10 @@ const CASES: &[Case] = &[
         concurrent_audit_chain,
     ),
     ("a_ban_racing_renewals_is_never_undone", ban_never_undone),
+    (
+        "an_audit_prefix_is_deleted_and_the_chain_goes_on",
+        audit_prefix_deleted,
+    ),
 ];
 
 fn td() -> TrustDomain {
@@ -387,6 +391,26 @@ fn ban_never_undone(s: &dyn Datastore) {
         "a renewal committed after the ban"
     );
     audit::verify(&all_audit(s), None).unwrap();
+}
+
+fn audit_prefix_deleted(s: &dyn Datastore) {
+    for n in 1..=5 {
+        put(s, |tx| append_audit(tx, &caller(), event(n)));
+    }
+    let gone = s.transact(|tx| Ok(tx.delete_audit_through(3)?)).unwrap();
+    assert_eq!(gone, 3);
+    let seqs: Vec<u64> = all_audit(s).iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, vec![4, 5]);
+    assert_eq!(
+        s.read().unwrap().audit_head().unwrap().map(|h| h.seq),
+        Some(5)
+    );
+    put(s, |tx| append_audit(tx, &caller(), event(6)));
+    let recs = all_audit(s);
+    assert_eq!(recs.last().map(|r| r.seq), Some(6));
+    assert_eq!(recs[2].prev_hash, recs[1].hash);
+    // Nothing left to delete below 4.
+    assert_eq!(s.transact(|tx| Ok(tx.delete_audit_through(3)?)).unwrap(), 0);
 }
 
 /// Runs every case, each on a fresh store from `make`, and reports every
