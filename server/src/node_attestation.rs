@@ -92,6 +92,34 @@ fn unique_id(td: &TrustDomain, attestor: &str, unique: &str) -> Result<SpiffeId,
 /// Runs one attestation conversation. `caller` is the agent's ID when the
 /// stream came over mTLS (re-attestation to renew): the evidence must then
 /// prove that same node.
+/// The attestor a node claims and a short, secret-free summary of what it
+/// presented (for the audit record of a refusal): the first 16 hex digits
+/// of the SHA-256 of the join token (the store keeps only the full hash),
+/// of the x509pop leaf certificate, or of the TPM's EK public area.
+fn claimed(begin: &sigil_proto::agent::AttestBegin) -> (&'static str, String) {
+    let short = |b: &[u8]| {
+        let h = sigil_core::ids::sha256_hex(b);
+        format!("sha256:{}", h.get(..16).unwrap_or(&h))
+    };
+    match &begin.evidence {
+        None => ("none", String::new()),
+        Some(Evidence::JoinToken(t)) => {
+            ("join_token", format!("token {}", short(t.token.as_bytes())))
+        }
+        Some(Evidence::X509pop(ev)) => (
+            "x509pop",
+            ev.chain
+                .first()
+                .map(|c| format!("leaf {}", short(c)))
+                .unwrap_or_default(),
+        ),
+        Some(Evidence::Tpm(ev)) => ("tpm", format!("ek {}", short(&ev.ek_public))),
+    }
+}
+
+/// Runs one attestation stream; a refusal after the first message is
+/// written to the audit trail (rate-limited, see
+/// [`ServerState::audit_attestation_failure`]).
 pub async fn attest(
     state: Arc<ServerState>,
     attestors: Arc<NodeAttestors>,
@@ -105,6 +133,38 @@ pub async fn attest(
             "invalid field `step`: the first message must be `begin`",
         ));
     };
+    let (kind, evidence) = claimed(&begin);
+    let result = attest_begun(
+        state.clone(),
+        attestors,
+        caller,
+        peer.clone(),
+        begin,
+        inbound,
+        tx,
+    )
+    .await;
+    if let Err(st) = &result {
+        let reason = format!("{:?}: {}", st.code(), st.message());
+        let st2 = state.clone();
+        let _ = crate::blocking(move || {
+            st2.audit_attestation_failure(kind, &evidence, peer, &reason);
+            Ok::<(), Status>(())
+        })
+        .await;
+    }
+    result
+}
+
+async fn attest_begun(
+    state: Arc<ServerState>,
+    attestors: Arc<NodeAttestors>,
+    caller: Option<SpiffeId>,
+    peer: Option<String>,
+    begin: sigil_proto::agent::AttestBegin,
+    inbound: &mut Streaming<AttestRequest>,
+    tx: &mpsc::Sender<Result<AttestResponse, Status>>,
+) -> Result<AttestResult, Status> {
     let csr = begin.csr;
     let who = match &caller {
         Some(id) => Caller::agent(id.clone()),

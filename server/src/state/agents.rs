@@ -13,6 +13,18 @@ use crate::datastore::{AgentRecord, AttestationType};
 use crate::error::RegistryError;
 use sigil_core::audit::Event;
 
+/// Most refused node attestations recorded per minute (the rest are
+/// counted in the next record).
+const FAILURE_RECORDS_PER_MINUTE: u32 = 60;
+
+/// The rate limit's window.
+#[derive(Default)]
+pub(super) struct FailureWindow {
+    window_start: i64,
+    written: u32,
+    suppressed: u64,
+}
+
 /// Whether a node may (re-)attest under an existing record.
 fn admissible(existing: Option<&AgentRecord>, a: &NodeAttestation) -> Result<(), RegistryError> {
     let Some(e) = existing else { return Ok(()) };
@@ -318,6 +330,56 @@ impl ServerState {
         Ok(rec)
     }
 
+    /// Records a refused node attestation in the audit trail. Refusals
+    /// come from unauthenticated callers, so they are rate-limited: at most
+    /// [`FAILURE_RECORDS_PER_MINUTE`] records a minute; the next record
+    /// written counts the ones left out in its reason. Best effort: a
+    /// failure to write is logged, never returned to the node.
+    pub fn audit_attestation_failure(
+        &self,
+        attestation_type: &str,
+        evidence: &str,
+        peer: Option<String>,
+        reason: &str,
+    ) {
+        let suppressed = {
+            let mut w = self
+                .attest_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = now_unix();
+            if now - w.window_start >= 60 {
+                w.window_start = now;
+                w.written = 0;
+            }
+            if w.written >= FAILURE_RECORDS_PER_MINUTE {
+                w.suppressed += 1;
+                return;
+            }
+            w.written += 1;
+            std::mem::take(&mut w.suppressed)
+        };
+        let mut reason: String = reason.chars().take(512).collect();
+        if suppressed > 0 {
+            reason.push_str(&format!(
+                " ({suppressed} earlier refusals not recorded: rate limit)"
+            ));
+        }
+        let caller = Caller::Node { peer: peer.clone() };
+        let event = Event::NodeAttestationFailed {
+            attestation_type: attestation_type.to_string(),
+            evidence: evidence.to_string(),
+            peer,
+            reason,
+        };
+        if let Err(e) = self
+            .store
+            .transact(|tx| append_audit(tx, &caller, event.clone()))
+        {
+            tracing::error!(error = %e, "could not audit a refused node attestation");
+        }
+    }
+
     /// Refuses an agent a kill names.
     fn refuse_killed_agent(&self, id: &SpiffeId) -> Result<(), RegistryError> {
         match self.kill_of_agent(id) {
@@ -348,5 +410,59 @@ impl ServerState {
             Ok(a) => self.notify_agent(&a),
             Err(_) => self.bump(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::temp_state;
+    use super::*;
+
+    fn failures(s: &ServerState) -> Vec<String> {
+        s.store
+            .read()
+            .unwrap()
+            .audit_records(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.event {
+                Event::NodeAttestationFailed { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn refused_attestations_are_recorded_at_a_bounded_rate_and_the_gap_is_counted() {
+        let t = temp_state();
+        let s = &t.state;
+        for _ in 0..(FAILURE_RECORDS_PER_MINUTE + 5) {
+            s.audit_attestation_failure(
+                "join_token",
+                "token sha256:0011",
+                Some("10.0.0.9:4000".into()),
+                "PermissionDenied: unknown join token",
+            );
+        }
+        let got = failures(s);
+        assert_eq!(got.len(), FAILURE_RECORDS_PER_MINUTE as usize);
+        // The next window's first record says how many were left out.
+        s.attest_failures.lock().unwrap().window_start -= 61;
+        s.audit_attestation_failure(
+            "tpm",
+            "ek sha256:22",
+            None,
+            "PermissionDenied: EK not allowed",
+        );
+        let got = failures(s);
+        let last = got.last().unwrap();
+        assert!(last.contains("5 earlier refusals not recorded"), "{last}");
+        let recs = s
+            .store
+            .read()
+            .unwrap()
+            .audit_records(0, usize::MAX)
+            .unwrap();
+        assert!(sigil_core::audit::verify(&recs, None).is_ok());
     }
 }

@@ -105,6 +105,8 @@ pub struct ServerState {
     audit: audit::AuditState,
     /// Withdrawn serials and the CRLs signed over them.
     revocations: RwLock<revocation::Revocations>,
+    /// Rate limit of the audit records of refused node attestations.
+    attest_failures: std::sync::Mutex<agents::FailureWindow>,
 }
 
 fn poisoned() -> RegistryError {
@@ -155,6 +157,7 @@ impl ServerState {
             killed_ids: RwLock::default(),
             audit: audit::AuditState::default(),
             revocations: RwLock::default(),
+            attest_failures: std::sync::Mutex::default(),
         };
         if let Ok(idx) = state.entries.read() {
             state.refresh_killed_ids(&idx);
