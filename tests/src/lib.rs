@@ -426,3 +426,83 @@ pub fn openssl(dir: &Path, args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A second (third, …) agent of a [`Cluster`], in its own directory under
+/// the cluster's, attested with its own join token. Killed on drop.
+pub struct ExtraAgent {
+    pub id: String,
+    pub dir: PathBuf,
+    child: Child,
+}
+
+impl ExtraAgent {
+    /// `unix:///...` address of this agent's Workload API.
+    pub fn api_addr(&self) -> String {
+        format!("unix://{}/public/api.sock", self.dir.display())
+    }
+}
+
+impl Drop for ExtraAgent {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+impl Cluster {
+    /// Attests and starts another agent as `agent_id`, in `<dir>/<name>`;
+    /// waits until it is healthy.
+    pub fn start_extra_agent(&self, name: &str, agent_id: &str) -> ExtraAgent {
+        let token = self.token(agent_id);
+        let bundle = self.server_ok(&["bundle", "show"]);
+        let dir = self.dir.0.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("bundle.pem"), bundle).unwrap();
+        let d = dir.display();
+        let cfg = format!(
+            "trust_domain = \"{}\"\nserver_address = \"127.0.0.1\"\nserver_port = {}\nsocket_path = \"{d}/public/api.sock\"\nadmin_socket = \"{d}/private/admin.sock\"\ndata_dir = \"{d}/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\nlog_level = \"debug\"\n",
+            self.trust_domain, self.port
+        );
+        fs::write(dir.join("agent.toml"), cfg).unwrap();
+        let log = fs::File::create(self.dir.0.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(bin("sigil-agent"))
+            .args(["run", "--config"])
+            .arg(dir.join("agent.toml"))
+            .args(["--join-token", &token])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sock = dir.join("private/admin.sock");
+        wait_for("extra agent healthy", Duration::from_secs(20), || {
+            Command::new(bin("sigil-agent"))
+                .arg("healthcheck")
+                .arg("--admin-socket")
+                .arg(&sock)
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        });
+        ExtraAgent {
+            id: agent_id.to_string(),
+            dir,
+            child,
+        }
+    }
+
+    /// Creates an entry under `parent`; returns the entry ID.
+    pub fn create_entry_under(&self, parent: &str, spiffe_id: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--parent-id",
+            parent,
+            "--spiffe-id",
+            spiffe_id,
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let v: serde_json::Value = serde_json::from_str(&self.server_ok(&args)).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+}

@@ -288,3 +288,49 @@ async fn validate_jwtsvid_rejects_a_killed_identity_until_the_kill_is_lifted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits until agent A serves exactly `a` and agent B exactly `b`.
+async fn both(on_a: &str, on_b: &str, a: &[&str], b: &[&str]) {
+    wait_ids(on_a, a).await;
+    wait_ids(on_b, b).await;
+}
+
+#[tokio::test]
+async fn each_kind_of_kill_withdraws_exactly_what_it_names_on_two_agents() {
+    let c = Cluster::with_agent();
+    let b = c.start_extra_agent("agent-b", "spiffe://example.org/agent-b");
+    let uid = my_uid_selector();
+    const X: &str = "spiffe://example.org/x";
+    const Y: &str = "spiffe://example.org/y";
+    const Z: &str = "spiffe://example.org/z";
+    c.create_entry_under(AGENT, X, &["--selector", &uid]);
+    c.create_entry_under(AGENT, Y, &["--selector", &uid, "--selector", "unix:gid:0"]);
+    c.create_entry_under(&b.id, X, &["--selector", &uid]);
+    let bz = c.create_entry_under(&b.id, Z, &["--selector", &uid]);
+    let (a, b_addr) = (c.api_addr(), b.api_addr());
+    both(&a, &b_addr, &[X, Y], &[X, Z]).await;
+
+    // SPIFFE ID: on every agent, nothing else.
+    let k = kill(&c, &["--spiffe-id", X]);
+    both(&a, &b_addr, &[Y], &[Z]).await;
+    c.server_ok(&["kill", "lift", &k]);
+    both(&a, &b_addr, &[X, Y], &[X, Z]).await;
+
+    // One entry on agent B: agent A untouched.
+    let k = kill(&c, &["--entry", &bz]);
+    both(&a, &b_addr, &[X, Y], &[X]).await;
+    c.server_ok(&["kill", "lift", &k]);
+    both(&a, &b_addr, &[X, Y], &[X, Z]).await;
+
+    // A selector only agent A's entry carries.
+    let k = kill(&c, &["--selector", "unix:gid:0"]);
+    both(&a, &b_addr, &[X], &[X, Z]).await;
+    c.server_ok(&["kill", "lift", &k]);
+    both(&a, &b_addr, &[X, Y], &[X, Z]).await;
+
+    // Agent A as a node: B keeps everything.
+    let k = kill(&c, &["--agent", AGENT]);
+    both(&a, &b_addr, &[], &[X, Z]).await;
+    c.server_ok(&["kill", "lift", &k]);
+    both(&a, &b_addr, &[X, Y], &[X, Z]).await;
+}
