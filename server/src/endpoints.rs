@@ -322,26 +322,8 @@ pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
                 } else {
                     sigil_core::jwt::jwks(&p.jwt_authorities)
                 };
-                // Same rules as `bundle set`: asymmetric keys with a kid only.
-                if !jwt_bundle.is_empty()
-                    && let Err(e) = sigil_core::jwt::JwtBundle::from_jwks(&jwt_bundle)
-                {
-                    tracing::warn!(trust_domain = %f.trust_domain, error = %e, "refused federated bundle");
-                    tokio::time::sleep(hint).await;
-                    continue;
-                }
-                // A peer may not roll its bundle back to an older sequence.
-                let known = state
-                    .federated_bundles()
-                    .get(f.trust_domain.as_str())
-                    .map_or(0, |b| b.sequence);
-                if let Some(seq) = p.sequence
-                    && seq < known
-                {
-                    tracing::warn!(trust_domain = %f.trust_domain, seq, known, "refused federated bundle with an older spiffe_sequence");
-                    tokio::time::sleep(hint).await;
-                    continue;
-                }
+                // Validity and the rollback rule are checked by the
+                // registry, as for `bundle set`.
                 let b = FederatedBundle {
                     x509_authorities: p.x509_authorities,
                     jwt_bundle,

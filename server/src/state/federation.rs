@@ -1,5 +1,13 @@
 //! Federated trust domains' bundles: stored, held in memory, and delivered
 //! to the entries that federate with them.
+//!
+//! The rules for accepting a bundle live here, once, for both ways one
+//! arrives (`bundle set` by an operator, and the bundle endpoint poller):
+//! not this server's own trust domain; at least one authority; every X.509
+//! authority a certificate; a JWKS only of asymmetric keys with a `kid`;
+//! and no rollback: a bundle whose `spiffe_sequence` is lower than the
+//! stored one's is refused (checked inside the write transaction, against
+//! what is stored, so two writers cannot interleave).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -46,12 +54,32 @@ impl ServerState {
                 "invalid field `bundle`: no authorities",
             ));
         }
+        for der in &b.x509_authorities {
+            x509_parser::parse_x509_certificate(der).map_err(|e| {
+                RegistryError::invalid(format!("invalid field `bundle`: bad certificate: {e}"))
+            })?;
+        }
+        if !b.jwt_bundle.is_empty() {
+            sigil_core::jwt::JwtBundle::from_jwks(&b.jwt_bundle)
+                .map_err(|e| RegistryError::invalid(format!("invalid field `bundle`: {e}")))?;
+        }
         let mut fed = self.federated.write().map_err(|_| poisoned())?;
         let changed = fed.get(td.as_str()) != Some(&b);
         if !changed {
             return Ok(());
         }
         self.store.transact(|tx| {
+            let known = tx
+                .bundles()?
+                .into_iter()
+                .find(|(name, _)| name == td.as_str())
+                .map_or(0, |(_, stored)| stored.sequence);
+            if b.sequence != 0 && b.sequence < known {
+                return Err(RegistryError::invalid(format!(
+                    "invalid field `spiffe_sequence`: {} is older than the stored bundle's {known} (a rollback)",
+                    b.sequence
+                )));
+            }
             tx.put_bundle(td.as_str(), &b)?;
             append_audit(
                 tx,
@@ -108,5 +136,55 @@ impl ServerState {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{admin, temp_state};
+    use super::*;
+
+    fn bundle(seq: u64) -> FederatedBundle {
+        let td = TrustDomain::new("other.org").unwrap();
+        let (ca, _) =
+            sigil_core::x509::Ca::generate(&td, std::time::Duration::from_secs(600)).unwrap();
+        FederatedBundle {
+            x509_authorities: vec![ca.cert_der().to_vec()],
+            jwt_bundle: vec![],
+            sequence: seq,
+        }
+    }
+
+    #[test]
+    fn one_set_of_rules_for_every_federated_bundle() {
+        let t = temp_state();
+        let s = &t.state;
+        let other = TrustDomain::new("other.org").unwrap();
+        s.set_federated_bundle(&admin(), &other, bundle(5)).unwrap();
+        // A rollback is refused, naming the field, and changes nothing.
+        let before = s.federated_bundles();
+        let e = s
+            .set_federated_bundle(&admin(), &other, bundle(4))
+            .unwrap_err();
+        assert!(e.to_string().contains("spiffe_sequence"), "{e}");
+        assert_eq!(s.federated_bundles(), before);
+        // Newer, or without a sequence, is taken.
+        s.set_federated_bundle(&admin(), &other, bundle(6)).unwrap();
+        s.set_federated_bundle(&admin(), &other, bundle(0)).unwrap();
+        // Bad certificates and symmetric JWKS keys are refused here too.
+        let mut bad = bundle(7);
+        bad.x509_authorities = vec![b"not a certificate".to_vec()];
+        assert!(
+            s.set_federated_bundle(&admin(), &other, bad)
+                .unwrap_err()
+                .to_string()
+                .contains("bad certificate")
+        );
+        let mut hmac = bundle(7);
+        hmac.jwt_bundle = br#"{"keys":[{"kty":"oct","kid":"k","k":"c2VjcmV0"}]}"#.to_vec();
+        assert!(s.set_federated_bundle(&admin(), &other, hmac).is_err());
+        // Our own trust domain never.
+        let own = s.trust_domain().clone();
+        assert!(s.set_federated_bundle(&admin(), &own, bundle(1)).is_err());
     }
 }
