@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Workload API messages (the file has no package) change type.
         .bytes(".X509SVID")
         .bytes(".X509SVIDResponse")
+        // Entry claims in key order: the same entry always encodes alike.
+        .btree_map(".sigil.common.Entry.jwt_claims")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -130,6 +130,21 @@ impl Snapshot {
         }
         self.entries.entitled(selectors)
     }
+
+    /// [`Snapshot::entitled`] split into the entries the agent may serve
+    /// and, for those still waiting for an approval grant, why not (the
+    /// server's text, naming the approval request).
+    pub fn servable(&self, selectors: &SelectorSet) -> (Vec<&Arc<Entry>>, Vec<&str>) {
+        let mut serve = Vec::new();
+        let mut pending = Vec::new();
+        for e in self.entries.entitled(selectors) {
+            match &e.approval_pending {
+                Some(why) => pending.push(why.as_str()),
+                None => serve.push(e),
+            }
+        }
+        (serve, pending)
+    }
 }
 
 /// An agent's entries, sorted by ID, with a selector index built on first
@@ -380,9 +395,15 @@ impl Cache {
     fn apply(&mut self, s: SyncState) {
         let crl: Vec<Bytes> = s.crl.into_iter().map(Bytes::from).collect();
         self.entries = Arc::new(EntrySet::new(s.entries));
-        if self.svids.keys().any(|id| self.entries.get(id).is_none()) {
+        // Entries gone, or waiting for an approval grant (again), keep no SVID.
+        let keep = |entries: &EntrySet, id: &str| {
+            entries
+                .get(id)
+                .is_some_and(|e| e.approval_pending.is_none())
+        };
+        if self.svids.keys().any(|id| !keep(&self.entries, id)) {
             let entries = &self.entries;
-            Arc::make_mut(&mut self.svids).retain(|id, _| entries.get(id).is_some());
+            Arc::make_mut(&mut self.svids).retain(|id, _| keep(entries, id));
         }
         if s.bundle != self.bundle.certs {
             self.bundle = Arc::new(Bundle::new(s.bundle));
@@ -403,6 +424,8 @@ impl Cache {
     fn due(&self, now: i64) -> Vec<Arc<Entry>> {
         self.entries
             .iter()
+            // Nothing is minted for an entry still waiting for approval.
+            .filter(|e| e.approval_pending.is_none())
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
                 Some(s) => !s.spec.matches(e) || now >= s.refresh_at || now >= s.not_after,
@@ -767,6 +790,11 @@ mod tests {
             node: false,
             owner: String::new(),
             expires_at: None,
+            description: String::new(),
+            require_approval: false,
+            jwt_claims: Default::default(),
+            approval_pending: None,
+            approved_until: None,
             revision: 1,
             created_at: 0,
         })

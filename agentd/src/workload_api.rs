@@ -119,10 +119,15 @@ impl WorkloadApi {
             })
             .await
             .map_err(|s| {
-                Status::unavailable(format!(
+                let msg = format!(
                     "could not obtain a JWT-SVID from the server: {}",
                     s.message()
-                ))
+                );
+                if s.code() == tonic::Code::PermissionDenied {
+                    Status::permission_denied(msg)
+                } else {
+                    Status::unavailable(msg)
+                }
             })?
             .into_inner()
             .token;
@@ -162,15 +167,26 @@ fn no_identity(snap: &Snapshot) -> Result<(), Status> {
     }
 }
 
+/// What to say when nothing is servable: the approval requests the caller
+/// waits for, if any, else "no identity issued" (or Unavailable while
+/// offline).
+fn none_servable(snap: &Snapshot, pending: &[&str]) -> Result<(), Status> {
+    if pending.is_empty() || snap.offline {
+        no_identity(snap)
+    } else {
+        Err(Status::permission_denied(pending.join("; ")))
+    }
+}
+
 /// The X.509 response for a caller, or why there is none. `Ok(None)` means
 /// entitled but nothing minted yet (wait for the next snapshot).
 fn x509_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509svidResponse>, Status> {
-    let matching = snap.entitled(selectors);
+    let (matching, pending) = snap.servable(selectors);
     if matching.is_empty() {
-        return no_identity(snap).map(|()| None);
+        return none_servable(snap, &pending).map(|()| None);
     }
     // Chain, key and bundle are `Bytes`: cloning them shares the buffers.
     let svids: Vec<X509svid> = matching
@@ -202,9 +218,9 @@ fn x509_bundles_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509BundlesResponse>, Status> {
-    let matching = snap.entitled(selectors);
+    let (matching, pending) = snap.servable(selectors);
     if matching.is_empty() {
-        return no_identity(snap).map(|()| None);
+        return none_servable(snap, &pending).map(|()| None);
     }
     let Some(td) = &snap.trust_domain else {
         return Ok(None);
@@ -232,9 +248,9 @@ fn jwt_bundles_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<JwtBundlesResponse>, Status> {
-    let matching = snap.entitled(selectors);
+    let (matching, pending) = snap.servable(selectors);
     if matching.is_empty() {
-        return no_identity(snap).map(|()| None);
+        return none_servable(snap, &pending).map(|()| None);
     }
     let Some(td) = &snap.trust_domain else {
         return Ok(None);
@@ -427,17 +443,25 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 })?)
             };
         let snap = self.snapshots.borrow().clone();
-        let matching: Vec<Arc<Entry>> = snap
-            .entitled(&selectors)
-            .into_iter()
-            .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
-            .cloned()
-            .collect();
+        let wanted_ok = |e: &Entry| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w);
+        let mut pending = Vec::new();
+        let mut matching: Vec<Arc<Entry>> = Vec::new();
+        for e in snap.entitled(&selectors) {
+            if !wanted_ok(e) {
+                continue;
+            }
+            match &e.approval_pending {
+                Some(why) => pending.push(why.as_str()),
+                None => matching.push(e.clone()),
+            }
+        }
         if matching.is_empty() {
             return Err(if snap.offline {
                 offline()
-            } else {
+            } else if pending.is_empty() {
                 Status::permission_denied("no identity issued")
+            } else {
+                Status::permission_denied(pending.join("; "))
             });
         }
         let mut svids = Vec::with_capacity(matching.len());

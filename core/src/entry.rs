@@ -3,6 +3,7 @@
 //! and become [`Entry`] only through validation, so a stored or synced entry
 //! is always well-formed.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sigil_proto::common as pb;
@@ -21,6 +22,18 @@ pub const MAX_DNS_NAMES: usize = 32;
 pub const MAX_FEDERATES_WITH: usize = 64;
 /// Longest hint or owner, in bytes.
 pub const MAX_TEXT_LEN: usize = 256;
+/// Longest description, in bytes.
+pub const MAX_DESCRIPTION_LEN: usize = 1024;
+/// Most static JWT claims one entry may have.
+pub const MAX_JWT_CLAIMS: usize = 16;
+/// Longest JWT claim name, in bytes.
+pub const MAX_JWT_CLAIM_NAME: usize = 64;
+/// Longest JWT claim value, in bytes.
+pub const MAX_JWT_CLAIM_VALUE: usize = 256;
+/// Claim names an entry may not set: the registered claims a JWT-SVID
+/// verifier relies on, and RFC 8693's actor claim. Names starting with
+/// `sigil_` are reserved for the claims the server adds.
+pub const RESERVED_JWT_CLAIMS: [&str; 8] = ["sub", "aud", "exp", "iat", "iss", "jti", "nbf", "act"];
 
 /// An entry field was invalid. Always names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +83,17 @@ pub struct Entry {
     pub owner: String,
     /// Unix seconds after which the entry stops being served.
     pub expires_at: Option<i64>,
+    /// What the identity is for.
+    pub description: String,
+    /// SVIDs only while an approver's grant for (entry, agent) is in force.
+    pub require_approval: bool,
+    /// Static claims added to every JWT-SVID of the entry.
+    pub jwt_claims: BTreeMap<String, String>,
+    /// Sync only: this agent may not obtain SVIDs for the entry until an
+    /// approval request is granted; why (names the request).
+    pub approval_pending: Option<String>,
+    /// Sync only: this agent holds a grant until this Unix time.
+    pub approved_until: Option<i64>,
     /// Bumped on every update.
     pub revision: i64,
     /// Unix seconds of creation.
@@ -191,6 +215,13 @@ impl Entry {
             v if v < 0 => return Err(field_err("expires_at", "must be after 1970")),
             v => Some(v),
         };
+        validate_text_max(&p.description, MAX_DESCRIPTION_LEN)
+            .map_err(|r| field_err("description", r))?;
+        validate_jwt_claims(&p.jwt_claims)?;
+        validate_text(&p.approval_pending).map_err(|r| field_err("approval_pending", r))?;
+        if p.approved_until < 0 {
+            return Err(field_err("approved_until", "must be after 1970"));
+        }
         Ok(Entry {
             id: p.id.clone(),
             spiffe_id,
@@ -206,6 +237,11 @@ impl Entry {
             node: p.node,
             owner: p.owner.clone(),
             expires_at,
+            description: p.description.clone(),
+            require_approval: p.require_approval,
+            jwt_claims: p.jwt_claims.clone(),
+            approval_pending: (!p.approval_pending.is_empty()).then(|| p.approval_pending.clone()),
+            approved_until: (p.approved_until != 0).then_some(p.approved_until),
             revision: p.revision,
             created_at: p.created_at,
         })
@@ -230,7 +266,18 @@ impl Entry {
             expires_at: self.expires_at.unwrap_or(0),
             revision: self.revision,
             created_at: self.created_at,
+            description: self.description.clone(),
+            require_approval: self.require_approval,
+            jwt_claims: self.jwt_claims.clone(),
+            approval_pending: self.approval_pending.clone().unwrap_or_default(),
+            approved_until: self.approved_until.unwrap_or(0),
         }
+    }
+
+    /// The entry as an agent may use it: without an approval grant in
+    /// force, `approval_pending` says why not.
+    pub fn is_pending_approval(&self) -> bool {
+        self.approval_pending.is_some()
     }
 
     /// Refuses an expiry that is not in the future. For entries being
@@ -279,17 +326,75 @@ fn is_bidi_control(c: char) -> bool {
 /// [`MAX_TEXT_LEN`] bytes, no control and no bidirectional formatting
 /// characters.
 pub fn validate_text(s: &str) -> Result<(), String> {
-    if s.len() > MAX_TEXT_LEN {
-        return Err(format!(
-            "{} bytes exceed the maximum of {MAX_TEXT_LEN}",
-            s.len()
-        ));
+    validate_text_max(s, MAX_TEXT_LEN)
+}
+
+/// [`validate_text`] with another length bound.
+pub fn validate_text_max(s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!("{} bytes exceed the maximum of {max}", s.len()));
     }
     if let Some(c) = s.chars().find(|c| c.is_control() || is_bidi_control(*c)) {
         return Err(format!(
             "contains the control or bidirectional formatting character U+{:04X}",
             u32::from(c)
         ));
+    }
+    Ok(())
+}
+
+/// Checks an entry's static JWT claims: at most [`MAX_JWT_CLAIMS`], names
+/// of 1-[`MAX_JWT_CLAIM_NAME`] ASCII letters, digits, `_`, `-` and `.`
+/// that are neither reserved ([`RESERVED_JWT_CLAIMS`]) nor start with
+/// `sigil_`, values that pass [`validate_text`] within
+/// [`MAX_JWT_CLAIM_VALUE`] bytes. Errors name the field `jwt_claim`.
+pub fn validate_jwt_claims(claims: &BTreeMap<String, String>) -> Result<(), EntryError> {
+    let f = "jwt_claim";
+    if claims.len() > MAX_JWT_CLAIMS {
+        return Err(field_err(
+            f,
+            format!(
+                "{} claims exceed the maximum of {MAX_JWT_CLAIMS}",
+                claims.len()
+            ),
+        ));
+    }
+    for (k, v) in claims {
+        if k.is_empty() || k.len() > MAX_JWT_CLAIM_NAME {
+            return Err(field_err(
+                f,
+                format!(
+                    "claim name {:?} must be 1-{MAX_JWT_CLAIM_NAME} bytes",
+                    preview(k)
+                ),
+            ));
+        }
+        if !k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(field_err(
+                f,
+                format!(
+                    "claim name {:?} may contain only ASCII letters, digits, '_', '-' and '.'",
+                    preview(k)
+                ),
+            ));
+        }
+        if RESERVED_JWT_CLAIMS.contains(&k.as_str()) {
+            return Err(field_err(
+                f,
+                format!("claim name {k:?} is reserved (sub, aud, exp, iat, iss, jti, nbf, act)"),
+            ));
+        }
+        if k.starts_with("sigil_") {
+            return Err(field_err(
+                f,
+                format!("claim name {k:?}: the sigil_ prefix is reserved for the server's claims"),
+            ));
+        }
+        validate_text_max(v, MAX_JWT_CLAIM_VALUE)
+            .map_err(|r| field_err(f, format!("value of {k:?}: {r}")))?;
     }
     Ok(())
 }
@@ -443,6 +548,53 @@ mod tests {
             ("hint", Box::new(|e| e.hint = "line\nbreak".into())),
             ("hint", Box::new(|e| e.hint = "h".repeat(257))),
             ("owner", Box::new(|e| e.owner = "team\u{202E}".into())),
+            ("owner", Box::new(|e| e.owner = "o".repeat(257))),
+            (
+                "description",
+                Box::new(|e| e.description = "tab\there".into()),
+            ),
+            (
+                "description",
+                Box::new(|e| e.description = "d".repeat(1025)),
+            ),
+            (
+                "jwt_claim",
+                Box::new(|e| {
+                    e.jwt_claims.insert("sub".into(), "x".into());
+                }),
+            ),
+            (
+                "jwt_claim",
+                Box::new(|e| {
+                    e.jwt_claims.insert("act".into(), "x".into());
+                }),
+            ),
+            (
+                "jwt_claim",
+                Box::new(|e| {
+                    e.jwt_claims.insert("sigil_owner".into(), "x".into());
+                }),
+            ),
+            (
+                "jwt_claim",
+                Box::new(|e| {
+                    e.jwt_claims.insert("bad name".into(), "x".into());
+                }),
+            ),
+            (
+                "jwt_claim",
+                Box::new(|e| {
+                    e.jwt_claims.insert("k".into(), "v".repeat(257));
+                }),
+            ),
+            (
+                "jwt_claim",
+                Box::new(|e| {
+                    for i in 0..17 {
+                        e.jwt_claims.insert(format!("c{i}"), "v".into());
+                    }
+                }),
+            ),
             (
                 "federates_with",
                 Box::new(|e| e.federates_with = (0..65).map(|i| format!("td{i}.org")).collect()),
@@ -470,6 +622,10 @@ mod tests {
         ];
         p.hint = "h".repeat(256);
         p.owner = "team-é".into();
+        p.description = "d".repeat(1024);
+        for i in 0..16 {
+            p.jwt_claims.insert(format!("c.{i}-x_y"), "v".repeat(256));
+        }
         p.selectors = (0..64).map(|i| format!("unix:uid:{i}")).collect();
         let e = Entry::from_proto(&p, &td()).unwrap();
         assert_eq!(e.spiffe_id.to_string().len(), 2048);

@@ -137,6 +137,10 @@ struct Claims<'a> {
     jti: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     iss: Option<&'a str>,
+    /// Context claims (the entry's static claims, its owner, attestation
+    /// facts); they never replace the registered claims above.
+    #[serde(flatten)]
+    extra: &'a serde_json::Map<String, Value>,
 }
 
 /// A JWT-SVID as [`JwtSigner::sign`] issued it.
@@ -335,6 +339,29 @@ impl JwtSigner {
         now: i64,
         issuer: Option<&str>,
     ) -> Result<SignedJwt, JwtError> {
+        self.sign_with_claims(sub, audience, ttl, now, issuer, &serde_json::Map::new())
+    }
+
+    /// [`JwtSigner::sign`] with additional claims. A claim in `extra` that
+    /// names a registered claim (`sub`, `aud`, `exp`, `iat`, `jti`, `iss`,
+    /// `nbf`, `act`) is refused rather than emitted twice.
+    pub fn sign_with_claims(
+        &self,
+        sub: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: i64,
+        issuer: Option<&str>,
+        extra: &serde_json::Map<String, Value>,
+    ) -> Result<SignedJwt, JwtError> {
+        if let Some(k) = extra
+            .keys()
+            .find(|k| crate::entry::RESERVED_JWT_CLAIMS.contains(&k.as_str()))
+        {
+            return Err(JwtError::Malformed(format!(
+                "claim {k:?} is reserved and set by the signer"
+            )));
+        }
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(JwtError::Malformed("audience must be non-empty".into()));
         }
@@ -351,6 +378,7 @@ impl JwtSigner {
             iat: now,
             jti: &jti,
             iss: issuer,
+            extra,
         };
         let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
             .map_err(|e| JwtError::Crypto(e.to_string()))?;

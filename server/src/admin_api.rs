@@ -19,9 +19,14 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::blocking;
-use crate::datastore::{KillRecord, KillTarget};
-use crate::state::{Caller, EntryField, ServerState};
+use crate::datastore::{ApprovalRecord, ApprovalStatus, KillRecord, KillTarget};
+use crate::state::{Caller, EntryField, ReviewQuery, ServerState};
 use sigil_proto::admin::kill_target::Target;
+use sigil_proto::admin::{
+    AgentReviewRow, Approval, ApprovalId, EntryReviewRow, GrantApprovalRequest,
+    ListApprovalsRequest, ListApprovalsResponse, ReviewAgentsResponse, ReviewEntriesResponse,
+    ReviewRequest,
+};
 use sigil_proto::admin::{
     CreateKillRequest, Kill, KillId, KillTarget as PbKillTarget, ListKillsRequest,
     ListKillsResponse,
@@ -71,8 +76,137 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// An agent's wire form, with when it was last seen.
+    fn agent_proto(&self, a: &crate::datastore::AgentRecord) -> Agent {
+        let mut p = a.to_proto();
+        p.last_seen_at = self
+            .state
+            .agent_last_seen(&a.spiffe_id.to_string())
+            .unwrap_or(0);
+        p
+    }
+}
+
+/// A review period from the wire (seconds; 0 flags everything the period
+/// applies to); errors name the field.
+fn review_period(field: &str, secs: i64) -> Result<Duration, Status> {
+    if secs < 0 {
+        return Err(Status::invalid_argument(format!(
+            "invalid field `{field}`: must not be negative"
+        )));
+    }
+    Ok(Duration::from_secs(secs.unsigned_abs()))
+}
+
+/// The wire form of an approval request; a grant that has ended shows as
+/// `expired`.
+fn approval_to_proto(a: &ApprovalRecord) -> Approval {
+    let status = if a.status == ApprovalStatus::Granted && !a.grants_at(sigil_core::now_unix()) {
+        "expired"
+    } else {
+        a.status.as_str()
+    };
+    Approval {
+        id: a.id.clone(),
+        entry_id: a.entry_id.clone(),
+        spiffe_id: a.spiffe_id.to_string(),
+        agent_id: a.agent_id.to_string(),
+        status: status.into(),
+        requested_at: a.requested_at,
+        decided_at: a.decided_at,
+        decided_by: a.decided_by.clone(),
+        expires_at: a.expires_at,
+    }
+}
+
 #[tonic::async_trait]
 impl AdminApi for AdminService {
+    async fn review_entries(
+        &self,
+        req: Request<ReviewRequest>,
+    ) -> Result<Response<ReviewEntriesResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let q = ReviewQuery {
+            unused_for: review_period("unused_for", r.unused_for)?,
+            expiring_within: review_period("expiring_within", r.expiring_within)?,
+        };
+        let state = self.state.clone();
+        let rows = blocking(move || state.review_entries(&q)).await?;
+        Ok(Response::new(ReviewEntriesResponse {
+            rows: rows
+                .into_iter()
+                .map(|r| EntryReviewRow {
+                    entry: Some(r.entry.to_proto()),
+                    reasons: r.reasons.iter().map(|s| s.to_string()).collect(),
+                    last_used_at: r.last_used_at.unwrap_or(0),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn review_agents(
+        &self,
+        req: Request<ReviewRequest>,
+    ) -> Result<Response<ReviewAgentsResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let q = ReviewQuery {
+            unused_for: review_period("unused_for", r.unused_for)?,
+            expiring_within: Duration::ZERO,
+        };
+        let state = self.state.clone();
+        let rows = blocking(move || state.review_agents(&q)).await?;
+        Ok(Response::new(ReviewAgentsResponse {
+            rows: rows
+                .into_iter()
+                .map(|r| AgentReviewRow {
+                    agent: Some(self.agent_proto(&r.agent)),
+                    reasons: r.reasons.iter().map(|s| s.to_string()).collect(),
+                    last_seen_at: r.last_seen_at.unwrap_or(0),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<ListApprovalsRequest>,
+    ) -> Result<Response<ListApprovalsResponse>, Status> {
+        self.authorize(&req)?;
+        let state = self.state.clone();
+        let v = blocking(move || state.list_approvals()).await?;
+        Ok(Response::new(ListApprovalsResponse {
+            approvals: v.iter().map(approval_to_proto).collect(),
+        }))
+    }
+
+    async fn grant_approval(
+        &self,
+        req: Request<GrantApprovalRequest>,
+    ) -> Result<Response<Approval>, Status> {
+        let caller = self.authorize(&req)?;
+        let r = req.into_inner();
+        if r.duration <= 0 {
+            return Err(Status::invalid_argument(
+                "invalid field `for`: must be positive",
+            ));
+        }
+        let d = Duration::from_secs(r.duration.unsigned_abs());
+        let state = self.state.clone();
+        let a = blocking(move || state.grant_approval(&caller, &r.id, d)).await?;
+        Ok(Response::new(approval_to_proto(&a)))
+    }
+
+    async fn deny_approval(&self, req: Request<ApprovalId>) -> Result<Response<Approval>, Status> {
+        let caller = self.authorize(&req)?;
+        let id = req.into_inner().id;
+        let state = self.state.clone();
+        let a = blocking(move || state.deny_approval(&caller, &id)).await?;
+        Ok(Response::new(approval_to_proto(&a)))
+    }
+
     async fn health(
         &self,
         req: Request<HealthRequest>,
@@ -202,18 +336,16 @@ impl AdminApi for AdminService {
                 .state
                 .list_agents()?
                 .iter()
-                .map(|a| a.to_proto())
+                .map(|a| self.agent_proto(a))
                 .collect(),
         }))
     }
 
     async fn get_agent(&self, req: Request<AgentId>) -> Result<Response<Agent>, Status> {
         self.authorize(&req)?;
-        Ok(Response::new(
-            self.state
-                .get_agent(&req.into_inner().spiffe_id)?
-                .to_proto(),
-        ))
+        Ok(Response::new(self.agent_proto(
+            &self.state.get_agent(&req.into_inner().spiffe_id)?,
+        )))
     }
 
     async fn evict_agent(&self, req: Request<AgentId>) -> Result<Response<DeleteResponse>, Status> {

@@ -341,14 +341,19 @@ impl AgentApi for AgentService {
                 };
                 // Wake up when the next of this agent's entries expires, so an
                 // expired entry is withdrawn without waiting for another change.
-                let entries = match state.entries_for_agent(&id, Some(&rec)) {
+                let entries = match state.entries_for_sync(&id, Some(&rec)) {
                     Ok(entries) => entries,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
-                let next_expiry = entries.iter().filter_map(|e| e.expires_at).min();
+                // Grants end the same way.
+                let next_expiry = entries
+                    .iter()
+                    .flat_map(|e| [e.expires_at, e.approved_until])
+                    .flatten()
+                    .min();
                 let trust = Trust {
                     bundle: state.bundle(),
                     jwt_bundle: state.jwt_bundle(),

@@ -101,6 +101,17 @@ pub struct EntryFields {
     /// the future).
     #[arg(long, allow_hyphen_values = true)]
     expires_at: Option<String>,
+    /// What this identity is for (shown to operators and in reviews).
+    #[arg(long)]
+    description: Option<String>,
+    /// Issue nothing to an agent until an approver grants its request
+    /// (`--require-approval false` turns it off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    require_approval: Option<bool>,
+    /// Static JWT-SVID claim KEY=VALUE; repeat for several (replaces all
+    /// of the entry's claims on update).
+    #[arg(long = "jwt-claim")]
+    jwt_claims: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +162,15 @@ pub enum EntryCmd {
         admin: AdminArgs,
         id: String,
     },
+    /// Access review: entries that need attention, each with its reasons.
+    Review {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        review: crate::governance_cli::ReviewArgs,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,6 +201,16 @@ pub enum AgentCmd {
         #[command(flatten)]
         admin: AdminArgs,
         spiffe_id: String,
+    },
+    /// Access review: agents that need attention, each with its reasons.
+    Review {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Flag agents not seen for this long.
+        #[arg(long, alias = "not-seen-for", default_value = "30d")]
+        unused_for: String,
+        #[command(flatten)]
+        out: OutputArgs,
     },
 }
 
@@ -307,6 +337,22 @@ impl EntryFields {
         mark(self.node, "node");
         mark(self.owner.is_some(), "owner");
         mark(self.expires_at.is_some(), "expires_at");
+        mark(self.description.is_some(), "description");
+        mark(self.require_approval.is_some(), "require_approval");
+        mark(!self.jwt_claims.is_empty(), "jwt_claims");
+        let mut jwt_claims = std::collections::BTreeMap::new();
+        for c in &self.jwt_claims {
+            let Some((k, v)) = c.split_once('=') else {
+                return Err(format!(
+                    "invalid entry field `jwt_claim`: {c:?} is not KEY=VALUE"
+                ));
+            };
+            if jwt_claims.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(format!(
+                    "invalid entry field `jwt_claim`: claim {k:?} is given twice"
+                ));
+            }
+        }
         let expires_at = match &self.expires_at {
             None => 0,
             Some(s) => {
@@ -334,6 +380,9 @@ impl EntryFields {
             node: self.node,
             owner: self.owner.clone().unwrap_or_default(),
             expires_at,
+            description: self.description.clone().unwrap_or_default(),
+            require_approval: self.require_approval.unwrap_or(false),
+            jwt_claims,
             ..Default::default()
         };
         Ok((pb, set))
@@ -355,13 +404,16 @@ pub fn entry_json(e: &PbEntry) -> Value {
         "downstream": e.downstream,
         "node": e.node,
         "owner": e.owner,
+        "description": e.description,
+        "require_approval": e.require_approval,
+        "jwt_claims": e.jwt_claims,
         "expires_at": if e.expires_at == 0 { Value::Null } else { json!(rfc3339(e.expires_at)) },
         "revision": e.revision,
         "created_at": rfc3339(e.created_at),
     })
 }
 
-fn print_entry(e: &PbEntry) {
+pub(crate) fn print_entry(e: &PbEntry) {
     let ttl = |v: i64| {
         if v == 0 {
             "default".to_string()
@@ -390,6 +442,15 @@ fn print_entry(e: &PbEntry) {
     if !e.owner.is_empty() {
         println!("Owner            : {}", e.owner);
     }
+    if !e.description.is_empty() {
+        println!("Description      : {}", e.description);
+    }
+    for (k, v) in &e.jwt_claims {
+        println!("JWT claim        : {k}={v}");
+    }
+    if e.require_approval {
+        println!("Require approval : true");
+    }
     if e.expires_at != 0 {
         println!("Expires at       : {}", rfc3339(e.expires_at));
     }
@@ -413,8 +474,9 @@ pub(crate) fn print_json(v: &Value) -> Result<(), String> {
     Ok(())
 }
 
-fn agent_json(a: &Agent) -> Value {
+pub(crate) fn agent_json(a: &Agent) -> Value {
     json!({
+        "last_seen_at": if a.last_seen_at == 0 { Value::Null } else { json!(rfc3339(a.last_seen_at)) },
         "spiffe_id": a.spiffe_id,
         "attestation_type": a.attestation_type,
         "selectors": a.selectors,
@@ -433,6 +495,9 @@ fn print_agent(a: &Agent) {
     println!("Expiration time   : {}", rfc3339(a.svid_expires_at));
     println!("Serial number     : {}", a.serial);
     println!("Last attested     : {}", rfc3339(a.last_attested_at));
+    if a.last_seen_at != 0 {
+        println!("Last seen         : {}", rfc3339(a.last_seen_at));
+    }
     println!("Banned            : {}", a.banned);
     for s in &a.selectors {
         println!("Selector          : {s}");
@@ -592,6 +657,9 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), String> {
             println!("Entry updated.\n");
             print_entry(&e);
         }
+        EntryCmd::Review { admin, review, out } => {
+            return crate::governance_cli::entry_review(&admin, &review, &out).await;
+        }
         EntryCmd::Delete { admin, id } => {
             connect(&admin)
                 .await?
@@ -612,6 +680,13 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), String> {
         check_id("SPIFFE_ID", Some(spiffe_id))?;
     }
     match cmd {
+        AgentCmd::Review {
+            admin,
+            unused_for,
+            out,
+        } => {
+            return crate::governance_cli::agent_review(&admin, &unused_for, &out).await;
+        }
         AgentCmd::List { admin, out } => {
             let r = connect(&admin)
                 .await?

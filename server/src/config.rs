@@ -110,6 +110,19 @@ struct RawConfig {
     audit_checkpoint_interval: String,
     #[serde(default)]
     audit_retention: Option<String>,
+    // Governance (issue 11).
+    #[serde(default)]
+    require_owner: bool,
+    #[serde(default = "default_review_max_ttl")]
+    review_max_ttl: String,
+    #[serde(default)]
+    jwt_attestation_claims: bool,
+    #[serde(default)]
+    approvers_gid: Option<u32>,
+}
+
+fn default_review_max_ttl() -> String {
+    "24h".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +398,23 @@ pub struct ServerConfig {
     /// Delete audit records older than this (keeping the chain verifiable
     /// from a signed checkpoint); `None` keeps everything.
     pub audit_retention: Option<Duration>,
+    /// Governance settings (owners, review, context claims, approvals).
+    pub governance: GovernanceConfig,
+}
+
+/// The governance keys of server.toml.
+#[derive(Debug, Clone, Default)]
+pub struct GovernanceConfig {
+    /// `require_owner`: entries without `owner` are refused.
+    pub require_owner: bool,
+    /// `review_max_ttl`: `entry review` flags entries whose X.509- or
+    /// JWT-SVID TTL is longer (default 24h).
+    pub review_max_ttl: Duration,
+    /// `jwt_attestation_claims`: JWT-SVIDs carry `sigil_attestation`.
+    pub jwt_attestation_claims: bool,
+    /// `approvers_gid`: only admin callers with this primary gid (root
+    /// included) may grant or deny approval requests.
+    pub approvers_gid: Option<u32>,
 }
 
 /// `[tpm]`: which TPMs may attest, and what to quote.
@@ -791,6 +821,12 @@ impl ServerConfig {
             audit_checkpoint_every: raw.audit_checkpoint_every,
             audit_checkpoint_interval,
             audit_retention,
+            governance: GovernanceConfig {
+                require_owner: raw.require_owner,
+                review_max_ttl: dur("review_max_ttl", &raw.review_max_ttl, MAX_SVID_TTL)?,
+                jwt_attestation_claims: raw.jwt_attestation_claims,
+                approvers_gid: raw.approvers_gid,
+            },
         })
     }
 }

@@ -17,7 +17,8 @@
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
 //! - [`run`] — wiring and serving; [`cli`] — operator subcommands
 //!   ([`kill_cli`]: `sigil-server kill`; [`audit_cli`]: `sigil-server audit`;
-//!   [`datastore_cli`]: `sigil-server datastore migrate`).
+//!   [`datastore_cli`]: `sigil-server datastore migrate`;
+//!   [`governance_cli`]: `entry review`, `agent review`, `sigil-server approval`).
 
 #![allow(missing_docs)]
 
@@ -30,6 +31,7 @@ pub mod datastore;
 pub mod datastore_cli;
 pub mod endpoints;
 pub mod error;
+pub mod governance_cli;
 pub mod keys;
 pub mod kill_cli;
 pub mod limits;

@@ -57,6 +57,8 @@ enum Cmd {
     /// Datastore maintenance: migrate redb to PostgreSQL.
     #[command(subcommand)]
     Datastore(sigil_server::datastore_cli::DatastoreCmd),
+    #[command(subcommand)]
+    Approval(sigil_server::governance_cli::ApprovalCmd),
 }
 
 fn init_tracing(level: &str) {
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
             Cmd::Kill(c) => sigil_server::kill_cli::kill(*c).await,
             Cmd::Audit(c) => sigil_server::audit_cli::audit(c).await,
             Cmd::Datastore(c) => sigil_server::datastore_cli::datastore(c).await,
+            Cmd::Approval(c) => sigil_server::governance_cli::approval(c).await,
         }
     });
     match result {

@@ -133,6 +133,19 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         }
     });
 
+    // Last-activity marks (access review): one batch write a minute.
+    let usage = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let usage = usage.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || usage.flush_usage()).await {
+                tracing::warn!(error = %e, "writing last-activity marks failed; retrying");
+            }
+        }
+    });
+
     let attestors = crate::node_attestation::NodeAttestors::from_config(&cfg)?;
     let (tls, resolver, renew) = crate::tls::server_config(state.clone())?;
     tokio::spawn(renew);
@@ -230,6 +243,9 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         _ = async { shutdown_signal().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
     };
     let _ = std::fs::remove_file(&cfg.admin_socket);
+    if let Err(e) = state.flush_usage() {
+        tracing::warn!(error = %e, "writing last-activity marks at shutdown failed");
+    }
     tracing::info!("sigil-server stopped");
     r
 }

@@ -204,6 +204,48 @@ pub enum Event {
         /// Its key ID.
         key_id: String,
     },
+    /// An agent asked for SVIDs of an entry that requires approval, and
+    /// holds no grant: a pending approval request was opened.
+    ApprovalRequested {
+        /// The request's ID.
+        request_id: String,
+        /// The entry.
+        entry_id: String,
+        /// The entry's SPIFFE ID.
+        #[serde(with = "serde_text")]
+        spiffe_id: SpiffeId,
+        /// The agent the request is bound to.
+        #[serde(with = "serde_text")]
+        agent_id: SpiffeId,
+    },
+    /// An approver granted an approval request until `expires_at`.
+    ApprovalGranted {
+        /// The request's ID.
+        request_id: String,
+        /// The entry.
+        entry_id: String,
+        /// The entry's SPIFFE ID.
+        #[serde(with = "serde_text")]
+        spiffe_id: SpiffeId,
+        /// The agent the grant is bound to.
+        #[serde(with = "serde_text")]
+        agent_id: SpiffeId,
+        /// When the grant ends, Unix seconds.
+        expires_at: i64,
+    },
+    /// An approver denied an approval request.
+    ApprovalDenied {
+        /// The request's ID.
+        request_id: String,
+        /// The entry.
+        entry_id: String,
+        /// The entry's SPIFFE ID.
+        #[serde(with = "serde_text")]
+        spiffe_id: SpiffeId,
+        /// The agent the request was bound to.
+        #[serde(with = "serde_text")]
+        agent_id: SpiffeId,
+    },
     /// A signed statement that the chain's head was record `seq` with hash
     /// `head_hash`. A checkpoint record must directly follow the record it
     /// names; see [`super::AuditKey::sign_checkpoint`] for the signed bytes.
@@ -251,6 +293,9 @@ impl Event {
             Self::FederatedBundleDeleted { .. } => "federated_bundle_deleted",
             Self::KeyPrepared { .. } => "key_prepared",
             Self::KeyActivated { .. } => "key_activated",
+            Self::ApprovalRequested { .. } => "approval_requested",
+            Self::ApprovalGranted { .. } => "approval_granted",
+            Self::ApprovalDenied { .. } => "approval_denied",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Pruned { .. } => "pruned",
         }

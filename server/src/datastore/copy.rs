@@ -18,19 +18,21 @@ pub struct CopySummary {
     pub federated_bundles: usize,
     pub kills: usize,
     pub audit_records: usize,
+    pub approvals: usize,
 }
 
 impl std::fmt::Display for CopySummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} entries, {} agents, {} join tokens, {} federated bundles, {} kills, {} audit records",
+            "{} entries, {} agents, {} join tokens, {} federated bundles, {} kills, {} audit records, {} approval requests",
             self.entries,
             self.agents,
             self.join_tokens,
             self.federated_bundles,
             self.kills,
-            self.audit_records
+            self.audit_records,
+            self.approvals
         )
     }
 }
@@ -55,6 +57,8 @@ pub fn copy_all(
     let bundles = src.bundles()?;
     let kills = src.kills()?;
     let records = src.audit_records(0, usize::MAX)?;
+    let approvals = src.approvals()?;
+    let marks = src.usage_marks()?;
     drop(src);
     if !records.is_empty() {
         audit::verify(&records, None).map_err(|e| {
@@ -71,6 +75,7 @@ pub fn copy_all(
             ("federated bundles", !tx.bundles()?.is_empty()),
             ("kills", !tx.kills()?.is_empty()),
             ("audit records", tx.audit_head()?.is_some()),
+            ("approval requests", !tx.approvals()?.is_empty()),
         ];
         if let Some((what, _)) = nonempty.iter().find(|(_, n)| *n) {
             return Err(RegistryError::precondition(format!(
@@ -95,6 +100,13 @@ pub fn copy_all(
         for r in &records {
             tx.put_audit(r)?;
         }
+        for a in &approvals {
+            tx.put_approval(a)?;
+        }
+        // Last-activity marks are bookkeeping: copied, not compared.
+        for m in &marks {
+            tx.put_usage_mark(m)?;
+        }
         Ok(())
     })?;
     let dst = to.read()?;
@@ -113,6 +125,13 @@ pub fn copy_all(
     if dst.kills()? != kills {
         return Err(mismatch("kills"));
     }
+    let mut got = dst.approvals()?;
+    let mut want = approvals.clone();
+    got.sort_by(|a, b| a.id.cmp(&b.id));
+    want.sort_by(|a, b| a.id.cmp(&b.id));
+    if got != want {
+        return Err(mismatch("approval requests"));
+    }
     let copied = dst.audit_records(0, usize::MAX)?;
     if copied != records {
         return Err(mismatch("audit records"));
@@ -128,5 +147,6 @@ pub fn copy_all(
         federated_bundles: bundles.len(),
         kills: kills.len(),
         audit_records: records.len(),
+        approvals: approvals.len(),
     })
 }

@@ -23,7 +23,10 @@ pub use postgres::{
     ChangeEvent, ChangeKind, EventListener, PostgresStore,
     SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, describe_target,
 };
-pub use records::{AgentRecord, AttestationType, KillRecord, KillTarget, TokenRecord};
+pub use records::{
+    AgentRecord, ApprovalRecord, ApprovalStatus, AttestationType, KillRecord, KillTarget,
+    TokenRecord, UsageKind, UsageMark,
+};
 pub use redb_store::RedbStore;
 
 use sigil_core::TrustDomain;
@@ -73,6 +76,12 @@ pub trait ReadTx {
     fn audit_head(&self) -> Result<Option<audit::Head>, StoreError>;
     /// Audit records with `seq >= since`, in order, at most `limit`.
     fn audit_records(&self, since: u64, limit: usize) -> Result<Vec<audit::Record>, StoreError>;
+    /// Every stored last-activity mark (entries and agents).
+    fn usage_marks(&self) -> Result<Vec<UsageMark>, StoreError>;
+    /// Every approval request, decided or not.
+    fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// One approval request.
+    fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError>;
 }
 
 /// Writes inside one transaction.
@@ -98,6 +107,10 @@ pub trait WriteTx: ReadTx {
     fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError>;
     /// Removes (lifts) a kill and returns it.
     fn take_kill(&mut self, id: &str) -> Result<Option<KillRecord>, StoreError>;
+    /// Inserts or replaces a last-activity mark (key: kind and ID).
+    fn put_usage_mark(&mut self, m: &UsageMark) -> Result<(), StoreError>;
+    /// Inserts or replaces an approval request.
+    fn put_approval(&mut self, a: &ApprovalRecord) -> Result<(), StoreError>;
     /// Appends an audit record; it must extend [`ReadTx::audit_head`] (use
     /// [`append_audit`], which builds it from the head in this
     /// transaction, so appends are serialized on the chain head).

@@ -175,6 +175,7 @@ impl AgentRecord {
             last_attested_at: self.last_attested_at,
             banned: self.banned,
             created_at: self.created_at,
+            last_seen_at: 0,
         }
     }
 }
@@ -347,6 +348,185 @@ pub(super) fn decode_bundle(key: &str, b: &[u8]) -> Result<FederatedBundle, Stor
         .map_err(|e| StoreError::Corrupt(format!("federated bundle {key:?}: {e}")))
 }
 
+/// What a [`UsageMark`] records the last activity of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UsageKind {
+    /// An entry: the last time an SVID was issued under it.
+    Entry,
+    /// An agent: the last time it called the server or its sync stream
+    /// woke up.
+    Agent,
+}
+
+impl UsageKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Entry => "entry",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+/// The last activity of an entry or agent, at minute resolution: written in
+/// batches (at most once a minute), never in the transaction of the call
+/// that caused it, and not audited (it is bookkeeping for access reviews,
+/// not a change of what anyone may do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageMark {
+    pub kind: UsageKind,
+    /// Entry ID, or agent SPIFFE ID.
+    pub id: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredUsage {
+    kind: String,
+    id: String,
+    at: i64,
+}
+
+impl UsageMark {
+    /// The key a backend stores it under (`kind/id`).
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.kind.as_str(), self.id)
+    }
+
+    /// The backends' encoding (JSON).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(&StoredUsage {
+            kind: self.kind.as_str().into(),
+            id: self.id.clone(),
+            at: self.at,
+        })
+        .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// Parses a stored mark.
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        let s: StoredUsage =
+            serde_json::from_slice(bytes).map_err(|e| corrupt("usage mark", key, e))?;
+        let kind = match s.kind.as_str() {
+            "entry" => UsageKind::Entry,
+            "agent" => UsageKind::Agent,
+            other => return Err(corrupt("usage mark", key, format!("kind {other:?}"))),
+        };
+        Ok(Self {
+            kind,
+            id: s.id,
+            at: s.at,
+        })
+    }
+}
+
+/// Where an approval request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalStatus {
+    /// Waiting for an approver.
+    Pending,
+    /// Granted until [`ApprovalRecord::expires_at`].
+    Granted,
+    /// Denied.
+    Denied,
+}
+
+impl ApprovalStatus {
+    /// The stored and shown name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Granted => "granted",
+            Self::Denied => "denied",
+        }
+    }
+}
+
+/// An approval request for one entry and one agent, and its decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRecord {
+    /// Server-assigned ID.
+    pub id: String,
+    /// The entry (which has `require_approval`).
+    pub entry_id: String,
+    /// The entry's SPIFFE ID when the request was opened.
+    pub spiffe_id: SpiffeId,
+    /// The agent that asked; a grant holds for this agent only.
+    pub agent_id: SpiffeId,
+    pub status: ApprovalStatus,
+    /// Unix seconds.
+    pub requested_at: i64,
+    /// When it was granted or denied, Unix seconds (0 while pending).
+    pub decided_at: i64,
+    /// Who decided (admin uid/gid/pid), as shown in logs.
+    pub decided_by: String,
+    /// A grant's end, Unix seconds (0 unless granted).
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredApproval {
+    id: String,
+    entry_id: String,
+    spiffe_id: String,
+    agent_id: String,
+    status: String,
+    requested_at: i64,
+    decided_at: i64,
+    decided_by: String,
+    expires_at: i64,
+}
+
+impl ApprovalRecord {
+    /// Whether this is a grant in force at `now`.
+    pub fn grants_at(&self, now: i64) -> bool {
+        self.status == ApprovalStatus::Granted && now < self.expires_at
+    }
+
+    /// The backends' encoding (JSON).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(&StoredApproval {
+            id: self.id.clone(),
+            entry_id: self.entry_id.clone(),
+            spiffe_id: self.spiffe_id.to_string(),
+            agent_id: self.agent_id.to_string(),
+            status: self.status.as_str().into(),
+            requested_at: self.requested_at,
+            decided_at: self.decided_at,
+            decided_by: self.decided_by.clone(),
+            expires_at: self.expires_at,
+        })
+        .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// Parses a stored request; IDs and status must parse.
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        let s: StoredApproval =
+            serde_json::from_slice(bytes).map_err(|e| corrupt("approval", key, e))?;
+        let bad = |e: String| corrupt("approval", key, e);
+        let status = match s.status.as_str() {
+            "pending" => ApprovalStatus::Pending,
+            "granted" => ApprovalStatus::Granted,
+            "denied" => ApprovalStatus::Denied,
+            other => return Err(bad(format!("status {other:?}"))),
+        };
+        Ok(Self {
+            id: s.id,
+            entry_id: s.entry_id,
+            spiffe_id: SpiffeId::new(&s.spiffe_id).map_err(|e| bad(format!("spiffe_id: {e}")))?,
+            agent_id: SpiffeId::new(&s.agent_id).map_err(|e| bad(format!("agent_id: {e}")))?,
+            status,
+            requested_at: s.requested_at,
+            decided_at: s.decided_at,
+            decided_by: s.decided_by,
+            expires_at: s.expires_at,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +543,32 @@ mod tests {
             banned: false,
             created_at: 1,
         }
+    }
+
+    #[test]
+    fn usage_marks_and_approvals_round_trip() {
+        let m = UsageMark {
+            kind: UsageKind::Agent,
+            id: "spiffe://example.org/a".into(),
+            at: 7,
+        };
+        assert_eq!(UsageMark::decode("k", &m.encode().unwrap()).unwrap(), m);
+        let a = ApprovalRecord {
+            id: "r1".into(),
+            entry_id: "e1".into(),
+            spiffe_id: SpiffeId::new("spiffe://example.org/w").unwrap(),
+            agent_id: SpiffeId::new("spiffe://example.org/a").unwrap(),
+            status: ApprovalStatus::Granted,
+            requested_at: 1,
+            decided_at: 2,
+            decided_by: "admin uid=0".into(),
+            expires_at: 10,
+        };
+        assert_eq!(
+            ApprovalRecord::decode("k", &a.encode().unwrap()).unwrap(),
+            a
+        );
+        assert!(a.grants_at(9) && !a.grants_at(10));
     }
 
     #[test]

@@ -16,7 +16,10 @@ use sigil_core::entry::Entry;
 use sigil_proto::common::FederatedBundle;
 
 use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
-use super::{AgentRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, WriteTx};
+use super::{
+    AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, UsageMark,
+    WriteTx,
+};
 use crate::error::RegistryError;
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -27,6 +30,10 @@ const AGENTS: Table = TableDefinition::new("agents_v2");
 const TOKENS: Table = TableDefinition::new("join_tokens");
 const BUNDLES: Table = TableDefinition::new("federated_bundles");
 const KILLS: Table = TableDefinition::new("kills");
+/// Last-activity marks, by `kind/id`.
+const USAGE: Table = TableDefinition::new("usage_marks");
+/// Approval requests, by ID.
+const APPROVALS: Table = TableDefinition::new("approvals");
 /// The audit chain: sequence number -> the record's JSON line.
 const AUDIT: TableDefinition<'static, u64, &'static str> = TableDefinition::new("audit");
 
@@ -51,7 +58,7 @@ impl RedbStore {
         }
         let db = Database::create(path).map_err(be)?;
         let tx = db.begin_write().map_err(be)?;
-        for t in [ENTRIES, AGENTS, TOKENS, BUNDLES, KILLS] {
+        for t in [ENTRIES, AGENTS, TOKENS, BUNDLES, KILLS, USAGE, APPROVALS] {
             tx.open_table(t).map_err(be)?;
         }
         tx.open_table(AUDIT).map_err(be)?;
@@ -198,6 +205,26 @@ macro_rules! read_tx {
                     .map(|(k, v)| KillRecord::decode(k, v))
                     .collect()
             }
+            fn usage_marks(&self) -> Result<Vec<UsageMark>, StoreError> {
+                let t = self.open_table(USAGE).map_err(be)?;
+                all(&t)?
+                    .iter()
+                    .map(|(k, v)| UsageMark::decode(k, v))
+                    .collect()
+            }
+            fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+                let t = self.open_table(APPROVALS).map_err(be)?;
+                all(&t)?
+                    .iter()
+                    .map(|(k, v)| ApprovalRecord::decode(k, v))
+                    .collect()
+            }
+            fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+                let t = self.open_table(APPROVALS).map_err(be)?;
+                get(&t, id)?
+                    .map(|b| ApprovalRecord::decode(id, &b))
+                    .transpose()
+            }
         }
     };
 }
@@ -248,6 +275,12 @@ impl WriteTx for WriteTransaction {
     }
     fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError> {
         put(self, KILLS, &k.id, &k.encode()?)
+    }
+    fn put_usage_mark(&mut self, m: &UsageMark) -> Result<(), StoreError> {
+        put(self, USAGE, &m.key(), &m.encode()?)
+    }
+    fn put_approval(&mut self, a: &ApprovalRecord) -> Result<(), StoreError> {
+        put(self, APPROVALS, &a.id, &a.encode()?)
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
         let line = r.to_jsonl_line();

@@ -211,6 +211,7 @@ impl ServerState {
                 "agent SVID has expired; reconnect with a current one",
             ));
         }
+        self.note_agent_seen(&key);
         if info.serial == rec.serial && rec.previous_serial.is_some() {
             // First use of the new SVID: the previous one is retired.
             return self.store.transact(|tx| {

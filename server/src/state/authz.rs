@@ -47,7 +47,7 @@ impl ServerState {
     }
 
     /// [`ServerState::agent_parents`] with the agent's record at hand.
-    fn parents_of(
+    pub(super) fn parents_of(
         &self,
         agent: &SpiffeId,
         rec: Option<&AgentRecord>,
@@ -95,5 +95,24 @@ impl ServerState {
             return Err(format!("entry {entry_id:?} has expired"));
         }
         Ok(e)
+    }
+
+    /// `ttl`, shortened so that an SVID of `e` never outlives the entry's
+    /// expiry or the approval grant (ending at `grant_until`) it is issued
+    /// under; an error if nothing is left.
+    pub(super) fn capped_ttl(
+        e: &Entry,
+        ttl: std::time::Duration,
+        grant_until: Option<i64>,
+        now: i64,
+    ) -> Result<std::time::Duration, String> {
+        let mut secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        for end in [e.expires_at, grant_until].into_iter().flatten() {
+            secs = secs.min(end - now);
+        }
+        if secs <= 0 {
+            return Err(format!("entry {:?} issues nothing any more", e.id));
+        }
+        Ok(std::time::Duration::from_secs(secs.unsigned_abs()))
     }
 }

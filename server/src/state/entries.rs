@@ -37,6 +37,9 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "owner": p.owner,
         "expires_at": p.expires_at,
         "revision": p.revision,
+        "description": p.description,
+        "require_approval": p.require_approval,
+        "jwt_claims": p.jwt_claims,
     })
 }
 
@@ -123,11 +126,14 @@ pub enum EntryField {
     Node,
     Owner,
     ExpiresAt,
+    Description,
+    RequireApproval,
+    JwtClaims,
 }
 
 impl EntryField {
     /// Every field, with its wire name.
-    pub const ALL: [(EntryField, &'static str); 13] = [
+    pub const ALL: [(EntryField, &'static str); 16] = [
         (Self::SpiffeId, "spiffe_id"),
         (Self::ParentId, "parent_id"),
         (Self::Selectors, "selectors"),
@@ -141,6 +147,9 @@ impl EntryField {
         (Self::Node, "node"),
         (Self::Owner, "owner"),
         (Self::ExpiresAt, "expires_at"),
+        (Self::Description, "description"),
+        (Self::RequireApproval, "require_approval"),
+        (Self::JwtClaims, "jwt_claims"),
     ];
 
     /// The wire name.
@@ -167,6 +176,9 @@ impl EntryField {
             Self::Node => to.node = from.node,
             Self::Owner => to.owner = from.owner.clone(),
             Self::ExpiresAt => to.expires_at = from.expires_at,
+            Self::Description => to.description = from.description.clone(),
+            Self::RequireApproval => to.require_approval = from.require_approval,
+            Self::JwtClaims => to.jwt_claims = from.jwt_claims.clone(),
         }
     }
 
@@ -225,8 +237,19 @@ impl ServerState {
         })
     }
 
+    /// Validates an entry from the admin API: the fields `Entry::from_proto`
+    /// checks, and `owner` when server.toml has `require_owner = true`. The
+    /// sync-only approval fields are never taken from the admin API.
     fn validate(&self, pb: &PbEntry) -> Result<Entry, RegistryError> {
-        Entry::from_proto(pb, self.trust_domain())
+        let mut pb = pb.clone();
+        pb.approval_pending.clear();
+        pb.approved_until = 0;
+        if self.cfg.governance.require_owner && pb.owner.trim().is_empty() {
+            return Err(RegistryError::invalid(
+                "invalid entry field `owner`: required (server.toml has require_owner = true)",
+            ));
+        }
+        Entry::from_proto(&pb, self.trust_domain())
             .map_err(|e| RegistryError::invalid(e.to_string()))
     }
 
@@ -343,6 +366,7 @@ impl ServerState {
             )
         })?;
         let old = idx.remove(id);
+        self.forget_entry_usage(id);
         if self.any_kill() {
             self.refresh_killed_ids(&idx);
         }

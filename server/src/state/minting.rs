@@ -60,7 +60,8 @@ impl ServerState {
     ) -> Result<MintBatch, RegistryError> {
         let now = now_unix();
         let ca = self.ca();
-        let parents = self.agent_parents(agent)?;
+        let rec = self.store.read()?.agent(&agent.to_string())?;
+        let parents = self.parents_of(agent, rec.as_ref())?;
         // Look every entry up under one read of the index, then sign
         // without holding it.
         let entries: Vec<Result<Arc<Entry>, String>> = {
@@ -81,7 +82,13 @@ impl ServerState {
                         e.id, k.id, k.reason
                     ));
                 }
-                let ttl = e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl);
+                let grant = self.grant_for_mint(&e, agent, now)?;
+                let ttl = Self::capped_ttl(
+                    &e,
+                    e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl),
+                    grant,
+                    now,
+                )?;
                 let leaf = ca
                     .sign_svid_issued(
                         csr,
@@ -112,6 +119,7 @@ impl ServerState {
         batch: MintBatch,
     ) -> Result<Vec<MintOutcome>, RegistryError> {
         let MintBatch { outcomes, issued } = batch;
+        self.note_entries_used(issued.iter().map(|s| s.entry_id.as_str()));
         if issued.is_empty() || !self.cfg.audit_issuance {
             return Ok(outcomes);
         }
@@ -143,7 +151,8 @@ impl ServerState {
             ));
         }
         let now = now_unix();
-        let parents = self.agent_parents(agent)?;
+        let rec = self.store.read()?.agent(&agent.to_string())?;
+        let parents = self.parents_of(agent, rec.as_ref())?;
         let e = {
             let idx = self.entries.read().map_err(|_| poisoned())?;
             Self::authorized_entry(&idx, &parents, entry_id, now)
@@ -155,21 +164,33 @@ impl ServerState {
                 e.id, k.id, k.reason
             )));
         }
-        let ttl = e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl);
+        let grant = self
+            .grant_for_mint(&e, agent, now)
+            .map_err(RegistryError::denied)?;
+        let ttl = Self::capped_ttl(
+            &e,
+            e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl),
+            grant,
+            now,
+        )
+        .map_err(RegistryError::denied)?;
+        let claims = self.context_claims(&e, rec.as_ref());
         let signer = self
             .keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .active_jwt();
         let jwt = signer
-            .sign(
+            .sign_with_claims(
                 &e.spiffe_id,
                 audience,
                 ttl,
                 now,
                 self.cfg.jwt_issuer.as_deref(),
+                &claims,
             )
             .map_err(|e| RegistryError::internal(e.to_string()))?;
+        self.note_entries_used([e.id.as_str()]);
         if self.cfg.audit_issuance {
             let caller = Caller::agent(agent.clone());
             let event = Event::JwtSvidIssued {

@@ -14,7 +14,12 @@
 //! - [`revocation`] — CRLs listing the withdrawn, unexpired SVIDs;
 //! - [`notify`] — waking exactly the sync streams a change concerns;
 //! - [`remote`] — converging on changes another server made in a shared
-//!   datastore.
+//!   datastore;
+//! - [`usage`] — when each entry last issued an SVID and each agent was
+//!   last seen (in memory, flushed in batches);
+//! - [`review`] — the access review of entries and agents;
+//! - [`approvals`] — the approval gate of `require_approval` entries;
+//! - [`claims`] — the context claims of JWT-SVIDs.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
 //! transaction ([`Datastore::write`]), reading the records it changes inside
@@ -22,8 +27,10 @@
 //! commit. Errors are [`RegistryError`]s; the APIs map them to gRPC status.
 
 mod agents;
+mod approvals;
 mod audit;
 mod authz;
+mod claims;
 mod entries;
 mod federation;
 mod kills;
@@ -34,9 +41,11 @@ mod remote;
 mod revocation;
 #[cfg(test)]
 mod revocation_tests;
+mod review;
 #[cfg(test)]
 mod tests;
 mod tokens;
+mod usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -54,9 +63,11 @@ use crate::datastore::{AttestationType, Datastore, KillRecord, StoreError};
 use crate::error::RegistryError;
 use crate::keys::Keys;
 
+pub use approvals::MAX_GRANT;
 pub use audit::{AUDIT_KEY_FILE, AuditQuery, load_or_create_audit_key, normalize_serial};
 pub use entries::EntryField;
 use entries::EntryIndex;
+pub use review::{AgentReview, EntryReview, ReviewQuery};
 
 /// The outcome of a verified node attestation.
 pub struct NodeAttestation {
@@ -107,6 +118,10 @@ pub struct ServerState {
     revocations: RwLock<revocation::Revocations>,
     /// Rate limit of the audit records of refused node attestations.
     attest_failures: std::sync::Mutex<agents::FailureWindow>,
+    /// Last-activity marks of entries and agents.
+    usage: usage::Usage,
+    /// The current approval request of each (entry, agent).
+    approvals: RwLock<approvals::ApprovalIndex>,
 }
 
 fn poisoned() -> RegistryError {
@@ -121,7 +136,7 @@ impl ServerState {
         store: Arc<dyn Datastore>,
         keys: Keys,
     ) -> Result<Self, StoreError> {
-        let (index, federated, token_ids, kills) = {
+        let (index, federated, token_ids, kills, marks, approval_records) = {
             let r = store.read()?;
             let mut index = EntryIndex::default();
             for e in r.entries(&cfg.trust_domain)? {
@@ -138,7 +153,14 @@ impl ServerState {
                     *exp = (*exp).max(t.expires_at);
                 }
             }
-            (index, federated, token_ids, r.kills()?)
+            (
+                index,
+                federated,
+                token_ids,
+                r.kills()?,
+                r.usage_marks()?,
+                r.approvals()?,
+            )
         };
         let (global, _) = watch::channel(0);
         let state = Self {
@@ -158,6 +180,8 @@ impl ServerState {
             audit: audit::AuditState::default(),
             revocations: RwLock::default(),
             attest_failures: std::sync::Mutex::default(),
+            usage: usage::Usage::load(marks),
+            approvals: RwLock::new(approvals::index(approval_records)),
         };
         if let Ok(idx) = state.entries.read() {
             state.refresh_killed_ids(&idx);

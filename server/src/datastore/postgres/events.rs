@@ -26,6 +26,8 @@ pub enum ChangeKind {
     JoinToken,
     FederatedBundle,
     Kill,
+    /// An approval request (issue 11).
+    Approval,
 }
 
 impl ChangeKind {
@@ -37,6 +39,7 @@ impl ChangeKind {
             Self::JoinToken => "join_token",
             Self::FederatedBundle => "federated_bundle",
             Self::Kill => "kill",
+            Self::Approval => "approval",
         }
     }
 
@@ -47,6 +50,7 @@ impl ChangeKind {
             "join_token" => Self::JoinToken,
             "federated_bundle" => Self::FederatedBundle,
             "kill" => Self::Kill,
+            "approval" => Self::Approval,
             _ => return None,
         })
     }

@@ -47,7 +47,10 @@ pub use migrate::SCHEMA_VERSION;
 use pool::{Param, Pool, Session};
 
 use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
-use super::{AgentRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, WriteTx};
+use super::{
+    AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, UsageMark,
+    WriteTx,
+};
 use crate::error::RegistryError;
 
 /// How often a write is attempted when it keeps conflicting.
@@ -306,6 +309,34 @@ impl ReadTx for PgTx<'_> {
             .map(|(k, v)| KillRecord::decode(k, v.as_bytes()))
             .collect()
     }
+    fn usage_marks(&self) -> Result<Vec<UsageMark>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT key, body FROM usage_marks ORDER BY key", vec![])?;
+        keyed(rows, "usage mark", text)?
+            .iter()
+            .map(|(k, v)| UsageMark::decode(k, v.as_bytes()))
+            .collect()
+    }
+    fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT id, body FROM approvals ORDER BY id", vec![])?;
+        keyed(rows, "approval", text)?
+            .iter()
+            .map(|(k, v)| ApprovalRecord::decode(k, v.as_bytes()))
+            .collect()
+    }
+    fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT body FROM approvals WHERE id = $1", vec![t(id)])?;
+        rows.first()
+            .map(|r| text(r, 0, "approval", id))
+            .transpose()?
+            .map(|b| ApprovalRecord::decode(id, b.as_bytes()))
+            .transpose()
+    }
     fn audit_head(&self) -> Result<Option<audit::Head>, StoreError> {
         let rows = self.s.query(
             "SELECT seq, line FROM audit ORDER BY seq DESC LIMIT 1",
@@ -470,6 +501,29 @@ impl WriteTx for PgTx<'_> {
         )?
         .map(|b| KillRecord::decode(id, b.as_bytes()))
         .transpose()
+    }
+    fn put_usage_mark(&mut self, m: &UsageMark) -> Result<(), StoreError> {
+        let body = String::from_utf8(m.encode()?)
+            .map_err(|e| StoreError::Backend(format!("usage mark encoding: {e}")))?;
+        // Bookkeeping written in batches: no change event (other servers
+        // keep their own marks in memory).
+        self.s.execute(
+            "INSERT INTO usage_marks (key, body) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET body = EXCLUDED.body",
+            vec![t(&m.key()), Param::Text(body)],
+        )?;
+        Ok(())
+    }
+    fn put_approval(&mut self, a: &ApprovalRecord) -> Result<(), StoreError> {
+        let body = String::from_utf8(a.encode()?)
+            .map_err(|e| StoreError::Backend(format!("approval encoding: {e}")))?;
+        self.upsert(
+            ChangeKind::Approval,
+            "INSERT INTO approvals (id, body) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+            &a.id,
+            Param::Text(body),
+        )
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
         self.s.execute(
