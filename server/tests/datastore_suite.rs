@@ -15,9 +15,9 @@ use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, TrustDomain};
 use sigil_proto::common::{Entry as PbEntry, FederatedBundle};
 use sigil_server::datastore::{
-    AgentRecord, AttestationType, ChangeKind, Datastore, KillRecord, KillTarget,
-    POSTGRES_SCHEMA_VERSION, PostgresStore, RedbStore, StoreError, TokenRecord, WriteTx,
-    append_audit,
+    AgentRecord, ApprovalRecord, ApprovalStatus, AttestationType, ChangeKind, Datastore,
+    KillRecord, KillTarget, POSTGRES_SCHEMA_VERSION, PostgresStore, RedbStore, StoreError,
+    TokenRecord, UsageKind, UsageMark, WriteTx, append_audit,
 };
 use sigil_server::error::RegistryError;
 use sigil_tests::pg::{self, Postgres};
@@ -48,6 +48,10 @@ const CASES: &[Case] = &[
     (
         "an_audit_prefix_is_deleted_and_the_chain_goes_on",
         audit_prefix_deleted,
+    ),
+    (
+        "approvals_and_usage_marks_round_trip",
+        approvals_and_usage_marks,
     ),
 ];
 
@@ -411,6 +415,59 @@ fn audit_prefix_deleted(s: &dyn Datastore) {
     assert_eq!(recs[2].prev_hash, recs[1].hash);
     // Nothing left to delete below 4.
     assert_eq!(s.transact(|tx| Ok(tx.delete_audit_through(3)?)).unwrap(), 0);
+}
+
+/// Approval requests (replaced in place when decided) and last-activity
+/// marks (one per kind and ID) read back as written.
+fn approvals_and_usage_marks(s: &dyn Datastore) {
+    let mut a = ApprovalRecord {
+        id: "req-1".into(),
+        entry_id: "e1".into(),
+        spiffe_id: id("spiffe://example.org/w"),
+        agent_id: id("spiffe://example.org/a"),
+        status: ApprovalStatus::Pending,
+        requested_at: 10,
+        decided_at: 0,
+        decided_by: String::new(),
+        expires_at: 0,
+    };
+    put(s, |tx| Ok(tx.put_approval(&a)?));
+    a.status = ApprovalStatus::Granted;
+    a.decided_at = 11;
+    a.decided_by = "admin uid=0 gid=4242".into();
+    a.expires_at = 99;
+    put(s, |tx| Ok(tx.put_approval(&a)?));
+    let r = s.read().unwrap();
+    assert_eq!(r.approvals().unwrap(), vec![a.clone()]);
+    assert_eq!(r.approval("req-1").unwrap(), Some(a.clone()));
+    assert_eq!(r.approval("nope").unwrap(), None);
+    drop(r);
+    let marks = [
+        UsageMark {
+            kind: UsageKind::Entry,
+            id: "e1".into(),
+            at: 5,
+        },
+        UsageMark {
+            kind: UsageKind::Agent,
+            id: "spiffe://example.org/a".into(),
+            at: 6,
+        },
+        UsageMark {
+            kind: UsageKind::Entry,
+            id: "e1".into(),
+            at: 7,
+        },
+    ];
+    put(s, |tx| {
+        for m in &marks {
+            tx.put_usage_mark(m)?;
+        }
+        Ok(())
+    });
+    let mut got = s.read().unwrap().usage_marks().unwrap();
+    got.sort_by_key(|m| m.at);
+    assert_eq!(got, vec![marks[1].clone(), marks[2].clone()]);
 }
 
 /// Runs every case, each on a fresh store from `make`, and reports every
