@@ -38,10 +38,10 @@ mod minting;
 mod namespace;
 mod notify;
 mod remote;
+mod review;
 mod revocation;
 #[cfg(test)]
 mod revocation_tests;
-mod review;
 #[cfg(test)]
 mod tests;
 mod tokens;
