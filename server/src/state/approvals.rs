@@ -190,6 +190,42 @@ impl ServerState {
         }
     }
 
+    /// Takes approval requests another server stored (the change feed) into
+    /// the index, where they are the newest of their pair, and wakes their
+    /// agents' streams.
+    pub(super) fn apply_approval_changes(
+        &self,
+        ids: &std::collections::BTreeSet<&str>,
+    ) -> Result<(), RegistryError> {
+        let stored: Vec<ApprovalRecord> = {
+            let r = self.store.read()?;
+            let mut v = Vec::new();
+            for id in ids {
+                if let Some(a) = r.approval(id)? {
+                    v.push(a);
+                }
+            }
+            v
+        };
+        let mut idx = self.approvals.write().map_err(|_| poisoned())?;
+        let mut wake = Vec::new();
+        for a in stored {
+            let key = (a.entry_id.clone(), a.agent_id.clone());
+            let newer = idx
+                .get(&key)
+                .is_none_or(|cur| cur.id == a.id || cur.requested_at <= a.requested_at);
+            if newer && idx.get(&key) != Some(&a) {
+                wake.push(a.agent_id.clone());
+                idx.insert(key, a);
+            }
+        }
+        drop(idx);
+        for agent in wake {
+            self.notify_agent(&agent);
+        }
+        Ok(())
+    }
+
     /// Every approval request, newest first.
     pub fn list_approvals(&self) -> Result<Vec<ApprovalRecord>, RegistryError> {
         let mut v = self.store.read()?.approvals()?;

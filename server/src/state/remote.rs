@@ -36,6 +36,10 @@ impl ServerState {
         if !of(ChangeKind::JoinToken).is_empty() {
             self.reload_token_ids()?;
         }
+        let approvals = of(ChangeKind::Approval);
+        if !approvals.is_empty() {
+            self.apply_approval_changes(&approvals)?;
+        }
         // Agent records are read from the store on every check; wake the
         // agent's stream so that a ban or eviction takes effect now.
         for id in of(ChangeKind::Agent) {
