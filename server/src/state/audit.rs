@@ -337,16 +337,49 @@ impl ServerState {
         self.audit_records(since, limit)
     }
 
+    /// The first sequence number whose record's time is at or after `t`
+    /// (one past the head if none), by binary search: record times follow
+    /// the chain order, because appends are serialized and stamped then.
+    /// Records pruned by retention are skipped (a lookup below the first
+    /// retained record lands on it).
+    pub(super) fn first_audit_seq_since(
+        &self,
+        t: i64,
+    ) -> Result<u64, crate::datastore::StoreError> {
+        let r = self.store.read()?;
+        let Some(head) = r.audit_head()? else {
+            return Ok(1);
+        };
+        let (mut lo, mut hi) = (1u64, head.seq + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let at = r
+                .audit_records(mid, 1)?
+                .first()
+                .map_or(i64::MAX, |rec| rec.time);
+            if at >= t {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    }
+
     /// Records matching `q`, in chain order, at most `limit`; the flag says
-    /// whether more matched. Scans the whole chain.
+    /// whether more matched. Scans the chain, from `--since` on when it is
+    /// given (found by binary search on time).
     pub fn query_audit(
         &self,
         q: &AuditQuery,
         limit: usize,
     ) -> Result<(Vec<Record>, bool), RegistryError> {
+        let mut next = match q.since_time {
+            Some(t) => self.first_audit_seq_since(t)?,
+            None => 1,
+        };
         let r = self.store.read()?;
         let mut out = Vec::new();
-        let mut next = 1u64;
         loop {
             let page = r.audit_records(next, SCAN_PAGE)?;
             let n = page.len();

@@ -164,26 +164,7 @@ impl ServerState {
                 .min()
                 .unwrap_or_else(now_unix)
         };
-        let r = self.store.read()?;
-        let Some(head) = r.audit_head()? else {
-            return Ok(1);
-        };
-        // Smallest seq in [1, head.seq + 1) whose time is >= oldest.
-        let (mut lo, mut hi) = (1u64, head.seq + 1);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let t = r
-                .audit_records(mid, 1)?
-                .first()
-                .map(|rec| rec.time)
-                .unwrap_or(i64::MAX);
-            if t >= oldest {
-                hi = mid;
-            } else {
-                lo = mid + 1;
-            }
-        }
-        Ok(lo)
+        self.first_audit_seq_since(oldest)
     }
 
     /// Every unexpired serial `w` withdraws, from the audit window.
