@@ -34,9 +34,13 @@ fn absolute(key: &'static str, p: &Path) -> Result<(), ConfigError> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     trust_domain: String,
-    server_address: String,
-    #[serde(default = "default_port")]
-    server_port: u16,
+    #[serde(default)]
+    server_address: Option<String>,
+    #[serde(default)]
+    server_port: Option<u16>,
+    /// Several servers as `host:port` (instead of server_address/port).
+    #[serde(default)]
+    servers: Option<Vec<String>>,
     #[serde(default)]
     socket_path: Option<PathBuf>,
     #[serde(default)]
@@ -111,12 +115,64 @@ pub enum Bootstrap {
     Insecure,
 }
 
+/// One server's address: a host name or IP address and a port. A host
+/// name with several addresses is tried address by address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServerAddress {
+    /// Checks a host and port.
+    pub fn new(host: &str, port: u16) -> Result<Self, String> {
+        if host.is_empty()
+            || host.parse::<IpAddr>().is_err()
+                && host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':')
+        {
+            return Err(format!("{host:?} is not a host name or IP address"));
+        }
+        if port == 0 {
+            return Err(format!("{host:?}: port must not be 0"));
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// Parses `host:port` (`[v6]:port` for an IPv6 address).
+    pub fn parse_host_port(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: {port:?} is not a port number"))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        Self::new(host, port).map_err(|e| format!("{s:?}: {e}"))
+    }
+
+    /// `host:port` for connecting (IPv6 addresses in brackets).
+    pub fn connect_string(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub trust_domain: TrustDomain,
-    pub server_address: String,
-    pub server_port: u16,
+    /// The servers to talk to, in order of preference (at least one): the
+    /// agent uses one at a time and moves to the next when it is lost.
+    pub servers: Vec<ServerAddress>,
     pub socket_path: PathBuf,
     pub admin_socket: PathBuf,
     pub data_dir: PathBuf,
@@ -163,20 +219,41 @@ impl AgentConfig {
         })?;
         let trust_domain = TrustDomain::new(&raw.trust_domain)
             .map_err(|e| key_err("trust_domain", format!("{:?}: {e}", raw.trust_domain)))?;
-        if raw.server_address.is_empty()
-            || raw.server_address.parse::<IpAddr>().is_err()
-                && raw
-                    .server_address
-                    .contains(|c: char| c.is_whitespace() || c == '/')
-        {
-            return Err(key_err(
-                "server_address",
-                format!("{:?} is not a host name or IP address", raw.server_address),
-            ));
-        }
-        if raw.server_port == 0 {
-            return Err(key_err("server_port", "must not be 0"));
-        }
+        let servers = match (raw.servers, raw.server_address) {
+            (Some(_), Some(_)) => {
+                return Err(key_err(
+                    "servers",
+                    "cannot be combined with server_address (list every server in servers)",
+                ));
+            }
+            (Some(_), None) if raw.server_port.is_some() => {
+                return Err(key_err(
+                    "server_port",
+                    "cannot be combined with servers (give each server as host:port)",
+                ));
+            }
+            (Some(list), None) => {
+                if list.is_empty() {
+                    return Err(key_err("servers", "must name at least one host:port"));
+                }
+                list.iter()
+                    .map(|s| ServerAddress::parse_host_port(s).map_err(|e| key_err("servers", e)))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            (None, Some(host)) => {
+                let port = raw.server_port.unwrap_or_else(default_port);
+                if port == 0 {
+                    return Err(key_err("server_port", "must not be 0"));
+                }
+                vec![ServerAddress::new(&host, port).map_err(|e| key_err("server_address", e))?]
+            }
+            (None, None) => {
+                return Err(key_err(
+                    "server_address",
+                    "missing: set server_address (and server_port) or servers",
+                ));
+            }
+        };
         let bootstrap = match (raw.trust_bundle_path, raw.insecure_bootstrap) {
             (Some(_), true) => {
                 return Err(key_err(
@@ -263,8 +340,7 @@ impl AgentConfig {
         }
         Ok(AgentConfig {
             trust_domain,
-            server_address: raw.server_address,
-            server_port: raw.server_port,
+            servers,
             socket_path: raw
                 .socket_path
                 .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
@@ -294,9 +370,52 @@ mod tests {
         "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1\"\ndata_dir = \"/tmp/a\"\n";
 
     #[test]
+    fn servers_lists_several_servers_and_is_exclusive_with_server_address() {
+        let head =
+            "trust_domain = \"example.org\"\ndata_dir = \"/tmp/a\"\ninsecure_bootstrap = true\n";
+        let c = AgentConfig::parse(&format!(
+            "{head}servers = [\"10.0.0.1:8081\", \"[::1]:9000\", \"sigil.example.org:8081\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.servers,
+            vec![
+                ServerAddress::new("10.0.0.1", 8081).unwrap(),
+                ServerAddress::new("::1", 9000).unwrap(),
+                ServerAddress::new("sigil.example.org", 8081).unwrap(),
+            ]
+        );
+        assert_eq!(c.servers[1].connect_string(), "[::1]:9000");
+        for (bad, key) in [
+            ("servers = []\n", "servers"),
+            ("servers = [\"10.0.0.1\"]\n", "servers"),
+            ("servers = [\"10.0.0.1:0\"]\n", "servers"),
+            ("servers = [\"10.0.0.1:x\"]\n", "servers"),
+            ("servers = [\"a b:1\"]\n", "servers"),
+            (
+                "servers = [\"10.0.0.1:1\"]\nserver_address = \"10.0.0.2\"\n",
+                "servers",
+            ),
+            (
+                "servers = [\"10.0.0.1:1\"]\nserver_port = 1\n",
+                "server_port",
+            ),
+            ("", "server_address"),
+        ] {
+            let e = AgentConfig::parse(&format!("{head}{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
     fn minimal_config_parses() {
         let c = AgentConfig::parse(&format!("{BASE}insecure_bootstrap = true\n")).unwrap();
-        assert_eq!(c.server_port, 8081);
+        assert_eq!(
+            c.servers,
+            vec![ServerAddress::new("127.0.0.1", 8081).unwrap()]
+        );
         assert_eq!(c.bootstrap, Bootstrap::Insecure);
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
     }

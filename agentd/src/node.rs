@@ -142,7 +142,7 @@ pub async fn bootstrap_attest(
         }
     };
     let tls = client_config(trust, Arc::new(SvidCertResolver::default()))?;
-    let ch = server_client::channel(&cfg.server_address, cfg.server_port, tls)?;
+    let ch = server_client::channel(&cfg.servers, Arc::default(), tls)?;
     let (svid, bundle) = crate::attestation::attest(ch, prover).await?;
     if !svid.spiffe_id.is_member_of(&cfg.trust_domain) {
         return Err(format!(
@@ -164,6 +164,8 @@ pub struct ServerLink {
     pub bundle: SharedBundle,
     resolver: Arc<SvidCertResolver>,
     pub channel: watch::Sender<Channel>,
+    /// The server last connected to (failover starts there).
+    preferred: Arc<server_client::Preferred>,
 }
 
 impl ServerLink {
@@ -176,8 +178,10 @@ impl ServerLink {
         let resolver = Arc::new(SvidCertResolver::default());
         resolver.set(&svid.chain, &svid.key)?;
         let bundle: SharedBundle = Arc::new(RwLock::new(bundle));
-        let ch = Self::make_channel(&cfg, &bundle, &resolver)?;
+        let preferred = Arc::<server_client::Preferred>::default();
+        let ch = Self::make_channel(&cfg, &bundle, &resolver, &preferred)?;
         Ok(Arc::new(Self {
+            preferred,
             cfg,
             prover: prover.filter(|p| p.reattests()),
             svid: watch::channel(svid).0,
@@ -191,13 +195,14 @@ impl ServerLink {
         cfg: &AgentConfig,
         bundle: &SharedBundle,
         resolver: &Arc<SvidCertResolver>,
+        preferred: &Arc<server_client::Preferred>,
     ) -> Result<Channel, String> {
         let trust = ServerTrust::Spiffe {
             bundle: bundle.clone(),
             expected: server_id(&cfg.trust_domain),
         };
         let tls = client_config(trust, resolver.clone())?;
-        server_client::channel(&cfg.server_address, cfg.server_port, tls)
+        server_client::channel(&cfg.servers, preferred.clone(), tls)
     }
 
     fn set_bundle(&self, certs: &[Vec<u8>]) {
@@ -261,7 +266,7 @@ impl ServerLink {
         store_identity(&self.cfg.data_dir, &svid, &bundle)?;
         self.svid.send_replace(svid);
         // New connections present the new SVID.
-        let ch = Self::make_channel(&self.cfg, &self.bundle, &self.resolver)?;
+        let ch = Self::make_channel(&self.cfg, &self.bundle, &self.resolver, &self.preferred)?;
         self.channel.send_replace(ch);
         Ok(())
     }

@@ -7,7 +7,11 @@
 //! - a retired key stays published until its own expiry, and nothing it
 //!   signed outlives it (SVID and token lifetimes are clamped to the key).
 //!
-//! All of it is persisted in `<data_dir>/keys.json`, mode 0600.
+//! All of it is persisted in `<data_dir>/keys.json`, mode 0600, with the
+//! server's ID: a random name, made once, under which the server publishes
+//! the public parts of its keys through the datastore
+//! ([`Keys::published`], `state::cluster`) so that every server of a
+//! cluster serves every server's keys. Private keys stay in this file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +25,8 @@ use sigil_core::jwt::{JwtKeyType, JwtSigner};
 use sigil_core::x509::{BACKDATE, Ca, certs_to_pem, pem_to_certs};
 
 use sigil_fs::{Links, ensure_private_dir, read_private_file, write_atomic};
+
+use crate::datastore::{PublishedCa, PublishedJwt};
 
 #[derive(Serialize, Deserialize)]
 struct StoredCa {
@@ -49,6 +55,9 @@ struct Stored {
     jwt_keys: Vec<StoredJwt>,
     active_jwt: usize,
     sequence: u64,
+    /// Absent in files written before servers had IDs: one is made.
+    #[serde(default)]
+    server_id: String,
 }
 
 /// A JWT key and when it was made.
@@ -68,8 +77,20 @@ pub struct Keys {
     active_ca: usize,
     jwts: Vec<JwtSlot>,
     active_jwt: usize,
-    /// Bumped whenever the published set changes (the bundle's `spiffe_sequence`).
+    /// Bumped whenever the published set changes.
     pub sequence: u64,
+    /// This server's ID in the cluster (random, made once, persisted).
+    server_id: String,
+}
+
+/// A new random server ID (16 bytes, hex).
+fn new_server_id() -> Result<String, String> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| "no randomness for the server ID".to_string())?;
+    Ok(hex::encode(b))
 }
 
 fn unix(t: time::OffsetDateTime) -> i64 {
@@ -116,6 +137,7 @@ impl Keys {
             jwts: vec![],
             active_jwt: 0,
             sequence: 1,
+            server_id: String::new(),
         };
         // Not following links, owned by us or root, 0600: whoever could
         // plant this file would choose the trust domain's CA keys.
@@ -156,6 +178,10 @@ impl Keys {
             keys.active_ca = s.active_ca.min(keys.cas.len().saturating_sub(1));
             keys.active_jwt = s.active_jwt.min(keys.jwts.len().saturating_sub(1));
             keys.sequence = s.sequence;
+            keys.server_id = s.server_id;
+        }
+        if keys.server_id.is_empty() {
+            keys.server_id = new_server_id()?;
         }
         keys.rotate(sigil_core::now_unix())?;
         keys.persist()?;
@@ -288,6 +314,7 @@ impl Keys {
                 .collect(),
             active_jwt: self.active_jwt,
             sequence: self.sequence,
+            server_id: self.server_id.clone(),
         };
         let text = serde_json::to_vec_pretty(&s).map_err(|e| e.to_string())?;
         write_atomic(&self.path, &text, 0o600).map_err(|e| format!("{}: {e}", self.path.display()))
@@ -314,6 +341,33 @@ impl Keys {
             .iter()
             .map(|(c, _)| c.cert_der().to_vec())
             .collect()
+    }
+
+    /// This server's ID in the cluster.
+    pub fn server_id(&self) -> &str {
+        &self.server_id
+    }
+
+    /// The public parts of every published key with their expiries, for
+    /// the datastore (`sequence` is filled in by the publisher).
+    pub fn published(&self) -> (Vec<PublishedCa>, Vec<PublishedJwt>) {
+        let x509 = self
+            .cas
+            .iter()
+            .map(|(c, _)| PublishedCa {
+                der: STANDARD.encode(c.cert_der()),
+                not_after: unix(c.not_after()),
+            })
+            .collect();
+        let jwt = self
+            .jwts
+            .iter()
+            .map(|j| PublishedJwt {
+                jwk: j.signer.public_jwk.clone(),
+                not_after: j.signer.not_after,
+            })
+            .collect();
+        (x509, jwt)
     }
 
     /// Every published JWT key as a public JWK, oldest first.

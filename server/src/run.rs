@@ -113,6 +113,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
             if let Err(e) = rot.rotate_keys() {
                 tracing::error!(error = %e, "key rotation failed; retrying");
             }
+            rot.cluster_keys_tick();
         }
     });
 

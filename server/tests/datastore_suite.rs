@@ -16,8 +16,9 @@ use sigil_core::{SpiffeId, TrustDomain};
 use sigil_proto::common::{Entry as PbEntry, FederatedBundle};
 use sigil_server::datastore::{
     AgentRecord, ApprovalRecord, ApprovalStatus, AttestationType, ChangeKind, Datastore,
-    KillRecord, KillTarget, POSTGRES_SCHEMA_VERSION, PostgresStore, RedbStore, StoreError,
-    TokenRecord, UsageKind, UsageMark, WriteTx, append_audit,
+    KillRecord, KillTarget, POSTGRES_SCHEMA_VERSION, PostgresStore, PublishedCa, PublishedJwt,
+    RedbStore, ServerKeysRecord, StoreError, TokenRecord, UsageKind, UsageMark, WriteTx,
+    append_audit,
 };
 use sigil_server::error::RegistryError;
 use sigil_tests::pg::{self, Postgres};
@@ -52,6 +53,10 @@ const CASES: &[Case] = &[
     (
         "approvals_and_usage_marks_round_trip",
         approvals_and_usage_marks,
+    ),
+    (
+        "server_keys_are_stored_replaced_and_deleted_by_server",
+        server_keys_by_server,
     ),
 ];
 
@@ -472,6 +477,47 @@ fn approvals_and_usage_marks(s: &dyn Datastore) {
 
 /// Runs every case, each on a fresh store from `make`, and reports every
 /// failing case by name.
+fn server_keys(seq: u64, kid: &str) -> ServerKeysRecord {
+    ServerKeysRecord {
+        x509: vec![PublishedCa {
+            der: "MIIB".into(),
+            not_after: 2_000_000_000,
+        }],
+        jwt: vec![PublishedJwt {
+            jwk: serde_json::json!({"kty": "EC", "kid": kid}),
+            not_after: 2_000_000_000,
+        }],
+        sequence: seq,
+        published_at: 1_700_000_000,
+    }
+}
+
+fn server_keys_by_server(s: &dyn Datastore) {
+    put(s, |tx| {
+        tx.put_server_keys("bbbb", &server_keys(1, "k-b"))?;
+        tx.put_server_keys("aaaa", &server_keys(2, "k-a"))?;
+        Ok(())
+    });
+    let got = s.read().unwrap().server_keys().unwrap();
+    assert_eq!(
+        got,
+        vec![
+            ("aaaa".to_string(), server_keys(2, "k-a")),
+            ("bbbb".to_string(), server_keys(1, "k-b")),
+        ]
+    );
+    put(s, |tx| {
+        tx.put_server_keys("bbbb", &server_keys(3, "k-b2"))?;
+        assert!(tx.delete_server_keys("aaaa")?);
+        assert!(!tx.delete_server_keys("cccc")?);
+        Ok(())
+    });
+    assert_eq!(
+        s.read().unwrap().server_keys().unwrap(),
+        vec![("bbbb".to_string(), server_keys(3, "k-b2"))]
+    );
+}
+
 fn run_suite(backend: &str, mut make: impl FnMut(&str) -> Box<dyn Datastore>) {
     let mut failed = Vec::new();
     for (name, case) in CASES {

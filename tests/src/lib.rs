@@ -266,9 +266,18 @@ impl Cluster {
         let bundle = self.server_ok(&["bundle", "show"]);
         fs::write(self.dir.0.join("bundle.pem"), bundle).unwrap();
         let d = self.dir.0.display();
+        // An `extra` naming `servers` replaces server_address/server_port.
+        let server = if extra.lines().any(|l| l.trim_start().starts_with("servers")) {
+            String::new()
+        } else {
+            format!(
+                "server_address = \"127.0.0.1\"\nserver_port = {}\n",
+                self.port
+            )
+        };
         let cfg = format!(
-            "trust_domain = \"{}\"\nserver_address = \"127.0.0.1\"\nserver_port = {}\nsocket_path = \"{d}/agent/public/api.sock\"\nadmin_socket = \"{d}/agent/private/admin.sock\"\ndata_dir = \"{d}/agent/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\nlog_level = \"debug\"\n",
-            self.trust_domain, self.port
+            "trust_domain = \"{}\"\n{server}socket_path = \"{d}/agent/public/api.sock\"\nadmin_socket = \"{d}/agent/private/admin.sock\"\ndata_dir = \"{d}/agent/data\"\ntrust_bundle_path = \"{d}/bundle.pem\"\nlog_level = \"debug\"\n",
+            self.trust_domain
         ) + extra;
         let p = self.dir.0.join("agent.toml");
         fs::write(&p, cfg).unwrap();

@@ -25,7 +25,7 @@ pub use postgres::{
 };
 pub use records::{
     AgentRecord, ApprovalRecord, ApprovalStatus, AttestationType, KillRecord, KillTarget,
-    TokenRecord, UsageKind, UsageMark,
+    PublishedCa, PublishedJwt, ServerKeysRecord, TokenRecord, UsageKind, UsageMark,
 };
 pub use redb_store::RedbStore;
 
@@ -71,6 +71,8 @@ pub trait ReadTx {
     fn bundles(&self) -> Result<Vec<(String, FederatedBundle)>, StoreError>;
     /// Every kill in force.
     fn kills(&self) -> Result<Vec<KillRecord>, StoreError>;
+    /// Every server's published public keys, by server ID, in key order.
+    fn server_keys(&self) -> Result<Vec<(String, ServerKeysRecord)>, StoreError>;
     /// The last audit record's sequence number and hash (`None` before the
     /// first record).
     fn audit_head(&self) -> Result<Option<audit::Head>, StoreError>;
@@ -111,6 +113,11 @@ pub trait WriteTx: ReadTx {
     fn put_usage_mark(&mut self, m: &UsageMark) -> Result<(), StoreError>;
     /// Inserts or replaces an approval request.
     fn put_approval(&mut self, a: &ApprovalRecord) -> Result<(), StoreError>;
+    /// Inserts or replaces a server's published public keys.
+    fn put_server_keys(&mut self, server_id: &str, r: &ServerKeysRecord) -> Result<(), StoreError>;
+    /// Removes a server's published keys (it left and they expired); false
+    /// if absent.
+    fn delete_server_keys(&mut self, server_id: &str) -> Result<bool, StoreError>;
     /// Appends an audit record; it must extend [`ReadTx::audit_head`] (use
     /// [`append_audit`], which builds it from the head in this
     /// transaction, so appends are serialized on the chain head).

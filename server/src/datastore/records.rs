@@ -206,6 +206,78 @@ impl TokenRecord {
     }
 }
 
+/// One server's published *public* signing keys: its X.509 CA
+/// certificates and JWT public keys (current and next), each with its
+/// expiry. Private keys never leave the server's own disk; this record is
+/// how every server of a cluster puts every other server's keys in the
+/// bundle it serves. The key is the server's ID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerKeysRecord {
+    /// X.509 CA certificates (DER, standard base64), oldest first.
+    pub x509: Vec<PublishedCa>,
+    /// JWT public keys (JWK), oldest first.
+    pub jwt: Vec<PublishedJwt>,
+    /// The cluster-wide bundle sequence number at publication: greater than
+    /// every other server's record when written, so the bundle's sequence
+    /// only grows whichever server changed its keys.
+    pub sequence: u64,
+    /// Unix seconds of the publication.
+    pub published_at: i64,
+}
+
+/// A published X.509 CA certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedCa {
+    /// DER, standard base64.
+    pub der: String,
+    /// Unix seconds after which it is dropped from the bundle.
+    pub not_after: i64,
+}
+
+/// A published JWT public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedJwt {
+    /// The public JWK (it carries its `kid`).
+    pub jwk: serde_json::Value,
+    /// Unix seconds after which it is dropped from the bundle.
+    pub not_after: i64,
+}
+
+impl ServerKeysRecord {
+    /// The backends' encoding (JSON).
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(self).map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    /// Parses a stored record; every certificate must be base64 and every
+    /// JWK an object with a `kid`.
+    pub fn decode(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        use base64::Engine;
+        let r: Self = serde_json::from_slice(bytes).map_err(|e| corrupt("server keys", key, e))?;
+        for c in &r.x509 {
+            base64::engine::general_purpose::STANDARD
+                .decode(&c.der)
+                .map_err(|e| corrupt("server keys", key, format!("x509: {e}")))?;
+        }
+        for j in &r.jwt {
+            if j.jwk.get("kid").and_then(|k| k.as_str()).is_none() {
+                return Err(corrupt("server keys", key, "jwt: a JWK without kid"));
+            }
+        }
+        Ok(r)
+    }
+
+    /// The latest expiry of any key in the record (0 if none).
+    pub fn not_after(&self) -> i64 {
+        self.x509
+            .iter()
+            .map(|c| c.not_after)
+            .chain(self.jwt.iter().map(|j| j.not_after))
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// What a kill withdraws.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KillTarget {

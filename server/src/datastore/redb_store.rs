@@ -17,8 +17,8 @@ use sigil_proto::common::FederatedBundle;
 
 use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
 use super::{
-    AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, UsageMark,
-    WriteTx,
+    AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, ServerKeysRecord, StoreError,
+    TokenRecord, UsageMark, WriteTx,
 };
 use crate::error::RegistryError;
 
@@ -34,6 +34,8 @@ const KILLS: Table = TableDefinition::new("kills");
 const USAGE: Table = TableDefinition::new("usage_marks");
 /// Approval requests, by ID.
 const APPROVALS: Table = TableDefinition::new("approvals");
+/// Each server's published public keys (one server with redb: its own).
+const SERVER_KEYS: Table = TableDefinition::new("server_keys");
 /// The audit chain: sequence number -> the record's JSON line.
 const AUDIT: TableDefinition<'static, u64, &'static str> = TableDefinition::new("audit");
 
@@ -58,7 +60,16 @@ impl RedbStore {
         }
         let db = Database::create(path).map_err(be)?;
         let tx = db.begin_write().map_err(be)?;
-        for t in [ENTRIES, AGENTS, TOKENS, BUNDLES, KILLS, USAGE, APPROVALS] {
+        for t in [
+            ENTRIES,
+            AGENTS,
+            TOKENS,
+            BUNDLES,
+            KILLS,
+            USAGE,
+            APPROVALS,
+            SERVER_KEYS,
+        ] {
             tx.open_table(t).map_err(be)?;
         }
         tx.open_table(AUDIT).map_err(be)?;
@@ -225,6 +236,13 @@ macro_rules! read_tx {
                     .map(|b| ApprovalRecord::decode(id, &b))
                     .transpose()
             }
+            fn server_keys(&self) -> Result<Vec<(String, ServerKeysRecord)>, StoreError> {
+                let t = self.open_table(SERVER_KEYS).map_err(be)?;
+                all(&t)?
+                    .into_iter()
+                    .map(|(k, v)| ServerKeysRecord::decode(&k, &v).map(|r| (k, r)))
+                    .collect()
+            }
         }
     };
 }
@@ -281,6 +299,12 @@ impl WriteTx for WriteTransaction {
     }
     fn put_approval(&mut self, a: &ApprovalRecord) -> Result<(), StoreError> {
         put(self, APPROVALS, &a.id, &a.encode()?)
+    }
+    fn put_server_keys(&mut self, id: &str, r: &ServerKeysRecord) -> Result<(), StoreError> {
+        put(self, SERVER_KEYS, id, &r.encode()?)
+    }
+    fn delete_server_keys(&mut self, id: &str) -> Result<bool, StoreError> {
+        Ok(take(self, SERVER_KEYS, id)?.is_some())
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
         let line = r.to_jsonl_line();

@@ -13,6 +13,7 @@
 //! - [`audit`] — the audit key, signed checkpoints and audit queries;
 //! - [`revocation`] — CRLs listing the withdrawn, unexpired SVIDs;
 //! - [`notify`] — waking exactly the sync streams a change concerns;
+//! - [`cluster`] — every server's public signing keys in one bundle;
 //! - [`remote`] — converging on changes another server made in a shared
 //!   datastore;
 //! - [`usage`] — when each entry last issued an SVID and each agent was
@@ -31,6 +32,7 @@ mod approvals;
 mod audit;
 mod authz;
 mod claims;
+mod cluster;
 mod entries;
 mod federation;
 mod kills;
@@ -65,6 +67,7 @@ use crate::keys::Keys;
 
 pub use approvals::MAX_GRANT;
 pub use audit::{AUDIT_KEY_FILE, AuditQuery, load_or_create_audit_key, normalize_serial};
+pub use cluster::ClusterServer;
 pub use entries::EntryField;
 use entries::EntryIndex;
 pub use review::{AgentReview, EntryReview, ReviewQuery};
@@ -122,6 +125,10 @@ pub struct ServerState {
     usage: usage::Usage,
     /// The current approval request of each (entry, agent).
     approvals: RwLock<approvals::ApprovalIndex>,
+    /// Other servers' published keys (a shared datastore).
+    cluster: RwLock<cluster::ClusterKeys>,
+    /// This server's current keys are not yet published (a failed write).
+    keys_unpublished: std::sync::atomic::AtomicBool,
 }
 
 fn poisoned() -> RegistryError {
@@ -182,7 +189,14 @@ impl ServerState {
             attest_failures: std::sync::Mutex::default(),
             usage: usage::Usage::load(marks),
             approvals: RwLock::new(approvals::index(approval_records)),
+            cluster: RwLock::default(),
+            keys_unpublished: std::sync::atomic::AtomicBool::new(true),
         };
+        // Publish before use: the keys are in the datastore (and the other
+        // servers' keys in this server's bundle) before anything is served.
+        state
+            .publish_keys()
+            .map_err(|e| StoreError::Backend(format!("publishing this server's keys: {e}")))?;
         if let Ok(idx) = state.entries.read() {
             state.refresh_killed_ids(&idx);
         }
@@ -219,20 +233,15 @@ impl ServerState {
         self.x509_bundle.clone()
     }
 
-    /// The JWT authorities as a JWKS document.
+    /// The JWT authorities of every server as a JWKS document.
     pub fn jwt_bundle(&self) -> Vec<u8> {
-        sigil_core::jwt::jwks(
-            &self
-                .keys
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .jwt_authorities(),
-        )
+        sigil_core::jwt::jwks(&self.cluster_jwt_authorities())
     }
 
-    /// The bundle's sequence number (bumped on every key change).
+    /// The bundle's sequence number (grows on every key change of any
+    /// server, see [`cluster`]).
     pub fn bundle_sequence(&self) -> u64 {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).sequence
+        self.cluster_sequence()
     }
 
     /// Advances key rotation; on change persists the keys and pushes the new
@@ -243,11 +252,14 @@ impl ServerState {
             return Ok(false);
         }
         keys.persist()?;
-        if let Ok(mut b) = self.x509_bundle.write() {
-            *b = keys.x509_authorities();
-        }
         drop(keys);
         tracing::info!(caller = %Caller::server(ServerTask::KeyRotation), "signing keys rotated");
+        self.keys_unpublished
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = self.publish_keys() {
+            tracing::warn!(error = %e, "publishing the rotated keys failed; retrying");
+        }
+        self.refresh_bundle();
         self.bump();
         Ok(true)
     }

@@ -33,6 +33,9 @@ impl ServerState {
         if !of(ChangeKind::FederatedBundle).is_empty() {
             self.reload_federated()?;
         }
+        if !of(ChangeKind::ServerKeys).is_empty() {
+            self.reload_cluster_keys()?;
+        }
         if !of(ChangeKind::JoinToken).is_empty() {
             self.reload_token_ids()?;
         }

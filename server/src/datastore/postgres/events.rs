@@ -28,6 +28,8 @@ pub enum ChangeKind {
     Kill,
     /// An approval request (issue 11).
     Approval,
+    /// A server's published public keys.
+    ServerKeys,
 }
 
 impl ChangeKind {
@@ -40,6 +42,7 @@ impl ChangeKind {
             Self::FederatedBundle => "federated_bundle",
             Self::Kill => "kill",
             Self::Approval => "approval",
+            Self::ServerKeys => "server_keys",
         }
     }
 
@@ -51,6 +54,7 @@ impl ChangeKind {
             "federated_bundle" => Self::FederatedBundle,
             "kill" => Self::Kill,
             "approval" => Self::Approval,
+            "server_keys" => Self::ServerKeys,
             _ => return None,
         })
     }

@@ -13,10 +13,11 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("schema/0001_initial.sql")),
     (2, include_str!("schema/0002_events.sql")),
     (3, include_str!("schema/0003_governance.sql")),
+    (4, include_str!("schema/0004_server_keys.sql")),
 ];
 
 /// The schema version this binary writes and reads.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Advisory lock key guarding migrations (the ASCII of "sigilsch").
 const MIGRATION_LOCK: i64 = 0x7369_6769_6c73_6368;

@@ -48,8 +48,8 @@ use pool::{Param, Pool, Session};
 
 use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
 use super::{
-    AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, StoreError, TokenRecord, UsageMark,
-    WriteTx,
+    AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, ServerKeysRecord, StoreError,
+    TokenRecord, UsageMark, WriteTx,
 };
 use crate::error::RegistryError;
 
@@ -337,6 +337,16 @@ impl ReadTx for PgTx<'_> {
             .map(|b| ApprovalRecord::decode(id, b.as_bytes()))
             .transpose()
     }
+    fn server_keys(&self) -> Result<Vec<(String, ServerKeysRecord)>, StoreError> {
+        let rows = self.s.query(
+            "SELECT server_id, body FROM server_keys ORDER BY server_id",
+            vec![],
+        )?;
+        keyed(rows, "server keys", text)?
+            .into_iter()
+            .map(|(k, v)| ServerKeysRecord::decode(&k, v.as_bytes()).map(|r| (k, r)))
+            .collect()
+    }
     fn audit_head(&self) -> Result<Option<audit::Head>, StoreError> {
         let rows = self.s.query(
             "SELECT seq, line FROM audit ORDER BY seq DESC LIMIT 1",
@@ -479,6 +489,24 @@ impl WriteTx for PgTx<'_> {
             ChangeKind::FederatedBundle,
             "DELETE FROM federated_bundles WHERE trust_domain = $1",
             trust_domain,
+        )
+    }
+    fn put_server_keys(&mut self, server_id: &str, r: &ServerKeysRecord) -> Result<(), StoreError> {
+        let body = String::from_utf8(r.encode()?)
+            .map_err(|e| StoreError::Backend(format!("server keys encoding: {e}")))?;
+        self.upsert(
+            ChangeKind::ServerKeys,
+            "INSERT INTO server_keys (server_id, body) VALUES ($1, $2)
+             ON CONFLICT (server_id) DO UPDATE SET body = EXCLUDED.body",
+            server_id,
+            Param::Text(body),
+        )
+    }
+    fn delete_server_keys(&mut self, server_id: &str) -> Result<bool, StoreError> {
+        self.delete(
+            ChangeKind::ServerKeys,
+            "DELETE FROM server_keys WHERE server_id = $1",
+            server_id,
         )
     }
     fn put_kill(&mut self, k: &KillRecord) -> Result<(), StoreError> {
