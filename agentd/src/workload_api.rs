@@ -10,6 +10,7 @@
 //! [`JwtCache`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +19,7 @@ use std::task::{Context, Poll};
 
 use prost_types::value::Kind;
 use sigil_attestors::workload::AttestorSet;
+use sigil_attestors::workload::unix::Peer;
 use sigil_core::SpiffeId;
 use sigil_core::entry::Entry;
 use sigil_core::now_unix;
@@ -67,7 +69,7 @@ impl WorkloadApi {
 
     /// Checks the security header and attests the caller; the guard keeps
     /// the connection busy for as long as the caller holds it.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<(SelectorSet, CallGuard), Status> {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let hdr = req
             .metadata()
             .get(WORKLOAD_API_HEADER)
@@ -83,6 +85,7 @@ impl WorkloadApi {
             .map(|p| (p.0.clone(), p.1.begin()))
             .ok_or_else(|| Status::internal("peer information missing"))?;
         let pid = peer.pid;
+        let process = peer.clone();
         // Every call is attested afresh: `unix` inline when its caches are
         // warm (else on a blocking thread), then every enabled attestor
         // under its own deadline (see `AttestorSet::attest`).
@@ -100,7 +103,11 @@ impl WorkloadApi {
                 kinds.join(", ")
             )));
         }
-        Ok((attested.selectors, call))
+        Ok(Caller {
+            selectors: attested.selectors,
+            call,
+            peer: process,
+        })
     }
 
     /// A JWT-SVID for `entry` and `audience`, from the cache or the server.
@@ -140,6 +147,26 @@ impl WorkloadApi {
         }
         Ok(token)
     }
+}
+
+/// An attested caller: its selectors, the guard keeping its connection
+/// busy, and the process (so that its streams end when it exits).
+struct Caller {
+    selectors: SelectorSet,
+    call: CallGuard,
+    peer: Arc<Peer>,
+}
+
+/// Whether `selectors` include a `unix:sha256` digest of the binary.
+fn has_digest(selectors: &SelectorSet) -> bool {
+    selectors
+        .iter()
+        .any(|s| s.as_str().starts_with("unix:sha256:"))
+}
+
+/// Why a stream ended: the process attested when it was opened is gone.
+fn caller_exited() -> Status {
+    Status::permission_denied("the process that opened this stream has exited: its identity ended")
 }
 
 /// Federated trust domains (`spiffe://td`) any of `entries` federates with.
@@ -273,7 +300,10 @@ fn jwt_bundles_response(
 
 /// A Workload API stream: the caller's view of the current snapshot, then
 /// of every later snapshot in which it differs from the last message sent;
-/// it ends after an error (the caller lost its last identity).
+/// it ends after an error (the caller lost its last identity) and, with a
+/// `permission_denied` error, as soon as the process that opened it exits
+/// (a container stopped, or the connection was handed to another process):
+/// the identity was the attested process's, not the connection's.
 ///
 /// The stream is polled by the connection that carries it and dropped with
 /// the call: no task or channel per call, and the first message is built
@@ -284,6 +314,11 @@ pub struct Updates<M, F> {
     build: F,
     last: Option<M>,
     done: bool,
+    /// Resolves when the attested caller has exited.
+    gone: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The caller, and whether its identity rested on a binary digest.
+    peer: Arc<Peer>,
+    pinned_digest: bool,
     /// Keeps the connection busy while the stream runs.
     _call: CallGuard,
 }
@@ -301,6 +336,8 @@ where
         mut snaps: watch::Receiver<Arc<Snapshot>>,
         build: F,
         call: CallGuard,
+        peer: Arc<Peer>,
+        pinned_digest: bool,
     ) -> Result<Self, Status> {
         // Mark this version seen before reading it, so that a snapshot
         // published meanwhile is delivered as a change.
@@ -312,6 +349,12 @@ where
             changes: WatchStream::from_changes(snaps),
             build,
             done: false,
+            gone: {
+                let p = peer.clone();
+                Box::pin(async move { p.exited().await })
+            },
+            peer,
+            pinned_digest,
             _call: call,
         })
     }
@@ -326,6 +369,10 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if !this.done && this.gone.as_mut().poll(cx).is_ready() {
+            this.done = true;
+            return Poll::Ready(Some(Err(caller_exited())));
+        }
         if let Some(m) = this.first.take() {
             return Poll::Ready(Some(Ok(m)));
         }
@@ -333,6 +380,14 @@ where
             let Some(snap) = std::task::ready!(Pin::new(&mut this.changes).poll_next(cx)) else {
                 return Poll::Ready(None);
             };
+            // The digest was computed when the stream opened: a binary
+            // changed under the process since ends what it entitled.
+            if this.pinned_digest && this.peer.exe_changed() {
+                this.done = true;
+                return Poll::Ready(Some(Err(Status::permission_denied(
+                    "the caller's executable changed on disk after it was attested: its unix:sha256 identity ended",
+                ))));
+            }
             match (this.build)(&snap) {
                 Ok(Some(m)) if this.last.as_ref() != Some(&m) => {
                     this.last = Some(m.clone());
@@ -355,13 +410,13 @@ type UpdateStream<M> =
 
 fn updates<M>(
     snaps: watch::Receiver<Arc<Snapshot>>,
-    call: CallGuard,
+    caller: (CallGuard, Arc<Peer>, bool),
     build: impl Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync + 'static,
 ) -> Result<UpdateStream<M>, Status>
 where
     M: PartialEq + Clone,
 {
-    Updates::start(snaps, Box::new(build), call)
+    Updates::start(snaps, Box::new(build), caller.0, caller.1, caller.2)
 }
 
 /// JSON → protobuf `Value`, for the claims `Struct`.
@@ -398,11 +453,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (selectors, call) = self.caller(&req).await?;
+        let Caller {
+            selectors,
+            call,
+            peer,
+        } = self.caller(&req).await?;
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
-            call,
+            (call, peer, has_digest(&selectors)),
             move |s| x509_response(s, &selectors),
         )?))
     }
@@ -411,11 +470,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let (selectors, call) = self.caller(&req).await?;
+        let Caller {
+            selectors,
+            call,
+            peer,
+        } = self.caller(&req).await?;
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
-            call,
+            (call, peer, has_digest(&selectors)),
             move |s| x509_bundles_response(s, &selectors),
         )?))
     }
@@ -424,7 +487,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let (selectors, _call) = self.caller(&req).await?;
+        let Caller {
+            selectors,
+            call: _call,
+            ..
+        } = self.caller(&req).await?;
         let r = req.into_inner();
         let mut audience: Vec<String> = r.audience.into_iter().filter(|a| !a.is_empty()).collect();
         if audience.is_empty() {
@@ -479,11 +546,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let (selectors, call) = self.caller(&req).await?;
+        let Caller {
+            selectors,
+            call,
+            peer,
+        } = self.caller(&req).await?;
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
-            call,
+            (call, peer, has_digest(&selectors)),
             move |s| jwt_bundles_response(s, &selectors),
         )?))
     }

@@ -138,6 +138,7 @@ fn in_pod(container: &str) -> Workload {
         cgroup: format!(
             "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_}.slice/cri-containerd-{container}.scope\n"
         ),
+        exe_sha256: None,
     }
 }
 
@@ -192,6 +193,7 @@ async fn pod_and_container_selectors_from_the_kubelet_over_tls_with_a_token() {
         pid: 1,
         uid: 0,
         cgroup: "0::/system.slice/sshd.service\n".into(),
+        exe_sha256: None,
     };
     assert_eq!(a.attest(&host).await.unwrap(), vec![]);
     assert_eq!(hits.load(Ordering::SeqCst), before);

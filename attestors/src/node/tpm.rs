@@ -35,7 +35,7 @@ mod wire;
 mod agent;
 
 #[cfg(feature = "tpm")]
-pub use agent::{AgentTpm, AkAlgorithm};
+pub use agent::{AgentTpm, AkAlgorithm, read_ima_pcr};
 pub use credential::{CREDENTIAL_SECRET_MAX_LEN, check_activation, make_credential};
 pub use verify::{ek_hash, verify_ek, verify_quote};
 

@@ -19,6 +19,11 @@
 //! [workload_attestor.systemd]
 //! unit_dirs = ["/etc/systemd/system", "/usr/lib/systemd/system"]
 //! timeout = "1s"
+//!
+//! [workload_attestor.ima]
+//! log_path = "/sys/kernel/security/ima/binary_runtime_measurements_sha256"  # default
+//! tcti = "device:/dev/tpmrm0"                # required: the TPM holding PCR 10
+//! timeout = "2s"
 //! ```
 
 use std::path::PathBuf;
@@ -45,6 +50,21 @@ pub struct RawWorkloadAttestors {
     docker: Option<RawDocker>,
     systemd: Option<RawSystemd>,
     k8s: Option<RawK8s>,
+    ima: Option<RawIma>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIma {
+    #[serde(default = "default_ima_log")]
+    log_path: PathBuf,
+    tcti: String,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+fn default_ima_log() -> PathBuf {
+    "/sys/kernel/security/ima/binary_runtime_measurements_sha256".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -138,6 +158,9 @@ pub struct WorkloadAttestorSettings {
     pub systemd: Option<SystemdConfig>,
     /// `[workload_attestor.k8s]`, if present.
     pub k8s: Option<K8sConfig>,
+    /// `[workload_attestor.ima]`, if present.
+    #[cfg(feature = "tpm")]
+    pub ima: Option<super::ima::ImaConfig>,
 }
 
 impl RawWorkloadAttestors {
@@ -244,7 +267,41 @@ impl RawWorkloadAttestors {
                 })
             }
         };
+        #[cfg(feature = "tpm")]
+        let ima = match &self.ima {
+            None => None,
+            Some(i) => {
+                if !i.log_path.is_absolute() {
+                    return Err(err(
+                        "workload_attestor.ima.log_path",
+                        format!("{} is not an absolute path", i.log_path.display()),
+                    ));
+                }
+                if i.tcti.trim().is_empty() {
+                    return Err(err("workload_attestor.ima.tcti", "must not be empty"));
+                }
+                Some(super::ima::ImaConfig {
+                    log_path: i.log_path.clone(),
+                    tcti: i.tcti.clone(),
+                    timeout: duration(
+                        "workload_attestor.ima.timeout",
+                        i.timeout.as_deref(),
+                        Duration::from_secs(2),
+                        MAX_TIMEOUT,
+                    )?,
+                })
+            }
+        };
+        #[cfg(not(feature = "tpm"))]
+        if self.ima.is_some() {
+            return Err(err(
+                "workload_attestor.ima",
+                "this build has no TPM support (feature `tpm`)",
+            ));
+        }
         Ok(WorkloadAttestorSettings {
+            #[cfg(feature = "tpm")]
+            ima,
             docker,
             systemd,
             k8s,
@@ -264,6 +321,10 @@ impl WorkloadAttestorSettings {
         }
         if let Some(k) = &self.k8s {
             others.push(Arc::new(K8sAttestor::new(k.clone())));
+        }
+        #[cfg(feature = "tpm")]
+        if let Some(i) = &self.ima {
+            others.push(Arc::new(super::ima::ImaAttestor::new(i.clone())));
         }
         AttestorSet::new(others)
     }
@@ -295,6 +356,18 @@ mod tests {
         let none = parse("").unwrap();
         assert!(none.docker.is_none() && none.systemd.is_none());
         assert_eq!(none.build().kinds(), vec!["unix"]);
+    }
+
+    #[test]
+    fn the_ima_table_enables_the_ima_attestor() {
+        let s = parse("[workload_attestor.ima]\ntcti = \"swtpm:port=2321\"\n").unwrap();
+        let ima = s.ima.clone().unwrap();
+        assert_eq!(
+            ima.log_path,
+            PathBuf::from("/sys/kernel/security/ima/binary_runtime_measurements_sha256")
+        );
+        assert_eq!(ima.timeout, Duration::from_secs(2));
+        assert_eq!(s.build().kinds(), vec!["unix", "ima"]);
     }
 
     #[test]
@@ -334,6 +407,19 @@ mod tests {
             (
                 "[workload_attestor.k8s]\nca_path = \"ca.pem\"\n",
                 "workload_attestor.k8s.ca_path",
+            ),
+            ("[workload_attestor.ima]\n", "tcti"),
+            (
+                "[workload_attestor.ima]\ntcti = \"swtpm:port=2321\"\nlog_path = \"ima.log\"\n",
+                "workload_attestor.ima.log_path",
+            ),
+            (
+                "[workload_attestor.ima]\ntcti = \" \"\n",
+                "workload_attestor.ima.tcti",
+            ),
+            (
+                "[workload_attestor.ima]\ntcti = \"swtpm:port=2321\"\nlog = \"/x\"\n",
+                "unknown field `log`",
             ),
         ] {
             let e = parse(doc).unwrap_err();

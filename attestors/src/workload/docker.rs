@@ -397,6 +397,7 @@ mod tests {
             pid: 1,
             uid: 0,
             cgroup: format!("0::/system.slice/docker-{id}.scope\n"),
+            exe_sha256: None,
         });
         let tasks: Vec<_> = (0..20)
             .map(|_| {
@@ -431,6 +432,7 @@ mod tests {
             pid: 1,
             uid: 0,
             cgroup: format!("0::/docker/{id}\n"),
+            exe_sha256: None,
         };
         let e = a.attest(&w).await.unwrap_err();
         assert!(e.to_string().contains("none.sock"), "{e}");

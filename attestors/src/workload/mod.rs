@@ -8,6 +8,8 @@
 //! - [`docker`] — `docker:*` and `container:*` from the Docker Engine API.
 //! - [`k8s`] — `k8s:*` and `container:*` from the kubelet's `/pods` (HTTPS).
 //! - [`systemd`] — `systemd:*` from the cgroup path and the unit files.
+//! - `ima` (feature `tpm`) — `ima:sha256:*` for executables listed in an
+//!   IMA log that replays to the TPM's PCR 10.
 //! - [`config`] — the `[workload_attestor.*]` tables of agent.toml.
 //!
 //! Every attestor other than `unix` implements [`WorkloadAttestor`]; an
@@ -20,6 +22,8 @@
 pub mod cgroup;
 pub mod config;
 pub mod docker;
+#[cfg(feature = "tpm")]
+pub mod ima;
 pub mod k8s;
 pub mod systemd;
 pub mod unix;
@@ -48,6 +52,9 @@ pub struct Workload {
     pub uid: u32,
     /// Contents of `/proc/<pid>/cgroup`.
     pub cgroup: String,
+    /// The `unix:sha256` digest of its executable, when the unix attestor
+    /// gave one (none when the binary changed after the process started).
+    pub exe_sha256: Option<String>,
 }
 
 /// Why one attestor produced no selectors for a call.
@@ -145,6 +152,10 @@ impl AttestorSet {
             pid,
             uid: peer.uid,
             cgroup: String::from_utf8_lossy(&cgroup).into_owned(),
+            exe_sha256: selectors
+                .iter()
+                .find_map(|s| s.as_str().strip_prefix("unix:sha256:"))
+                .map(str::to_string),
         });
         let mut tasks = Vec::with_capacity(self.others.len());
         for a in &self.others {

@@ -181,6 +181,7 @@ mod tests {
             pid: 1,
             uid: 0,
             cgroup: c.into(),
+            exe_sha256: None,
         };
         let got: Vec<String> = a
             .attest(&w("0::/system.slice/web.service\n"))

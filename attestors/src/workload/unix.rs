@@ -52,6 +52,19 @@ pub struct Peer {
     pidfd: Option<OwnedFd>,
     /// Start time read at accept, only when there is no pidfd.
     start_time: Option<u64>,
+    /// (device, inode, ctime s, ctime ns) of `/proc/<pid>/exe` when the
+    /// peer was first seen: a later change of that same inode is a binary
+    /// modified under a running process, however soon after its start.
+    exe_at_connect: Option<ExeStamp>,
+}
+
+/// (device, inode, ctime s, ctime ns) of an executable.
+type ExeStamp = (u64, u64, i64, i64);
+
+fn exe_stamp(pid: i32) -> Option<ExeStamp> {
+    fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 impl Peer {
@@ -77,6 +90,7 @@ impl Peer {
             gid: cred.gid(),
             pidfd,
             start_time,
+            exe_at_connect: exe_stamp(cred.pid()),
         })
     }
 
@@ -106,6 +120,7 @@ impl Peer {
             gid: effective("Gid:")?,
             pidfd: None,
             start_time: Some(start),
+            exe_at_connect: exe_stamp(pid),
         })
     }
 
@@ -117,6 +132,54 @@ impl Peer {
             (Some(fd), _) => self.pidfd_alive(fd),
             (None, Some(t)) => start_time(self.pid).is_ok_and(|now| now == t),
             (None, None) => false,
+        }
+    }
+
+    /// True when the executable the peer ran when it connected (same
+    /// device and inode behind `/proc/<pid>/exe`) has had its status
+    /// changed since: content rewritten, replaced (its link count
+    /// dropped), chmod or chown. A stat, no hashing: cheap enough for every
+    /// stream update.
+    pub fn exe_changed(&self) -> bool {
+        matches!(
+            (self.exe_at_connect, exe_stamp(self.pid)),
+            (Some(a), Some(b)) if (a.0, a.1) == (b.0, b.1) && a != b
+        )
+    }
+
+    /// Resolves once the process that connected has exited (or, without a
+    /// pidfd, once its pid no longer names the process that connected).
+    /// A pidfd becomes readable when its process exits, so with one this
+    /// waits on the reactor; without one (kernels before 6.5, or a pidfd
+    /// the reactor refuses) it checks [`Peer::is_alive`] every
+    /// [`EXIT_POLL`]. Used to end a Workload API stream when its caller is
+    /// gone, so that a connection handed to another process (or surviving
+    /// its container) stops carrying the caller's identity.
+    pub async fn exited(&self) {
+        // `with_interest` is deprecated because a borrowed raw fd could be
+        // closed under the reactor; here the `AsyncFd` owns `dup` (an
+        // `OwnedFd`) for its whole life, which is what registration needs,
+        // and the workspace forbids the `unsafe` replacement.
+        #[allow(deprecated)]
+        let registered = self.pidfd.as_ref().and_then(|fd| {
+            let dup = fd.try_clone().ok()?;
+            tokio::io::unix::AsyncFd::with_interest(dup, tokio::io::Interest::READABLE).ok()
+        });
+        if let (Some(fd), Some(afd)) = (&self.pidfd, registered) {
+            // Readable means exited; a spurious wakeup is re-checked.
+            while let Ok(mut guard) = afd.readable().await {
+                if !self.pidfd_alive(fd) {
+                    return;
+                }
+                guard.clear_ready();
+            }
+        }
+        let mut tick = tokio::time::interval(EXIT_POLL);
+        loop {
+            tick.tick().await;
+            if !self.is_alive() {
+                return;
+            }
         }
     }
 
@@ -153,6 +216,8 @@ fn file_key(m: &fs::Metadata) -> FileKey {
 /// may be before it counts as changed after start (see
 /// [`UnixAttestor::attest`]).
 const EXE_CHANGE_SLACK: Duration = Duration::from_secs(2);
+/// How often [`Peer::exited`] checks a peer it cannot wait on.
+const EXIT_POLL: Duration = Duration::from_secs(1);
 /// How long a uid → user name or gid → group name answer is reused.
 const NAME_TTL: Duration = Duration::from_secs(5);
 /// Most uids (and, separately, gids) whose names are kept.
@@ -356,7 +421,10 @@ impl UnixAttestor {
             // rewritten, or chmod/chown), its current bytes need not be
             // what was loaded: no digest, so entries pinning one do not
             // match until the process is restarted.
-            if self.changed_since_start(Path::new(&exe), pid) {
+            // Also no digest if the inode seen when the peer connected has
+            // changed since (precise, unlike the start-time slack); an
+            // exec of another binary is another inode, attested afresh.
+            if peer.exe_changed() || self.changed_since_start(Path::new(&exe), pid) {
                 tracing::info!(
                     pid,
                     "executable changed after the process started: no unix:sha256"

@@ -303,6 +303,22 @@ impl AgentTpm {
     }
 }
 
+/// Reads SHA-256 PCR 10 (the IMA PCR) of the TPM behind `tcti`, opening
+/// and closing a context for this one read.
+pub fn read_ima_pcr(tcti: &str) -> Result<Vec<u8>, TpmError> {
+    let conf = TctiNameConf::from_str(tcti)
+        .map_err(|e| TpmError::InvalidArgument(format!("TCTI {tcti:?}: {e}")))?;
+    let mut ctx = Context::new(conf).map_err(tpm("opening the TPM (TCTI/ESAPI init)"))?;
+    read_sha256_pcrs(&mut ctx, &[10])?
+        .into_iter()
+        .find(|(i, _)| *i == 10)
+        .map(|(_, v)| v)
+        .ok_or_else(|| TpmError::Tpm {
+            operation: "TPM2_PCR_Read",
+            message: "no value for PCR 10".into(),
+        })
+}
+
 /// `TPM2_CreatePrimary` of the default RSA-2048 EK; the caller flushes it.
 fn create_ek(ctx: &mut Context) -> Result<KeyHandle, TpmError> {
     ek::create_ek_object_2(
