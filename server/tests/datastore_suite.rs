@@ -750,7 +750,7 @@ fn postgres_passes_the_datastore_suite_and_migrates_once() {
     // A database at schema 1 is brought to the current version on open.
     pg.psql(
         "events",
-        "DROP TABLE approvals; DROP TABLE usage_marks; DROP TABLE events; \
+        "DROP TABLE server_keys; DROP TABLE approvals; DROP TABLE usage_marks; DROP TABLE events; \
          DELETE FROM sigil_schema_migrations WHERE version >= 2",
     );
     drop((a, b));
