@@ -70,82 +70,41 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     state.install_audit_key(crate::state::load_or_create_audit_key(&cfg.data_dir)?)?;
     // Audit checkpoints: every audit_checkpoint_every records or
     // audit_checkpoint_interval, checked once a second.
-    let cp = state.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let cp = cp.clone();
-            match tokio::task::spawn_blocking(move || cp.audit_checkpoint_if_due()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "audit checkpoint failed; retrying"),
-                Err(e) => tracing::error!(error = %e, "audit checkpoint task failed"),
-            }
-        }
+    periodic(&state, "audit checkpoint", Duration::from_secs(1), |s| {
+        s.audit_checkpoint_if_due()
+            .map(drop)
+            .map_err(|e| e.to_string())
     });
-
     // Audit retention: prune up to a signed checkpoint, a few times per
     // retention period (at most once a minute).
     if let Some(retention) = cfg.audit_retention {
         let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let pr = state.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let pr = pr.clone();
-                match tokio::task::spawn_blocking(move || pr.audit_prune_if_due()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed; retrying"),
-                    Err(e) => tracing::error!(error = %e, "audit retention task failed"),
-                }
-            }
+        periodic(&state, "audit retention", every, |s| {
+            s.audit_prune_if_due().map(drop).map_err(|e| e.to_string())
         });
     }
-
     // Key rotation: cheap checks once a second; changes are persisted and
     // pushed to every agent by rotate_keys().
-    let rot = state.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            if let Err(e) = rot.rotate_keys() {
-                tracing::error!(error = %e, "key rotation failed; retrying");
-            }
-            rot.cluster_keys_tick();
-        }
+    // The cluster's published keys are refreshed in the same tick (a
+    // datastore call, so off the runtime like every periodic job).
+    periodic(&state, "key rotation", Duration::from_secs(1), |s| {
+        let rotated = s.rotate_keys().map(drop);
+        s.cluster_keys_tick();
+        rotated
     });
-
     // CRLs: re-signed at half their lifetime and whenever the published
     // CAs change (which rotation does); a re-signing rebuilds the withdrawn
-    // set from the audit trail, so it reads the datastore off the runtime.
-    let crl = state.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            let crl = crl.clone();
-            match tokio::task::spawn_blocking(move || crl.refresh_crls_if_due()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "CRL refresh failed; retrying"),
-                Err(e) => tracing::error!(error = %e, "CRL refresh task failed"),
-            }
-        }
+    // set from the audit trail.
+    periodic(&state, "CRL refresh", Duration::from_secs(1), |s| {
+        s.refresh_crls_if_due().map(drop).map_err(|e| e.to_string())
     });
-
     // Last-activity marks (access review): one batch write a minute.
-    let usage = state.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            let usage = usage.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || usage.flush_usage()).await {
-                tracing::warn!(error = %e, "writing last-activity marks failed; retrying");
-            }
-        }
-    });
+    periodic(
+        &state,
+        "last-activity marks",
+        Duration::from_secs(60),
+        |s| s.flush_usage().map(drop).map_err(|e| e.to_string()),
+    );
 
     let attestors = crate::node_attestation::NodeAttestors::from_config(&cfg)?;
     let (tls, resolver, renew) = crate::tls::server_config(state.clone())?;
@@ -305,4 +264,29 @@ pub async fn shutdown_signal() {
         }
         _ => std::future::pending::<()>().await,
     }
+}
+
+/// Runs `job` every `every` for the life of the server, off the async
+/// runtime (the jobs read and write the datastore). A failure is logged
+/// with `what` and retried at the next tick; a job never runs twice at once.
+fn periodic(
+    state: &Arc<ServerState>,
+    what: &'static str,
+    every: Duration,
+    job: fn(&ServerState) -> Result<(), String>,
+) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || job(&s)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "{what} failed; retrying"),
+                Err(e) => tracing::error!(error = %e, "{what} task failed"),
+            }
+        }
+    });
 }

@@ -515,3 +515,35 @@ impl Cluster {
         v["id"].as_str().unwrap().to_string()
     }
 }
+
+/// `unix:path:<canonical path of the built binary NAME>`: the selector of
+/// processes running that binary.
+pub fn path_selector(name: &str) -> String {
+    let p = fs::canonicalize(bin(name)).unwrap();
+    format!("unix:path:{}", p.display())
+}
+
+/// The SPIFFE ID of the X.509-SVID the Workload API at `addr` serves this
+/// process (through the `spiffe` crate), or the error (its text, then
+/// its debug form, which carries the gRPC status message).
+pub async fn fetch_x509_id(addr: &str) -> Result<String, String> {
+    let client = spiffe::WorkloadApiClient::connect_to(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .fetch_x509_svid()
+        .await
+        .map(|s| s.spiffe_id().to_string())
+        .map_err(|e| format!("{e} ({e:?})"))
+}
+
+/// `sigil-agent api fetch x509 --socket ADDR [--write DIR]`, as a separate
+/// process (so entries selecting the `sigil-agent` binary match it).
+pub fn agent_fetch_x509(addr: &str, write: Option<&Path>) -> Output {
+    let mut cmd = Command::new(bin("sigil-agent"));
+    cmd.args(["api", "fetch", "x509", "--socket", addr]);
+    if let Some(dir) = write {
+        cmd.arg("--write").arg(dir);
+    }
+    cmd.output().unwrap()
+}

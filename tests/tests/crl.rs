@@ -16,18 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sigil_tests::{Cluster, bin, free_port, my_uid_selector, wait_for};
+use sigil_tests::{
+    Cluster, agent_fetch_x509, bin, free_port, my_uid_selector, path_selector, wait_for,
+};
 
 const LONG: Duration = Duration::from_secs(30);
 const CLIENT: &str = "spiffe://example.org/echo-client";
 const OBSERVER: &str = "spiffe://example.org/observer";
-
-fn path_selector(name: &str) -> String {
-    format!(
-        "unix:path:{}",
-        std::fs::canonicalize(bin(name)).unwrap().display()
-    )
-}
 
 struct Server(Child);
 
@@ -42,13 +37,7 @@ impl Drop for Server {
 /// binary, so the entries with its path match): the SPIFFE IDs in the
 /// order of the written files.
 fn fetch(c: &Cluster, dir: &Path) -> Vec<String> {
-    let out = Command::new(bin("sigil-agent"))
-        .args(["api", "fetch", "x509", "--socket"])
-        .arg(c.api_addr())
-        .arg("--write")
-        .arg(dir)
-        .output()
-        .unwrap();
+    let out = agent_fetch_x509(&c.api_addr(), Some(dir));
     assert!(
         out.status.success(),
         "{}",
@@ -201,11 +190,7 @@ fn wait_fetch(c: &Cluster, dir: &Path, want: usize) -> Vec<String> {
     let deadline = Instant::now() + LONG;
     loop {
         let _ = std::fs::remove_dir_all(dir);
-        let out = Command::new(bin("sigil-agent"))
-            .args(["api", "fetch", "x509", "--socket"])
-            .arg(c.api_addr())
-            .output()
-            .unwrap();
+        let out = agent_fetch_x509(&c.api_addr(), None);
         let n = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.starts_with("SPIFFE ID:"))

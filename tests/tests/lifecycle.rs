@@ -15,14 +15,7 @@ use spiffe::WorkloadApiClient;
 const LONG: Duration = Duration::from_secs(20);
 
 async fn fetch_id(addr: &str) -> Result<String, String> {
-    let client = WorkloadApiClient::connect_to(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    client
-        .fetch_x509_svid()
-        .await
-        .map(|s| s.spiffe_id().to_string())
-        .map_err(|e| e.to_string())
+    sigil_tests::fetch_x509_id(addr).await
 }
 
 async fn wait_fetch(addr: &str, want: &str) {

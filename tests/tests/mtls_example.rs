@@ -11,14 +11,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sigil_tests::{Cluster, bin, free_port, my_uid_selector};
-
-fn path_selector(name: &str) -> String {
-    format!(
-        "unix:path:{}",
-        std::fs::canonicalize(bin(name)).unwrap().display()
-    )
-}
+use sigil_tests::{Cluster, bin, free_port, my_uid_selector, path_selector};
 
 struct Server(Child);
 

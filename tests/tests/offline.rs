@@ -10,23 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use sigil_tests::{Cluster, eventually, my_uid_selector};
-use spiffe::WorkloadApiClient;
+use sigil_tests::{Cluster, eventually, fetch_x509_id as fetch, my_uid_selector};
 
 const LONG: Duration = Duration::from_secs(30);
 const AGENT: &str = "spiffe://example.org/test-agent";
-
-/// The served X.509-SVID's SPIFFE ID, or the gRPC error text.
-async fn fetch(addr: &str) -> Result<String, String> {
-    let client = WorkloadApiClient::connect_to(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    client
-        .fetch_x509_svid()
-        .await
-        .map(|s| s.spiffe_id().to_string())
-        .map_err(|e| format!("{e:?}"))
-}
 
 #[tokio::test]
 async fn an_agent_cut_off_longer_than_serve_offline_for_serves_nothing_until_the_server_is_back() {
