@@ -340,16 +340,7 @@ impl Cluster {
     }
 
     pub fn wait_agent_healthy(&self) {
-        let sock = self.dir.0.join("agent/private/admin.sock");
-        wait_for("agent healthy", Duration::from_secs(20), || {
-            Command::new(bin("sigil-agent"))
-                .arg("healthcheck")
-                .arg("--admin-socket")
-                .arg(&sock)
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        });
+        wait_agent_admin_healthy(&self.dir.0.join("agent/private/admin.sock"));
     }
 
     pub fn stop_agent(&mut self) {
@@ -481,16 +472,7 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .unwrap();
-        let sock = dir.join("private/admin.sock");
-        wait_for("extra agent healthy", Duration::from_secs(20), || {
-            Command::new(bin("sigil-agent"))
-                .arg("healthcheck")
-                .arg("--admin-socket")
-                .arg(&sock)
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        });
+        wait_agent_admin_healthy(&dir.join("private/admin.sock"));
         ExtraAgent {
             id: agent_id.to_string(),
             dir,
@@ -546,4 +528,32 @@ pub fn agent_fetch_x509(addr: &str, write: Option<&Path>) -> Output {
         cmd.arg("--write").arg(dir);
     }
     cmd.output().unwrap()
+}
+
+/// Every SPIFFE ID (sorted) the Workload API at `addr` serves this process
+/// through the `spiffe` crate; `None` when it answers with an error.
+pub async fn x509_ids(addr: &str) -> Option<Vec<String>> {
+    let client = spiffe::WorkloadApiClient::connect_to(addr).await.ok()?;
+    let mut v: Vec<String> = client
+        .fetch_all_x509_svids()
+        .await
+        .ok()?
+        .iter()
+        .map(|s| s.spiffe_id().to_string())
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+/// Waits until `sigil-agent healthcheck` succeeds on the admin socket `sock`.
+fn wait_agent_admin_healthy(sock: &Path) {
+    wait_for("agent healthy", Duration::from_secs(20), || {
+        Command::new(bin("sigil-agent"))
+            .arg("healthcheck")
+            .arg("--admin-socket")
+            .arg(sock)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
 }

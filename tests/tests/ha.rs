@@ -14,21 +14,11 @@ use std::time::Duration;
 
 use sigil_tests::pg;
 use sigil_tests::{Cluster, Scratch, eventually, log_count, my_uid_selector, wait_for};
-use spiffe::WorkloadApiClient;
 
 const LONG: Duration = Duration::from_secs(40);
 
 async fn ids(addr: &str) -> Option<Vec<String>> {
-    let client = WorkloadApiClient::connect_to(addr).await.ok()?;
-    let mut v: Vec<String> = client
-        .fetch_all_x509_svids()
-        .await
-        .ok()?
-        .iter()
-        .map(|s| s.spiffe_id().to_string())
-        .collect();
-    v.sort();
-    Some(v)
+    sigil_tests::x509_ids(addr).await
 }
 
 fn pem_certs(c: &Cluster) -> Vec<String> {

@@ -20,14 +20,7 @@ const AGENT: &str = "spiffe://example.org/test-agent";
 /// Every SPIFFE ID the Workload API serves this process (empty when it
 /// answers PermissionDenied).
 async fn ids(addr: &str) -> Vec<String> {
-    let client = WorkloadApiClient::connect_to(addr).await.unwrap();
-    let mut v: Vec<String> = client
-        .fetch_all_x509_svids()
-        .await
-        .map(|v| v.iter().map(|s| s.spiffe_id().to_string()).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
+    sigil_tests::x509_ids(addr).await.unwrap_or_default()
 }
 
 /// Waits until the served set is exactly `want`.

@@ -18,21 +18,11 @@ use std::time::Duration;
 
 use sigil_tests::pg::{self, Postgres};
 use sigil_tests::{Cluster, Scratch, bin, eventually, my_uid_selector};
-use spiffe::WorkloadApiClient;
 
 const LONG: Duration = Duration::from_secs(30);
 
 async fn ids(addr: &str) -> Option<Vec<String>> {
-    let client = WorkloadApiClient::connect_to(addr).await.ok()?;
-    let mut v: Vec<String> = client
-        .fetch_all_x509_svids()
-        .await
-        .ok()?
-        .iter()
-        .map(|s| s.spiffe_id().to_string())
-        .collect();
-    v.sort();
-    Some(v)
+    sigil_tests::x509_ids(addr).await
 }
 
 async fn wait_ids(addr: &str, want: &[&str]) {
