@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sigil/common.proto",
         "proto/sigil/agent.proto",
         "proto/sigil/admin.proto",
+        "proto/sigil/task.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

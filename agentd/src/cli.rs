@@ -30,6 +30,9 @@ pub enum ApiCmd {
     /// Operator introspection over the agent admin socket.
     #[command(subcommand)]
     Debug(DebugCmd),
+    /// Task-scoped identities (start, fetch, end).
+    #[command(subcommand)]
+    Task(crate::task_cli::TaskCmd),
 }
 
 #[derive(Subcommand)]
@@ -83,7 +86,7 @@ pub struct SocketArgs {
     /// Workload API socket (unix:/path, unix:///path or /path).
     /// Defaults to SPIFFE_ENDPOINT_SOCKET, then the built-in path.
     #[arg(long)]
-    socket: Option<String>,
+    pub(crate) socket: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -197,11 +200,11 @@ async fn uds_channel(path: &Path) -> Result<Channel, String> {
 }
 
 /// Splits concatenated DER certificates.
-fn split_der(b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) fn split_der(b: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     sigil_core::x509::split_der_certs(b).map_err(|e| format!("bad certificate in response: {e}"))
 }
 
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+pub(crate) fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
@@ -215,7 +218,7 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn with_header<T>(msg: T) -> tonic::Request<T> {
+pub(crate) fn with_header<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.metadata_mut().insert(
         WORKLOAD_API_HEADER,
@@ -224,13 +227,14 @@ fn with_header<T>(msg: T) -> tonic::Request<T> {
     req
 }
 
-fn grpc_err(s: tonic::Status) -> String {
+pub(crate) fn grpc_err(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
 pub async fn api(cmd: ApiCmd) -> Result<(), String> {
     match cmd {
         ApiCmd::Debug(DebugCmd::Selectors(args)) => crate::debug_selectors::run(args).await,
+        ApiCmd::Task(cmd) => crate::task_cli::run(cmd).await,
         ApiCmd::Fetch(FetchCmd::X509 { socket, write }) => fetch_x509(socket, write).await,
         ApiCmd::Fetch(FetchCmd::Jwt {
             socket,

@@ -6,10 +6,12 @@
 //! - [`server_client`] — the TLS channel to the server's agent API.
 //! - [`cache`] — the workload SVID cache, minting and half-life rotation.
 //! - [`workload_api`] — the SPIFFE Workload API server on a Unix socket.
+//! - [`task_api`] — task-scoped identities on the same socket (`StartTask`, ...);
+//!   [`task_cli`] — `api task start|fetch|end`.
 //! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
 //! - [`debug_selectors`] — `api debug selectors`: what a pid attests to.
-//! - [`run`] — wiring; [`cli`] — `api fetch x509`, `healthcheck`.
+//! - [`run`] — wiring; [`cli`] — `api fetch x509`, `api task`, `healthcheck`.
 
 #![allow(missing_docs)]
 
@@ -22,5 +24,7 @@ pub mod h2_authority;
 pub mod node;
 pub mod run;
 pub mod server_client;
+pub mod task_api;
+pub mod task_cli;
 pub mod workload_api;
 pub mod workload_socket;

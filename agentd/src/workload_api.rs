@@ -70,44 +70,7 @@ impl WorkloadApi {
     /// Checks the security header and attests the caller; the guard keeps
     /// the connection busy for as long as the caller holds it.
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let hdr = req
-            .metadata()
-            .get(WORKLOAD_API_HEADER)
-            .and_then(|v| v.to_str().ok());
-        if hdr != Some("true") {
-            return Err(Status::invalid_argument(
-                "security header missing from request",
-            ));
-        }
-        let (peer, call) = req
-            .extensions()
-            .get::<PeerInfo>()
-            .map(|p| (p.0.clone(), p.1.begin()))
-            .ok_or_else(|| Status::internal("peer information missing"))?;
-        let pid = peer.pid;
-        let process = peer.clone();
-        // Every call is attested afresh: `unix` inline when its caches are
-        // warm (else on a blocking thread), then every enabled attestor
-        // under its own deadline (see `AttestorSet::attest`).
-        let attested = self.attestors.attest(peer).await.map_err(|e| {
-            tracing::info!(pid, error = %e, "workload attestation failed");
-            Status::permission_denied("could not attest the calling process")
-        })?;
-        // An attestor that could not answer leaves the selectors
-        // incomplete: refuse (retryable) rather than serve a partial
-        // identity as if it were the caller's whole one.
-        if !attested.failed.is_empty() {
-            let kinds: Vec<&str> = attested.failed.iter().map(|(k, _)| *k).collect();
-            return Err(Status::unavailable(format!(
-                "workload attestor {} did not answer; retry",
-                kinds.join(", ")
-            )));
-        }
-        Ok(Caller {
-            selectors: attested.selectors,
-            call,
-            peer: process,
-        })
+        attest_caller(&self.attestors, req).await
     }
 
     /// A JWT-SVID for `entry` and `audience`, from the cache or the server.
@@ -151,10 +114,57 @@ impl WorkloadApi {
 
 /// An attested caller: its selectors, the guard keeping its connection
 /// busy, and the process (so that its streams end when it exits).
-struct Caller {
-    selectors: SelectorSet,
-    call: CallGuard,
-    peer: Arc<Peer>,
+pub(crate) struct Caller {
+    pub(crate) selectors: SelectorSet,
+    pub(crate) call: CallGuard,
+    pub(crate) peer: Arc<Peer>,
+}
+
+/// Checks the security header and attests the caller (also for the task
+/// service on the same socket); the guard keeps
+/// the connection busy for as long as the caller holds it.
+pub(crate) async fn attest_caller<T>(
+    attestors: &AttestorSet,
+    req: &Request<T>,
+) -> Result<Caller, Status> {
+    let hdr = req
+        .metadata()
+        .get(WORKLOAD_API_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if hdr != Some("true") {
+        return Err(Status::invalid_argument(
+            "security header missing from request",
+        ));
+    }
+    let (peer, call) = req
+        .extensions()
+        .get::<PeerInfo>()
+        .map(|p| (p.0.clone(), p.1.begin()))
+        .ok_or_else(|| Status::internal("peer information missing"))?;
+    let pid = peer.pid;
+    let process = peer.clone();
+    // Every call is attested afresh: `unix` inline when its caches are
+    // warm (else on a blocking thread), then every enabled attestor
+    // under its own deadline (see `AttestorSet::attest`).
+    let attested = attestors.attest(peer).await.map_err(|e| {
+        tracing::info!(pid, error = %e, "workload attestation failed");
+        Status::permission_denied("could not attest the calling process")
+    })?;
+    // An attestor that could not answer leaves the selectors
+    // incomplete: refuse (retryable) rather than serve a partial
+    // identity as if it were the caller's whole one.
+    if !attested.failed.is_empty() {
+        let kinds: Vec<&str> = attested.failed.iter().map(|(k, _)| *k).collect();
+        return Err(Status::unavailable(format!(
+            "workload attestor {} did not answer; retry",
+            kinds.join(", ")
+        )));
+    }
+    Ok(Caller {
+        selectors: attested.selectors,
+        call,
+        peer: process,
+    })
 }
 
 /// Whether `selectors` include a `unix:sha256` digest of the binary.

@@ -94,6 +94,9 @@ pub struct Entry {
     pub approval_pending: Option<String>,
     /// Sync only: this agent holds a grant until this Unix time.
     pub approved_until: Option<i64>,
+    /// The entry allows task identities of at most this lifetime
+    /// (`--task-ttl-max`); `None` = no tasks.
+    pub task_ttl_max: Option<Duration>,
     /// Bumped on every update.
     pub revision: i64,
     /// Unix seconds of creation.
@@ -169,6 +172,19 @@ impl Entry {
         };
         let x509_svid_ttl = ttl("x509_svid_ttl", p.x509_svid_ttl)?;
         let jwt_svid_ttl = ttl("jwt_svid_ttl", p.jwt_svid_ttl)?;
+        let task_ttl_max = ttl("task_ttl_max", p.task_ttl_max)?;
+        if let (Some(t), Some(x)) = (task_ttl_max, x509_svid_ttl)
+            && t > x
+        {
+            return Err(field_err(
+                "task_ttl_max",
+                format!(
+                    "{}s exceeds the entry's x509_svid_ttl of {}s (a task identity lives at most as long as the entry's X.509-SVID)",
+                    t.as_secs(),
+                    x.as_secs()
+                ),
+            ));
+        }
         if p.dns_names.len() > MAX_DNS_NAMES {
             return Err(field_err(
                 "dns",
@@ -242,6 +258,7 @@ impl Entry {
             jwt_claims: p.jwt_claims.clone(),
             approval_pending: (!p.approval_pending.is_empty()).then(|| p.approval_pending.clone()),
             approved_until: (p.approved_until != 0).then_some(p.approved_until),
+            task_ttl_max,
             revision: p.revision,
             created_at: p.created_at,
         })
@@ -271,6 +288,7 @@ impl Entry {
             jwt_claims: self.jwt_claims.clone(),
             approval_pending: self.approval_pending.clone().unwrap_or_default(),
             approved_until: self.approved_until.unwrap_or(0),
+            task_ttl_max: self.task_ttl_max.map_or(0, |d| d.as_secs() as i64),
         }
     }
 
@@ -504,6 +522,8 @@ mod tests {
             ),
             ("x509_svid_ttl", Box::new(|e| e.x509_svid_ttl = -1)),
             ("x509_svid_ttl", Box::new(|e| e.x509_svid_ttl = 999_999_999)),
+            ("task_ttl_max", Box::new(|e| e.task_ttl_max = -1)),
+            ("task_ttl_max", Box::new(|e| e.task_ttl_max = 301)),
             ("dns", Box::new(|e| e.dns_names = vec!["bad_name".into()])),
             (
                 "federates_with",

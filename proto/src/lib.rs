@@ -5,6 +5,7 @@
 //! - [`agent`] — the agent <-> server API (attestation, sync, minting).
 //! - [`admin`] — the operator CLI <-> server admin socket API.
 //! - [`common`] — messages shared by the two Sigil APIs.
+//! - [`task`] — task-scoped identities (workload, agent and admin services).
 //! - [`unix`] — the one way every client here opens a gRPC channel over a
 //!   Unix socket (Workload API, agent and server admin sockets).
 
@@ -28,6 +29,12 @@ pub mod agent {
 /// Operator CLI <-> server admin API.
 pub mod admin {
     tonic::include_proto!("sigil.admin");
+}
+
+/// Task-scoped identities: the workload-facing, agent <-> server and admin
+/// task services (`proto/sigil/task.proto`).
+pub mod task {
+    tonic::include_proto!("sigil.task");
 }
 
 pub mod unix;

@@ -57,7 +57,7 @@ impl AdminService {
 
     /// Admits root and the server's own uid; returns the caller, by its
     /// peer credentials, for the audit trail.
-    fn authorize<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    pub(crate) fn authorize<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let cred = req
             .extensions()
             .get::<UdsConnectInfo>()

@@ -12,6 +12,7 @@
 //! - [`signing`] — the bounded, measured signing queue in front of minting.
 //! - [`sync`] — what each agent's sync stream sends: a full snapshot, then deltas, in chunks.
 //! - [`admin_api`] — the operator API on the admin Unix socket.
+//! - [`task_api`] — task-scoped identities: the agents' and the operators' task services.
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
@@ -40,6 +41,7 @@ pub mod run;
 pub mod signing;
 pub mod state;
 pub mod sync;
+pub mod task_api;
 pub mod tls;
 pub mod tpm_attest;
 

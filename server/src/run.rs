@@ -98,6 +98,13 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     periodic(&state, "CRL refresh", Duration::from_secs(1), |s| {
         s.refresh_crls_if_due().map(drop).map_err(|e| e.to_string())
     });
+    // Tasks past their deadline are recorded as ended (they issue nothing
+    // from the deadline on either way).
+    periodic(&state, "task deadlines", Duration::from_secs(1), |s| {
+        s.end_tasks_past_deadline()
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
     // Last-activity marks (access review): one batch write a minute.
     periodic(
         &state,
@@ -186,6 +193,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
             AgentApiServer::new(AgentService::new(state.clone(), attestors))
                 .max_decoding_message_size(limits::MAX_MESSAGE),
         )
+        .add_service(crate::task_api::TaskAgentService::new(state.clone()))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown_signal());
     // Root or the server's uid only (peer credentials), but bounded all the same.
     let admin_server = tonic::transport::Server::builder()
@@ -193,6 +201,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         .max_concurrent_streams(limits::MAX_CONCURRENT_STREAMS)
         .http2_max_header_list_size(limits::MAX_HEADER_LIST)
         .add_service(AdminApiServer::new(AdminService::new(state.clone())))
+        .add_service(crate::task_api::TaskAdminService::new(state.clone()))
         .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), shutdown_signal());
 
     tracing::info!(trust_domain = %cfg.trust_domain, %addr, admin_socket = %cfg.admin_socket.display(), "sigil-server ready");

@@ -17,8 +17,8 @@ use sigil_proto::common::{Entry as PbEntry, FederatedBundle};
 use sigil_server::datastore::{
     AgentRecord, ApprovalRecord, ApprovalStatus, AttestationType, ChangeKind, Datastore,
     KillRecord, KillTarget, POSTGRES_SCHEMA_VERSION, PostgresStore, PublishedCa, PublishedJwt,
-    RedbStore, ServerKeysRecord, StoreError, TokenRecord, UsageKind, UsageMark, WriteTx,
-    append_audit,
+    RedbStore, ServerKeysRecord, StoreError, TaskRecord, TokenRecord, UsageKind, UsageMark,
+    WriteTx, append_audit,
 };
 use sigil_server::error::RegistryError;
 use sigil_tests::pg::{self, Postgres};
@@ -57,6 +57,10 @@ const CASES: &[Case] = &[
     (
         "server_keys_are_stored_replaced_and_deleted_by_server",
         server_keys_by_server,
+    ),
+    (
+        "tasks_round_trip_and_end_with_their_kill_in_one_transaction",
+        tasks_round_trip,
     ),
 ];
 
@@ -518,6 +522,73 @@ fn server_keys_by_server(s: &dyn Datastore) {
     );
 }
 
+fn task(n: u32) -> TaskRecord {
+    TaskRecord {
+        id: format!("task-{n}"),
+        name: format!("job {n}"),
+        entry_id: "entry-00001".into(),
+        entry_spiffe_id: id("spiffe://example.org/w"),
+        owner: "team-ml".into(),
+        agent_id: id("spiffe://example.org/sigil/agent/join_token/a"),
+        spiffe_id: id(&format!("spiffe://example.org/w/task/task-{n}")),
+        started_at: 100 + i64::from(n),
+        deadline: 700,
+        ended_at: None,
+        end_reason: String::new(),
+        started_by: "agent spiffe://example.org/sigil/agent/join_token/a".into(),
+        ended_by: String::new(),
+        kill_id: String::new(),
+    }
+}
+
+fn tasks_round_trip(s: &dyn Datastore) {
+    put(s, |tx| {
+        tx.put_task(&task(2))?;
+        tx.put_task(&task(1))?;
+        append_audit(tx, &caller(), event(1))
+    });
+    assert_eq!(s.read().unwrap().tasks().unwrap(), vec![task(1), task(2)]);
+    assert_eq!(s.read().unwrap().task("task-2").unwrap(), Some(task(2)));
+    assert_eq!(s.read().unwrap().task("nope").unwrap(), None);
+    // Ending: the task, its kill and the audit record commit together...
+    let mut ended = task(1);
+    ended.ended_at = Some(200);
+    ended.end_reason = "ended".into();
+    ended.ended_by = "agent x".into();
+    ended.kill_id = "kill-1".into();
+    put(s, |tx| {
+        let mut t = tx.task("task-1")?.expect("stored");
+        assert!(
+            t.ended_at.is_none(),
+            "the transaction reads the stored task"
+        );
+        t.ended_at = ended.ended_at;
+        t.end_reason = ended.end_reason.clone();
+        t.ended_by = ended.ended_by.clone();
+        t.kill_id = ended.kill_id.clone();
+        tx.put_task(&t)?;
+        tx.put_kill(&kill(1))?;
+        append_audit(tx, &caller(), event(2))
+    });
+    let r = s.read().unwrap();
+    assert_eq!(r.task("task-1").unwrap(), Some(ended.clone()));
+    assert_eq!(r.kills().unwrap().len(), 1);
+    drop(r);
+    // ... or not at all.
+    let err = s.write(&mut |tx| {
+        let mut t = task(2);
+        t.ended_at = Some(300);
+        tx.put_task(&t)?;
+        tx.put_kill(&kill(2))?;
+        Err(RegistryError::invalid("refused"))
+    });
+    assert!(err.is_err());
+    let r = s.read().unwrap();
+    assert_eq!(r.task("task-2").unwrap(), Some(task(2)));
+    assert_eq!(r.kills().unwrap().len(), 1);
+    assert_eq!(all_audit(s).len(), 2);
+}
+
 fn run_suite(backend: &str, mut make: impl FnMut(&str) -> Box<dyn Datastore>) {
     let mut failed = Vec::new();
     for (name, case) in CASES {
@@ -750,7 +821,7 @@ fn postgres_passes_the_datastore_suite_and_migrates_once() {
     // A database at schema 1 is brought to the current version on open.
     pg.psql(
         "events",
-        "DROP TABLE server_keys; DROP TABLE approvals; DROP TABLE usage_marks; DROP TABLE events; \
+        "DROP TABLE tasks; DROP TABLE server_keys; DROP TABLE approvals; DROP TABLE usage_marks; DROP TABLE events; \
          DELETE FROM sigil_schema_migrations WHERE version >= 2",
     );
     drop((a, b));

@@ -246,6 +246,38 @@ pub enum Event {
         #[serde(with = "serde_text")]
         agent_id: SpiffeId,
     },
+    /// A workload started a task under an entry that allows tasks: the
+    /// task's identity is `spiffe_id` until `deadline` at the latest.
+    TaskStarted {
+        /// The task's ID.
+        task_id: String,
+        /// Its name, as the workload gave it.
+        name: String,
+        /// The entry it runs under.
+        entry_id: String,
+        /// The task's SPIFFE ID.
+        #[serde(with = "serde_text")]
+        spiffe_id: SpiffeId,
+        /// The agent that asked.
+        #[serde(with = "serde_text")]
+        agent_id: SpiffeId,
+        /// Its deadline, Unix seconds.
+        deadline: i64,
+    },
+    /// A task ended: `reason` is `ended` (the workload's EndTask),
+    /// `operator` or `deadline`; `kill_id` names the kill of its SPIFFE ID
+    /// (empty at the deadline, past which none of its SVIDs is valid).
+    TaskEnded {
+        /// The task's ID.
+        task_id: String,
+        /// The task's SPIFFE ID.
+        #[serde(with = "serde_text")]
+        spiffe_id: SpiffeId,
+        /// Why it ended.
+        reason: String,
+        /// The kill withdrawing its identity, if any.
+        kill_id: String,
+    },
     /// A signed statement that the chain's head was record `seq` with hash
     /// `head_hash`. A checkpoint record must directly follow the record it
     /// names; see [`super::AuditKey::sign_checkpoint`] for the signed bytes.
@@ -296,6 +328,8 @@ impl Event {
             Self::ApprovalRequested { .. } => "approval_requested",
             Self::ApprovalGranted { .. } => "approval_granted",
             Self::ApprovalDenied { .. } => "approval_denied",
+            Self::TaskStarted { .. } => "task_started",
+            Self::TaskEnded { .. } => "task_ended",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Pruned { .. } => "pruned",
         }

@@ -19,20 +19,22 @@ pub struct CopySummary {
     pub kills: usize,
     pub audit_records: usize,
     pub approvals: usize,
+    pub tasks: usize,
 }
 
 impl std::fmt::Display for CopySummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} entries, {} agents, {} join tokens, {} federated bundles, {} kills, {} audit records, {} approval requests",
+            "{} entries, {} agents, {} join tokens, {} federated bundles, {} kills, {} audit records, {} approval requests, {} tasks",
             self.entries,
             self.agents,
             self.join_tokens,
             self.federated_bundles,
             self.kills,
             self.audit_records,
-            self.approvals
+            self.approvals,
+            self.tasks
         )
     }
 }
@@ -59,6 +61,7 @@ pub fn copy_all(
     let records = src.audit_records(0, usize::MAX)?;
     let approvals = src.approvals()?;
     let marks = src.usage_marks()?;
+    let tasks = src.tasks()?;
     drop(src);
     if !records.is_empty() {
         audit::verify(&records, None).map_err(|e| {
@@ -76,6 +79,7 @@ pub fn copy_all(
             ("kills", !tx.kills()?.is_empty()),
             ("audit records", tx.audit_head()?.is_some()),
             ("approval requests", !tx.approvals()?.is_empty()),
+            ("tasks", !tx.tasks()?.is_empty()),
         ];
         if let Some((what, _)) = nonempty.iter().find(|(_, n)| *n) {
             return Err(RegistryError::precondition(format!(
@@ -102,6 +106,9 @@ pub fn copy_all(
         }
         for a in &approvals {
             tx.put_approval(a)?;
+        }
+        for t in &tasks {
+            tx.put_task(t)?;
         }
         // Last-activity marks are bookkeeping: copied, not compared.
         for m in &marks {
@@ -132,6 +139,9 @@ pub fn copy_all(
     if got != want {
         return Err(mismatch("approval requests"));
     }
+    if dst.tasks()? != tasks {
+        return Err(mismatch("tasks"));
+    }
     let copied = dst.audit_records(0, usize::MAX)?;
     if copied != records {
         return Err(mismatch("audit records"));
@@ -148,5 +158,6 @@ pub fn copy_all(
         kills: kills.len(),
         audit_records: records.len(),
         approvals: approvals.len(),
+        tasks: tasks.len(),
     })
 }

@@ -17,6 +17,7 @@ mod copy;
 mod postgres;
 mod records;
 mod redb_store;
+mod task_record;
 
 pub use copy::{CopySummary, copy_all};
 pub use postgres::{
@@ -28,6 +29,7 @@ pub use records::{
     PublishedCa, PublishedJwt, ServerKeysRecord, TokenRecord, UsageKind, UsageMark,
 };
 pub use redb_store::RedbStore;
+pub use task_record::TaskRecord;
 
 use sigil_core::TrustDomain;
 use sigil_core::audit;
@@ -84,6 +86,10 @@ pub trait ReadTx {
     fn approvals(&self) -> Result<Vec<ApprovalRecord>, StoreError>;
     /// One approval request.
     fn approval(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError>;
+    /// Every task, running or ended, in ID order.
+    fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError>;
+    /// One task.
+    fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
 }
 
 /// Writes inside one transaction.
@@ -113,6 +119,8 @@ pub trait WriteTx: ReadTx {
     fn put_usage_mark(&mut self, m: &UsageMark) -> Result<(), StoreError>;
     /// Inserts or replaces an approval request.
     fn put_approval(&mut self, a: &ApprovalRecord) -> Result<(), StoreError>;
+    /// Inserts or replaces a task.
+    fn put_task(&mut self, t: &TaskRecord) -> Result<(), StoreError>;
     /// Inserts or replaces a server's published public keys.
     fn put_server_keys(&mut self, server_id: &str, r: &ServerKeysRecord) -> Result<(), StoreError>;
     /// Removes a server's published keys (it left and they expired); false

@@ -18,7 +18,7 @@ use sigil_proto::common::FederatedBundle;
 use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
 use super::{
     AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, ServerKeysRecord, StoreError,
-    TokenRecord, UsageMark, WriteTx,
+    TaskRecord, TokenRecord, UsageMark, WriteTx,
 };
 use crate::error::RegistryError;
 
@@ -34,6 +34,8 @@ const KILLS: Table = TableDefinition::new("kills");
 const USAGE: Table = TableDefinition::new("usage_marks");
 /// Approval requests, by ID.
 const APPROVALS: Table = TableDefinition::new("approvals");
+/// Tasks (task-scoped identities), by ID.
+const TASKS: Table = TableDefinition::new("tasks");
 /// Each server's published public keys (one server with redb: its own).
 const SERVER_KEYS: Table = TableDefinition::new("server_keys");
 /// The audit chain: sequence number -> the record's JSON line.
@@ -68,6 +70,7 @@ impl RedbStore {
             KILLS,
             USAGE,
             APPROVALS,
+            TASKS,
             SERVER_KEYS,
         ] {
             tx.open_table(t).map_err(be)?;
@@ -236,6 +239,17 @@ macro_rules! read_tx {
                     .map(|b| ApprovalRecord::decode(id, &b))
                     .transpose()
             }
+            fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+                let t = self.open_table(TASKS).map_err(be)?;
+                all(&t)?
+                    .iter()
+                    .map(|(k, v)| TaskRecord::decode(k, v))
+                    .collect()
+            }
+            fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+                let t = self.open_table(TASKS).map_err(be)?;
+                get(&t, id)?.map(|b| TaskRecord::decode(id, &b)).transpose()
+            }
             fn server_keys(&self) -> Result<Vec<(String, ServerKeysRecord)>, StoreError> {
                 let t = self.open_table(SERVER_KEYS).map_err(be)?;
                 all(&t)?
@@ -299,6 +313,9 @@ impl WriteTx for WriteTransaction {
     }
     fn put_approval(&mut self, a: &ApprovalRecord) -> Result<(), StoreError> {
         put(self, APPROVALS, &a.id, &a.encode()?)
+    }
+    fn put_task(&mut self, t: &TaskRecord) -> Result<(), StoreError> {
+        put(self, TASKS, &t.id, &t.encode()?)
     }
     fn put_server_keys(&mut self, id: &str, r: &ServerKeysRecord) -> Result<(), StoreError> {
         put(self, SERVER_KEYS, id, &r.encode()?)

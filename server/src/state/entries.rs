@@ -40,6 +40,7 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "description": p.description,
         "require_approval": p.require_approval,
         "jwt_claims": p.jwt_claims,
+        "task_ttl_max": p.task_ttl_max,
     })
 }
 
@@ -129,11 +130,12 @@ pub enum EntryField {
     Description,
     RequireApproval,
     JwtClaims,
+    TaskTtlMax,
 }
 
 impl EntryField {
     /// Every field, with its wire name.
-    pub const ALL: [(EntryField, &'static str); 16] = [
+    pub const ALL: [(EntryField, &'static str); 17] = [
         (Self::SpiffeId, "spiffe_id"),
         (Self::ParentId, "parent_id"),
         (Self::Selectors, "selectors"),
@@ -150,6 +152,7 @@ impl EntryField {
         (Self::Description, "description"),
         (Self::RequireApproval, "require_approval"),
         (Self::JwtClaims, "jwt_claims"),
+        (Self::TaskTtlMax, "task_ttl_max"),
     ];
 
     /// The wire name.
@@ -179,6 +182,7 @@ impl EntryField {
             Self::Description => to.description = from.description.clone(),
             Self::RequireApproval => to.require_approval = from.require_approval,
             Self::JwtClaims => to.jwt_claims = from.jwt_claims.clone(),
+            Self::TaskTtlMax => to.task_ttl_max = from.task_ttl_max,
         }
     }
 
@@ -249,8 +253,10 @@ impl ServerState {
                 "invalid entry field `owner`: required (server.toml has require_owner = true)",
             ));
         }
-        Entry::from_proto(&pb, self.trust_domain())
-            .map_err(|e| RegistryError::invalid(e.to_string()))
+        let e = Entry::from_proto(&pb, self.trust_domain())
+            .map_err(|e| RegistryError::invalid(e.to_string()))?;
+        self.check_task_ttl_max(&e)?;
+        Ok(e)
     }
 
     /// Creates an entry. Refuses an exact duplicate (same SPIFFE ID, parent

@@ -32,6 +32,24 @@ fn audit_target(t: &KillTarget) -> AuditTarget {
     }
 }
 
+/// Stores `kill` and its `kill_created` record in the caller's transaction.
+pub(super) fn put_kill_audited(
+    tx: &mut dyn crate::datastore::WriteTx,
+    caller: &Caller,
+    kill: &KillRecord,
+) -> Result<(), RegistryError> {
+    tx.put_kill(kill)?;
+    append_audit(
+        tx,
+        caller,
+        Event::KillCreated {
+            kill_id: kill.id.clone(),
+            target: audit_target(&kill.target),
+            reason: kill.reason.clone(),
+        },
+    )
+}
+
 /// Longest kill reason accepted.
 const MAX_REASON: usize = 1024;
 
@@ -78,31 +96,44 @@ impl ServerState {
             created_at: now_unix(),
         };
         let mut kills = self.kills.write().map_err(|_| poisoned())?;
-        self.store.transact(|tx| {
-            tx.put_kill(&kill)?;
-            append_audit(
-                tx,
-                caller,
-                Event::KillCreated {
-                    kill_id: kill.id.clone(),
-                    target: audit_target(&kill.target),
-                    reason: kill.reason.clone(),
-                },
-            )
-        })?;
+        self.store
+            .transact(|tx| put_kill_audited(tx, caller, &kill))?;
         kills.push(kill.clone());
         drop(kills);
+        self.kill_in_force(caller, &kill)?;
+        Ok(kill)
+    }
+
+    /// After a kill's transaction committed and the kill joined
+    /// `self.kills`: the withdrawn IDs, the CRLs and every sync stream
+    /// follow. For mutations that store a kill as part of a larger change
+    /// (a task's end) through [`put_kill_audited`].
+    pub(super) fn kill_in_force(
+        &self,
+        caller: &Caller,
+        kill: &KillRecord,
+    ) -> Result<(), RegistryError> {
         self.refresh_killed_ids(&*self.entries.read().map_err(|_| poisoned())?);
         // The kill is in force before the CRL scan: a mint batch signed
         // meanwhile is caught by `revoke_raced` after its audit record.
-        if let Err(e) = self.revoke_for_kill(&kill) {
+        if let Err(e) = self.revoke_for_kill(kill) {
             tracing::error!(kill = %kill.id, error = %e, "revoking the killed SVIDs failed; retried at the next CRL refresh");
         }
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, reason = %kill.reason, "kill created");
         // Every stream re-evaluates: a kill may touch entries under any
         // agent or node alias, and kills are rare next to syncs.
         self.bump();
-        Ok(kill)
+        Ok(())
+    }
+
+    /// The kill of exactly this SPIFFE ID, if any.
+    pub(super) fn kill_of_spiffe_id(&self, id: &sigil_core::SpiffeId) -> Option<KillRecord> {
+        self.kills
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|k| matches!(&k.target, KillTarget::SpiffeId(s) if s == id))
+            .cloned()
     }
 
     /// Lifts a kill: what it withdrew may be issued again.

@@ -20,7 +20,8 @@
 //!   last seen (in memory, flushed in batches);
 //! - [`review`] — the access review of entries and agents;
 //! - [`approvals`] — the approval gate of `require_approval` entries;
-//! - [`claims`] — the context claims of JWT-SVIDs.
+//! - [`claims`] — the context claims of JWT-SVIDs;
+//! - [`tasks`] — task-scoped identities (start, mint, end, deadline).
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
 //! transaction ([`Datastore::write`]), reading the records it changes inside
@@ -44,6 +45,7 @@ mod review;
 mod revocation;
 #[cfg(test)]
 mod revocation_tests;
+mod tasks;
 #[cfg(test)]
 mod tests;
 mod tokens;
@@ -71,6 +73,7 @@ pub use cluster::ClusterServer;
 pub use entries::EntryField;
 use entries::EntryIndex;
 pub use review::{AgentReview, EntryReview, ReviewQuery};
+pub use tasks::{MAX_TASK_NAME, TaskQuery, TaskSvid, end_reason};
 
 /// The outcome of a verified node attestation.
 pub struct NodeAttestation {

@@ -49,7 +49,7 @@ use pool::{Param, Pool, Session};
 use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
 use super::{
     AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, ServerKeysRecord, StoreError,
-    TokenRecord, UsageMark, WriteTx,
+    TaskRecord, TokenRecord, UsageMark, WriteTx,
 };
 use crate::error::RegistryError;
 
@@ -337,6 +337,25 @@ impl ReadTx for PgTx<'_> {
             .map(|b| ApprovalRecord::decode(id, b.as_bytes()))
             .transpose()
     }
+    fn tasks(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT id, body FROM tasks ORDER BY id", vec![])?;
+        keyed(rows, "task", text)?
+            .iter()
+            .map(|(k, v)| TaskRecord::decode(k, v.as_bytes()))
+            .collect()
+    }
+    fn task(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let rows = self
+            .s
+            .query("SELECT body FROM tasks WHERE id = $1", vec![t(id)])?;
+        rows.first()
+            .map(|r| text(r, 0, "task", id))
+            .transpose()?
+            .map(|b| TaskRecord::decode(id, b.as_bytes()))
+            .transpose()
+    }
     fn server_keys(&self) -> Result<Vec<(String, ServerKeysRecord)>, StoreError> {
         let rows = self.s.query(
             "SELECT server_id, body FROM server_keys ORDER BY server_id",
@@ -552,6 +571,19 @@ impl WriteTx for PgTx<'_> {
             &a.id,
             Param::Text(body),
         )
+    }
+    fn put_task(&mut self, task: &TaskRecord) -> Result<(), StoreError> {
+        let body = String::from_utf8(task.encode()?)
+            .map_err(|e| StoreError::Backend(format!("task encoding: {e}")))?;
+        // Not in the change feed: every server reads a task from the
+        // datastore whenever it uses it, and a task's end reaches the other
+        // servers as the kill it makes.
+        self.s.execute(
+            "INSERT INTO tasks (id, body) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body",
+            vec![t(&task.id), Param::Text(body)],
+        )?;
+        Ok(())
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
         self.s.execute(
