@@ -112,6 +112,10 @@ pub struct EntryFields {
     /// of the entry's claims on update).
     #[arg(long = "jwt-claim")]
     jwt_claims: Vec<String>,
+    /// Allow task identities of at most this lifetime (e.g. 15m; at most
+    /// the entry's X.509-SVID TTL). See `sigil-server task`.
+    #[arg(long, allow_hyphen_values = true)]
+    task_ttl_max: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -260,6 +264,12 @@ pub enum BundleCmd {
 }
 
 pub(crate) async fn connect(a: &AdminArgs) -> Result<AdminApiClient<Channel>, String> {
+    Ok(AdminApiClient::new(admin_channel(a).await?))
+}
+
+/// A channel to the admin socket (every admin-socket service: the admin
+/// API, the task service).
+pub(crate) async fn admin_channel(a: &AdminArgs) -> Result<Channel, String> {
     let path = a.admin_socket.clone();
     if !path.exists() {
         return Err(format!(
@@ -283,7 +293,7 @@ pub(crate) async fn connect(a: &AdminArgs) -> Result<AdminApiClient<Channel>, St
                 a.admin_socket.display()
             )
         })?;
-    Ok(AdminApiClient::new(ch))
+    Ok(ch)
 }
 
 pub(crate) fn status(e: tonic::Status) -> String {
@@ -340,6 +350,7 @@ impl EntryFields {
         mark(self.description.is_some(), "description");
         mark(self.require_approval.is_some(), "require_approval");
         mark(!self.jwt_claims.is_empty(), "jwt_claims");
+        mark(self.task_ttl_max.is_some(), "task_ttl_max");
         let mut jwt_claims = std::collections::BTreeMap::new();
         for c in &self.jwt_claims {
             let Some((k, v)) = c.split_once('=') else {
@@ -383,6 +394,7 @@ impl EntryFields {
             description: self.description.clone().unwrap_or_default(),
             require_approval: self.require_approval.unwrap_or(false),
             jwt_claims,
+            task_ttl_max: secs_from("--task-ttl-max", &self.task_ttl_max)?,
             ..Default::default()
         };
         Ok((pb, set))
@@ -407,6 +419,7 @@ pub fn entry_json(e: &PbEntry) -> Value {
         "description": e.description,
         "require_approval": e.require_approval,
         "jwt_claims": e.jwt_claims,
+        "task_ttl_max": e.task_ttl_max,
         "expires_at": if e.expires_at == 0 { Value::Null } else { json!(rfc3339(e.expires_at)) },
         "revision": e.revision,
         "created_at": rfc3339(e.created_at),
@@ -450,6 +463,9 @@ pub(crate) fn print_entry(e: &PbEntry) {
     }
     if e.require_approval {
         println!("Require approval : true");
+    }
+    if e.task_ttl_max != 0 {
+        println!("Task TTL max     : {}", e.task_ttl_max);
     }
     if e.expires_at != 0 {
         println!("Expires at       : {}", rfc3339(e.expires_at));

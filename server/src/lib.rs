@@ -19,7 +19,8 @@
 //! - [`run`] — wiring and serving; [`cli`] — operator subcommands
 //!   ([`kill_cli`]: `sigil-server kill`; [`audit_cli`]: `sigil-server audit`;
 //!   [`datastore_cli`]: `sigil-server datastore migrate`;
-//!   [`governance_cli`]: `entry review`, `agent review`, `sigil-server approval`).
+//!   [`governance_cli`]: `entry review`, `agent review`, `sigil-server approval`;
+//!   [`task_cli`]: `sigil-server task list|end`).
 
 #![allow(missing_docs)]
 
@@ -42,6 +43,7 @@ pub mod signing;
 pub mod state;
 pub mod sync;
 pub mod task_api;
+pub mod task_cli;
 pub mod tls;
 pub mod tpm_attest;
 

@@ -59,6 +59,9 @@ enum Cmd {
     Datastore(sigil_server::datastore_cli::DatastoreCmd),
     #[command(subcommand)]
     Approval(sigil_server::governance_cli::ApprovalCmd),
+    /// Task-scoped identities: list, end.
+    #[command(subcommand)]
+    Task(sigil_server::task_cli::TaskCmd),
 }
 
 fn init_tracing(level: &str) {
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
             Cmd::Audit(c) => sigil_server::audit_cli::audit(c).await,
             Cmd::Datastore(c) => sigil_server::datastore_cli::datastore(c).await,
             Cmd::Approval(c) => sigil_server::governance_cli::approval(c).await,
+            Cmd::Task(c) => sigil_server::task_cli::task(c).await,
         }
     });
     match result {
