@@ -9,7 +9,8 @@
 //! harness still works; its figures mean nothing.
 //!
 //! - [`scenarios`] — one module per scenario of issue 5 (`sign-limit`,
-//!   `mint`, `fetch`, `propagation`, `kill`, `scale`, `startup`), plus `all`.
+//!   `mint`, `fetch`, `propagation`, `kill`, `scale`, `startup`), `task`
+//!   (issue 11), plus `all`.
 //! - [`harness`] — scratch directories, server/agent processes, RSS and CPU
 //!   readings from /proc, CPU pinning.
 //! - [`clients`] — the gRPC clients the bench drives the binaries with:
@@ -33,7 +34,7 @@ mod stats;
 use clap::{Parser, Subcommand};
 
 use crate::report::Reporter;
-use crate::scenarios::{fetch, kill, mint, propagation, scale, sign_limit, startup};
+use crate::scenarios::{fetch, kill, mint, propagation, scale, sign_limit, startup, task};
 
 /// Errors of the harness: any failure aborts the scenario with a message.
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -72,6 +73,8 @@ enum Scenario {
     Scale(scale::Args),
     /// Agent restart (stored identity) to the first SVID served.
     Startup(startup::Args),
+    /// Task start to task SVID in hand, next to a plain FetchX509SVID.
+    Task(task::Args),
     /// Every scenario in turn with its default sizes (or `--quick` sizes).
     All,
     /// Renders JSON lines from `all --json` as the markdown figures table.
@@ -91,6 +94,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Kill(a) => kill::run(&a, quick, &mut rep).await,
         Scenario::Scale(a) => scale::run(&a, quick, &mut rep).await,
         Scenario::Startup(a) => startup::run(&a, quick, &mut rep).await,
+        Scenario::Task(a) => task::run(&a, quick, &mut rep).await,
         Scenario::All => scenarios::all(quick, &mut rep).await,
         Scenario::Report(a) => report::render(&a),
     };

@@ -567,6 +567,20 @@ fn markdown(records: &[Record]) -> String {
                 "-",
                 None,
             ),
+            "task" => row(
+                "task",
+                "task start → task X.509-SVID in hand, p50 / p99 ms, next to a plain FetchX509SVID"
+                    .into(),
+                format!(
+                    "{} / {} (plain fetch {} / {})",
+                    sh("task_start_p50_ms"),
+                    sh("task_start_p99_ms"),
+                    sh("fetch_x509_p50_ms"),
+                    sh("fetch_x509_p99_ms")
+                ),
+                "-",
+                None,
+            ),
             _ => {}
         }
     }

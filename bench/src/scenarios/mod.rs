@@ -7,6 +7,7 @@ pub(crate) mod propagation;
 pub(crate) mod scale;
 pub(crate) mod sign_limit;
 pub(crate) mod startup;
+pub(crate) mod task;
 
 use crate::Result;
 use crate::harness::nproc;
@@ -112,6 +113,7 @@ pub(crate) async fn all(quick: bool, rep: &mut Reporter) -> Result<()> {
         "startup",
         startup::run(&Default::default(), quick, rep).await
     );
+    step!("task", task::run(&Default::default(), quick, rep).await);
     if failed.is_empty() {
         Ok(())
     } else {
