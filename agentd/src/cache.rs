@@ -796,6 +796,7 @@ mod tests {
             jwt_claims: Default::default(),
             approval_pending: None,
             approved_until: None,
+            task_ttl_max: None,
             revision: 1,
             created_at: 0,
         })

@@ -90,6 +90,10 @@ struct Issued {
     audience: Vec<String>,
 }
 
+/// A task's entry as an agent may mint for it: the entry, the agent's
+/// record and the end of its approval grant (if the entry needs one).
+type TaskEntry = (Arc<Entry>, Option<AgentRecord>, Option<i64>);
+
 impl ServerState {
     /// Refuses a `task_ttl_max` the entry could not honour: on a node-alias
     /// entry, or above the entry's X.509-SVID TTL (the server default when
@@ -127,7 +131,7 @@ impl ServerState {
         agent: &SpiffeId,
         entry_id: &str,
         now: i64,
-    ) -> Result<(Arc<Entry>, Option<AgentRecord>, Option<i64>), RegistryError> {
+    ) -> Result<TaskEntry, RegistryError> {
         let rec = self.store.read()?.agent(&agent.to_string())?;
         let parents = self.parents_of(agent, rec.as_ref())?;
         let e = {
