@@ -73,7 +73,7 @@ pub use cluster::ClusterServer;
 pub use entries::EntryField;
 use entries::EntryIndex;
 pub use review::{AgentReview, EntryReview, ReviewQuery};
-pub use tasks::{MAX_TASK_NAME, TaskQuery, TaskSvid, end_reason};
+pub use tasks::{MAX_TASK_NAME, TASK_KILL_GRACE, TaskQuery, TaskSvid, end_reason};
 
 /// The outcome of a verified node attestation.
 pub struct NodeAttestation {

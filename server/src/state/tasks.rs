@@ -23,7 +23,9 @@
 //! - **Deadline.** No SVID of a task outlives its deadline (TTLs are
 //!   capped at it) and nothing is minted from the deadline on; a periodic
 //!   job ([`ServerState::end_tasks_past_deadline`]) then records the end
-//!   (reason `deadline`, no kill: nothing of the task is valid any more).
+//!   (reason `deadline`, no kill: nothing of the task is valid any more),
+//!   and lifts the kill of an ended task [`TASK_KILL_GRACE`] after its
+//!   deadline (the task stays ended: minting still refuses it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,12 @@ use crate::error::RegistryError;
 
 /// Longest task name, in bytes.
 pub const MAX_TASK_NAME: usize = 128;
+
+/// Seconds past an ended task's deadline after which the kill of its SPIFFE
+/// ID is lifted ([`ServerState::lift_expired_task_kills`]): by then no SVID
+/// of the task is valid even to a verifier whose clock is that far behind,
+/// and the kills of finished tasks do not pile up.
+pub const TASK_KILL_GRACE: i64 = 300;
 
 /// Why a task ended.
 pub mod end_reason {
@@ -574,6 +582,48 @@ impl ServerState {
                 n += 1;
             }
         }
+        self.lift_expired_task_kills(now)?;
+        Ok(n)
+    }
+
+    /// Lifts the kills of ended tasks whose deadline passed at least
+    /// [`TASK_KILL_GRACE`] before `now` (each with its `kill_lifted`
+    /// record, caller `server (expiry)`); returns how many. Run with the
+    /// deadline job.
+    pub fn lift_expired_task_kills(&self, now: i64) -> Result<usize, RegistryError> {
+        let in_force: std::collections::HashSet<String> = self
+            .kills
+            .read()
+            .map_err(|_| poisoned())?
+            .iter()
+            .filter(|k| matches!(k.target, KillTarget::SpiffeId(_)))
+            .map(|k| k.id.clone())
+            .collect();
+        if in_force.is_empty() {
+            return Ok(0);
+        }
+        let due: Vec<String> = self
+            .store
+            .read()?
+            .tasks()?
+            .into_iter()
+            .filter(|t| {
+                t.ended_at.is_some()
+                    && in_force.contains(&t.kill_id)
+                    && t.deadline.saturating_add(TASK_KILL_GRACE) <= now
+            })
+            .map(|t| t.kill_id)
+            .collect();
+        let caller = Caller::server(ServerTask::Expiry);
+        let mut n = 0;
+        for kill in due {
+            match self.lift_kill(&caller, &kill) {
+                Ok(_) => n += 1,
+                // Another server sharing the datastore lifted it first.
+                Err(RegistryError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(n)
     }
 
@@ -596,5 +646,55 @@ impl ServerState {
                 .then_with(|| a.id.cmp(&b.id))
         });
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::super::tests::{admin, attest, entry, id, temp_state};
+    use super::*;
+    use sigil_core::x509::new_key_and_csr;
+
+    #[test]
+    fn an_ended_task_stays_killed_until_its_deadline_passes_then_the_kill_is_lifted() {
+        let t = temp_state();
+        let s = &t.state;
+        let agent = "spiffe://example.org/agent";
+        attest(s, agent);
+        let mut pb = entry(agent, "spiffe://example.org/w");
+        pb.x509_svid_ttl = 300;
+        pb.task_ttl_max = 60;
+        let e = s.create_entry(&admin(), pb).unwrap();
+        let (csr, _) = new_key_and_csr().unwrap();
+        let started = s
+            .start_task(&id(agent), &e.id, "job", 3600, &csr, &[])
+            .unwrap();
+        let task = &started.task;
+        assert!(
+            task.deadline - task.started_at <= 60,
+            "capped at task_ttl_max"
+        );
+        let ended = s
+            .end_task(&admin(), &task.id, end_reason::OPERATOR)
+            .unwrap();
+        let has_kill = |s: &ServerState| {
+            s.list_kills()
+                .unwrap()
+                .iter()
+                .any(|k| k.id == ended.kill_id)
+        };
+        assert!(has_kill(s));
+        let at = ended.deadline + TASK_KILL_GRACE;
+        assert_eq!(s.lift_expired_task_kills(at - 1).unwrap(), 0);
+        assert!(has_kill(s), "in force until the grace has passed");
+        assert_eq!(s.lift_expired_task_kills(at).unwrap(), 1);
+        assert!(!has_kill(s), "lifted");
+        assert_eq!(s.lift_expired_task_kills(at + 1000).unwrap(), 0, "once");
+        let (csr, _) = new_key_and_csr().unwrap();
+        let err = s
+            .mint_task_svid(&id(agent), &task.id, &csr, &[])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("ended"), "{err}");
     }
 }
