@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sigil/agent.proto",
         "proto/sigil/admin.proto",
         "proto/sigil/task.proto",
+        "proto/sigil/delegation.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -33,6 +33,8 @@ pub enum ApiCmd {
     /// Task-scoped identities (start, fetch, end).
     #[command(subcommand)]
     Task(crate::task_cli::TaskCmd),
+    /// Exchange a user's token for a delegation token (RFC 8693).
+    Delegate(crate::delegation_api::DelegateArgs),
 }
 
 #[derive(Subcommand)]
@@ -235,6 +237,7 @@ pub async fn api(cmd: ApiCmd) -> Result<(), String> {
     match cmd {
         ApiCmd::Debug(DebugCmd::Selectors(args)) => crate::debug_selectors::run(args).await,
         ApiCmd::Task(cmd) => crate::task_cli::run(cmd).await,
+        ApiCmd::Delegate(args) => crate::delegation_api::delegate(args).await,
         ApiCmd::Fetch(FetchCmd::X509 { socket, write }) => fetch_x509(socket, write).await,
         ApiCmd::Fetch(FetchCmd::Jwt {
             socket,

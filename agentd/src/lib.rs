@@ -11,6 +11,7 @@
 //! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
 //! - [`debug_selectors`] — `api debug selectors`: what a pid attests to.
+//! - [`delegation_api`] — token exchange on the Workload API socket, `api delegate`.
 //! - [`run`] — wiring; [`cli`] — `api fetch x509`, `api task`, `healthcheck`.
 
 #![allow(missing_docs)]
@@ -20,6 +21,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod debug_selectors;
+pub mod delegation_api;
 pub mod h2_authority;
 pub mod node;
 pub mod run;

@@ -158,6 +158,11 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
             link.channel.subscribe(),
             attestors.clone(),
         ))
+        .add_service(crate::delegation_api::DelegationApi::new(
+            snapshots.clone(),
+            link.channel.subscribe(),
+            attestors.clone(),
+        ))
         .serve_with_incoming_shutdown(
             workload_socket::incoming(api_listener, connections.clone(), cfg.limits.idle_timeout),
             shutdown_signal(),

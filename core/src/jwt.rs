@@ -390,6 +390,94 @@ impl JwtSigner {
     }
 }
 
+impl JwtSigner {
+    /// Signs `claims` as they are, with JOSE header `typ` (and this key's
+    /// `alg` and `kid`): for tokens other than JWT-SVIDs, whose claims the
+    /// caller builds. The caller sets `exp`; it is capped at this key's
+    /// expiry here.
+    pub fn sign_typed(
+        &self,
+        typ: &str,
+        claims: &serde_json::Map<String, Value>,
+    ) -> Result<String, JwtError> {
+        let mut claims = claims.clone();
+        match claims.get("exp").and_then(Value::as_i64) {
+            Some(exp) => {
+                claims.insert("exp".into(), json!(exp.min(self.not_after)));
+            }
+            None => return Err(JwtError::Malformed("exp is required".into())),
+        }
+        let mut header = Header::new(self.key_type.jose_alg());
+        header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.into());
+        jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| JwtError::Crypto(e.to_string()))
+    }
+}
+
+/// A JWT verified by [`verify_issued`]: its header and claims.
+#[derive(Debug, Clone)]
+pub struct VerifiedJwt {
+    /// The JOSE header's `typ`, if any.
+    pub typ: Option<String>,
+    /// The header's `alg`.
+    pub alg: String,
+    /// All claims.
+    pub claims: serde_json::Map<String, Value>,
+}
+
+/// The header of a token, *unverified*: `(alg, kid, typ)`, to pick the key
+/// and the verification rules.
+pub fn peek_header(token: &str) -> Result<(String, Option<String>, Option<String>), JwtError> {
+    let h = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    Ok((format!("{:?}", h.alg), h.kid, h.typ))
+}
+
+/// Verifies a JWT issued by `issuer` (an OIDC provider or Sigil itself)
+/// with a key of `bundle`: the header's `alg` must be asymmetric (ES256,
+/// ES384, RS*, PS*: never `none` or HMAC) and match the key; the claims
+/// must have `iss` equal to `issuer`, `aud` containing `audience`, `exp` in
+/// the future and `nbf` (if present) in the past, each with `leeway`
+/// seconds of clock skew, and a `sub`. A token without `kid` is tried
+/// against the bundle's only key, if it has just one.
+pub fn verify_issued(
+    token: &str,
+    bundle: &JwtBundle,
+    issuer: &str,
+    audience: &str,
+    leeway: u64,
+) -> Result<VerifiedJwt, JwtError> {
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
+    if !ALLOWED.contains(&header.alg) {
+        return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+    }
+    let jwk = match &header.kid {
+        Some(kid) => bundle.keys.get(kid),
+        None if bundle.keys.len() == 1 => bundle.keys.values().next(),
+        None => None,
+    }
+    .ok_or_else(|| JwtError::UnknownKey {
+        td: issuer.to_string(),
+        kid: header.kid.clone().unwrap_or_default(),
+    })?;
+    let key = DecodingKey::from_jwk(jwk).map_err(|e| JwtError::Bundle(e.to_string()))?;
+    let mut v = Validation::new(header.alg);
+    v.algorithms = vec![header.alg];
+    v.set_audience(&[audience]);
+    v.set_issuer(&[issuer]);
+    v.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+    v.validate_nbf = true;
+    v.leeway = leeway;
+    let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key, &v)
+        .map_err(|e| JwtError::Rejected(e.to_string()))?;
+    Ok(VerifiedJwt {
+        typ: header.typ,
+        alg: format!("{:?}", header.alg),
+        claims: data.claims,
+    })
+}
+
 /// The JWKS document (`{"keys": [...]}`) for a set of public JWKs, as the
 /// Workload API's `JWTBundlesResponse` carries it.
 pub fn jwks(keys: &[Value]) -> Vec<u8> {
@@ -429,6 +517,11 @@ impl JwtBundle {
             keys.insert(kid, k);
         }
         Ok(Self { keys })
+    }
+
+    /// Whether an authority has key ID `kid`.
+    pub fn has_key(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
     }
 
     /// Number of authorities.
@@ -743,6 +836,40 @@ mod tests {
             Algorithm::RS256
         );
         assert_eq!(validate(&t, "a", &bundles).unwrap().spiffe_id, id);
+    }
+
+    #[test]
+    fn typed_tokens_verify_against_their_issuer_only() {
+        let s = JwtSigner::generate(JwtKeyType::EcP256, crate::now_unix() + 60).unwrap();
+        let b = JwtBundle::from_jwks(&jwks(std::slice::from_ref(&s.public_jwk))).unwrap();
+        let now = crate::now_unix();
+        let claims = json!({"iss": "https://idp", "sub": "alice", "aud": "sigil",
+            "exp": now + 3600, "nbf": now - 1});
+        let t = s
+            .sign_typed("sigil-delegation+jwt", claims.as_object().unwrap())
+            .unwrap();
+        let v = verify_issued(&t, &b, "https://idp", "sigil", 0).unwrap();
+        assert_eq!(v.typ.as_deref(), Some("sigil-delegation+jwt"));
+        assert_eq!(
+            v.claims["exp"],
+            json!(s.not_after),
+            "capped at the key's expiry"
+        );
+        assert!(verify_issued(&t, &b, "https://other", "sigil", 0).is_err());
+        assert!(verify_issued(&t, &b, "https://idp", "other", 0).is_err());
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
+        let none = format!("{none_header}.{}.", t.split('.').nth(1).unwrap());
+        assert!(verify_issued(&none, &b, "https://idp", "sigil", 0).is_err());
+        let hs_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256"}"#);
+        let hs = format!("{hs_header}.{}.AAAA", t.split('.').nth(1).unwrap());
+        assert!(matches!(
+            verify_issued(&hs, &b, "https://idp", "sigil", 0),
+            Err(JwtError::Algorithm(_))
+        ));
+        let late = json!({"iss": "https://idp", "sub": "a", "aud": "sigil", "exp": now + 60,
+            "nbf": now + 600});
+        let t = s.sign_typed("JWT", late.as_object().unwrap()).unwrap();
+        assert!(verify_issued(&t, &b, "https://idp", "sigil", 30).is_err());
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! - [`admin`] — the operator CLI <-> server admin socket API.
 //! - [`common`] — messages shared by the two Sigil APIs.
 //! - [`task`] — task-scoped identities (workload, agent and admin services).
+//! - [`delegation`] — token exchange on the Workload API socket, and its
+//!   agent -> server leg.
 //! - [`unix`] — the one way every client here opens a gRPC channel over a
 //!   Unix socket (Workload API, agent and server admin sockets).
 
@@ -35,6 +37,9 @@ pub mod admin {
 /// task services (`proto/sigil/task.proto`).
 pub mod task {
     tonic::include_proto!("sigil.task");
+/// Token exchange for workloads acting on behalf of a user (RFC 8693).
+pub mod delegation {
+    tonic::include_proto!("sigil.delegation");
 }
 
 pub mod unix;

@@ -116,6 +116,10 @@ pub struct EntryFields {
     /// the entry's X.509-SVID TTL). See `sigil-server task`.
     #[arg(long, allow_hyphen_values = true)]
     task_ttl_max: Option<String>,
+    /// OAuth scope the workload may delegate on a user's behalf (token
+    /// exchange); repeat for several (replaces all on update).
+    #[arg(long = "delegable-scope")]
+    delegable_scopes: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -351,6 +355,7 @@ impl EntryFields {
         mark(self.require_approval.is_some(), "require_approval");
         mark(!self.jwt_claims.is_empty(), "jwt_claims");
         mark(self.task_ttl_max.is_some(), "task_ttl_max");
+        mark(!self.delegable_scopes.is_empty(), "delegable_scopes");
         let mut jwt_claims = std::collections::BTreeMap::new();
         for c in &self.jwt_claims {
             let Some((k, v)) = c.split_once('=') else {
@@ -395,6 +400,7 @@ impl EntryFields {
             require_approval: self.require_approval.unwrap_or(false),
             jwt_claims,
             task_ttl_max: secs_from("--task-ttl-max", &self.task_ttl_max)?,
+            delegable_scopes: self.delegable_scopes.clone(),
             ..Default::default()
         };
         Ok((pb, set))
@@ -420,6 +426,7 @@ pub fn entry_json(e: &PbEntry) -> Value {
         "require_approval": e.require_approval,
         "jwt_claims": e.jwt_claims,
         "task_ttl_max": e.task_ttl_max,
+        "delegable_scopes": e.delegable_scopes,
         "expires_at": if e.expires_at == 0 { Value::Null } else { json!(rfc3339(e.expires_at)) },
         "revision": e.revision,
         "created_at": rfc3339(e.created_at),
@@ -460,6 +467,9 @@ pub(crate) fn print_entry(e: &PbEntry) {
     }
     for (k, v) in &e.jwt_claims {
         println!("JWT claim        : {k}={v}");
+    }
+    if !e.delegable_scopes.is_empty() {
+        println!("Delegable scopes : {}", e.delegable_scopes.join(" "));
     }
     if e.require_approval {
         println!("Require approval : true");

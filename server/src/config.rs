@@ -119,6 +119,11 @@ struct RawConfig {
     jwt_attestation_claims: bool,
     #[serde(default)]
     approvers_gid: Option<u32>,
+    // Delegation (issue 11 §5): see crate::trusted_issuer.
+    #[serde(default)]
+    trusted_issuer: Vec<crate::trusted_issuer::RawTrustedIssuer>,
+    #[serde(default)]
+    max_delegation_depth: Option<u32>,
 }
 
 fn default_review_max_ttl() -> String {
@@ -400,6 +405,8 @@ pub struct ServerConfig {
     pub audit_retention: Option<Duration>,
     /// Governance settings (owners, review, context claims, approvals).
     pub governance: GovernanceConfig,
+    /// `[[trusted_issuer]]` and `max_delegation_depth`.
+    pub delegation: crate::trusted_issuer::DelegationConfig,
 }
 
 /// The governance keys of server.toml.
@@ -799,6 +806,14 @@ impl ServerConfig {
             agent_svid_ttl,
             log_level,
             datastore,
+            delegation: crate::trusted_issuer::validate(
+                raw.trusted_issuer,
+                raw.max_delegation_depth,
+                raw.jwt_issuer
+                    .as_deref()
+                    .or(raw.oidc.as_ref().map(|o| o.issuer.as_str())),
+            )
+            .map_err(|(key, reason)| key_err(key, reason))?,
             jwt_issuer: raw
                 .jwt_issuer
                 .or_else(|| raw.oidc.as_ref().map(|o| o.issuer.clone())),

@@ -227,14 +227,6 @@ async fn fetch_bundle(
     state: &ServerState,
     f: &FederationConfig,
 ) -> Result<sigil_core::bundle::ParsedBundle, String> {
-    let host = f
-        .url
-        .host()
-        .ok_or("url has no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = f.url.port_u16().unwrap_or(443);
     let trust = match f.profile {
         EndpointProfile::HttpsSpiffe => {
             let known = state
@@ -267,6 +259,20 @@ async fn fetch_bundle(
             }
         }
     };
+    let body = https_get(&f.url, trust, MAX_BUNDLE_BYTES).await?;
+    sigil_core::bundle::parse_spiffe_bundle(&body).map_err(|e| e.to_string())
+}
+
+/// GETs `url` over HTTPS (HTTP/1.1, 10 s connect and request timeouts)
+/// with the server trust `trust`; the body is bounded to `max` bytes.
+async fn https_get(url: &http::Uri, trust: ServerTrust, max: usize) -> Result<Bytes, String> {
+    let host = url
+        .host()
+        .ok_or("url has no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = url.port_u16().unwrap_or(443);
     let cfg = client_config_http1(trust, Arc::new(SvidCertResolver::default()))?;
     let tcp = tokio::time::timeout(
         Duration::from_secs(10),
@@ -287,7 +293,7 @@ async fn fetch_bundle(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let path = f.url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let req = Request::get(path)
         .header(http::header::HOST, host.as_str())
         .body(Full::new(Bytes::new()))
@@ -299,12 +305,27 @@ async fn fetch_bundle(
     if resp.status() != StatusCode::OK {
         return Err(format!("HTTP status {}", resp.status()));
     }
-    let body = http_body_util::Limited::new(resp.into_body(), MAX_BUNDLE_BYTES)
+    let body = http_body_util::Limited::new(resp.into_body(), max)
         .collect()
         .await
         .map_err(|e| format!("body: {e}"))?
         .to_bytes();
-    sigil_core::bundle::parse_spiffe_bundle(&body).map_err(|e| e.to_string())
+    Ok(body)
+}
+
+/// [`https_get`] verifying the endpoint against the PEM roots in
+/// `ca_bundle_path` (Web PKI rules, no system roots): trusted issuers'
+/// JWKS URLs.
+pub async fn https_get_web_pki(
+    url: &http::Uri,
+    ca_bundle_path: &std::path::Path,
+    max: usize,
+) -> Result<Bytes, String> {
+    let text = std::fs::read_to_string(ca_bundle_path)
+        .map_err(|e| format!("{}: {e}", ca_bundle_path.display()))?;
+    let roots = sigil_core::x509::pem_to_certs(&text)
+        .map_err(|e| format!("{}: {e}", ca_bundle_path.display()))?;
+    https_get(url, ServerTrust::WebPki { roots }, max).await
 }
 
 /// Keeps one foreign bundle fresh, forever.

@@ -13,6 +13,8 @@
 //! - [`sync`] — what each agent's sync stream sends: a full snapshot, then deltas, in chunks.
 //! - [`admin_api`] — the operator API on the admin Unix socket.
 //! - [`task_api`] — task-scoped identities: the agents' and the operators' task services.
+//! - [`delegation_api`] — token exchange's agent -> server leg; [`trusted_issuer`] —
+//!   the `[[trusted_issuer]]` config section and the issuers' keys.
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
@@ -31,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod datastore_cli;
+pub mod delegation_api;
 pub mod endpoints;
 pub mod error;
 pub mod governance_cli;
@@ -46,6 +49,7 @@ pub mod task_api;
 pub mod task_cli;
 pub mod tls;
 pub mod tpm_attest;
+pub mod trusted_issuer;
 
 /// Runs blocking work (datastore, signing) off the async runtime.
 pub(crate) async fn blocking<T: Send + 'static, E: Into<tonic::Status> + Send + 'static>(

@@ -114,6 +114,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     );
 
     let attestors = crate::node_attestation::NodeAttestors::from_config(&cfg)?;
+    let issuers = crate::delegation_api::load_issuers(&state)?;
     let (tls, resolver, renew) = crate::tls::server_config(state.clone())?;
     tokio::spawn(renew);
 
@@ -194,6 +195,10 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
                 .max_decoding_message_size(limits::MAX_MESSAGE),
         )
         .add_service(crate::task_api::TaskAgentService::new(state.clone()))
+        .add_service(crate::delegation_api::DelegationService::new(
+            state.clone(),
+            issuers,
+        ))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown_signal());
     // Root or the server's uid only (peer credentials), but bounded all the same.
     let admin_server = tonic::transport::Server::builder()

@@ -80,6 +80,8 @@ fn entry(n: u32) -> Entry {
             parent_id: "spiffe://example.org/agent".into(),
             selectors: vec![format!("unix:uid:{n}")],
             dns_names: vec!["w.example.org".into()],
+            // Every entry round-trips its delegable scopes (issue 11 §5).
+            delegable_scopes: vec!["mail.read".into(), format!("s{n}")],
             ..Default::default()
         },
         &td(),

@@ -277,6 +277,46 @@ pub enum Event {
         reason: String,
         /// The kill withdrawing its identity, if any.
         kill_id: String,
+    /// A workload exchanged a subject token for a delegation token (token
+    /// exchange, `sigil.delegation`). The tokens themselves are never
+    /// recorded.
+    DelegationIssued {
+        /// The agent that forwarded the exchange.
+        #[serde(with = "serde_text")]
+        agent_id: SpiffeId,
+        /// The entry the workload attested to.
+        entry_id: String,
+        /// The actor: the entry's SPIFFE ID.
+        #[serde(with = "serde_text")]
+        spiffe_id: SpiffeId,
+        /// The token's `sub`: on whose behalf the actor acts.
+        subject: String,
+        /// The issuer of the original subject token.
+        subject_issuer: String,
+        /// The earlier actors of the chain (`act` of the subject token),
+        /// most recent first.
+        prior_actors: Vec<String>,
+        /// Its `aud`.
+        audience: Vec<String>,
+        /// Its scopes.
+        scope: Vec<String>,
+        /// Its `jti`.
+        jti: String,
+        /// Its `exp`, Unix seconds.
+        expires_at: i64,
+    },
+    /// A token exchange was refused.
+    DelegationRefused {
+        /// The agent that forwarded the exchange.
+        #[serde(with = "serde_text")]
+        agent_id: SpiffeId,
+        /// The entry the workload attested to, as the agent named it.
+        entry_id: String,
+        /// The entry's SPIFFE ID, when the entry is known.
+        #[serde(with = "serde_text::option")]
+        spiffe_id: Option<SpiffeId>,
+        /// Why.
+        reason: String,
     },
     /// A signed statement that the chain's head was record `seq` with hash
     /// `head_hash`. A checkpoint record must directly follow the record it
@@ -330,6 +370,8 @@ impl Event {
             Self::ApprovalDenied { .. } => "approval_denied",
             Self::TaskStarted { .. } => "task_started",
             Self::TaskEnded { .. } => "task_ended",
+            Self::DelegationIssued { .. } => "delegation_issued",
+            Self::DelegationRefused { .. } => "delegation_refused",
             Self::Checkpoint { .. } => "checkpoint",
             Self::Pruned { .. } => "pruned",
         }

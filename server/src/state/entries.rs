@@ -41,6 +41,7 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "require_approval": p.require_approval,
         "jwt_claims": p.jwt_claims,
         "task_ttl_max": p.task_ttl_max,
+        "delegable_scopes": p.delegable_scopes,
     })
 }
 
@@ -131,11 +132,12 @@ pub enum EntryField {
     RequireApproval,
     JwtClaims,
     TaskTtlMax,
+    DelegableScopes,
 }
 
 impl EntryField {
     /// Every field, with its wire name.
-    pub const ALL: [(EntryField, &'static str); 17] = [
+    pub const ALL: [(EntryField, &'static str); 18] = [
         (Self::SpiffeId, "spiffe_id"),
         (Self::ParentId, "parent_id"),
         (Self::Selectors, "selectors"),
@@ -153,6 +155,7 @@ impl EntryField {
         (Self::RequireApproval, "require_approval"),
         (Self::JwtClaims, "jwt_claims"),
         (Self::TaskTtlMax, "task_ttl_max"),
+        (Self::DelegableScopes, "delegable_scopes"),
     ];
 
     /// The wire name.
@@ -183,6 +186,7 @@ impl EntryField {
             Self::RequireApproval => to.require_approval = from.require_approval,
             Self::JwtClaims => to.jwt_claims = from.jwt_claims.clone(),
             Self::TaskTtlMax => to.task_ttl_max = from.task_ttl_max,
+            Self::DelegableScopes => to.delegable_scopes = from.delegable_scopes.clone(),
         }
     }
 

@@ -22,6 +22,7 @@
 //! - [`approvals`] — the approval gate of `require_approval` entries;
 //! - [`claims`] — the context claims of JWT-SVIDs;
 //! - [`tasks`] — task-scoped identities (start, mint, end, deadline).
+//! - [`delegation`] — token exchange: delegation tokens on behalf of a user.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
 //! transaction ([`Datastore::write`]), reading the records it changes inside
@@ -34,6 +35,7 @@ mod audit;
 mod authz;
 mod claims;
 mod cluster;
+mod delegation;
 mod entries;
 mod federation;
 mod kills;
@@ -70,6 +72,7 @@ use crate::keys::Keys;
 pub use approvals::MAX_GRANT;
 pub use audit::{AUDIT_KEY_FILE, AuditQuery, load_or_create_audit_key, normalize_serial};
 pub use cluster::ClusterServer;
+pub use delegation::{DELEGATION_TYP, Delegation, ExchangeRequest, Exchanged, TOKEN_TYPE_JWT};
 pub use entries::EntryField;
 use entries::EntryIndex;
 pub use review::{AgentReview, EntryReview, ReviewQuery};
