@@ -794,6 +794,7 @@ mod tests {
             description: String::new(),
             require_approval: false,
             jwt_claims: Default::default(),
+            delegable_scopes: vec![],
             approval_pending: None,
             approved_until: None,
             task_ttl_max: None,

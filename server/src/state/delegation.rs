@@ -486,7 +486,7 @@ impl ServerState {
         self.store
             .transact(|tx| append_audit(tx, &caller, event.clone()))
             .map_err(|err| Refusal {
-                err: err.into(),
+                err,
                 spiffe_id: None,
             })?;
         self.note_entries_used([e.id.as_str()]);
