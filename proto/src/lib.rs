@@ -37,6 +37,8 @@ pub mod admin {
 /// task services (`proto/sigil/task.proto`).
 pub mod task {
     tonic::include_proto!("sigil.task");
+}
+
 /// Token exchange for workloads acting on behalf of a user (RFC 8693).
 pub mod delegation {
     tonic::include_proto!("sigil.delegation");

@@ -277,6 +277,7 @@ pub enum Event {
         reason: String,
         /// The kill withdrawing its identity, if any.
         kill_id: String,
+    },
     /// A workload exchanged a subject token for a delegation token (token
     /// exchange, `sigil.delegation`). The tokens themselves are never
     /// recorded.

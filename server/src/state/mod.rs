@@ -21,7 +21,7 @@
 //! - [`review`] — the access review of entries and agents;
 //! - [`approvals`] — the approval gate of `require_approval` entries;
 //! - [`claims`] — the context claims of JWT-SVIDs;
-//! - [`tasks`] — task-scoped identities (start, mint, end, deadline).
+//! - [`tasks`] — task-scoped identities (start, mint, end, deadline);
 //! - [`delegation`] — token exchange: delegation tokens on behalf of a user.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
