@@ -10,7 +10,8 @@
 //! tampered subject tokens, an entry without delegable scopes, a token
 //! addressed to another workload, a killed actor; malformed requests name
 //! the field and write nothing; the audit trail holds every exchange and
-//! every refusal.
+//! every refusal. A `jwks_url` trusted issuer gets its keys over HTTPS
+//! (python's `http.server`, certificates by openssl).
 
 #![allow(
     clippy::unwrap_used,
@@ -463,5 +464,156 @@ fn delegable_scopes_are_validated_stored_and_shown() {
             .any(|r| r["event"]["kind"] == "entry_updated"
                 && r["event"]["entry"]["delegable_scopes"] == json!(["c"])),
         "{out}"
+    );
+}
+
+/// Kills the child on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_jwks_url_is_fetched_over_https_with_the_configured_roots() {
+    use sigil_tests::openssl;
+    use std::io::BufRead;
+    let idp = Scratch::new("idpurl");
+    let d = idp.0.display().to_string();
+    py(&["gen", &d]);
+    // A CA and a server certificate for 127.0.0.1, by openssl.
+    openssl(
+        &idp.0,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-idp-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    );
+    openssl(
+        &idp.0,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        idp.0.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &idp.0,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    // The IdP's JWKS over HTTPS (python's http.server); it prints its port.
+    let server = "import http.server, ssl, sys, functools\n\
+        h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
+        s = http.server.ThreadingHTTPServer(('127.0.0.1', 0), h)\n\
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+        c.load_cert_chain(sys.argv[1] + '/srv.pem', sys.argv[1] + '/srv.key')\n\
+        s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+        print(s.server_address[1], flush=True)\n\
+        s.serve_forever()\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", server, &d])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _https = KillOnDrop(child);
+    let port: u16 = line.trim().parse().unwrap();
+    let mut c = Cluster::start_with(&format!(
+        "jwt_issuer = \"https://sigil.example.org\"\n\
+         [[trusted_issuer]]\nissuer = \"{IDP}\"\naudience = \"sigil\"\n\
+         jwks_url = \"https://127.0.0.1:{port}/jwks.json\"\nca_bundle_path = \"{d}/ca.pem\"\njwks_refresh = \"1m\"\n"
+    ));
+    c.start_agent(AGENT);
+    let me = std::fs::canonicalize(bin("sigil-agent")).unwrap();
+    c.create_entry(
+        A,
+        &[
+            "--selector",
+            &format!("unix:path:{}", me.display()),
+            "--delegable-scope",
+            "mail.read",
+        ],
+    );
+    let now = now();
+    let user = py(&[
+        "sign",
+        &d,
+        &json!({"iss": IDP, "sub": "bob@example.com", "aud": "sigil", "exp": now + 600,
+                "scope": "mail.read"})
+        .to_string(),
+    ]);
+    // The keys arrive by the fetch: the exchange succeeds once they have.
+    wait_for(
+        "the JWKS fetched over HTTPS verifies the user token",
+        LONG,
+        || {
+            let out = Command::new(&me)
+                .args([
+                    "api",
+                    "delegate",
+                    "--socket",
+                    &c.api_addr(),
+                    "--subject-token",
+                    &user,
+                ])
+                .args(["--audience", "https://mail.example.com"])
+                .output()
+                .unwrap();
+            out.status.success()
+        },
     );
 }
