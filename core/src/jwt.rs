@@ -514,6 +514,10 @@ impl JwtBundle {
                     "symmetric keys are not JWT-SVID authorities".into(),
                 ));
             }
+            let mut k = k;
+            if let AlgorithmParameters::EllipticCurve(ec) = &mut k.algorithm {
+                pad_coordinates(ec);
+            }
             keys.insert(kid, k);
         }
         Ok(Self { keys })
@@ -532,6 +536,28 @@ impl JwtBundle {
     /// True when there are no authorities.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+}
+
+/// Left-pads an EC key's `x` and `y` to the curve's size. RFC 7518
+/// §6.2.1.2 requires the full length, but some JWKS writers (PyJWT before
+/// 2.8, for one) drop leading zero bytes, and the verifier would refuse
+/// such a key (1 key in ~128).
+fn pad_coordinates(ec: &mut jsonwebtoken::jwk::EllipticCurveKeyParameters) {
+    use jsonwebtoken::jwk::EllipticCurve;
+    let n = match ec.curve {
+        EllipticCurve::P256 => 32,
+        EllipticCurve::P384 => 48,
+        _ => return,
+    };
+    for c in [&mut ec.x, &mut ec.y] {
+        if let Ok(b) = URL_SAFE_NO_PAD.decode(c.as_bytes())
+            && b.len() < n
+        {
+            let mut full = vec![0u8; n - b.len()];
+            full.extend_from_slice(&b);
+            *c = URL_SAFE_NO_PAD.encode(full);
+        }
     }
 }
 
@@ -870,6 +896,28 @@ mod tests {
             "nbf": now + 600});
         let t = s.sign_typed("JWT", late.as_object().unwrap()).unwrap();
         assert!(verify_issued(&t, &b, "https://idp", "sigil", 30).is_err());
+    }
+
+    #[test]
+    fn short_ec_coordinates_are_padded() {
+        // A key whose x has a leading zero byte, written without it.
+        let s = loop {
+            let s = JwtSigner::generate(JwtKeyType::EcP256, crate::now_unix() + 60).unwrap();
+            let x = URL_SAFE_NO_PAD
+                .decode(s.public_jwk["x"].as_str().unwrap())
+                .unwrap();
+            if x[0] == 0 {
+                break s;
+            }
+        };
+        let mut jwk = s.public_jwk.clone();
+        let x = URL_SAFE_NO_PAD.decode(jwk["x"].as_str().unwrap()).unwrap();
+        jwk["x"] = json!(URL_SAFE_NO_PAD.encode(&x[1..]));
+        let b = JwtBundle::from_jwks(&jwks(&[jwk])).unwrap();
+        let now = crate::now_unix();
+        let claims = json!({"iss": "i", "sub": "s", "aud": "a", "exp": now + 60});
+        let t = s.sign_typed("JWT", claims.as_object().unwrap()).unwrap();
+        verify_issued(&t, &b, "i", "a", 0).unwrap();
     }
 
     #[test]

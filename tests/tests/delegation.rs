@@ -337,6 +337,40 @@ fn a_user_token_is_delegated_down_a_chain_that_never_widens() {
     let err = s.refused(&s.a, &no_scope, B, &[]);
     assert!(err.contains("no scope to delegate"), "{err}");
 
+    // No confusion with JWT-SVIDs: one is not a subject token, and the
+    // Workload API's ValidateJWTSVID does not take a delegation token.
+    let out = Command::new(&s.a)
+        .args([
+            "api",
+            "fetch",
+            "jwt",
+            "--socket",
+            &s.c.api_addr(),
+            "--audience",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let svid = text
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("token({A})")))
+        .nth(1)
+        .expect("a JWT-SVID of A")
+        .trim()
+        .to_string();
+    let err = s.refused(&s.a, &svid, B, &[]);
+    assert!(err.contains("JWT-SVIDs cannot be exchanged"), "{err}");
+    let out = Command::new(&s.b)
+        .args(["api", "validate", "jwt", "--socket", &s.c.api_addr()])
+        .args(["--audience", B, "--token", &a_token])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "ValidateJWTSVID refuses a delegation token"
+    );
+
     // An entry without delegable scopes may not act for anyone.
     let err = s.refused(&s.n, &user, B, &[]);
     assert!(err.contains("no delegable scopes"), "{err}");
@@ -596,24 +630,31 @@ fn a_jwks_url_is_fetched_over_https_with_the_configured_roots() {
                 "scope": "mail.read"})
         .to_string(),
     ]);
-    // The keys arrive by the fetch: the exchange succeeds once they have.
-    wait_for(
-        "the JWKS fetched over HTTPS verifies the user token",
-        LONG,
-        || {
-            let out = Command::new(&me)
-                .args([
-                    "api",
-                    "delegate",
-                    "--socket",
-                    &c.api_addr(),
-                    "--subject-token",
-                    &user,
-                ])
-                .args(["--audience", "https://mail.example.com"])
-                .output()
-                .unwrap();
-            out.status.success()
-        },
-    );
+    // The keys arrive by the fetch: the exchange succeeds once they have
+    // (the first fetch may fail on a loaded machine and be retried with
+    // backoff: allow a minute, and say what the last attempt answered).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(&me)
+            .args([
+                "api",
+                "delegate",
+                "--socket",
+                &c.api_addr(),
+                "--subject-token",
+                &user,
+            ])
+            .args(["--audience", "https://mail.example.com"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the JWKS fetched over HTTPS never verified the user token; last answer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
