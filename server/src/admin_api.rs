@@ -11,8 +11,8 @@ use sigil_proto::admin::{
     ListEntriesRequest, ListEntriesResponse, UpdateEntryRequest,
 };
 use sigil_proto::admin::{
-    ListFederatedBundlesRequest, ListFederatedBundlesResponse, SetFederatedBundleRequest,
-    SigningStats, TrustDomainId,
+    ClusterServerHealth, DatastoreHealth, ListFederatedBundlesRequest,
+    ListFederatedBundlesResponse, SetFederatedBundleRequest, SigningStats, TrustDomainId,
 };
 use sigil_proto::common::Entry as PbEntry;
 use tonic::transport::server::UdsConnectInfo;
@@ -213,8 +213,16 @@ impl AdminApi for AdminService {
     ) -> Result<Response<HealthResponse>, Status> {
         self.authorize(&req)?;
         let state = self.state.clone();
-        let (entries, agents) = blocking(move || {
-            Ok::<_, crate::error::RegistryError>((state.entry_count()?, state.agent_count()?))
+        // An unreachable datastore is reported, not an error: the answer
+        // says what is wrong.
+        let (entries, agents, ds) = blocking(move || {
+            let ds = state.datastore_health();
+            let agents = if ds.error.is_none() {
+                state.agent_count().unwrap_or(0)
+            } else {
+                0
+            };
+            Ok::<_, crate::error::RegistryError>((state.entry_count()?, agents, ds))
         })
         .await?;
         let s = self.state.signing.stats();
@@ -230,6 +238,19 @@ impl AdminApi for AdminService {
                 peak_csrs: s.peak_csrs,
                 svids_signed: s.signed,
             }),
+            datastore: Some(datastore_health_pb(ds)),
+            cluster_servers: self
+                .state
+                .cluster_servers()
+                .into_iter()
+                .map(|c| ClusterServerHealth {
+                    server_id: c.server_id,
+                    this: c.this,
+                    x509_authorities: u32::try_from(c.x509_authorities).unwrap_or(u32::MAX),
+                    jwt_authorities: u32::try_from(c.jwt_authorities).unwrap_or(u32::MAX),
+                    published_at: c.published_at,
+                })
+                .collect(),
         }))
     }
 
@@ -552,4 +573,22 @@ fn target_from_proto(t: Option<PbKillTarget>) -> Result<KillTarget, Status> {
 fn parse_td(s: &str) -> Result<sigil_core::TrustDomain, Status> {
     sigil_core::TrustDomain::new(s)
         .map_err(|e| Status::invalid_argument(format!("invalid field `id`: {s:?}: {e}")))
+}
+
+/// The health check's view of the datastore, as sent.
+fn datastore_health_pb(d: crate::state::DatastoreHealth) -> DatastoreHealth {
+    let (change_feed, events_seen, events_head) = match d.events {
+        Some((seen, head)) => (true, seen, head),
+        None => (false, 0, 0),
+    };
+    DatastoreHealth {
+        kind: d.kind.into(),
+        target: d.target,
+        reachable: d.error.is_none(),
+        error: d.error.unwrap_or_default(),
+        schema_version: d.schema_version,
+        change_feed,
+        events_seen,
+        events_head,
+    }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! sigil-server audit export [--since SEQ] > audit.jsonl
-//! sigil-server audit verify [--file audit.jsonl] [--key PUBKEY.pem]
+//! sigil-server audit verify [--file audit.jsonl] [--key PUBKEY.pem ...]
 //! sigil-server audit key > audit-key.pem
 //! sigil-server audit query [--spiffe-id ID] [--serial HEX] [--jti J]
 //!                          [--agent ID] [--since RFC3339] [--output json]
@@ -35,15 +35,17 @@ pub enum AuditCmd {
     },
     /// Verify the chain: every record's hash, every link, no gaps; with
     /// --key also the signed checkpoints. Exits non-zero naming the first
-    /// bad sequence number.
+    /// bad sequence number. With several servers sharing one chain, give
+    /// each server's key: every checkpoint must verify with one of them.
     Verify {
         /// An export to verify offline (no server needed); without it the
         /// server's whole trail is fetched and verified.
         #[arg(long)]
         file: Option<PathBuf>,
-        /// The audit public key (PEM) checkpoints must be signed with.
+        /// An audit public key (PEM) checkpoints may be signed with; repeat
+        /// for several (one per server of a cluster).
         #[arg(long)]
-        key: Option<PathBuf>,
+        key: Vec<PathBuf>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -188,18 +190,16 @@ pub async fn audit(cmd: AuditCmd) -> Result<(), String> {
                     .map_err(|e| format!("invalid field `file`: {}: {e}", f.display()))?,
                 None => fetch(&admin, 1).await?.into_bytes(),
             };
-            let key = match &key {
-                Some(k) => {
+            let keys = key
+                .iter()
+                .map(|k| {
                     let pem = std::fs::read_to_string(k)
                         .map_err(|e| format!("invalid field `key`: {}: {e}", k.display()))?;
-                    Some(
-                        AuditPublicKey::from_pem(&pem)
-                            .map_err(|e| format!("invalid field `key`: {}: {e}", k.display()))?,
-                    )
-                }
-                None => None,
-            };
-            let s = audit::verify_jsonl(&text, key.as_ref())
+                    AuditPublicKey::from_pem(&pem)
+                        .map_err(|e| format!("invalid field `key`: {}: {e}", k.display()))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let s = audit::verify_jsonl_keys(&text, &keys)
                 .map_err(|e| format!("audit chain verification failed: {e}"))?;
             println!(
                 "OK: {} records, seq {} to {}, head {}",
@@ -211,7 +211,8 @@ pub async fn audit(cmd: AuditCmd) -> Result<(), String> {
                     signatures,
                     key_id,
                 } => println!(
-                    "signed: {signatures} checkpoint signatures verified with audit key {key_id}, through seq {seq}; {} records after it are unsigned",
+                    "signed: {signatures} checkpoint signatures verified with audit key{} {key_id}, through seq {seq}; {} records after it are unsigned",
+                    if key_id.contains(", ") { "s" } else { "" },
                     s.unauthenticated_tail()
                 ),
                 _ => println!("checkpoint signatures not checked (no --key)"),

@@ -539,9 +539,15 @@ pub async fn healthcheck(a: &AdminArgs, verbose: bool, out: &OutputArgs) -> Resu
         .map_err(status)?
         .into_inner();
     let s = h.signing.unwrap_or_default();
+    let ds = h.datastore.unwrap_or_default();
+    // Up but unable to reach its datastore: reported, and a failure.
+    let unhealthy = (!ds.reachable).then(|| format!("datastore {}: {}", ds.target, ds.error));
     if out.output == Output::Json {
-        return print_json(&json!({
-            "healthy": true,
+        let (datastore, cluster) = crate::health_cli::json_fields(&ds, &h.cluster_servers);
+        print_json(&json!({
+            "healthy": unhealthy.is_none(),
+            "datastore": datastore,
+            "cluster_servers": cluster,
             "trust_domain": h.trust_domain,
             "entries": h.entries,
             "agents": h.agents,
@@ -553,9 +559,13 @@ pub async fn healthcheck(a: &AdminArgs, verbose: bool, out: &OutputArgs) -> Resu
                 "peak_csrs": s.peak_csrs,
                 "svids_signed": s.svids_signed,
             },
-        }));
+        }))?;
+        return unhealthy.map_or(Ok(()), Err);
     }
-    println!("Server is healthy.");
+    match &unhealthy {
+        None => println!("Server is healthy."),
+        Some(_) => println!("Server is up, but its datastore is unreachable."),
+    }
     if verbose {
         println!("Trust domain     : {}", h.trust_domain);
         println!("Entries          : {}", h.entries);
@@ -565,8 +575,9 @@ pub async fn healthcheck(a: &AdminArgs, verbose: bool, out: &OutputArgs) -> Resu
             "Signing queue    : {} batches ({} CSRs) waiting, peak {} batches ({} CSRs), {} free slots",
             s.waiting_calls, s.waiting_csrs, s.peak_calls, s.peak_csrs, s.free_slots
         );
+        crate::health_cli::print_verbose(&ds, &h.cluster_servers);
     }
-    Ok(())
+    unhealthy.map_or(Ok(()), Err)
 }
 
 pub async fn token(cmd: TokenCmd) -> Result<(), String> {

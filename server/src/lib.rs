@@ -37,6 +37,7 @@ pub mod delegation_api;
 pub mod endpoints;
 pub mod error;
 pub mod governance_cli;
+pub mod health_cli;
 pub mod keys;
 pub mod kill_cli;
 pub mod limits;

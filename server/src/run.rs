@@ -15,11 +15,17 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use crate::admin_api::AdminService;
 use crate::agent_api::{AgentService, Gate};
 use crate::config::{DatastoreKind, EndpointProfile, ServerConfig};
-use crate::datastore::{Datastore, PostgresStore, RedbStore};
+use crate::datastore::{Datastore, Feed, PostgresStore, RedbStore};
 use crate::endpoints;
 use crate::keys::Keys;
 use crate::limits::{self, Guarded, HANDSHAKE_TIMEOUT};
 use crate::state::ServerState;
+/// Change-feed events always kept: the newest this many...
+pub const EVENTS_KEPT: u64 = 10_000;
+/// ...and every event younger than this. A server further behind (stopped,
+/// or cut off from the database, longer than that) reloads every record.
+pub const EVENTS_MIN_AGE: Duration = Duration::from_secs(600);
+
 /// How long in-flight calls may run after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -227,22 +233,57 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
 /// Applies other servers' changes from the PostgreSQL change feed, on a
 /// thread of its own: woken by their commits, and every few seconds in
 /// case a notification was lost; events are read from the last one
-/// applied, so nothing is skipped after a reconnect or a failed read.
+/// applied, so nothing is skipped after a reconnect or a failed read. A
+/// server that fell behind the feed's window (events it had not read were
+/// pruned) reloads every record. The same thread prunes the feed once a
+/// minute, keeping the newest [`EVENTS_KEPT`] events and every event of the
+/// last [`EVENTS_MIN_AGE`].
 fn follow_changes(
     pg: Arc<PostgresStore>,
     state: Arc<ServerState>,
     mut last: u64,
 ) -> Result<(), String> {
     const BATCH: usize = 1000;
+    const PRUNE_EVERY: Duration = Duration::from_secs(60);
     let listener = pg.listen().map_err(|e| format!("datastore: {e}"))?;
+    state.follow_feed(pg.clone(), last);
     std::thread::Builder::new()
         .name("sigil-follow".into())
         .spawn(move || {
+            let mut pruned_at = std::time::Instant::now();
             loop {
                 listener.wait(Duration::from_secs(2));
+                if pruned_at.elapsed() >= PRUNE_EVERY {
+                    pruned_at = std::time::Instant::now();
+                    match pg.prune_events(EVENTS_KEPT, EVENTS_MIN_AGE) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(events = n, "pruned the change feed"),
+                        Err(e) => tracing::warn!(error = %e, "pruning the change feed failed"),
+                    }
+                }
                 loop {
-                    match pg.events_since(last, BATCH) {
-                        Ok(evs) => {
+                    match pg.feed_since(last, BATCH) {
+                        Ok(Feed::Behind { pruned_through }) => {
+                            tracing::warn!(last, pruned_through, "behind the change feed's window: reloading every record");
+                            let reloaded = pg
+                                .last_event_seq()
+                                .map_err(|e| e.to_string())
+                                .and_then(|head| {
+                                    state.reload_all().map_err(|e| e.to_string())?;
+                                    Ok(head)
+                                });
+                            match reloaded {
+                                Ok(head) => {
+                                    last = head;
+                                    state.feed_applied(head);
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "reloading from the datastore failed; retrying");
+                                    break;
+                                }
+                            }
+                        }
+                        Ok(Feed::Events(evs)) => {
                             let Some(end) = evs.last().map(|e| e.seq) else {
                                 break;
                             };
@@ -251,6 +292,7 @@ fn follow_changes(
                                 break;
                             }
                             last = end;
+                            state.feed_applied(end);
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "reading the datastore change feed failed; retrying");

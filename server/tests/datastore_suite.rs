@@ -15,7 +15,7 @@ use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, TrustDomain};
 use sigil_proto::common::{Entry as PbEntry, FederatedBundle};
 use sigil_server::datastore::{
-    AgentRecord, ApprovalRecord, ApprovalStatus, AttestationType, ChangeKind, Datastore,
+    AgentRecord, ApprovalRecord, ApprovalStatus, AttestationType, ChangeKind, Datastore, Feed,
     KillRecord, KillTarget, POSTGRES_SCHEMA_VERSION, PostgresStore, PublishedCa, PublishedJwt,
     RedbStore, ServerKeysRecord, StoreError, TaskRecord, TokenRecord, UsageKind, UsageMark,
     WriteTx, append_audit,
@@ -820,10 +820,35 @@ fn postgres_passes_the_datastore_suite_and_migrates_once() {
         (ChangeKind::Entry, "entry-00001")
     );
 
+    // The feed is a bounded window: pruning keeps the newest events (and
+    // those younger than the minimum age); a reader behind what was pruned
+    // is told so, one at or past it reads on.
+    let head = b.last_event_seq().unwrap();
+    assert!(matches!(b.feed_since(0, 100).unwrap(), Feed::Events(v) if v.len() == 5));
+    assert_eq!(
+        b.prune_events(0, std::time::Duration::from_secs(3600))
+            .unwrap(),
+        0,
+        "pruned events younger than the minimum age"
+    );
+    assert_eq!(b.prune_events(2, std::time::Duration::ZERO).unwrap(), 3);
+    assert_eq!(b.last_event_seq().unwrap(), head, "pruning moved the head");
+    let kept = b.events_since(0, 100).unwrap();
+    assert_eq!(kept.len(), 2);
+    let Feed::Behind {
+        pruned_through: through,
+    } = b.feed_since(0, 100).unwrap()
+    else {
+        panic!("a reader at 0 is not behind after pruning");
+    };
+    assert!(through < kept[0].seq && through <= head - 2, "{through}");
+    assert_eq!(b.feed_since(through, 100).unwrap(), Feed::Events(kept));
+    assert_eq!(b.prune_events(2, std::time::Duration::ZERO).unwrap(), 0);
+
     // A database at schema 1 is brought to the current version on open.
     pg.psql(
         "events",
-        "DROP TABLE tasks; DROP TABLE server_keys; DROP TABLE approvals; DROP TABLE usage_marks; DROP TABLE events; \
+        "DROP TABLE events_horizon; DROP TABLE tasks; DROP TABLE server_keys; DROP TABLE approvals; DROP TABLE usage_marks; DROP TABLE events; \
          DELETE FROM sigil_schema_migrations WHERE version >= 2",
     );
     drop((a, b));

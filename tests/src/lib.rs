@@ -152,6 +152,29 @@ impl Cluster {
 
     /// Starts a server for trust domain `td` with `extra` appended to its config.
     pub fn start_td(td: &str, extra: &str) -> Self {
+        let mut c = Self::configure(td, extra);
+        c.start_server();
+        c
+    }
+
+    /// Several servers (`example.org`, each with `extra`) spawned together
+    /// before any is waited for, so that their start-ups overlap; returns
+    /// once every one answers its healthcheck.
+    pub fn start_together(n: usize, extra: &str) -> Vec<Self> {
+        let mut all: Vec<Self> = (0..n)
+            .map(|_| Self::configure("example.org", extra))
+            .collect();
+        for c in &mut all {
+            c.spawn_server();
+        }
+        for c in &all {
+            c.wait_server();
+        }
+        all
+    }
+
+    /// A cluster directory and server config, nothing started.
+    fn configure(td: &str, extra: &str) -> Self {
         let dir = Scratch::new("c");
         let port = free_port();
         let cfg = format!(
@@ -159,16 +182,14 @@ impl Cluster {
             d = dir.0.display()
         );
         fs::write(dir.0.join("server.toml"), cfg).unwrap();
-        let mut c = Cluster {
+        Cluster {
             dir,
             port,
             trust_domain: td.into(),
             server: None,
             agent: None,
             agent_id: String::new(),
-        };
-        c.start_server();
-        c
+        }
     }
 
     /// Starts a server with the default config.
@@ -197,6 +218,12 @@ impl Cluster {
     }
 
     pub fn start_server(&mut self) {
+        self.spawn_server();
+        self.wait_server();
+    }
+
+    /// Spawns the server process without waiting for it.
+    pub fn spawn_server(&mut self) {
         assert!(self.server.is_none(), "server already running");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -211,6 +238,10 @@ impl Cluster {
             .spawn()
             .unwrap();
         self.server = Some(child);
+    }
+
+    /// Waits until the server answers `healthcheck` on its admin socket.
+    pub fn wait_server(&self) {
         wait_for("server admin socket", Duration::from_secs(20), || {
             self.server_cli(&["healthcheck"]).status.success()
         });

@@ -194,18 +194,17 @@ impl Postgres {
 
     /// Stops the server at once (`-m immediate`, like a crash).
     pub fn stop(&mut self) {
+        self.stop_mode("immediate");
+    }
+
+    /// Stops the server with `pg_ctl stop -m MODE` (`fast`: clients are
+    /// disconnected, the server shuts down cleanly; `immediate`: a crash).
+    pub fn stop_mode(&mut self, mode: &str) {
         if self.running {
             let data = self.data_dir();
             self.run_ok(
                 "pg_ctl",
-                &[
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ],
+                &["-D", data.to_str().unwrap(), "-m", mode, "-w", "stop"],
             );
             self.running = false;
         }
@@ -253,6 +252,17 @@ impl Postgres {
             ],
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A `[datastore]` section for database `db`, with the password in a
+    /// 0600 file written at `password_file`.
+    pub fn datastore_section(&self, db: &str, password_file: &Path) -> String {
+        self.write_password_file(password_file);
+        format!(
+            "[datastore]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\npool_size = 4\n",
+            self.url(db),
+            password_file.display()
+        )
     }
 
     /// Writes [`PASSWORD`] to `path` with mode 0600.

@@ -221,6 +221,10 @@ async fn a_redb_deployment_migrates_to_postgres_with_nothing_lost() {
         stdout.contains("2 entries, 1 agents, 1 join tokens, 0 federated bundles, 1 kills"),
         "{stdout}"
     );
+    // The server's published public keys came along (agents hold SVIDs
+    // its CA signed).
+    assert!(stdout.contains("1 server key records"), "{stdout}");
+    assert_eq!(pg.psql("sigil", "SELECT count(*) FROM server_keys"), "1");
     // Into a database that is no longer empty: refused, nothing added.
     let audit_rows = pg.psql("sigil", "SELECT count(*) FROM audit");
     let again = migrate();

@@ -61,7 +61,7 @@ pub use record::{
 };
 pub use verify::{
     Authenticity, PrunePlan, Start, Summary, VerifyError, export_start, prune_plan, verify,
-    verify_jsonl,
+    verify_jsonl, verify_jsonl_keys, verify_keys,
 };
 
 pub use crate::caller::{Caller, ServerTask};

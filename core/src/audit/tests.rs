@@ -578,6 +578,61 @@ fn a_checkpoint_signed_with_another_key_fails() {
 }
 
 #[test]
+fn checkpoints_of_several_servers_verify_with_all_their_keys_and_not_with_one() {
+    // Two servers appending to one chain, each signing its checkpoints with
+    // its own audit key: a's first, then b's.
+    let a = AuditKey::generate().unwrap();
+    let b = AuditKey::generate().unwrap();
+    let mut records = chain(30, 9, &a);
+    let tail = chain_from(records.last().map(Record::head), 30, 9, &b, 1_700_000_100);
+    let first_b = tail
+        .iter()
+        .find(|r| matches!(r.event, Event::Checkpoint { .. }))
+        .unwrap()
+        .seq;
+    records.extend(tail);
+    let both = [a.public_key().clone(), b.public_key().clone()];
+    let s = verify_keys(&records, &both).unwrap();
+    match &s.authenticity {
+        Authenticity::SignedThrough {
+            signatures, key_id, ..
+        } => {
+            assert_eq!(*signatures, s.checkpoints);
+            assert_eq!(*key_id, format!("{}, {}", a.key_id(), b.key_id()));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        verify_jsonl_keys(to_jsonl(&records).as_bytes(), &both).unwrap(),
+        s
+    );
+    // Either key alone fails at the first checkpoint the other signed.
+    assert_eq!(
+        verify_keys(&records, &both[..1]).unwrap_err(),
+        VerifyError::WrongKey {
+            seq: first_b,
+            expected: a.key_id(),
+            found: b.key_id()
+        }
+    );
+    let first_a = records
+        .iter()
+        .find(|r| matches!(r.event, Event::Checkpoint { .. }))
+        .unwrap()
+        .seq;
+    assert_eq!(
+        verify_keys(&records, &both[1..]).unwrap_err().seq(),
+        Some(first_a)
+    );
+    assert!(
+        verify_keys(&records, &both[1..])
+            .unwrap_err()
+            .to_string()
+            .contains(&format!("seq {first_a}:"))
+    );
+}
+
+#[test]
 fn a_checkpoint_must_name_the_record_before_it() {
     let key = AuditKey::generate().unwrap();
     let mut records = chain(30, 5, &key);

@@ -58,13 +58,16 @@ pub enum Authenticity {
     /// No key was given: only the chain's integrity was checked, and the
     /// checkpoints' signatures were not.
     NotChecked,
-    /// Every checkpoint verified with the key; the last one names record `seq`.
+    /// Every checkpoint verified with the key (or one of the keys); the
+    /// last one names record `seq`.
     SignedThrough {
         /// Highest sequence number covered by a verified signature.
         seq: u64,
         /// Number of signatures verified.
         signatures: usize,
-        /// The key they verified with.
+        /// The ID of the key they verified with; with several keys given,
+        /// the IDs of those that verified at least one, in the order given,
+        /// separated by ", ".
         key_id: String,
     },
 }
@@ -172,12 +175,12 @@ pub enum VerifyError {
         /// The sequence number it names.
         up_to_seq: u64,
     },
-    /// A checkpoint was signed by a key other than the one given.
+    /// A checkpoint was signed by a key other than the one (or ones) given.
     #[error("seq {seq}: checkpoint signed by audit key {found}, expected key {expected}")]
     WrongKey {
         /// The checkpoint record.
         seq: u64,
-        /// The given key's ID.
+        /// The given key's ID (several: separated by " or ").
         expected: String,
         /// The key ID in the checkpoint.
         found: String,
@@ -258,6 +261,14 @@ impl VerifyError {
 /// whole file can produce a chain that verifies; times are the server's
 /// clock and are not checked for order.
 pub fn verify(records: &[Record], key: Option<&AuditPublicKey>) -> Result<Summary, VerifyError> {
+    verify_keys(records, key.map(std::slice::from_ref).unwrap_or_default())
+}
+
+/// [`verify`] with any number of keys: every checkpoint must carry the ID
+/// of one of `keys` and verify with it (each server of a cluster signs its
+/// checkpoints with its own audit key). No keys: signatures not checked.
+pub fn verify_keys(records: &[Record], keys: &[AuditPublicKey]) -> Result<Summary, VerifyError> {
+    let mut used = vec![false; keys.len()];
     let first = records.first().ok_or(VerifyError::Empty)?;
     let mut checkpoints = 0usize;
     let mut signed_through: Option<u64> = None;
@@ -345,20 +356,25 @@ pub fn verify(records: &[Record], key: Option<&AuditPublicKey>) -> Result<Summar
                     });
                 }
                 checkpoints += 1;
-                if let Some(key) = key {
-                    let expected_id = key.key_id();
-                    if *key_id != expected_id {
+                if !keys.is_empty() {
+                    let Some(i) = keys.iter().position(|k| k.key_id() == *key_id) else {
                         return Err(VerifyError::WrongKey {
                             seq: r.seq,
-                            expected: expected_id,
+                            expected: keys
+                                .iter()
+                                .map(AuditPublicKey::key_id)
+                                .collect::<Vec<_>>()
+                                .join(" or "),
                             found: key_id.clone(),
                         });
-                    }
-                    key.verify_checkpoint(*seq, head_hash, signature)
+                    };
+                    keys[i]
+                        .verify_checkpoint(*seq, head_hash, signature)
                         .map_err(|_| VerifyError::BadSignature {
                             seq: r.seq,
-                            key_id: expected_id,
+                            key_id: key_id.clone(),
                         })?;
+                    used[i] = true;
                     signed_through = Some(*seq);
                 }
             }
@@ -400,13 +416,20 @@ pub fn verify(records: &[Record], key: Option<&AuditPublicKey>) -> Result<Summar
     }
 
     let last = records.last().unwrap_or(first);
-    let authenticity = match key {
-        None => Authenticity::NotChecked,
-        Some(key) => match signed_through {
+    let authenticity = if keys.is_empty() {
+        Authenticity::NotChecked
+    } else {
+        match signed_through {
             Some(seq) => Authenticity::SignedThrough {
                 seq,
                 signatures: checkpoints,
-                key_id: key.key_id(),
+                key_id: keys
+                    .iter()
+                    .zip(&used)
+                    .filter(|(_, u)| **u)
+                    .map(|(k, _)| k.key_id())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             },
             None => {
                 return Err(VerifyError::NoCheckpoint {
@@ -414,7 +437,7 @@ pub fn verify(records: &[Record], key: Option<&AuditPublicKey>) -> Result<Summar
                     last_seq: last.seq,
                 });
             }
-        },
+        }
     };
     Ok(Summary {
         records: records.len(),
@@ -431,6 +454,11 @@ pub fn verify(records: &[Record], key: Option<&AuditPublicKey>) -> Result<Summar
 /// Parses and verifies a JSON lines export (the bytes of `audit.jsonl`),
 /// naming a line that does not parse by the sequence number it should hold.
 pub fn verify_jsonl(bytes: &[u8], key: Option<&AuditPublicKey>) -> Result<Summary, VerifyError> {
+    verify_jsonl_keys(bytes, key.map(std::slice::from_ref).unwrap_or_default())
+}
+
+/// [`verify_jsonl`] with any number of keys, as [`verify_keys`].
+pub fn verify_jsonl_keys(bytes: &[u8], keys: &[AuditPublicKey]) -> Result<Summary, VerifyError> {
     let lines: Vec<&[u8]> = split_lines(bytes).collect();
     let parsed: Vec<Result<Record, LineError>> = lines.iter().map(|l| parse_line(l)).collect();
     let first_bad = parsed
@@ -472,7 +500,7 @@ pub fn verify_jsonl(bytes: &[u8], key: Option<&AuditPublicKey>) -> Result<Summar
         });
     }
     let records: Vec<Record> = parsed.into_iter().filter_map(Result::ok).collect();
-    verify(&records, key)
+    verify_keys(&records, keys)
 }
 
 /// The record a line begins with, when the line is a record followed by

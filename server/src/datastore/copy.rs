@@ -20,13 +20,15 @@ pub struct CopySummary {
     pub audit_records: usize,
     pub approvals: usize,
     pub tasks: usize,
+    /// Servers whose published public keys were copied.
+    pub server_keys: usize,
 }
 
 impl std::fmt::Display for CopySummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} entries, {} agents, {} join tokens, {} federated bundles, {} kills, {} audit records, {} approval requests, {} tasks",
+            "{} entries, {} agents, {} join tokens, {} federated bundles, {} kills, {} audit records, {} approval requests, {} tasks, {} server key records",
             self.entries,
             self.agents,
             self.join_tokens,
@@ -34,7 +36,8 @@ impl std::fmt::Display for CopySummary {
             self.kills,
             self.audit_records,
             self.approvals,
-            self.tasks
+            self.tasks,
+            self.server_keys
         )
     }
 }
@@ -62,6 +65,9 @@ pub fn copy_all(
     let approvals = src.approvals()?;
     let marks = src.usage_marks()?;
     let tasks = src.tasks()?;
+    // The public keys servers published: agents hold SVIDs signed by them,
+    // and the servers of the new deployment serve them until they expire.
+    let server_keys = src.server_keys()?;
     drop(src);
     if !records.is_empty() {
         audit::verify(&records, None).map_err(|e| {
@@ -80,6 +86,7 @@ pub fn copy_all(
             ("audit records", tx.audit_head()?.is_some()),
             ("approval requests", !tx.approvals()?.is_empty()),
             ("tasks", !tx.tasks()?.is_empty()),
+            ("server keys", !tx.server_keys()?.is_empty()),
         ];
         if let Some((what, _)) = nonempty.iter().find(|(_, n)| *n) {
             return Err(RegistryError::precondition(format!(
@@ -109,6 +116,9 @@ pub fn copy_all(
         }
         for t in &tasks {
             tx.put_task(t)?;
+        }
+        for (id, k) in &server_keys {
+            tx.put_server_keys(id, k)?;
         }
         // Last-activity marks are bookkeeping: copied, not compared.
         for m in &marks {
@@ -142,6 +152,9 @@ pub fn copy_all(
     if dst.tasks()? != tasks {
         return Err(mismatch("tasks"));
     }
+    if dst.server_keys()? != server_keys {
+        return Err(mismatch("server keys"));
+    }
     let copied = dst.audit_records(0, usize::MAX)?;
     if copied != records {
         return Err(mismatch("audit records"));
@@ -159,5 +172,6 @@ pub fn copy_all(
         audit_records: records.len(),
         approvals: approvals.len(),
         tasks: tasks.len(),
+        server_keys: server_keys.len(),
     })
 }

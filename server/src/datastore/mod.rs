@@ -21,7 +21,7 @@ mod task_record;
 
 pub use copy::{CopySummary, copy_all};
 pub use postgres::{
-    ChangeEvent, ChangeKind, EventListener, PostgresStore,
+    ChangeEvent, ChangeKind, EventListener, Feed, PostgresStore,
     SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION, describe_target,
 };
 pub use records::{

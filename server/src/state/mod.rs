@@ -38,6 +38,7 @@ mod cluster;
 mod delegation;
 mod entries;
 mod federation;
+mod health;
 mod kills;
 mod minting;
 mod namespace;
@@ -75,6 +76,7 @@ pub use cluster::ClusterServer;
 pub use delegation::{DELEGATION_TYP, Delegation, ExchangeRequest, Exchanged, TOKEN_TYPE_JWT};
 pub use entries::EntryField;
 use entries::EntryIndex;
+pub use health::DatastoreHealth;
 pub use review::{AgentReview, EntryReview, ReviewQuery};
 pub use tasks::{MAX_TASK_NAME, TASK_KILL_GRACE, TaskQuery, TaskSvid, end_reason};
 
@@ -135,6 +137,8 @@ pub struct ServerState {
     cluster: RwLock<cluster::ClusterKeys>,
     /// This server's current keys are not yet published (a failed write).
     keys_unpublished: std::sync::atomic::AtomicBool,
+    /// The change feed followed (shared datastore), for the health check.
+    feed: health::FeedCursor,
 }
 
 fn poisoned() -> RegistryError {
@@ -197,6 +201,7 @@ impl ServerState {
             approvals: RwLock::new(approvals::index(approval_records)),
             cluster: RwLock::default(),
             keys_unpublished: std::sync::atomic::AtomicBool::new(true),
+            feed: health::FeedCursor::default(),
         };
         // Publish before use: the keys are in the datastore (and the other
         // servers' keys in this server's bundle) before anything is served.

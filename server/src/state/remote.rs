@@ -2,7 +2,9 @@
 //! the kinds and keys of changed records (the PostgreSQL change feed), the
 //! in-memory state is brought in line with the store and exactly the sync
 //! streams concerned are woken, as for a local change. Applying a change
-//! this server made itself finds nothing to do.
+//! this server made itself finds nothing to do. A server that fell behind
+//! the feed's retained window reloads everything instead
+//! ([`ServerState::reload_all`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -54,17 +56,27 @@ impl ServerState {
     }
 
     fn apply_entry_changes(&self, ids: &BTreeSet<&str>) -> Result<(), RegistryError> {
-        let stored: HashMap<&str, Option<_>> = {
+        let stored: HashMap<String, Option<_>> = {
             let r = self.store.read()?;
             ids.iter()
-                .map(|id| Ok((*id, r.entry(id, self.trust_domain())?)))
+                .map(|id| Ok((id.to_string(), r.entry(id, self.trust_domain())?)))
                 .collect::<Result<_, RegistryError>>()?
         };
+        self.take_entries(stored)
+    }
+
+    /// Brings the index in line with `stored` (entry ID to the stored
+    /// entry, `None` for one that no longer exists).
+    fn take_entries(
+        &self,
+        stored: HashMap<String, Option<sigil_core::entry::Entry>>,
+    ) -> Result<(), RegistryError> {
+        let ids: BTreeSet<&str> = stored.keys().map(String::as_str).collect();
         let mut idx = self.entries.write().map_err(|_| poisoned())?;
         let mut changed = false;
-        for id in ids {
+        for id in &ids {
             let old = idx.by_id.get(*id).cloned();
-            match stored.get(id).and_then(Option::as_ref) {
+            match stored.get(*id).and_then(Option::as_ref) {
                 Some(e) if old.as_deref() == Some(e) => {}
                 Some(e) => {
                     idx.insert(Arc::new(e.clone()));
@@ -88,6 +100,39 @@ impl ServerState {
                 self.refresh_killed_ids(&idx);
             }
         }
+        Ok(())
+    }
+
+    /// Reloads every record kind from the store, for a server whose
+    /// position in the change feed is older than what the feed retains:
+    /// the events it missed are gone, so it compares everything.
+    pub fn reload_all(&self) -> Result<(), RegistryError> {
+        let mut stored: HashMap<String, Option<sigil_core::entry::Entry>> = self
+            .entries
+            .read()
+            .map_err(|_| poisoned())?
+            .by_id
+            .keys()
+            .map(|id| (id.clone(), None))
+            .collect();
+        let approvals: Vec<String> = {
+            let r = self.store.read()?;
+            for e in r.entries(self.trust_domain())? {
+                stored.insert(e.id.clone(), Some(e));
+            }
+            r.approvals()?.into_iter().map(|a| a.id).collect()
+        };
+        self.take_entries(stored)?;
+        self.reload_kills()?;
+        self.reload_federated()?;
+        self.reload_cluster_keys()?;
+        self.reload_token_ids()?;
+        self.apply_approval_changes(&approvals.iter().map(String::as_str).collect())?;
+        // Bans and evictions: every stream re-checks its agent.
+        self.bump();
+        tracing::info!(
+            "reloaded every record from the datastore (behind the change feed's window)"
+        );
         Ok(())
     }
 

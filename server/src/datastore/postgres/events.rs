@@ -4,6 +4,10 @@
 //! reads the events after its last seen sequence number whenever it is
 //! woken ([`EventListener`]), and after a reconnect, so that it converges
 //! on changes it did not make.
+//!
+//! The feed is a bounded window: [`PostgresStore::prune_events`] deletes
+//! old events and raises `events_horizon.pruned_through`; a reader whose
+//! position is below it is told so ([`Feed::Behind`]) and reloads.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -12,7 +16,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
 use super::PostgresStore;
-use super::pool::Param;
+use super::pool::{Param, Session};
 use crate::datastore::StoreError;
 
 /// The notification channel.
@@ -72,10 +76,85 @@ pub struct ChangeEvent {
     pub id: String,
 }
 
+/// What the feed holds after a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feed {
+    /// The events after it, in order (maybe none).
+    Events(Vec<ChangeEvent>),
+    /// Events after it were pruned: the reader missed changes it can no
+    /// longer read and must reload everything.
+    Behind {
+        /// The highest sequence number pruned.
+        pruned_through: u64,
+    },
+}
+
 impl PostgresStore {
-    /// Events with `seq > after`, in order, at most `limit`.
+    /// Events with `seq > after`, in order, at most `limit`, or
+    /// [`Feed::Behind`] if some of them were pruned (one snapshot).
+    pub fn feed_since(&self, after: u64, limit: usize) -> Result<Feed, StoreError> {
+        let s = self.begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        let rows = s.query(
+            "SELECT pruned_through FROM events_horizon WHERE id = 1",
+            vec![],
+        )?;
+        let pruned: i64 = rows
+            .first()
+            .and_then(|r| r.try_get(0).ok())
+            .ok_or_else(|| StoreError::Corrupt("events_horizon has lost its row".into()))?;
+        let pruned = u64::try_from(pruned).unwrap_or(0);
+        if after < pruned {
+            return Ok(Feed::Behind {
+                pruned_through: pruned,
+            });
+        }
+        self.events_in(&s, after, limit).map(Feed::Events)
+    }
+
+    /// Deletes events older than `min_age` that are not among the newest
+    /// `keep`, raising the horizon to the last one deleted; returns how
+    /// many went. A reader that had not reached them reloads
+    /// ([`Feed::Behind`]).
+    pub fn prune_events(&self, keep: u64, min_age: Duration) -> Result<u64, StoreError> {
+        let mut s = self.begin("BEGIN ISOLATION LEVEL READ COMMITTED")?;
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let age = i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX);
+        let rows = s.query(
+            "SELECT COALESCE(max(seq), 0) FROM events
+             WHERE seq <= (SELECT COALESCE(max(seq), 0) FROM events) - $1
+               AND EXTRACT(EPOCH FROM (now() - at))::bigint >= $2",
+            vec![Param::Int(keep), Param::Int(age)],
+        )?;
+        let cut: i64 = rows
+            .first()
+            .and_then(|r| r.try_get(0).ok())
+            .ok_or_else(|| StoreError::Corrupt("events: no max(seq)".into()))?;
+        if cut <= 0 {
+            s.rollback();
+            return Ok(0);
+        }
+        s.execute(
+            "UPDATE events_horizon SET pruned_through = GREATEST(pruned_through, $1) WHERE id = 1",
+            vec![Param::Int(cut)],
+        )?;
+        let n = s.execute("DELETE FROM events WHERE seq <= $1", vec![Param::Int(cut)])?;
+        s.commit()?;
+        Ok(n)
+    }
+
+    /// Events with `seq > after`, in order, at most `limit` (pruned ones
+    /// are missing: see [`Self::feed_since`]).
     pub fn events_since(&self, after: u64, limit: usize) -> Result<Vec<ChangeEvent>, StoreError> {
         let s = self.pool.session()?;
+        self.events_in(&s, after, limit)
+    }
+
+    fn events_in(
+        &self,
+        s: &Session<'_>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeEvent>, StoreError> {
         let rows = s.query(
             "SELECT seq, kind, id FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
             vec![
@@ -99,10 +178,16 @@ impl PostgresStore {
             .collect()
     }
 
-    /// The last event's sequence number (0 before the first).
+    /// The last event's sequence number (0 before the first), pruned ones
+    /// included.
     pub fn last_event_seq(&self) -> Result<u64, StoreError> {
         let s = self.pool.session()?;
-        let rows = s.query("SELECT COALESCE(max(seq), 0) FROM events", vec![])?;
+        let rows = s.query(
+            "SELECT GREATEST(
+                 (SELECT COALESCE(max(seq), 0) FROM events),
+                 (SELECT pruned_through FROM events_horizon WHERE id = 1))",
+            vec![],
+        )?;
         let seq: i64 = rows
             .first()
             .and_then(|r| r.try_get(0).ok())

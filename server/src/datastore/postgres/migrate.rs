@@ -15,10 +15,11 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("schema/0003_governance.sql")),
     (4, include_str!("schema/0004_server_keys.sql")),
     (5, include_str!("schema/0005_tasks.sql")),
+    (6, include_str!("schema/0006_events_horizon.sql")),
 ];
 
 /// The schema version this binary writes and reads.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// Advisory lock key guarding migrations (the ASCII of "sigilsch").
 const MIGRATION_LOCK: i64 = 0x7369_6769_6c73_6368;

@@ -42,7 +42,7 @@ use sigil_core::audit;
 use sigil_core::entry::Entry;
 use sigil_proto::common::FederatedBundle;
 
-pub use events::{ChangeEvent, ChangeKind, EventListener};
+pub use events::{ChangeEvent, ChangeKind, EventListener, Feed};
 pub use migrate::SCHEMA_VERSION;
 use pool::{Param, Pool, Session};
 
