@@ -71,6 +71,16 @@ impl From<RegistryError> for Status {
             RegistryError::PermissionDenied(m) => Status::permission_denied(m),
             RegistryError::Unauthenticated(m) => Status::unauthenticated(m),
             RegistryError::FailedPrecondition(m) => Status::failed_precondition(m),
+            // The database could not be reached or refused the
+            // transaction: a retry may succeed (another server, or once
+            // the database is back). Details stay in the server's log.
+            RegistryError::Store(e @ crate::datastore::StoreError::Backend(_)) => {
+                tracing::error!(error = %e, "datastore failure");
+                Status::unavailable(
+                    "datastore unavailable: the server cannot complete the transaction in its \
+                     database now (details in the server log); retry later or on another server",
+                )
+            }
             RegistryError::Store(e) => {
                 tracing::error!(error = %e, "datastore failure");
                 Status::internal("datastore failure")
