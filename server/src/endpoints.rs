@@ -11,6 +11,7 @@
 //!   that off-the-shelf JWT libraries verify JWT-SVIDs (plain HTTP: put a TLS
 //!   terminator in front in production).
 
+use crate::error::StartupError;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -142,10 +143,14 @@ pub async fn start_bundle_endpoint(
     addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     refresh_hint: Duration,
-) -> Result<(), String> {
+) -> Result<(), StartupError> {
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("bundle_endpoint {addr}: {e}"))?;
+        .map_err(|source| StartupError::Bind {
+            what: "bundle_endpoint",
+            addr,
+            source,
+        })?;
     let handler: Handler = Arc::new(move |path| match path {
         "/" => json_response(&bundle_document(&state, refresh_hint)),
         _ => not_found(),
@@ -160,10 +165,14 @@ pub async fn start_oidc(
     state: Arc<ServerState>,
     addr: SocketAddr,
     issuer: String,
-) -> Result<(), String> {
+) -> Result<(), StartupError> {
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("oidc {addr}: {e}"))?;
+        .map_err(|source| StartupError::Bind {
+            what: "oidc",
+            addr,
+            source,
+        })?;
     let handler: Handler = Arc::new(move |path| match path {
         "/.well-known/openid-configuration" => json_response(&json!({
             "issuer": issuer,

@@ -3,9 +3,91 @@
 //! (`impl From<RegistryError> for Status`), so the registry, the datastore
 //! backends and their tests speak no transport.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 use tonic::Status;
 
 use crate::datastore::StoreError;
+
+/// Why the server could not start. Each variant names the config key, file
+/// or listener at fault; none carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// A file named by the configuration (or kept in `data_dir`) is
+    /// unreadable, unsafe or does not parse.
+    #[error("{what} {}: {reason}", path.display())]
+    File {
+        /// The config key or the file's role, e.g. `tpm.ek_ca_path`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A configured value is refused at start.
+    #[error("{key}: {reason}")]
+    Key {
+        /// The config key.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A listener could not be bound.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which listener (`bind`, `bundle_endpoint`, `oidc`).
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The signing keys could not be loaded or made.
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    /// The datastore could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Loading the registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The server's TLS identity or a TLS configuration could not be made.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A thread could not be started.
+    #[error("{what} thread: {source}")]
+    Thread {
+        /// What the thread is for.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A listener stopped with an error.
+    #[error("{what}: {reason}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// Why it stopped.
+        reason: String,
+    },
+}
+
+impl StartupError {
+    /// A bad file named by `what`.
+    pub fn file(
+        what: &'static str,
+        path: &std::path::Path,
+        reason: impl std::fmt::Display,
+    ) -> Self {
+        StartupError::File {
+            what,
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        }
+    }
+}
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]

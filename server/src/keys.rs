@@ -83,13 +83,50 @@ pub struct Keys {
     server_id: String,
 }
 
+/// Why the signing keys could not be loaded, made or saved. Each variant
+/// names the file or directory at fault; no variant carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// `data_dir` is missing, unsafe or cannot be created.
+    #[error("data_dir {}: {reason}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// keys.json could not be read (owner, mode, link or I/O).
+    #[error("keys: {0}")]
+    Read(String),
+    /// keys.json holds something that does not parse.
+    #[error("{}: {reason}", path.display())]
+    Corrupt {
+        /// keys.json.
+        path: PathBuf,
+        /// What does not parse.
+        reason: String,
+    },
+    /// A new CA, JWT key or server ID could not be generated.
+    #[error("{0}")]
+    Generate(String),
+    /// keys.json could not be written.
+    #[error("{}: {reason}", path.display())]
+    Write {
+        /// keys.json.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// A new random server ID (16 bytes, hex).
-fn new_server_id() -> Result<String, String> {
+fn new_server_id() -> Result<String, KeyError> {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut b)
-        .map_err(|_| "no randomness for the server ID".to_string())?;
+        .map_err(|_| KeyError::Generate("no randomness for the server ID".into()))?;
     Ok(hex::encode(b))
 }
 
@@ -123,9 +160,11 @@ impl Keys {
         td: &TrustDomain,
         ttl: Duration,
         jwt_key_type: JwtKeyType,
-    ) -> Result<Keys, String> {
-        ensure_private_dir(data_dir)
-            .map_err(|e| format!("data_dir {}: {e}", data_dir.display()))?;
+    ) -> Result<Keys, KeyError> {
+        ensure_private_dir(data_dir).map_err(|e| KeyError::DataDir {
+            path: data_dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let path = data_dir.join("keys.json");
         let mut keys = Keys {
             td: td.clone(),
@@ -144,32 +183,32 @@ impl Keys {
         let found = match read_private_file(&path, Links::Refuse) {
             Ok(bytes) => Some(bytes),
             Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(format!("keys: {e}")),
+            Err(e) => return Err(KeyError::Read(e.to_string())),
         };
         if let Some(bytes) = found {
-            let text =
-                String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))?;
-            let s: Stored =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let corrupt = |reason: &dyn std::fmt::Display| KeyError::Corrupt {
+                path: path.clone(),
+                reason: reason.to_string(),
+            };
+            let text = String::from_utf8(bytes).map_err(|_| corrupt(&"not UTF-8"))?;
+            let s: Stored = serde_json::from_str(&text).map_err(|e| corrupt(&e))?;
             for c in &s.cas {
-                let der =
-                    pem_to_certs(&c.cert_pem).map_err(|e| format!("{}: {e}", path.display()))?;
-                let ca = Ca::load(&der[0], &c.key_pem, td)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let der = pem_to_certs(&c.cert_pem).map_err(|e| corrupt(&e))?;
+                let first = der
+                    .first()
+                    .ok_or_else(|| corrupt(&"a CA entry holds no certificate"))?;
+                let ca = Ca::load(first, &c.key_pem, td).map_err(|e| corrupt(&e))?;
                 keys.cas.push((Arc::new(ca), c.key_pem.clone()));
             }
             for j in &s.jwt_keys {
-                let pkcs8 = STANDARD
-                    .decode(&j.pkcs8)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let pkcs8 = STANDARD.decode(&j.pkcs8).map_err(|e| corrupt(&e))?;
                 let signer = JwtSigner::from_pkcs8(
                     j.kid.clone(),
-                    JwtKeyType::parse(&j.key_type)
-                        .map_err(|e| format!("{}: {e}", path.display()))?,
+                    JwtKeyType::parse(&j.key_type).map_err(|e| corrupt(&e))?,
                     pkcs8,
                     j.not_after,
                 )
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|e| corrupt(&e))?;
                 keys.jwts.push(JwtSlot {
                     signer: Arc::new(signer),
                     issued_at: j.issued_at,
@@ -188,15 +227,16 @@ impl Keys {
         Ok(keys)
     }
 
-    fn new_ca(&self) -> Result<(Arc<Ca>, String), String> {
-        let (ca, key) = Ca::generate(&self.td, self.ttl).map_err(|e| e.to_string())?;
+    fn new_ca(&self) -> Result<(Arc<Ca>, String), KeyError> {
+        let (ca, key) =
+            Ca::generate(&self.td, self.ttl).map_err(|e| KeyError::Generate(e.to_string()))?;
         tracing::info!(not_after = %ca.not_after(), "generated X.509 CA");
         Ok((Arc::new(ca), key))
     }
 
-    fn new_jwt(&self, now: i64) -> Result<JwtSlot, String> {
+    fn new_jwt(&self, now: i64) -> Result<JwtSlot, KeyError> {
         let signer = JwtSigner::generate(self.jwt_key_type, now + self.ttl.as_secs() as i64)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| KeyError::Generate(e.to_string()))?;
         tracing::info!(kid = %signer.kid, "generated JWT key");
         Ok(JwtSlot {
             signer: Arc::new(signer),
@@ -206,7 +246,7 @@ impl Keys {
 
     /// Advances rotation to `now`. Returns true when keys changed (the
     /// caller persists and republishes).
-    pub fn rotate(&mut self, now: i64) -> Result<bool, String> {
+    pub fn rotate(&mut self, now: i64) -> Result<bool, KeyError> {
         let mut changed = false;
         // X.509: drop expired, make sure an unexpired CA is active.
         let before = self.cas.len();
@@ -290,7 +330,7 @@ impl Keys {
     }
 
     /// Writes keys.json (0600).
-    pub fn persist(&self) -> Result<(), String> {
+    pub fn persist(&self) -> Result<(), KeyError> {
         let s = Stored {
             cas: self
                 .cas
@@ -316,8 +356,12 @@ impl Keys {
             sequence: self.sequence,
             server_id: self.server_id.clone(),
         };
-        let text = serde_json::to_vec_pretty(&s).map_err(|e| e.to_string())?;
-        write_atomic(&self.path, &text, 0o600).map_err(|e| format!("{}: {e}", self.path.display()))
+        let write = |reason: String| KeyError::Write {
+            path: self.path.clone(),
+            reason,
+        };
+        let text = serde_json::to_vec_pretty(&s).map_err(|e| write(e.to_string()))?;
+        write_atomic(&self.path, &text, 0o600).map_err(|e| write(e.to_string()))
     }
 
     /// The CA that signs now.
@@ -434,7 +478,8 @@ mod tests {
         std::os::unix::fs::symlink(&real, dir.join("keys.json")).unwrap();
         let e = Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256)
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(
             e.contains("keys.json") && e.contains("symbolic link"),
             "{e}"
@@ -451,7 +496,8 @@ mod tests {
             let e =
                 Keys::load_or_create(&dir, &td(), Duration::from_secs(3600), JwtKeyType::EcP256)
                     .err()
-                    .unwrap();
+                    .unwrap()
+                    .to_string();
             assert!(e.contains("uid 65534") && e.contains("0600"), "{e}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

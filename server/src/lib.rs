@@ -18,28 +18,20 @@
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
-//! - [`run`] — wiring and serving; [`cli`] — operator subcommands
-//!   ([`kill_cli`]: `sigil-server kill`; [`audit_cli`]: `sigil-server audit`;
-//!   [`datastore_cli`]: `sigil-server datastore migrate`;
-//!   [`governance_cli`]: `entry review`, `agent review`, `sigil-server approval`;
-//!   [`task_cli`]: `sigil-server task list|end`).
+//! - [`run`] — wiring and serving; [`cli`] — operator subcommands, one
+//!   module per resource, with one rendering module.
 
 #![allow(missing_docs)]
 
 pub mod admin_api;
 pub mod agent_api;
-pub mod audit_cli;
 pub mod cli;
 pub mod config;
 pub mod datastore;
-pub mod datastore_cli;
 pub mod delegation_api;
 pub mod endpoints;
 pub mod error;
-pub mod governance_cli;
-pub mod health_cli;
 pub mod keys;
-pub mod kill_cli;
 pub mod limits;
 pub mod node_attestation;
 pub mod run;
@@ -47,7 +39,6 @@ pub mod signing;
 pub mod state;
 pub mod sync;
 pub mod task_api;
-pub mod task_cli;
 pub mod tls;
 pub mod tpm_attest;
 pub mod trusted_issuer;

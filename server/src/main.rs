@@ -27,41 +27,8 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check that the server answers on its admin socket.
-    Healthcheck {
-        #[command(flatten)]
-        admin: cli::AdminArgs,
-        /// Also print entry/agent counts and the signing queue.
-        #[arg(long)]
-        verbose: bool,
-        #[command(flatten)]
-        out: cli::OutputArgs,
-    },
-    /// Join tokens for node attestation.
-    #[command(subcommand)]
-    Token(cli::TokenCmd),
-    /// Registration entries.
-    #[command(subcommand)]
-    Entry(Box<cli::EntryCmd>),
-    /// Attested agents.
-    #[command(subcommand)]
-    Agent(cli::AgentCmd),
-    /// The trust bundle.
-    #[command(subcommand)]
-    Bundle(cli::BundleCmd),
-    /// Kill switch: withdraw identities everywhere until lifted.
-    Kill(Box<sigil_server::kill_cli::KillCmd>),
-    /// The tamper-evident audit trail.
-    #[command(subcommand)]
-    Audit(sigil_server::audit_cli::AuditCmd),
-    /// Datastore maintenance: migrate redb to PostgreSQL.
-    #[command(subcommand)]
-    Datastore(sigil_server::datastore_cli::DatastoreCmd),
-    #[command(subcommand)]
-    Approval(sigil_server::governance_cli::ApprovalCmd),
-    /// Task-scoped identities: list, end.
-    #[command(subcommand)]
-    Task(sigil_server::task_cli::TaskCmd),
+    #[command(flatten)]
+    Admin(cli::Command),
 }
 
 fn init_tracing(level: &str) {
@@ -91,22 +58,9 @@ fn main() -> ExitCode {
             Cmd::Run { config } => {
                 let cfg = config::ServerConfig::load(&config).map_err(|e| e.to_string())?;
                 init_tracing(&cfg.log_level);
-                run::run(cfg).await
+                run::run(cfg).await.map_err(|e| e.to_string())
             }
-            Cmd::Healthcheck {
-                admin,
-                verbose,
-                out,
-            } => cli::healthcheck(&admin, verbose, &out).await,
-            Cmd::Token(c) => cli::token(c).await,
-            Cmd::Entry(c) => cli::entry(*c).await,
-            Cmd::Agent(c) => cli::agent(c).await,
-            Cmd::Bundle(c) => cli::bundle(c).await,
-            Cmd::Kill(c) => sigil_server::kill_cli::kill(*c).await,
-            Cmd::Audit(c) => sigil_server::audit_cli::audit(c).await,
-            Cmd::Datastore(c) => sigil_server::datastore_cli::datastore(c).await,
-            Cmd::Approval(c) => sigil_server::governance_cli::approval(c).await,
-            Cmd::Task(c) => sigil_server::task_cli::task(c).await,
+            Cmd::Admin(c) => cli::run(c).await.map_err(|e| e.to_string()),
         }
     });
     match result {

@@ -3,6 +3,7 @@
 //! activation + quote) and turns verified evidence into a
 //! [`NodeAttestation`] for [`ServerState::issue_agent_svid`].
 
+use crate::error::StartupError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,15 +36,15 @@ pub struct NodeAttestors {
 
 impl NodeAttestors {
     /// Loads trust material named by the config (`[x509pop]`, `[tpm]`).
-    pub fn from_config(cfg: &ServerConfig) -> Result<Self, String> {
+    pub fn from_config(cfg: &ServerConfig) -> Result<Self, StartupError> {
         let x509pop_roots = match &cfg.x509pop_ca_bundle {
             None => None,
             Some(p) => {
                 let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("x509pop.ca_bundle_path {}: {e}", p.display()))?;
+                    .map_err(|e| StartupError::file("x509pop.ca_bundle_path", p, e))?;
                 Some(
                     sigil_core::x509::pem_to_certs(&text)
-                        .map_err(|e| format!("x509pop.ca_bundle_path {}: {e}", p.display()))?,
+                        .map_err(|e| StartupError::file("x509pop.ca_bundle_path", p, e))?,
                 )
             }
         };

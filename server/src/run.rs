@@ -17,6 +17,7 @@ use crate::agent_api::{AgentService, Gate};
 use crate::config::{DatastoreKind, EndpointProfile, ServerConfig};
 use crate::datastore::{Datastore, Feed, PostgresStore, RedbStore};
 use crate::endpoints;
+use crate::error::StartupError;
 use crate::keys::Keys;
 use crate::limits::{self, Guarded, HANDSHAKE_TIMEOUT};
 use crate::state::ServerState;
@@ -35,12 +36,13 @@ pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
     sigil_fs::bind_socket(path, 0o700, 0o600, |p| UnixListener::bind(p))
 }
 
-pub async fn run(cfg: ServerConfig) -> Result<(), String> {
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
     // Every agent-API connection costs a descriptor: take what the hard
     // limit allows, then fit the connection cap to it.
     let nofile = limits::raise_nofile_limit();
     sigil_fs::ensure_private_dir(&cfg.data_dir)
-        .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
+        .map_err(|e| StartupError::file("data_dir", &cfg.data_dir, e))?;
     // Keys first: a planted or foreign-owned keys.json is refused before
     // anything is created in data_dir.
     let keys = Keys::load_or_create(
@@ -51,25 +53,21 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     )?;
     let (store, shared): (Arc<dyn Datastore>, Option<Arc<PostgresStore>>) = match &cfg.datastore {
         DatastoreKind::Redb => (
-            Arc::new(
-                RedbStore::open(&cfg.data_dir.join("datastore.redb")).map_err(|e| e.to_string())?,
-            ),
+            Arc::new(RedbStore::open(&cfg.data_dir.join("datastore.redb"))?),
             None,
         ),
         DatastoreKind::Postgres(pg) => {
-            let s = Arc::new(
-                PostgresStore::open_configured(pg).map_err(|e| format!("datastore: {e}"))?,
-            );
+            let s = Arc::new(PostgresStore::open_configured(pg)?);
             (s.clone(), Some(s))
         }
     };
     // Where to follow the change feed from: taken before the state is
     // loaded, so that a change committed in between is applied (again).
     let feed_start = match &shared {
-        Some(pg) => Some(pg.last_event_seq().map_err(|e| format!("datastore: {e}"))?),
+        Some(pg) => Some(pg.last_event_seq()?),
         None => None,
     };
-    let state = Arc::new(ServerState::new(cfg.clone(), store, keys).map_err(|e| e.to_string())?);
+    let state = Arc::new(ServerState::new(cfg.clone(), store, keys)?);
     if let (Some(pg), Some(last)) = (shared, feed_start) {
         follow_changes(pg, state.clone(), last)?;
     }
@@ -77,16 +75,14 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     // Audit checkpoints: every audit_checkpoint_every records or
     // audit_checkpoint_interval, checked once a second.
     periodic(&state, "audit checkpoint", Duration::from_secs(1), |s| {
-        s.audit_checkpoint_if_due()
-            .map(drop)
-            .map_err(|e| e.to_string())
+        s.audit_checkpoint_if_due().map(drop)
     });
     // Audit retention: prune up to a signed checkpoint, a few times per
     // retention period (at most once a minute).
     if let Some(retention) = cfg.audit_retention {
         let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
         periodic(&state, "audit retention", every, |s| {
-            s.audit_prune_if_due().map(drop).map_err(|e| e.to_string())
+            s.audit_prune_if_due().map(drop)
         });
     }
     // Key rotation: cheap checks once a second; changes are persisted and
@@ -102,7 +98,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     // CAs change (which rotation does); a re-signing rebuilds the withdrawn
     // set from the audit trail.
     periodic(&state, "CRL refresh", Duration::from_secs(1), |s| {
-        s.refresh_crls_if_due().map(drop).map_err(|e| e.to_string())
+        s.refresh_crls_if_due().map(drop)
     });
     // Tasks past their deadline are recorded as ended (they issue nothing
     // from the deadline on either way).
@@ -116,7 +112,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
         &state,
         "last-activity marks",
         Duration::from_secs(60),
-        |s| s.flush_usage().map(drop).map_err(|e| e.to_string()),
+        |s| s.flush_usage().map(drop),
     );
 
     let attestors = crate::node_attestation::NodeAttestors::from_config(&cfg)?;
@@ -129,7 +125,10 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
             EndpointProfile::HttpsSpiffe => crate::tls::bundle_endpoint_spiffe(resolver.clone())?,
             EndpointProfile::HttpsWeb => {
                 let (Some(c), Some(k)) = (&be.cert_path, &be.key_path) else {
-                    return Err("bundle_endpoint: https_web needs cert_path and key_path".into());
+                    return Err(StartupError::Key {
+                        key: "bundle_endpoint",
+                        reason: "https_web needs cert_path and key_path".into(),
+                    });
                 };
                 crate::tls::bundle_endpoint_web(c, k)?
             }
@@ -146,7 +145,11 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     let addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
     let tcp = TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("bind {addr}: {e}"))?;
+        .map_err(|source| StartupError::Bind {
+            what: "bind",
+            addr,
+            source,
+        })?;
     let acceptor = TlsAcceptor::from(tls);
     let limiter = limits::agent_api_limiter(&cfg.limits, nofile);
     let idle = cfg.limits.idle_timeout;
@@ -184,7 +187,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     });
 
     let admin_listener = bind_private_socket(&cfg.admin_socket)
-        .map_err(|e| format!("admin_socket {}: {e}", cfg.admin_socket.display()))?;
+        .map_err(|e| StartupError::file("admin_socket", &cfg.admin_socket, e))?;
 
     let agent_server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(limits::CONCURRENCY_PER_CONNECTION)
@@ -219,7 +222,10 @@ pub async fn run(cfg: ServerConfig) -> Result<(), String> {
     // Long-lived sync streams would hold a graceful shutdown open forever:
     // give in-flight calls a short grace period, then exit.
     let r = tokio::select! {
-        r = async { tokio::try_join!(agent_server, admin_server) } => r.map(|_| ()).map_err(|e| e.to_string()),
+        r = async { tokio::try_join!(agent_server, admin_server) } => r.map(|_| ()).map_err(|e| StartupError::Serve {
+            what: "agent API and admin socket",
+            reason: e.to_string(),
+        }),
         _ = async { shutdown_signal().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
     };
     let _ = std::fs::remove_file(&cfg.admin_socket);
@@ -242,10 +248,10 @@ fn follow_changes(
     pg: Arc<PostgresStore>,
     state: Arc<ServerState>,
     mut last: u64,
-) -> Result<(), String> {
+) -> Result<(), StartupError> {
     const BATCH: usize = 1000;
     const PRUNE_EVERY: Duration = Duration::from_secs(60);
-    let listener = pg.listen().map_err(|e| format!("datastore: {e}"))?;
+    let listener = pg.listen()?;
     state.follow_feed(pg.clone(), last);
     std::thread::Builder::new()
         .name("sigil-follow".into())
@@ -302,7 +308,10 @@ fn follow_changes(
                 }
             }
         })
-        .map_err(|e| format!("change feed thread: {e}"))?;
+        .map_err(|source| StartupError::Thread {
+            what: "change feed",
+            source,
+        })?;
     Ok(())
 }
 
@@ -325,11 +334,11 @@ pub async fn shutdown_signal() {
 /// Runs `job` every `every` for the life of the server, off the async
 /// runtime (the jobs read and write the datastore). A failure is logged
 /// with `what` and retried at the next tick; a job never runs twice at once.
-fn periodic(
+fn periodic<E: std::fmt::Display + Send + 'static>(
     state: &Arc<ServerState>,
     what: &'static str,
     every: Duration,
-    job: fn(&ServerState) -> Result<(), String>,
+    job: fn(&ServerState) -> Result<(), E>,
 ) {
     let state = state.clone();
     tokio::spawn(async move {

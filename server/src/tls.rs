@@ -5,6 +5,7 @@
 //! certificate is optional at the TLS layer because node attestation happens
 //! before an agent has one; every RPC but `Attest` requires it.
 
+use crate::error::StartupError;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -29,9 +30,14 @@ impl ResolvesServerCert for ServerCertResolver {
     }
 }
 
+/// A TLS setup error.
+fn tls_err(e: impl std::fmt::Display) -> StartupError {
+    StartupError::Tls(e.to_string())
+}
+
 /// Issues a server SVID; returns it and its notAfter.
-fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), String> {
-    let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
+fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), StartupError> {
+    let (csr, key) = new_key_and_csr().map_err(tls_err)?;
     let id = server_id(state.trust_domain());
     let leaf = state
         .ca()
@@ -42,12 +48,10 @@ fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), String> {
             &[],
             state.cfg.agent_svid_ttl,
         )
-        .map_err(|e| e.to_string())?;
-    let not_after = SvidInfo::from_der(&leaf)
-        .map_err(|e| e.to_string())?
-        .not_after;
+        .map_err(tls_err)?;
+    let not_after = SvidInfo::from_der(&leaf).map_err(tls_err)?.not_after;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| e.to_string())?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(tls_err)?;
     let chain = vec![CertificateDer::from(leaf)];
     Ok((Arc::new(CertifiedKey::new(chain, signer)), not_after))
 }
@@ -62,7 +66,7 @@ pub fn server_config(
         Arc<ServerCertResolver>,
         impl Future<Output = ()>,
     ),
-    String,
+    StartupError,
 > {
     let (ck, mut not_after) = issue(&state)?;
     let resolver = Arc::new(ServerCertResolver {
@@ -75,7 +79,7 @@ pub fn server_config(
     ));
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -104,11 +108,11 @@ pub fn server_config(
 /// authentication, HTTP/1.1.
 pub fn bundle_endpoint_spiffe(
     resolver: Arc<ServerCertResolver>,
-) -> Result<Arc<rustls::ServerConfig>, String> {
+) -> Result<Arc<rustls::ServerConfig>, StartupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(tls_err)?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -119,36 +123,33 @@ pub fn bundle_endpoint_spiffe(
 pub fn bundle_endpoint_web(
     cert_path: &std::path::Path,
     key_path: &std::path::Path,
-) -> Result<Arc<rustls::ServerConfig>, String> {
-    let cert_text = std::fs::read_to_string(cert_path)
-        .map_err(|e| format!("bundle_endpoint.cert_path {}: {e}", cert_path.display()))?;
-    let chain = sigil_core::x509::pem_to_certs(&cert_text)
-        .map_err(|e| format!("bundle_endpoint.cert_path {}: {e}", cert_path.display()))?;
-    sigil_fs::check_private_file(key_path).map_err(|e| format!("bundle_endpoint.key_path: {e}"))?;
-    let key_text = std::fs::read_to_string(key_path)
-        .map_err(|e| format!("bundle_endpoint.key_path {}: {e}", key_path.display()))?;
+) -> Result<Arc<rustls::ServerConfig>, StartupError> {
+    let cert =
+        |e: &dyn std::fmt::Display| StartupError::file("bundle_endpoint.cert_path", cert_path, e);
+    let bad_key =
+        |e: &dyn std::fmt::Display| StartupError::file("bundle_endpoint.key_path", key_path, e);
+    let cert_text = std::fs::read_to_string(cert_path).map_err(|e| cert(&e))?;
+    let chain = sigil_core::x509::pem_to_certs(&cert_text).map_err(|e| cert(&e))?;
+    sigil_fs::check_private_file(key_path).map_err(|e| bad_key(&e))?;
+    let key_text = std::fs::read_to_string(key_path).map_err(|e| bad_key(&e))?;
     let key_pem = pem::parse_many(&key_text)
-        .map_err(|e| format!("bundle_endpoint.key_path: {e}"))?
+        .map_err(|e| bad_key(&e))?
         .into_iter()
         .find(|p| p.tag().ends_with("PRIVATE KEY"))
-        .ok_or("bundle_endpoint.key_path: no PRIVATE KEY block")?;
+        .ok_or_else(|| bad_key(&"no PRIVATE KEY block"))?;
     let key = match key_pem.tag() {
         "PRIVATE KEY" => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pem.into_contents())),
         "EC PRIVATE KEY" => PrivateKeyDer::Sec1(key_pem.into_contents().into()),
         "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(key_pem.into_contents().into()),
-        other => {
-            return Err(format!(
-                "bundle_endpoint.key_path: unsupported key block {other}"
-            ));
-        }
+        other => return Err(bad_key(&format!("unsupported key block {other}"))),
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(tls_err)?
         .with_no_client_auth()
         .with_single_cert(chain.into_iter().map(CertificateDer::from).collect(), key)
-        .map_err(|e| format!("bundle_endpoint: {e}"))?;
+        .map_err(|e| bad_key(&e))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

@@ -1,6 +1,7 @@
 //! TPM 2.0 node attestation on the server (wired to the pure-software
 //! verifiers of `sigil_attestors::node::tpm`).
 
+use crate::error::StartupError;
 use sigil_attestors::node::tpm;
 use sigil_core::TrustDomain;
 use sigil_core::ids::random_bytes;
@@ -22,14 +23,14 @@ pub struct TpmPolicy {
 }
 
 impl TpmPolicy {
-    pub fn from_config(t: &TpmConfig) -> Result<Self, String> {
+    pub fn from_config(t: &TpmConfig) -> Result<Self, StartupError> {
         let ek_cas = match &t.ek_ca_path {
             None => vec![],
             Some(p) => {
                 let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("tpm.ek_ca_path {}: {e}", p.display()))?;
+                    .map_err(|e| StartupError::file("tpm.ek_ca_path", p, e))?;
                 sigil_core::x509::pem_to_certs(&text)
-                    .map_err(|e| format!("tpm.ek_ca_path {}: {e}", p.display()))?
+                    .map_err(|e| StartupError::file("tpm.ek_ca_path", p, e))?
             }
         };
         Ok(Self {

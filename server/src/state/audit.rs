@@ -19,6 +19,7 @@
 //!   [`AuditQuery`]. A full scan costs time linear in the chain's length;
 //!   there is no index yet.
 
+use crate::error::StartupError;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
@@ -42,23 +43,21 @@ const PRUNE_SCAN: usize = 500_000;
 
 /// Loads `<data_dir>/audit_key.pem`, or creates it (mode 0600) if absent.
 /// The error names the file; it never contains key material.
-pub fn load_or_create_audit_key(data_dir: &Path) -> Result<AuditKey, String> {
+pub fn load_or_create_audit_key(data_dir: &Path) -> Result<AuditKey, StartupError> {
     let path = data_dir.join(AUDIT_KEY_FILE);
+    let bad = |e: &dyn std::fmt::Display| StartupError::file("audit key", &path, e);
     match read_private_file(&path, Links::Refuse) {
         Ok(bytes) => {
-            let text = String::from_utf8(bytes)
-                .map_err(|_| format!("audit key {}: not UTF-8 PEM", path.display()))?;
-            AuditKey::from_pkcs8_pem(&text)
-                .map_err(|e| format!("audit key {}: {e}", path.display()))
+            let text = String::from_utf8(bytes).map_err(|_| bad(&"not UTF-8 PEM"))?;
+            AuditKey::from_pkcs8_pem(&text).map_err(|e| bad(&e))
         }
         Err(e) if e.is_not_found() => {
-            let key = AuditKey::generate().map_err(|e| format!("audit key: {e}"))?;
-            write_atomic(&path, key.to_pkcs8_pem().as_bytes(), 0o600)
-                .map_err(|e| format!("audit key {}: {e}", path.display()))?;
+            let key = AuditKey::generate().map_err(|e| bad(&e))?;
+            write_atomic(&path, key.to_pkcs8_pem().as_bytes(), 0o600).map_err(|e| bad(&e))?;
             tracing::info!(key_id = %key.key_id(), path = %path.display(), "created the audit signing key");
             Ok(key)
         }
-        Err(e) => Err(format!("audit key: {e}")),
+        Err(e) => Err(bad(&e)),
     }
 }
 
@@ -168,11 +167,11 @@ impl AuditQuery {
 impl ServerState {
     /// Installs the audit key (once, at startup); checkpoints are signed
     /// from then on.
-    pub fn install_audit_key(&self, key: AuditKey) -> Result<(), String> {
+    pub fn install_audit_key(&self, key: AuditKey) -> Result<(), RegistryError> {
         self.audit
             .key
             .set(key)
-            .map_err(|_| "the audit key is already installed".to_string())
+            .map_err(|_| RegistryError::internal("the audit key is already installed"))
     }
 
     /// The audit key's public half, once installed.
@@ -417,7 +416,7 @@ mod tests {
         assert_eq!(k1.key_id(), k2.key_id());
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = load_or_create_audit_key(&dir).unwrap_err();
+        let e = load_or_create_audit_key(&dir).unwrap_err().to_string();
         assert!(e.contains(AUDIT_KEY_FILE), "{e}");
         assert!(!e.contains("PRIVATE KEY"), "{e}");
 
@@ -425,13 +424,13 @@ mod tests {
         let real = dir.join("real.pem");
         std::fs::rename(&path, &real).unwrap();
         std::os::unix::fs::symlink(&real, &path).unwrap();
-        let e = load_or_create_audit_key(&dir).unwrap_err();
+        let e = load_or_create_audit_key(&dir).unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
 
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, "not a key").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let e = load_or_create_audit_key(&dir).unwrap_err();
+        let e = load_or_create_audit_key(&dir).unwrap_err().to_string();
         assert!(e.contains(AUDIT_KEY_FILE), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

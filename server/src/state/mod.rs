@@ -257,7 +257,7 @@ impl ServerState {
 
     /// Advances key rotation; on change persists the keys and pushes the new
     /// bundle to every agent.
-    pub fn rotate_keys(&self) -> Result<bool, String> {
+    pub fn rotate_keys(&self) -> Result<bool, crate::keys::KeyError> {
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         if !keys.rotate(now_unix())? {
             return Ok(false);

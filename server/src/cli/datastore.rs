@@ -13,9 +13,11 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use sigil_core::TrustDomain;
 
+use super::CliError;
 use crate::config::{ConfigError, PostgresConfig, postgres_url};
 use crate::datastore::{PostgresStore, RedbStore, copy_all};
 
+/// `sigil-server datastore ...`.
 #[derive(Subcommand)]
 pub enum DatastoreCmd {
     /// Copy every record (entries, agents, join tokens, federated bundles,
@@ -37,7 +39,8 @@ pub enum DatastoreCmd {
     },
 }
 
-pub async fn datastore(cmd: DatastoreCmd) -> Result<(), String> {
+/// Runs `sigil-server datastore ...`.
+pub async fn datastore(cmd: DatastoreCmd) -> Result<(), CliError> {
     match cmd {
         DatastoreCmd::Migrate {
             from,
@@ -46,7 +49,10 @@ pub async fn datastore(cmd: DatastoreCmd) -> Result<(), String> {
             trust_domain,
         } => tokio::task::spawn_blocking(move || migrate(&from, &to, password_file, &trust_domain))
             .await
-            .map_err(|e| format!("migration task failed: {e}"))?,
+            .map_err(|source| CliError::Join {
+                what: "migration",
+                source,
+            })?,
     }
 }
 
@@ -55,33 +61,39 @@ fn migrate(
     to: &str,
     password_file: Option<PathBuf>,
     trust_domain: &str,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let td = TrustDomain::new(trust_domain)
-        .map_err(|e| format!("--trust-domain {trust_domain:?}: {e}"))?;
+        .map_err(|e| CliError::flag("--trust-domain", format!("{trust_domain:?}: {e}")))?;
     let path = from
         .strip_prefix("redb:")
         .map(Path::new)
-        .ok_or_else(|| "--from: expected redb:PATH".to_string())?;
+        .ok_or(CliError::flag("--from", "expected redb:PATH"))?;
     if !path.is_file() {
-        return Err(format!(
-            "--from: {} is not a datastore file",
-            path.display()
+        return Err(CliError::flag(
+            "--from",
+            format!("{} is not a datastore file", path.display()),
         ));
     }
     let client = postgres_url(to).map_err(|e| match e {
-        ConfigError::Key { reason, .. } => format!("--to: {reason}"),
-        other => format!("--to: {other}"),
+        ConfigError::Key { reason, .. } => CliError::flag("--to", reason),
+        other => CliError::flag("--to", other),
     })?;
     if password_file.is_some() && client.get_password().is_some() {
-        return Err("--password-file: the URL already has a password".into());
+        return Err(CliError::flag(
+            "--password-file",
+            "the URL already has a password",
+        ));
     }
     if password_file.as_ref().is_some_and(|p| !p.is_absolute()) {
-        return Err("--password-file: must be an absolute path".into());
+        return Err(CliError::flag(
+            "--password-file",
+            "must be an absolute path",
+        ));
     }
     let src = RedbStore::open(path).map_err(|e| {
-        format!(
-            "--from {}: {e} (is a server still running on it?)",
-            path.display()
+        CliError::flag(
+            "--from",
+            format!("{}: {e} (is a server still running on it?)", path.display()),
         )
     })?;
     let dst = PostgresStore::open_configured(&PostgresConfig {
@@ -89,8 +101,8 @@ fn migrate(
         password_file,
         pool_size: 2,
     })
-    .map_err(|e| format!("--to: {e}"))?;
-    let summary = copy_all(&src, &dst, &td).map_err(|e| e.to_string())?;
+    .map_err(|e| CliError::flag("--to", e))?;
+    let summary = copy_all(&src, &dst, &td)?;
     println!(
         "Migrated {summary} from redb:{} to {}.",
         path.display(),

@@ -7,12 +7,11 @@
 //! ```
 
 use clap::{ArgGroup, Args, Subcommand};
-use serde_json::{Value, json};
-use sigil_core::rfc3339;
 use sigil_proto::admin::kill_target::Target;
-use sigil_proto::admin::{CreateKillRequest, Kill, KillId, KillTarget, ListKillsRequest};
+use sigil_proto::admin::{CreateKillRequest, KillId, KillTarget, ListKillsRequest};
 
-use crate::cli::{AdminArgs, Output, OutputArgs, connect, print_json, status};
+use super::render::{self, kill_json, print_kill};
+use super::{AdminArgs, CliError, OutputArgs, connect};
 
 /// Withdraw identities everywhere, at once, until lifted.
 #[derive(Args)]
@@ -42,6 +41,7 @@ pub struct KillCmd {
     out: OutputArgs,
 }
 
+/// `kill list` and `kill lift`.
 #[derive(Subcommand)]
 enum KillSub {
     /// Kills in force.
@@ -62,79 +62,31 @@ enum KillSub {
     },
 }
 
-fn target_parts(t: &Option<KillTarget>) -> (&'static str, String) {
-    match t.as_ref().and_then(|t| t.target.as_ref()) {
-        Some(Target::SpiffeId(v)) => ("spiffe_id", v.clone()),
-        Some(Target::EntryId(v)) => ("entry", v.clone()),
-        Some(Target::AgentId(v)) => ("agent", v.clone()),
-        Some(Target::Selector(v)) => ("selector", v.clone()),
-        None => ("none", String::new()),
-    }
-}
-
-fn kill_json(k: &Kill) -> Value {
-    let (kind, value) = target_parts(&k.target);
-    json!({
-        "id": k.id,
-        "target": { "kind": kind, "value": value },
-        "reason": k.reason,
-        "caller": k.caller,
-        "created_at": rfc3339(k.created_at),
-    })
-}
-
-fn print_kill(k: &Kill) {
-    let (kind, value) = target_parts(&k.target);
-    println!("Kill ID           : {}", k.id);
-    println!("Target            : {kind} {value}");
-    println!("Reason            : {}", k.reason);
-    println!("Caller            : {}", k.caller);
-    println!("Created at        : {}", rfc3339(k.created_at));
-}
-
-fn show(out: &OutputArgs, k: &Kill, headline: &str) -> Result<(), String> {
-    if out.output == Output::Json {
-        return print_json(&kill_json(k));
-    }
-    println!("{headline}\n");
-    print_kill(k);
-    Ok(())
-}
-
 /// Runs `sigil-server kill ...`.
-pub async fn kill(cmd: KillCmd) -> Result<(), String> {
+pub async fn kill(cmd: KillCmd) -> Result<(), CliError> {
     match cmd.sub {
         Some(KillSub::List { admin, out }) => {
             let r = connect(&admin)
                 .await?
                 .list_kills(ListKillsRequest {})
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
-            if out.output == Output::Json {
-                return print_json(
-                    &json!({"kills": r.kills.iter().map(kill_json).collect::<Vec<_>>()}),
-                );
-            }
-            println!(
-                "Found {} kill{}",
-                r.kills.len(),
-                if r.kills.len() == 1 { "" } else { "s" }
-            );
-            for k in &r.kills {
-                println!();
-                print_kill(k);
-            }
-            Ok(())
+            render::many(
+                &out,
+                "kills",
+                &r.kills,
+                |n| format!("Found {}", render::count(n, "kill", "kills")),
+                kill_json,
+                print_kill,
+            )
         }
         Some(KillSub::Lift { id, admin, out }) => {
             let k = connect(&admin)
                 .await?
                 .lift_kill(KillId { id })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
-            show(&out, &k, "Kill lifted.")
+            render::one(&out, &k, "Kill lifted.", kill_json, print_kill)
         }
         None => {
             let target = match (cmd.spiffe_id, cmd.entry, cmd.agent, cmd.selector) {
@@ -143,16 +95,16 @@ pub async fn kill(cmd: KillCmd) -> Result<(), String> {
                 (None, None, Some(v), None) => Target::AgentId(v),
                 (None, None, None, Some(v)) => Target::Selector(v),
                 _ => {
-                    return Err(
-                        "invalid field `target`: give exactly one of --spiffe-id, --entry, --agent, --selector"
-                            .into(),
-                    );
+                    return Err(CliError::field(
+                        "target",
+                        "give exactly one of --spiffe-id, --entry, --agent, --selector",
+                    ));
                 }
             };
             let reason = cmd
                 .reason
                 .filter(|r| !r.trim().is_empty())
-                .ok_or("invalid field `reason`: --reason is required (say why)")?;
+                .ok_or(CliError::field("reason", "--reason is required (say why)"))?;
             let k = connect(&cmd.admin)
                 .await?
                 .create_kill(CreateKillRequest {
@@ -161,10 +113,9 @@ pub async fn kill(cmd: KillCmd) -> Result<(), String> {
                     }),
                     reason,
                 })
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
-            show(&cmd.out, &k, "Kill created.")
+            render::one(&cmd.out, &k, "Kill created.", kill_json, print_kill)
         }
     }
 }

@@ -1,6 +1,12 @@
 //! `server.toml` (every key in deploy/config/server.toml), unknown keys refused,
 //! every duration bounded (see the `MAX_*` constants), `log_level` one of
 //! the level names, and every path absolute.
+//!
+//! Each table is its own type with its own validation, in its own module:
+//! [`datastore`] (`[datastore]`), [`attestation`] (`[x509pop]`, `[tpm]`),
+//! [`federation`] (`[bundle_endpoint]`, `[[federation]]`, `[oidc]`), and
+//! `[limits]` in `crate::limits`. This module holds the top-level keys and
+//! [`ServerConfig::parse`], which validates them and calls each section.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +14,19 @@ use std::time::Duration;
 use serde::Deserialize;
 use sigil_core::TrustDomain;
 use sigil_core::duration::parse_field;
+
+mod attestation;
+mod datastore;
+mod federation;
+
+pub use attestation::TpmConfig;
+use attestation::{RawTpm, RawX509Pop};
+use datastore::RawDatastore;
+pub use datastore::{
+    DEFAULT_POOL_SIZE, DatastoreKind, MAX_POOL_SIZE, PostgresConfig, postgres_url,
+};
+pub use federation::{BundleEndpointConfig, EndpointProfile, FederationConfig, OidcConfig};
+use federation::{RawBundleEndpoint, RawFederation, RawOidc};
 
 /// Built-in admin socket path (DESIGN.md).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
@@ -31,7 +50,7 @@ pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "o
 
 /// Refuses a relative path: the service's working directory is not part
 /// of its configuration.
-fn absolute(key: &'static str, p: &Path) -> Result<(), ConfigError> {
+pub(super) fn absolute(key: &'static str, p: &Path) -> Result<(), ConfigError> {
     if p.as_os_str().is_empty() {
         return Err(key_err(key, "must not be empty"));
     }
@@ -130,84 +149,7 @@ fn default_review_max_ttl() -> String {
     "24h".into()
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawX509Pop {
-    ca_bundle_path: PathBuf,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTpm {
-    #[serde(default)]
-    ek_hashes: Vec<String>,
-    #[serde(default)]
-    ek_ca_path: Option<PathBuf>,
-    #[serde(default = "default_pcrs")]
-    pcrs: Vec<u32>,
-}
-
-fn default_pcrs() -> Vec<u32> {
-    vec![0, 7]
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBundleEndpoint {
-    #[serde(default = "default_bind_address")]
-    address: String,
-    port: u16,
-    #[serde(default = "default_profile")]
-    profile: String,
-    #[serde(default)]
-    cert_path: Option<PathBuf>,
-    #[serde(default)]
-    key_path: Option<PathBuf>,
-    #[serde(default)]
-    refresh_hint: Option<String>,
-}
-
-fn default_profile() -> String {
-    "https_spiffe".into()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFederation {
-    trust_domain: String,
-    bundle_endpoint_url: String,
-    #[serde(default = "default_profile")]
-    profile: String,
-    #[serde(default)]
-    endpoint_spiffe_id: Option<String>,
-    #[serde(default)]
-    ca_bundle_path: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOidc {
-    #[serde(default = "default_bind_address")]
-    address: String,
-    port: u16,
-    issuer: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDatastore {
-    kind: String,
-    #[serde(default)]
-    url: Option<String>,
-    #[serde(default)]
-    password_file: Option<PathBuf>,
-    #[serde(default)]
-    sslmode: Option<String>,
-    #[serde(default)]
-    pool_size: Option<u32>,
-}
-
-fn default_bind_address() -> String {
+pub(super) fn default_bind_address() -> String {
     "127.0.0.1".into()
 }
 fn default_bind_port() -> u16 {
@@ -234,133 +176,6 @@ fn default_agent_ttl() -> String {
 
 fn default_true() -> bool {
     true
-}
-
-/// Which datastore backs the server.
-#[derive(Debug, Clone)]
-pub enum DatastoreKind {
-    /// redb file under `data_dir` (default).
-    Redb,
-    /// A PostgreSQL database, shared by several servers.
-    Postgres(Box<PostgresConfig>),
-}
-
-/// Largest `datastore.pool_size`.
-pub const MAX_POOL_SIZE: u32 = 256;
-/// Default `datastore.pool_size`.
-pub const DEFAULT_POOL_SIZE: u32 = 8;
-
-/// `[datastore] kind = "postgres"`.
-#[derive(Clone)]
-pub struct PostgresConfig {
-    /// The parsed `url` (it may hold a password: never logged, and shown
-    /// by `Debug` without it).
-    pub client: postgres::Config,
-    /// `password_file`: read at start, must be 0600 or stricter.
-    pub password_file: Option<PathBuf>,
-    /// Connections kept open at most.
-    pub pool_size: u32,
-}
-
-impl std::fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("target", &crate::datastore::describe_target(&self.client))
-            .field("password_file", &self.password_file)
-            .field("pool_size", &self.pool_size)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `sslmode` values: only `disable` is implemented so far.
-const SSLMODES: [&str; 3] = ["disable", "require", "verify-full"];
-
-/// Parses and checks a `postgres://user@host:port/dbname` URL (key
-/// `datastore.url`); errors never quote it, since it may hold a password.
-pub fn postgres_url(url: &str) -> Result<postgres::Config, ConfigError> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(key_err(
-            "datastore.url",
-            "must be a postgres:// URL (postgres://user@host:port/dbname)",
-        ));
-    }
-    let client: postgres::Config = url
-        .parse()
-        .map_err(|e| key_err("datastore.url", format!("not a valid PostgreSQL URL: {e}")))?;
-    if url.contains("sslmode=") {
-        return Err(key_err(
-            "datastore.url",
-            "set TLS with datastore.sslmode, not in the URL",
-        ));
-    }
-    if client.get_user().is_none_or(str::is_empty) {
-        return Err(key_err(
-            "datastore.url",
-            "names no user (postgres://user@host:port/dbname)",
-        ));
-    }
-    if client.get_dbname().is_none_or(str::is_empty) {
-        return Err(key_err(
-            "datastore.url",
-            "names no database (postgres://user@host:port/dbname)",
-        ));
-    }
-    if client.get_hosts().is_empty() {
-        return Err(key_err(
-            "datastore.url",
-            "names no host (postgres://user@host:port/dbname)",
-        ));
-    }
-    Ok(client)
-}
-
-fn postgres_config(d: RawDatastore) -> Result<PostgresConfig, ConfigError> {
-    let url = d
-        .url
-        .ok_or_else(|| key_err("datastore.url", "required for kind = \"postgres\""))?;
-    let mut client = postgres_url(&url)?;
-    if d.password_file.is_some() && client.get_password().is_some() {
-        return Err(key_err(
-            "datastore.password_file",
-            "the URL already has a password: give one or the other",
-        ));
-    }
-    if let Some(p) = &d.password_file {
-        absolute("datastore.password_file", p)?;
-    }
-    match d.sslmode.as_deref().unwrap_or("disable") {
-        "disable" => {
-            client.ssl_mode(postgres::config::SslMode::Disable);
-        }
-        "require" | "verify-full" => {
-            return Err(key_err(
-                "datastore.sslmode",
-                "TLS to PostgreSQL is not implemented yet: use \"disable\" over a Unix socket \
-                 or a trusted network",
-            ));
-        }
-        other => {
-            return Err(key_err(
-                "datastore.sslmode",
-                format!(
-                    "unknown mode {other:?} (expected one of {})",
-                    SSLMODES.join(", ")
-                ),
-            ));
-        }
-    }
-    let pool_size = d.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
-    if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
-        return Err(key_err(
-            "datastore.pool_size",
-            format!("{pool_size} is out of range (1 to {MAX_POOL_SIZE})"),
-        ));
-    }
-    Ok(PostgresConfig {
-        client,
-        password_file: d.password_file,
-        pool_size,
-    })
 }
 
 /// A validated server configuration.
@@ -424,78 +239,6 @@ pub struct GovernanceConfig {
     pub approvers_gid: Option<u32>,
 }
 
-/// `[tpm]`: which TPMs may attest, and what to quote.
-#[derive(Debug, Clone)]
-pub struct TpmConfig {
-    /// Allowed EK public key hashes (hex SHA-256), for EKs without a certificate.
-    pub ek_hashes: Vec<String>,
-    /// PEM EK CA certificates, for EKs with a manufacturer certificate.
-    pub ek_ca_path: Option<PathBuf>,
-    /// sha256-bank PCRs every quote must cover.
-    pub pcrs: Vec<u8>,
-}
-
-/// How a bundle endpoint authenticates itself (SPIFFE Federation §5).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EndpointProfile {
-    /// TLS with the server's own X.509-SVID.
-    HttpsSpiffe,
-    /// TLS with a Web PKI certificate.
-    HttpsWeb,
-}
-
-/// `[bundle_endpoint]`: serve this trust domain's bundle to federated peers.
-#[derive(Debug, Clone)]
-pub struct BundleEndpointConfig {
-    pub addr: std::net::SocketAddr,
-    pub profile: EndpointProfile,
-    /// https_web: PEM certificate chain and key.
-    pub cert_path: Option<PathBuf>,
-    pub key_path: Option<PathBuf>,
-    pub refresh_hint: Duration,
-}
-
-/// `[[federation]]`: a foreign trust domain whose bundle endpoint we poll.
-#[derive(Debug, Clone)]
-pub struct FederationConfig {
-    pub trust_domain: TrustDomain,
-    pub url: http::Uri,
-    pub profile: EndpointProfile,
-    /// https_spiffe: the SPIFFE ID the endpoint must present.
-    pub endpoint_spiffe_id: Option<sigil_core::SpiffeId>,
-    /// https_web: PEM roots to verify the endpoint with.
-    pub ca_bundle_path: Option<PathBuf>,
-}
-
-/// `[oidc]`: OpenID Connect discovery for JWT-SVID verifiers.
-#[derive(Debug, Clone)]
-pub struct OidcConfig {
-    pub addr: std::net::SocketAddr,
-    pub issuer: String,
-}
-
-fn profile(key: &'static str, v: &str) -> Result<EndpointProfile, ConfigError> {
-    match v {
-        "https_spiffe" => Ok(EndpointProfile::HttpsSpiffe),
-        "https_web" => Ok(EndpointProfile::HttpsWeb),
-        other => Err(key_err(
-            key,
-            format!("unknown profile {other:?} (expected https_spiffe or https_web)"),
-        )),
-    }
-}
-
-fn socket_addr(
-    key: &'static str,
-    address: &str,
-    port: u16,
-) -> Result<std::net::SocketAddr, ConfigError> {
-    let ip: std::net::IpAddr = address
-        .parse()
-        .map_err(|_| key_err(key, format!("{address:?} is not an IP address")))?;
-    Ok(std::net::SocketAddr::new(ip, port))
-}
-
 /// A config error, naming the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -507,11 +250,59 @@ pub enum ConfigError {
     Key { key: &'static str, reason: String },
 }
 
-fn key_err(key: &'static str, reason: impl ToString) -> ConfigError {
+pub(super) fn key_err(key: &'static str, reason: impl ToString) -> ConfigError {
     ConfigError::Key {
         key,
         reason: reason.to_string(),
     }
+}
+
+/// A duration key, bounded by `max`; the error names the key.
+pub(super) fn duration(key: &'static str, v: &str, max: Duration) -> Result<Duration, ConfigError> {
+    parse_field(key, v, max).map_err(|e| key_err(key, e.detail()))
+}
+
+/// The audit keys: `audit_checkpoint_every` in range, the checkpoint
+/// interval at least a second, and `audit_retention` (when set) no shorter
+/// than `ca_ttl`. Returns the interval and the retention.
+fn audit_keys(
+    every: u64,
+    interval: &str,
+    retention: Option<&str>,
+    ca_ttl: Duration,
+) -> Result<(Duration, Option<Duration>), ConfigError> {
+    if !(1..=MAX_AUDIT_CHECKPOINT_EVERY).contains(&every) {
+        return Err(key_err(
+            "audit_checkpoint_every",
+            format!("{every} is out of range (1 to {MAX_AUDIT_CHECKPOINT_EVERY} records)"),
+        ));
+    }
+    let interval = duration(
+        "audit_checkpoint_interval",
+        interval,
+        MAX_AUDIT_CHECKPOINT_INTERVAL,
+    )?;
+    if interval < Duration::from_secs(1) {
+        return Err(key_err("audit_checkpoint_interval", "must be at least 1s"));
+    }
+    let retention = retention
+        .map(|v| duration("audit_retention", v, MAX_AUDIT_RETENTION))
+        .transpose()?;
+    // No SVID outlives its CA, and a CA lives ca_ttl: a record older than
+    // ca_ttl lists only expired SVIDs, so pruning it never takes a killed
+    // serial off the CRL.
+    if let Some(r) = retention
+        && r < ca_ttl
+    {
+        return Err(key_err(
+            "audit_retention",
+            format!(
+                "must be at least ca_ttl ({}s): the CRL of killed SVIDs is rebuilt from the issuance records of that window",
+                ca_ttl.as_secs()
+            ),
+        ));
+    }
+    Ok((interval, retention))
 }
 
 impl ServerConfig {
@@ -540,9 +331,7 @@ impl ServerConfig {
                 format!("{:?} is not an IP address", raw.bind_address),
             )
         })?;
-        let dur = |key: &'static str, v: &str, max: Duration| {
-            parse_field(key, v, max).map_err(|e| key_err(key, e.detail()))
-        };
+        let dur = duration;
         let ca_ttl = dur("ca_ttl", &raw.ca_ttl, MAX_CA_TTL)?;
         let default_x509_svid_ttl = dur(
             "default_x509_svid_ttl",
@@ -555,241 +344,37 @@ impl ServerConfig {
             MAX_SVID_TTL,
         )?;
         let agent_svid_ttl = dur("agent_svid_ttl", &raw.agent_svid_ttl, MAX_SVID_TTL)?;
-        if !(1..=MAX_AUDIT_CHECKPOINT_EVERY).contains(&raw.audit_checkpoint_every) {
-            return Err(key_err(
-                "audit_checkpoint_every",
-                format!(
-                    "{} is out of range (1 to {MAX_AUDIT_CHECKPOINT_EVERY} records)",
-                    raw.audit_checkpoint_every
-                ),
-            ));
-        }
-        let audit_checkpoint_interval = dur(
-            "audit_checkpoint_interval",
+        let (audit_checkpoint_interval, audit_retention) = audit_keys(
+            raw.audit_checkpoint_every,
             &raw.audit_checkpoint_interval,
-            MAX_AUDIT_CHECKPOINT_INTERVAL,
+            raw.audit_retention.as_deref(),
+            ca_ttl,
         )?;
-        if audit_checkpoint_interval < Duration::from_secs(1) {
-            return Err(key_err("audit_checkpoint_interval", "must be at least 1s"));
-        }
-        let audit_retention = raw
-            .audit_retention
-            .as_deref()
-            .map(|v| dur("audit_retention", v, MAX_AUDIT_RETENTION))
-            .transpose()?;
-        // No SVID outlives its CA, and a CA lives ca_ttl: a record older
-        // than ca_ttl lists only expired SVIDs, so pruning it never takes
-        // a killed serial off the CRL.
-        if let Some(r) = audit_retention
-            && r < ca_ttl
-        {
-            return Err(key_err(
-                "audit_retention",
-                format!(
-                    "must be at least ca_ttl ({}s): the CRL of killed SVIDs is rebuilt from the issuance records of that window",
-                    ca_ttl.as_secs()
-                ),
-            ));
-        }
         if default_x509_svid_ttl > ca_ttl {
             return Err(key_err("default_x509_svid_ttl", "must not exceed ca_ttl"));
         }
-        let datastore = match raw.datastore {
-            None => DatastoreKind::Redb,
-            Some(d) => match d.kind.as_str() {
-                "redb" => {
-                    for (key, set) in [
-                        ("datastore.url", d.url.is_some()),
-                        ("datastore.password_file", d.password_file.is_some()),
-                        ("datastore.sslmode", d.sslmode.is_some()),
-                        ("datastore.pool_size", d.pool_size.is_some()),
-                    ] {
-                        if set {
-                            return Err(key_err(key, "not used by the redb datastore"));
-                        }
-                    }
-                    DatastoreKind::Redb
-                }
-                "postgres" => DatastoreKind::Postgres(Box::new(postgres_config(d)?)),
-                other => {
-                    return Err(key_err(
-                        "datastore.kind",
-                        format!("unknown kind {other:?} (expected redb or postgres)"),
-                    ));
-                }
-            },
-        };
-        let tpm = match raw.tpm {
-            None => None,
-            Some(t) => {
-                let mut pcrs = Vec::with_capacity(t.pcrs.len());
-                for p in t.pcrs {
-                    if p > 23 {
-                        return Err(key_err(
-                            "tpm.pcrs",
-                            format!("PCR {p} does not exist (0-23)"),
-                        ));
-                    }
-                    pcrs.push(p as u8);
-                }
-                if pcrs.is_empty() {
-                    return Err(key_err("tpm.pcrs", "quote at least one PCR"));
-                }
-                for h in &t.ek_hashes {
-                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                        return Err(key_err(
-                            "tpm.ek_hashes",
-                            format!("{h:?} is not a hex SHA-256"),
-                        ));
-                    }
-                }
-                if t.ek_hashes.is_empty() && t.ek_ca_path.is_none() {
-                    return Err(key_err(
-                        "tpm.ek_hashes",
-                        "give ek_hashes or ek_ca_path: no TPM could attest otherwise",
-                    ));
-                }
-                Some(TpmConfig {
-                    ek_hashes: t.ek_hashes.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                    ek_ca_path: t.ek_ca_path,
-                    pcrs,
-                })
-            }
-        };
+        let datastore = RawDatastore::validate(raw.datastore)?;
+        let tpm = raw.tpm.map(RawTpm::validate).transpose()?;
+        let x509pop_ca_bundle = raw.x509pop.map(RawX509Pop::validate).transpose()?;
+        let bundle_endpoint = raw
+            .bundle_endpoint
+            .map(RawBundleEndpoint::validate)
+            .transpose()?;
+        let federation = raw
+            .federation
+            .into_iter()
+            .map(|f| f.validate(&trust_domain))
+            .collect::<Result<Vec<_>, _>>()?;
+        let oidc = raw.oidc.as_ref().map(RawOidc::validate).transpose()?;
         let jwt_key_type = match &raw.jwt_key_type {
             None => sigil_core::jwt::JwtKeyType::default(),
             Some(k) => {
                 sigil_core::jwt::JwtKeyType::parse(k).map_err(|e| key_err("jwt_key_type", e))?
             }
         };
-        let bundle_endpoint = match raw.bundle_endpoint {
-            None => None,
-            Some(b) => {
-                let profile = profile("bundle_endpoint.profile", &b.profile)?;
-                if profile == EndpointProfile::HttpsWeb
-                    && (b.cert_path.is_none() || b.key_path.is_none())
-                {
-                    return Err(key_err(
-                        "bundle_endpoint.cert_path",
-                        "https_web needs cert_path and key_path",
-                    ));
-                }
-                let refresh_hint = match &b.refresh_hint {
-                    Some(v) => dur("bundle_endpoint.refresh_hint", v, MAX_REFRESH_HINT)?,
-                    None => Duration::from_secs(300),
-                };
-                Some(BundleEndpointConfig {
-                    addr: socket_addr("bundle_endpoint.address", &b.address, b.port)?,
-                    profile,
-                    cert_path: b.cert_path,
-                    key_path: b.key_path,
-                    refresh_hint,
-                })
-            }
-        };
-        let mut federation = Vec::new();
-        for f in raw.federation {
-            let td = TrustDomain::new(&f.trust_domain).map_err(|e| {
-                key_err(
-                    "federation.trust_domain",
-                    format!("{:?}: {e}", f.trust_domain),
-                )
-            })?;
-            if td == trust_domain {
-                return Err(key_err(
-                    "federation.trust_domain",
-                    "cannot federate with the server's own trust domain",
-                ));
-            }
-            let url: http::Uri = f.bundle_endpoint_url.parse().map_err(|e| {
-                key_err(
-                    "federation.bundle_endpoint_url",
-                    format!("{:?}: {e}", f.bundle_endpoint_url),
-                )
-            })?;
-            if url.scheme_str() != Some("https") || url.host().is_none() {
-                return Err(key_err(
-                    "federation.bundle_endpoint_url",
-                    format!("{:?} must be an https:// URL", f.bundle_endpoint_url),
-                ));
-            }
-            let profile = profile("federation.profile", &f.profile)?;
-            let endpoint_spiffe_id = match (&profile, &f.endpoint_spiffe_id) {
-                (EndpointProfile::HttpsSpiffe, Some(id)) => {
-                    let id = sigil_core::SpiffeId::new(id).map_err(|e| {
-                        key_err("federation.endpoint_spiffe_id", format!("{id:?}: {e}"))
-                    })?;
-                    if !id.is_member_of(&td) {
-                        return Err(key_err(
-                            "federation.endpoint_spiffe_id",
-                            format!("{id} is not in {td}"),
-                        ));
-                    }
-                    Some(id)
-                }
-                (EndpointProfile::HttpsSpiffe, None) => {
-                    return Err(key_err(
-                        "federation.endpoint_spiffe_id",
-                        "required for https_spiffe",
-                    ));
-                }
-                (EndpointProfile::HttpsWeb, _) => None,
-            };
-            if profile == EndpointProfile::HttpsWeb && f.ca_bundle_path.is_none() {
-                return Err(key_err(
-                    "federation.ca_bundle_path",
-                    "required for https_web (no system roots are used)",
-                ));
-            }
-            federation.push(FederationConfig {
-                trust_domain: td,
-                url,
-                profile,
-                endpoint_spiffe_id,
-                ca_bundle_path: f.ca_bundle_path,
-            });
-        }
-        let oidc = match &raw.oidc {
-            None => None,
-            Some(o) => {
-                let iss: http::Uri = o
-                    .issuer
-                    .parse()
-                    .map_err(|e| key_err("oidc.issuer", format!("{:?}: {e}", o.issuer)))?;
-                if !matches!(iss.scheme_str(), Some("https" | "http")) || iss.host().is_none() {
-                    return Err(key_err(
-                        "oidc.issuer",
-                        format!("{:?} must be an http(s) URL", o.issuer),
-                    ));
-                }
-                Some(OidcConfig {
-                    addr: socket_addr("oidc.address", &o.address, o.port)?,
-                    issuer: o.issuer.trim_end_matches('/').to_string(),
-                })
-            }
-        };
         absolute("data_dir", &raw.data_dir)?;
         if let Some(p) = &raw.admin_socket {
             absolute("admin_socket", p)?;
-        }
-        if let Some(x) = &raw.x509pop {
-            absolute("x509pop.ca_bundle_path", &x.ca_bundle_path)?;
-        }
-        if let Some(p) = tpm.as_ref().and_then(|t| t.ek_ca_path.as_ref()) {
-            absolute("tpm.ek_ca_path", p)?;
-        }
-        if let Some(b) = &bundle_endpoint {
-            if let Some(p) = &b.cert_path {
-                absolute("bundle_endpoint.cert_path", p)?;
-            }
-            if let Some(p) = &b.key_path {
-                absolute("bundle_endpoint.key_path", p)?;
-            }
-        }
-        for f in &federation {
-            if let Some(p) = &f.ca_bundle_path {
-                absolute("federation.ca_bundle_path", p)?;
-            }
         }
         let log_level = log_level(raw.log_level)?;
         Ok(ServerConfig {
@@ -824,7 +409,7 @@ impl ServerConfig {
                 sigil_core::x509::CsrSignature::TrustChannel
             },
             audit_issuance: raw.audit_issuance,
-            x509pop_ca_bundle: raw.x509pop.map(|x| x.ca_bundle_path),
+            x509pop_ca_bundle,
             tpm,
             bundle_endpoint,
             federation,

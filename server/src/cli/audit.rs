@@ -18,11 +18,12 @@ use sigil_core::audit::{self, AuditPublicKey};
 use sigil_proto::admin::ExportAuditRequest;
 use sigil_proto::admin::{GetAuditKeyRequest, QueryAuditRequest};
 
-use crate::cli::{AdminArgs, Output, OutputArgs, connect, status};
+use super::{AdminArgs, CliError, Output, OutputArgs, connect, render};
 
 /// Audit records fetched per admin call.
 const PAGE: u32 = 10_000;
 
+/// `sigil-server audit ...`.
 #[derive(Subcommand)]
 pub enum AuditCmd {
     /// Write the audit trail as JSON lines (one record each) to stdout.
@@ -86,27 +87,26 @@ fn query_request(
     jti: Option<String>,
     agent: Option<String>,
     since: Option<String>,
-) -> Result<QueryAuditRequest, String> {
-    let id = |field: &str, v: Option<String>| -> Result<String, String> {
+) -> Result<QueryAuditRequest, CliError> {
+    let id = |field: &'static str, v: Option<String>| -> Result<String, CliError> {
         match v {
             None => Ok(String::new()),
             Some(v) => sigil_core::SpiffeId::new(&v)
                 .map(|id| id.to_string())
-                .map_err(|e| format!("invalid field `{field}`: {v:?}: {e}")),
+                .map_err(|e| CliError::field(field, format!("{v:?}: {e}"))),
         }
     };
     let serial = match serial {
         None => String::new(),
-        Some(s) => crate::state::normalize_serial(&s).map_err(|e| e.to_string())?,
+        Some(s) => crate::state::normalize_serial(&s)?,
     };
     if jti.as_deref() == Some("") {
-        return Err("invalid field `jti`: must not be empty".into());
+        return Err(CliError::field("jti", "must not be empty"));
     }
     let since_time = match since {
         None => 0,
-        Some(s) => time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
-            .map_err(|e| format!("invalid field `since`: {s:?} is not an RFC 3339 time: {e}"))?
-            .unix_timestamp()
+        Some(s) => super::parse_rfc3339(&s)
+            .map_err(|reason| CliError::field("since", reason))?
             .max(1),
     };
     Ok(QueryAuditRequest {
@@ -119,39 +119,8 @@ fn query_request(
     })
 }
 
-/// One record as a line for people: seq, time, kind, caller, then the event.
-fn pretty(line: &str) -> String {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-        return line.to_string();
-    };
-    let mut ev = v["event"].clone();
-    let kind = ev["kind"].as_str().unwrap_or("?").to_string();
-    if let Some(m) = ev.as_object_mut() {
-        m.remove("kind");
-        m.remove("entry");
-    }
-    let caller = match v["caller"]["kind"].as_str() {
-        Some("admin") => format!("admin(uid {})", v["caller"]["uid"]),
-        Some("agent") => format!(
-            "agent({})",
-            v["caller"]["spiffe_id"].as_str().unwrap_or("?")
-        ),
-        Some("node") => format!("node({})", v["caller"]["peer"].as_str().unwrap_or("?")),
-        Some("server") => format!("server({})", v["caller"]["task"].as_str().unwrap_or("?")),
-        _ => v["caller"].to_string(),
-    };
-    format!(
-        "{:>6}  {}  {:<24} {:<28} {}",
-        v["seq"].as_u64().unwrap_or(0),
-        v["at"].as_str().unwrap_or("?"),
-        kind,
-        caller,
-        ev
-    )
-}
-
 /// The whole trail from `since`, as JSON lines.
-async fn fetch(admin: &AdminArgs, since: u64) -> Result<String, String> {
+async fn fetch(admin: &AdminArgs, since: u64) -> Result<String, CliError> {
     let mut client = connect(admin).await?;
     let mut out = String::new();
     let mut next = since;
@@ -161,8 +130,7 @@ async fn fetch(admin: &AdminArgs, since: u64) -> Result<String, String> {
                 since: next,
                 limit: PAGE,
             })
-            .await
-            .map_err(status)?
+            .await?
             .into_inner()
             .lines;
         let n = lines.len();
@@ -178,7 +146,7 @@ async fn fetch(admin: &AdminArgs, since: u64) -> Result<String, String> {
 }
 
 /// Runs `sigil-server audit ...`.
-pub async fn audit(cmd: AuditCmd) -> Result<(), String> {
+pub async fn audit(cmd: AuditCmd) -> Result<(), CliError> {
     match cmd {
         AuditCmd::Export { since, admin } => {
             print!("{}", fetch(&admin, since).await?);
@@ -187,20 +155,20 @@ pub async fn audit(cmd: AuditCmd) -> Result<(), String> {
         AuditCmd::Verify { file, key, admin } => {
             let text = match &file {
                 Some(f) => std::fs::read(f)
-                    .map_err(|e| format!("invalid field `file`: {}: {e}", f.display()))?,
+                    .map_err(|e| CliError::field("file", format!("{}: {e}", f.display())))?,
                 None => fetch(&admin, 1).await?.into_bytes(),
             };
             let keys = key
                 .iter()
                 .map(|k| {
-                    let pem = std::fs::read_to_string(k)
-                        .map_err(|e| format!("invalid field `key`: {}: {e}", k.display()))?;
-                    AuditPublicKey::from_pem(&pem)
-                        .map_err(|e| format!("invalid field `key`: {}: {e}", k.display()))
+                    let bad = |e: &dyn std::fmt::Display| {
+                        CliError::field("key", format!("{}: {e}", k.display()))
+                    };
+                    let pem = std::fs::read_to_string(k).map_err(|e| bad(&e))?;
+                    AuditPublicKey::from_pem(&pem).map_err(|e| bad(&e))
                 })
-                .collect::<Result<Vec<_>, String>>()?;
-            let s = audit::verify_jsonl_keys(&text, &keys)
-                .map_err(|e| format!("audit chain verification failed: {e}"))?;
+                .collect::<Result<Vec<_>, CliError>>()?;
+            let s = audit::verify_jsonl_keys(&text, &keys)?;
             println!(
                 "OK: {} records, seq {} to {}, head {}",
                 s.records, s.first_seq, s.last_seq, s.head.hash
@@ -223,8 +191,7 @@ pub async fn audit(cmd: AuditCmd) -> Result<(), String> {
             let k = connect(&admin)
                 .await?
                 .get_audit_key(GetAuditKeyRequest {})
-                .await
-                .map_err(status)?
+                .await?
                 .into_inner();
             print!("{}", k.public_key_pem);
             Ok(())
@@ -239,16 +206,11 @@ pub async fn audit(cmd: AuditCmd) -> Result<(), String> {
             admin,
         } => {
             let req = query_request(spiffe_id, serial, jti, agent, since)?;
-            let r = connect(&admin)
-                .await?
-                .query_audit(req)
-                .await
-                .map_err(status)?
-                .into_inner();
+            let r = connect(&admin).await?.query_audit(req).await?.into_inner();
             for l in &r.lines {
                 match out.output {
                     Output::Json => println!("{l}"),
-                    Output::Pretty => println!("{}", pretty(l)),
+                    Output::Pretty => println!("{}", render::audit_line(l)),
                 }
             }
             if r.truncated {
