@@ -394,7 +394,7 @@ pub(crate) fn print_task(t: &sigil_proto::task::Task) {
 
 /// The health answer as JSON.
 pub(crate) fn health_json(h: &HealthResponse) -> Value {
-    let s = h.signing.clone().unwrap_or_default();
+    let s = h.signing.unwrap_or_default();
     json!({
         "healthy": true,
         "trust_domain": h.trust_domain,
@@ -413,7 +413,7 @@ pub(crate) fn health_json(h: &HealthResponse) -> Value {
 
 /// The health answer's details for people (`healthcheck --verbose`).
 pub(crate) fn print_health(h: &HealthResponse) {
-    let s = h.signing.clone().unwrap_or_default();
+    let s = h.signing.unwrap_or_default();
     println!("Trust domain     : {}", h.trust_domain);
     println!("Entries          : {}", h.entries);
     println!("Agents           : {}", h.agents);
