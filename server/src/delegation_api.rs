@@ -40,12 +40,16 @@ impl DelegationService {
 /// The trusted issuers of the configuration with their keys: JWKS files
 /// are read now (an unreadable or invalid file is an error naming it), and
 /// a refresh task is started for every JWKS URL.
-pub fn load_issuers(state: &ServerState) -> Result<Vec<Arc<TrustedIssuer>>, String> {
+pub fn load_issuers(
+    state: &ServerState,
+) -> Result<Vec<Arc<TrustedIssuer>>, crate::error::StartupError> {
     let mut out = Vec::new();
     for cfg in &state.cfg.delegation.trusted_issuers {
         let t = Arc::new(TrustedIssuer::new(cfg.clone()));
-        t.load_file()
-            .map_err(|e| format!("trusted_issuer {}: jwks_file {e}", cfg.issuer))?;
+        t.load_file().map_err(|e| crate::error::StartupError::Key {
+            key: "trusted_issuer.jwks_file",
+            reason: format!("issuer {}: {e}", cfg.issuer),
+        })?;
         if matches!(cfg.jwks, crate::trusted_issuer::JwksSource::Url { .. }) {
             tokio::spawn(crate::trusted_issuer::jwks_refresh_loop(t.clone()));
         }
