@@ -392,11 +392,16 @@ pub(crate) fn print_task(t: &sigil_proto::task::Task) {
 
 // ---- health ----
 
-/// The health answer as JSON.
+/// The health answer as JSON; `healthy` is false when the datastore is
+/// unreachable.
 pub(crate) fn health_json(h: &HealthResponse) -> Value {
     let s = h.signing.unwrap_or_default();
+    let ds = h.datastore.clone().unwrap_or_default();
+    let (datastore, cluster) = datastore_json(&ds, &h.cluster_servers);
     json!({
-        "healthy": true,
+        "healthy": ds.reachable,
+        "datastore": datastore,
+        "cluster_servers": cluster,
         "trust_domain": h.trust_domain,
         "entries": h.entries,
         "agents": h.agents,
