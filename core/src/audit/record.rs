@@ -138,6 +138,71 @@ pub fn next(head: Option<&Head>, time: i64, caller: Caller, event: Event) -> Rec
     record
 }
 
+/// [`next`], also returning the record's export line
+/// ([`Record::to_jsonl_line`]) from the same serialization: the hashed
+/// object is written once, hashed, and the line is that object with
+/// `"hash"` appended as its last member. An append stores the line as it
+/// is, so a record costs one serialization instead of two.
+pub fn next_with_line(
+    head: Option<&Head>,
+    time: i64,
+    caller: Caller,
+    event: Event,
+) -> (Record, String) {
+    let (seq, prev_hash) = match head {
+        Some(h) => (h.seq.saturating_add(1), h.hash),
+        None => (1, Digest::ZERO),
+    };
+    let mut record = Record {
+        seq,
+        time,
+        caller,
+        event,
+        prev_hash,
+        hash: Digest::ZERO,
+    };
+    let mut line = json(&record.out(false));
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(RECORD_DOMAIN);
+    ctx.update(line.as_bytes());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(ctx.finish().as_ref());
+    record.hash = Digest(hash);
+    // The object ends in `}`: reopen it for the last member.
+    line.pop();
+    line.push_str(",\"hash\":\"");
+    line.push_str(&hex::encode(hash));
+    line.push_str("\"}");
+    (record, line)
+}
+
+impl Head {
+    /// The head a stored export line leaves, read from its first member
+    /// (`{"seq":N,`) and its last (`,"hash":"<64 hex digits>"}`) without
+    /// decoding the record between them: appending after a record needs
+    /// only these two, and a batch record can be tens of kilobytes.
+    /// Nothing else of the line is checked; [`super::verify`] checks every
+    /// record in full.
+    pub fn of_line(line: &str) -> Result<Head, LineError> {
+        let bad =
+            || LineError::Json("expected a record line: `{\"seq\":N,...,\"hash\":\"...\"}`".into());
+        let rest = line.strip_prefix("{\"seq\":").ok_or_else(bad)?;
+        let digits = rest.split(',').next().unwrap_or_default();
+        let seq: u64 = digits.parse().map_err(|_| bad())?;
+        if seq.to_string() != digits {
+            return Err(LineError::NotCanonical);
+        }
+        let body = line.strip_suffix("\"}").ok_or_else(bad)?;
+        let split = body.len().checked_sub(64).ok_or_else(bad)?;
+        let (before, hex_hash) = (body.get(..split).ok_or_else(bad)?, &body[split..]);
+        if !before.ends_with(",\"hash\":\"") {
+            return Err(bad());
+        }
+        let hash = hex_hash.parse().map_err(|_| LineError::NotCanonical)?;
+        Ok(Head { seq, hash })
+    }
+}
+
 /// The JSON object a record is written as. Field order is the encoding's
 /// field order; `hash` is absent from the hashed form.
 #[derive(Serialize)]

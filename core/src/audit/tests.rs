@@ -339,6 +339,66 @@ fn next_starts_at_one_and_links_to_the_head() {
 }
 
 #[test]
+fn next_with_line_agrees_with_next_and_the_export_line() {
+    let key = AuditKey::generate().unwrap();
+    let records = chain(60, 9, &key);
+    let mut head = None;
+    for (i, r) in records.iter().enumerate() {
+        let (built, line) =
+            next_with_line(head.as_ref(), r.time, r.caller.clone(), r.event.clone());
+        assert_eq!(
+            built,
+            next(head.as_ref(), r.time, r.caller.clone(), r.event.clone()),
+            "record {i}"
+        );
+        assert_eq!(line, built.to_jsonl_line(), "record {i}");
+        assert_eq!(built.hash, built.compute_hash(), "record {i}");
+        assert_eq!(Record::from_jsonl_line(&line).unwrap(), built);
+        assert_eq!(Head::of_line(&line).unwrap(), built.head());
+        head = Some(built.head());
+    }
+}
+
+#[test]
+fn a_head_is_read_from_the_ends_of_a_line_only_when_they_are_well_formed() {
+    let r = next(
+        Some(&Head {
+            seq: 41,
+            hash: Digest::sha256(b"41"),
+        }),
+        7,
+        caller(0),
+        event(3),
+    );
+    let line = r.to_jsonl_line();
+    assert_eq!(
+        Head::of_line(&line).unwrap(),
+        Head {
+            seq: 42,
+            hash: r.hash
+        }
+    );
+    let hex = r.hash.to_string();
+    for bad in [
+        String::new(),
+        "{}".to_string(),
+        line.replacen("{\"seq\":42,", "{\"seq\":042,", 1),
+        line.replacen("{\"seq\":42,", "{\"seq\":-42,", 1),
+        line.replacen("{\"seq\":42,", "{\"seq\":42", 1),
+        line.replacen("{\"seq\":42,", "{ \"seq\":42,", 1),
+        line.replace(&hex, &hex.to_uppercase()),
+        line.replace(&hex, &hex[1..]),
+        line.replace(",\"hash\":\"", ",\"hash\": \""),
+        line.strip_suffix('}').unwrap().to_string(),
+        format!("{line}\n"),
+        // 64 bytes from the end falls inside a character.
+        format!("{{\"seq\":1,\"hash\":\"\u{e9}{}\"}}", &hex[..63]),
+    ] {
+        assert!(Head::of_line(&bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
 fn verify_passes_on_a_long_chain_with_checkpoints() {
     let key = AuditKey::generate().unwrap();
     let records = chain(300, 24, &key);

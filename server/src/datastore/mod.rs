@@ -130,6 +130,13 @@ pub trait WriteTx: ReadTx {
     /// [`append_audit`], which builds it from the head in this
     /// transaction, so appends are serialized on the chain head).
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError>;
+    /// [`WriteTx::put_audit`] with the record's export line already
+    /// rendered (`line == r.to_jsonl_line()`), for a backend that stores
+    /// the line as it is; by default the line is rendered again.
+    fn put_audit_line(&mut self, r: &audit::Record, line: &str) -> Result<(), StoreError> {
+        let _ = line;
+        self.put_audit(r)
+    }
     /// Deletes the audit records with `seq <= through` (retention) and
     /// returns how many went. Only ever a prefix of the chain, followed by
     /// a checkpoint that anchors what remains.
@@ -144,8 +151,9 @@ pub fn append_audit(
     event: audit::Event,
 ) -> Result<(), RegistryError> {
     let head = tx.audit_head()?;
-    let rec = audit::next(head.as_ref(), sigil_core::now_unix(), caller.clone(), event);
-    tx.put_audit(&rec)?;
+    let (rec, line) =
+        audit::next_with_line(head.as_ref(), sigil_core::now_unix(), caller.clone(), event);
+    tx.put_audit_line(&rec, &line)?;
     Ok(())
 }
 

@@ -415,6 +415,22 @@ pub(super) fn decode_audit(seq: u64, line: &str) -> Result<audit::Record, StoreE
     Ok(r)
 }
 
+/// The chain head left by the audit line stored at `seq`, read from the
+/// line's ends ([`audit::Head::of_line`]) instead of decoding the whole
+/// record: every append reads the head, and a mint batch's record lists
+/// hundreds of SVIDs.
+pub(super) fn audit_head_of(seq: u64, line: &str) -> Result<audit::Head, StoreError> {
+    let head = audit::Head::of_line(line)
+        .map_err(|e| StoreError::Corrupt(format!("audit record {seq}: {e}")))?;
+    if head.seq != seq {
+        return Err(StoreError::Corrupt(format!(
+            "audit record stored at {seq} says seq {}",
+            head.seq
+        )));
+    }
+    Ok(head)
+}
+
 pub(super) fn decode_bundle(key: &str, b: &[u8]) -> Result<FederatedBundle, StoreError> {
     FederatedBundle::decode(b)
         .map_err(|e| StoreError::Corrupt(format!("federated bundle {key:?}: {e}")))

@@ -15,7 +15,9 @@ use sigil_core::audit;
 use sigil_core::entry::Entry;
 use sigil_proto::common::FederatedBundle;
 
-use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
+use super::records::{
+    audit_head_of, decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry,
+};
 use super::{
     AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, ServerKeysRecord, StoreError,
     TaskRecord, TokenRecord, UsageMark, WriteTx,
@@ -196,7 +198,7 @@ macro_rules! read_tx {
             fn audit_head(&self) -> Result<Option<audit::Head>, StoreError> {
                 let t = self.open_table(AUDIT).map_err(be)?;
                 let last = t.last().map_err(be)?;
-                last.map(|(k, v)| decode_audit(k.value(), v.value()).map(|r| r.head()))
+                last.map(|(k, v)| audit_head_of(k.value(), v.value()))
                     .transpose()
             }
             fn audit_records(
@@ -324,10 +326,12 @@ impl WriteTx for WriteTransaction {
         Ok(take(self, SERVER_KEYS, id)?.is_some())
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
-        let line = r.to_jsonl_line();
+        self.put_audit_line(r, &r.to_jsonl_line())
+    }
+    fn put_audit_line(&mut self, r: &audit::Record, line: &str) -> Result<(), StoreError> {
         self.open_table(AUDIT)
             .map_err(be)?
-            .insert(r.seq, line.as_str())
+            .insert(r.seq, line)
             .map_err(be)?;
         Ok(())
     }

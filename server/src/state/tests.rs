@@ -462,3 +462,72 @@ fn a_mint_batch_is_one_record_of_the_serials_actually_signed() {
     .unwrap();
     assert_eq!(v.claims["jti"], serde_json::json!(jti));
 }
+
+#[test]
+fn concurrent_mint_batches_are_each_audited_once_on_one_chain() {
+    use sigil_core::audit::Event;
+    let t = temp_state();
+    let s = &t.state;
+    attest(s, AGENT);
+    let entries: Vec<String> = (0..4)
+        .map(|i| {
+            s.create_entry(
+                &admin(),
+                entry(AGENT, &format!("spiffe://example.org/c/{i}")),
+            )
+            .unwrap()
+            .id
+        })
+        .collect();
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (s, barrier, entries) = (s.clone(), barrier.clone(), entries.clone());
+            std::thread::spawn(move || {
+                let batch: Vec<(String, Vec<u8>)> = entries
+                    .iter()
+                    .map(|e| (e.clone(), new_key_and_csr().unwrap().0))
+                    .collect();
+                barrier.wait();
+                let mut serials = Vec::new();
+                for _ in 0..3 {
+                    let out = s.mint_for_agent(&id(AGENT), &batch).unwrap();
+                    let mut batch_serials: Vec<String> = out
+                        .iter()
+                        .map(|r| SvidInfo::from_der(&r.as_ref().unwrap()[0]).unwrap().serial)
+                        .collect();
+                    batch_serials.sort();
+                    serials.push(batch_serials);
+                }
+                serials
+            })
+        })
+        .collect();
+    let mut returned: Vec<Vec<String>> = threads
+        .into_iter()
+        .flat_map(|th| th.join().unwrap())
+        .collect();
+    let mut recorded: Vec<Vec<String>> = issuance_records(s)
+        .into_iter()
+        .map(|e| match e {
+            Event::X509SvidsIssued { svids, .. } => {
+                let mut v: Vec<String> = svids.into_iter().map(|x| x.serial).collect();
+                v.sort();
+                v
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    returned.sort();
+    recorded.sort();
+    // One record per batch, listing exactly the serials that batch returned.
+    assert_eq!(recorded.len(), 24);
+    assert_eq!(recorded, returned);
+    let chain = s
+        .store
+        .read()
+        .unwrap()
+        .audit_records(0, usize::MAX)
+        .unwrap();
+    sigil_core::audit::verify(&chain, None).unwrap();
+}

@@ -30,36 +30,35 @@ struct Mark {
 /// The in-memory marks.
 #[derive(Default)]
 pub(super) struct Usage {
-    marks: Mutex<HashMap<(UsageKind, String), Mark>>,
+    /// By kind, then ID (so that a lookup by `&str` allocates nothing: the
+    /// mint path notes every entry of every batch).
+    marks: Mutex<HashMap<UsageKind, HashMap<String, Mark>>>,
 }
 
 impl Usage {
     /// Loads the stored marks.
     pub(super) fn load(marks: Vec<UsageMark>) -> Self {
         Self {
-            marks: Mutex::new(
-                marks
-                    .into_iter()
-                    .map(|m| {
-                        (
-                            (m.kind, m.id),
-                            Mark {
-                                at: m.at,
-                                dirty: false,
-                            },
-                        )
-                    })
-                    .collect(),
-            ),
+            marks: Mutex::new(marks.into_iter().fold(HashMap::new(), |mut by_kind, m| {
+                by_kind.entry(m.kind).or_insert_with(HashMap::new).insert(
+                    m.id,
+                    Mark {
+                        at: m.at,
+                        dirty: false,
+                    },
+                );
+                by_kind
+            })),
         }
     }
 
     /// Records activity at `now` for each of `ids`, unless its mark moved
     /// less than [`RESOLUTION`] ago. One lock for the whole batch.
     fn note<'a>(&self, kind: UsageKind, ids: impl IntoIterator<Item = &'a str>, now: i64) {
-        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_kind = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let marks = by_kind.entry(kind).or_default();
         for id in ids {
-            match marks.get_mut(&(kind, id.to_string())) {
+            match marks.get_mut(id) {
                 Some(m) if now - m.at < RESOLUTION => {}
                 Some(m) => {
                     *m = Mark {
@@ -69,7 +68,7 @@ impl Usage {
                 }
                 None => {
                     marks.insert(
-                        (kind, id.to_string()),
+                        id.to_string(),
                         Mark {
                             at: now,
                             dirty: true,
@@ -82,7 +81,7 @@ impl Usage {
 
     fn get(&self, kind: UsageKind, id: &str) -> Option<i64> {
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        marks.get(&(kind, id.to_string())).map(|m| m.at)
+        marks.get(&kind).and_then(|m| m.get(id)).map(|m| m.at)
     }
 }
 
@@ -111,7 +110,9 @@ impl ServerState {
     /// harmless: entry IDs are never reused).
     pub(super) fn forget_entry_usage(&self, id: &str) {
         let mut marks = self.usage.marks.lock().unwrap_or_else(|p| p.into_inner());
-        marks.remove(&(UsageKind::Entry, id.to_string()));
+        if let Some(m) = marks.get_mut(&UsageKind::Entry) {
+            m.remove(id);
+        }
     }
 
     /// Writes every mark that moved since the last flush, in one
@@ -122,9 +123,10 @@ impl ServerState {
             let marks = self.usage.marks.lock().unwrap_or_else(|p| p.into_inner());
             marks
                 .iter()
-                .filter(|(_, m)| m.dirty)
-                .map(|((kind, id), m)| UsageMark {
-                    kind: *kind,
+                .flat_map(|(kind, by_id)| by_id.iter().map(move |(id, m)| (*kind, id, m)))
+                .filter(|(_, _, m)| m.dirty)
+                .map(|(kind, id, m)| UsageMark {
+                    kind,
                     id: id.clone(),
                     at: m.at,
                 })
@@ -142,7 +144,7 @@ impl ServerState {
         let mut marks = self.usage.marks.lock().unwrap_or_else(|p| p.into_inner());
         for m in &dirty {
             // Only if it did not move again meanwhile.
-            if let Some(cur) = marks.get_mut(&(m.kind, m.id.clone()))
+            if let Some(cur) = marks.get_mut(&m.kind).and_then(|k| k.get_mut(&m.id))
                 && cur.at == m.at
             {
                 cur.dirty = false;
