@@ -116,3 +116,38 @@ impl ServerState {
         Ok(std::time::Duration::from_secs(secs.unsigned_abs()))
     }
 }
+
+/// An entry an agent may mint for now: the entry, the agent's record, and
+/// the end of the approval grant it mints under (if the entry needs one).
+pub(super) type MintableEntry = (Arc<Entry>, Option<AgentRecord>, Option<i64>);
+
+impl ServerState {
+    /// The entry `entry_id` if `agent` may mint for it now: parented on
+    /// the agent (or one of its node aliases), not expired, not killed,
+    /// and approved when it needs approval. One rule for JWT-SVIDs and
+    /// task identities.
+    pub(super) fn entry_to_mint(
+        &self,
+        agent: &SpiffeId,
+        entry_id: &str,
+        now: i64,
+    ) -> Result<MintableEntry, RegistryError> {
+        let rec = self.store.read()?.agent(&agent.to_string())?;
+        let parents = self.parents_of(agent, rec.as_ref())?;
+        let e = {
+            let idx = self.entries.read().map_err(|_| poisoned())?;
+            Self::authorized_entry(&idx, &parents, entry_id, now)
+        }
+        .map_err(RegistryError::denied)?;
+        if let Some(k) = self.kill_of_entry(&e) {
+            return Err(RegistryError::denied(format!(
+                "entry {:?} is killed (kill {}: {})",
+                e.id, k.id, k.reason
+            )));
+        }
+        let grant = self
+            .grant_for_mint(&e, agent, now)
+            .map_err(RegistryError::denied)?;
+        Ok((e, rec, grant))
+    }
+}

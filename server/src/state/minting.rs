@@ -151,22 +151,7 @@ impl ServerState {
             ));
         }
         let now = now_unix();
-        let rec = self.store.read()?.agent(&agent.to_string())?;
-        let parents = self.parents_of(agent, rec.as_ref())?;
-        let e = {
-            let idx = self.entries.read().map_err(|_| poisoned())?;
-            Self::authorized_entry(&idx, &parents, entry_id, now)
-        }
-        .map_err(RegistryError::denied)?;
-        if let Some(k) = self.kill_of_entry(&e) {
-            return Err(RegistryError::denied(format!(
-                "entry {:?} is killed (kill {}: {})",
-                e.id, k.id, k.reason
-            )));
-        }
-        let grant = self
-            .grant_for_mint(&e, agent, now)
-            .map_err(RegistryError::denied)?;
+        let (e, rec, grant) = self.entry_to_mint(agent, entry_id, now)?;
         let ttl = Self::capped_ttl(
             &e,
             e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl),

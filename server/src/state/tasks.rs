@@ -27,7 +27,6 @@
 //!   and lifts the kill of an ended task [`TASK_KILL_GRACE`] after its
 //!   deadline (the task stays ended: minting still refuses it).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -100,8 +99,6 @@ struct Issued {
 
 /// A task's entry as an agent may mint for it: the entry, the agent's
 /// record and the end of its approval grant (if the entry needs one).
-type TaskEntry = (Arc<Entry>, Option<AgentRecord>, Option<i64>);
-
 impl ServerState {
     /// Refuses a `task_ttl_max` the entry could not honour: on a node-alias
     /// entry, or above the entry's X.509-SVID TTL (the server default when
@@ -129,39 +126,6 @@ impl ServerState {
             )));
         }
         Ok(())
-    }
-
-    /// The entry `entry_id` if `agent` may mint for it now, with the
-    /// agent's record and the end of its approval grant (if the entry
-    /// needs one).
-    fn task_entry(
-        &self,
-        agent: &SpiffeId,
-        entry_id: &str,
-        now: i64,
-    ) -> Result<TaskEntry, RegistryError> {
-        let rec = self.store.read()?.agent(&agent.to_string())?;
-        let parents = self.parents_of(agent, rec.as_ref())?;
-        let e = {
-            let idx = self.entries.read().map_err(|_| poisoned())?;
-            if !idx.by_id.contains_key(entry_id) {
-                return Err(RegistryError::not_found(format!(
-                    "invalid field `entry_id`: no entry {entry_id:?}"
-                )));
-            }
-            Self::authorized_entry(&idx, &parents, entry_id, now)
-        }
-        .map_err(RegistryError::denied)?;
-        if let Some(k) = self.kill_of_entry(&e) {
-            return Err(RegistryError::denied(format!(
-                "entry {:?} is killed (kill {}: {})",
-                e.id, k.id, k.reason
-            )));
-        }
-        let grant = self
-            .grant_for_mint(&e, agent, now)
-            .map_err(RegistryError::denied)?;
-        Ok((e, rec, grant))
     }
 
     /// Signs an X.509-SVID (and a JWT-SVID when `audience` is not empty)
@@ -305,7 +269,18 @@ impl ServerState {
             return Err(invalid("entry_id", "required"));
         }
         let now = now_unix();
-        let (e, rec, grant) = self.task_entry(agent, entry_id, now)?;
+        if !self
+            .entries
+            .read()
+            .map_err(|_| poisoned())?
+            .by_id
+            .contains_key(entry_id)
+        {
+            return Err(RegistryError::not_found(format!(
+                "invalid field `entry_id`: no entry {entry_id:?}"
+            )));
+        }
+        let (e, rec, grant) = self.entry_to_mint(agent, entry_id, now)?;
         let max = e.task_ttl_max.ok_or_else(|| {
             RegistryError::precondition(format!(
                 "invalid entry field `task_ttl_max`: entry {} ({}) allows no tasks (it was created without --task-ttl-max)",
@@ -410,7 +385,7 @@ impl ServerState {
     ) -> Result<TaskSvid, RegistryError> {
         let now = now_unix();
         let task = self.stored_task(task_id)?;
-        let (e, rec, grant) = self.task_entry(agent, &task.entry_id, now)?;
+        let (e, rec, grant) = self.entry_to_mint(agent, &task.entry_id, now)?;
         if e.task_ttl_max.is_none() {
             return Err(RegistryError::denied(format!(
                 "entry {} no longer allows tasks (task_ttl_max was removed)",
