@@ -122,20 +122,7 @@ pub struct Record {
 /// head: read it, build the record, and store both the record and
 /// [`Record::head`] in one transaction.
 pub fn next(head: Option<&Head>, time: i64, caller: Caller, event: Event) -> Record {
-    let (seq, prev_hash) = match head {
-        Some(h) => (h.seq.saturating_add(1), h.hash),
-        None => (1, Digest::ZERO),
-    };
-    let mut record = Record {
-        seq,
-        time,
-        caller,
-        event,
-        prev_hash,
-        hash: Digest::ZERO,
-    };
-    record.hash = record.compute_hash();
-    record
+    next_with_line(head, time, caller, event).0
 }
 
 /// [`next`], also returning the record's export line
