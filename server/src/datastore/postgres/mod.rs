@@ -46,7 +46,9 @@ pub use events::{ChangeEvent, ChangeKind, EventListener, Feed};
 pub use migrate::SCHEMA_VERSION;
 use pool::{Param, Pool, Session};
 
-use super::records::{decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry};
+use super::records::{
+    audit_head_of, decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry,
+};
 use super::{
     AgentRecord, ApprovalRecord, Datastore, KillRecord, ReadTx, ServerKeysRecord, StoreError,
     TaskRecord, TokenRecord, UsageMark, WriteTx,
@@ -206,12 +208,24 @@ fn keyed<T>(
         .collect()
 }
 
-fn audit_row(r: &Row) -> Result<audit::Record, StoreError> {
+/// The `(seq, line)` of a stored audit row.
+fn audit_line_row(r: &Row) -> Result<(u64, String), StoreError> {
     let seq = int(r, 0, "audit record")?;
     let seq = u64::try_from(seq)
         .map_err(|_| StoreError::Corrupt(format!("audit record with seq {seq}")))?;
-    let line = text(r, 1, "audit record", &seq.to_string())?;
+    Ok((seq, text(r, 1, "audit record", &seq.to_string())?))
+}
+
+fn audit_row(r: &Row) -> Result<audit::Record, StoreError> {
+    let (seq, line) = audit_line_row(r)?;
     decode_audit(seq, &line)
+}
+
+/// The chain head a stored audit row leaves, read from the line's ends
+/// (as the redb backend does) instead of decoding the record.
+fn audit_head_row(r: &Row) -> Result<audit::Head, StoreError> {
+    let (seq, line) = audit_line_row(r)?;
+    audit_head_of(seq, &line)
 }
 
 fn seq_param(seq: u64) -> Result<Param, StoreError> {
@@ -371,9 +385,7 @@ impl ReadTx for PgTx<'_> {
             "SELECT seq, line FROM audit ORDER BY seq DESC LIMIT 1",
             vec![],
         )?;
-        rows.first()
-            .map(|r| audit_row(r).map(|rec| rec.head()))
-            .transpose()
+        rows.first().map(audit_head_row).transpose()
     }
     fn audit_records(&self, since: u64, limit: usize) -> Result<Vec<audit::Record>, StoreError> {
         let since = i64::try_from(since).unwrap_or(i64::MAX);
