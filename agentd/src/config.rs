@@ -12,22 +12,11 @@ use sigil_core::TrustDomain;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/agent/private/admin.sock";
 /// Built-in Workload API socket path.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil/agent/public/api.sock";
-/// The values `log_level` accepts (per-module filters go in `SIGIL_LOG`).
-pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+pub use sigil_core::LOG_LEVELS;
 
-/// Refuses an empty or relative path: the agent's working directory is not
-/// part of its configuration.
+/// Refuses an empty or relative path, naming the key.
 fn absolute(key: &'static str, p: &Path) -> Result<(), ConfigError> {
-    if p.as_os_str().is_empty() {
-        return Err(key_err(key, "must not be empty"));
-    }
-    if !p.is_absolute() {
-        return Err(key_err(
-            key,
-            format!("{:?} must be an absolute path", p.display().to_string()),
-        ));
-    }
-    Ok(())
+    sigil_core::config_path_problem(p).map_or(Ok(()), |reason| Err(key_err(key, reason)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -329,14 +318,8 @@ impl AgentConfig {
             })
             .transpose()?;
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
-        if !LOG_LEVELS.contains(&log_level.as_str()) {
-            return Err(key_err(
-                "log_level",
-                format!(
-                    "{log_level:?} is not a level (expected one of {}; per-module filters go in SIGIL_LOG)",
-                    LOG_LEVELS.join(", ")
-                ),
-            ));
+        if let Some(reason) = sigil_core::log_level_problem(&log_level) {
+            return Err(key_err("log_level", reason));
         }
         Ok(AgentConfig {
             trust_domain,

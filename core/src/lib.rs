@@ -62,6 +62,36 @@ pub fn config_error(text: &str, span: Option<std::ops::Range<usize>>, message: &
     format!("line {line_no} ({line}): {}", message.trim())
 }
 
+/// The values a `log_level` config key accepts (per-module filters go in
+/// `SIGIL_LOG`).
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Why a path given in a config file is refused, if it is: empty, or
+/// relative (a service's working directory is not part of its
+/// configuration). Server and agent configs wrap it with the key's name.
+pub fn config_path_problem(p: &std::path::Path) -> Option<String> {
+    if p.as_os_str().is_empty() {
+        Some("must not be empty".into())
+    } else if !p.is_absolute() {
+        Some(format!(
+            "{:?} must be an absolute path",
+            p.display().to_string()
+        ))
+    } else {
+        None
+    }
+}
+
+/// Why a `log_level` value is refused, if it is.
+pub fn log_level_problem(v: &str) -> Option<String> {
+    (!LOG_LEVELS.contains(&v)).then(|| {
+        format!(
+            "{v:?} is not a level (expected one of {}; per-module filters go in SIGIL_LOG)",
+            LOG_LEVELS.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -106,6 +106,18 @@ fn parse_bundle(format: BundleFormat, data: Vec<u8>) -> Result<FederatedBundle, 
     })
 }
 
+/// Prints one bundle in `format`.
+fn print_bundle(
+    format: BundleFormat,
+    x509: &[Vec<u8>],
+    jwks: &[u8],
+    sequence: u64,
+) -> Result<(), CliError> {
+    let spiffe = format == BundleFormat::Spiffe;
+    print!("{}", render::bundle_text(spiffe, x509, jwks, sequence)?);
+    Ok(())
+}
+
 /// Runs `sigil-server bundle ...`.
 pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
     match cmd {
@@ -115,15 +127,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
                 .get_bundle(GetBundleRequest {})
                 .await?
                 .into_inner();
-            print!(
-                "{}",
-                render::bundle_text(
-                    format == BundleFormat::Spiffe,
-                    &b.x509_authorities,
-                    &b.jwt_bundle,
-                    b.sequence
-                )?
-            );
+            print_bundle(format, &b.x509_authorities, &b.jwt_bundle, b.sequence)?;
         }
         BundleCmd::Set {
             admin,
@@ -151,15 +155,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
             tds.sort_by(|a, b| a.0.cmp(&b.0));
             for (td, b) in tds {
                 render::bundle_banner(&td);
-                print!(
-                    "{}",
-                    render::bundle_text(
-                        format == BundleFormat::Spiffe,
-                        &b.x509_authorities,
-                        &b.jwt_bundle,
-                        b.sequence
-                    )?
-                );
+                print_bundle(format, &b.x509_authorities, &b.jwt_bundle, b.sequence)?;
                 println!();
             }
         }

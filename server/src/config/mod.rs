@@ -45,37 +45,19 @@ const MAX_AUDIT_RETENTION: Duration = Duration::from_secs(10 * 366 * 86_400);
 pub const MAX_AUDIT_CHECKPOINT_EVERY: u64 = 1_000_000;
 /// Largest `audit_checkpoint_interval`.
 pub const MAX_AUDIT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(DAY);
-/// The values `log_level` accepts (per-module filters go in `SIGIL_LOG`).
-pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+pub use sigil_core::LOG_LEVELS;
 
-/// Refuses a relative path: the service's working directory is not part
-/// of its configuration.
+/// Refuses an empty or relative path, naming the key.
 pub(super) fn absolute(key: &'static str, p: &Path) -> Result<(), ConfigError> {
-    if p.as_os_str().is_empty() {
-        return Err(key_err(key, "must not be empty"));
-    }
-    if !p.is_absolute() {
-        return Err(key_err(
-            key,
-            format!("{:?} must be an absolute path", p.display().to_string()),
-        ));
-    }
-    Ok(())
+    sigil_core::config_path_problem(p).map_or(Ok(()), |reason| Err(key_err(key, reason)))
 }
 
-/// Checks `log_level` against [`LOG_LEVELS`].
+/// Checks `log_level` against [`LOG_LEVELS`] (`info` when absent).
 pub fn log_level(v: Option<String>) -> Result<String, ConfigError> {
     let v = v.unwrap_or_else(|| "info".into());
-    if LOG_LEVELS.contains(&v.as_str()) {
-        Ok(v)
-    } else {
-        Err(key_err(
-            "log_level",
-            format!(
-                "{v:?} is not a level (expected one of {}; per-module filters go in SIGIL_LOG)",
-                LOG_LEVELS.join(", ")
-            ),
-        ))
+    match sigil_core::log_level_problem(&v) {
+        None => Ok(v),
+        Some(reason) => Err(key_err("log_level", reason)),
     }
 }
 
