@@ -434,10 +434,10 @@ impl AgentApi for AgentService {
                         svid_chain: chain,
                         error: String::new(),
                     },
-                    Err(error) => MintResult {
+                    Err(refusal) => MintResult {
                         entry_id,
                         svid_chain: vec![],
-                        error,
+                        error: refusal.to_string(),
                     },
                 })
                 .collect(),

@@ -33,7 +33,7 @@ use sigil_core::entry::Entry;
 use sigil_core::ids::new_entry_id;
 use sigil_core::{SpiffeId, now_unix, rfc3339};
 
-use super::{Caller, ServerState, poisoned};
+use super::{Caller, MintRefusal, ServerState, poisoned};
 use crate::datastore::{AgentRecord, ApprovalRecord, ApprovalStatus, append_audit};
 use crate::error::RegistryError;
 
@@ -179,14 +179,13 @@ impl ServerState {
         e: &Entry,
         agent: &SpiffeId,
         now: i64,
-    ) -> Result<Option<i64>, String> {
+    ) -> Result<Option<i64>, MintRefusal> {
         if !e.require_approval {
             return Ok(None);
         }
-        match self.gate(e, agent, now) {
-            Ok(Gate::Open(until)) => Ok(Some(until)),
-            Ok(Gate::Closed(why)) => Err(why),
-            Err(err) => Err(err.to_string()),
+        match self.gate(e, agent, now)? {
+            Gate::Open(until) => Ok(Some(until)),
+            Gate::Closed(why) => Err(MintRefusal::NotApproved(why)),
         }
     }
 

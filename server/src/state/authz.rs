@@ -80,19 +80,17 @@ impl ServerState {
         parents: &[SpiffeId],
         entry_id: &str,
         now: i64,
-    ) -> Result<Arc<Entry>, String> {
+    ) -> Result<Arc<Entry>, MintRefusal> {
         let e = idx
             .by_id
             .get(entry_id)
             .cloned()
-            .ok_or_else(|| format!("no entry {entry_id:?}"))?;
+            .ok_or_else(|| MintRefusal::UnknownEntry(entry_id.to_string()))?;
         if e.node || !parents.contains(&e.parent_id) {
-            return Err(format!(
-                "entry {entry_id:?} is not authorized for this agent"
-            ));
+            return Err(MintRefusal::NotAuthorized(e.id.clone()));
         }
         if e.is_expired(now) {
-            return Err(format!("entry {entry_id:?} has expired"));
+            return Err(MintRefusal::Expired(e.id.clone()));
         }
         Ok(e)
     }
@@ -105,15 +103,83 @@ impl ServerState {
         ttl: std::time::Duration,
         grant_until: Option<i64>,
         now: i64,
-    ) -> Result<std::time::Duration, String> {
+    ) -> Result<std::time::Duration, MintRefusal> {
         let mut secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         for end in [e.expires_at, grant_until].into_iter().flatten() {
             secs = secs.min(end - now);
         }
         if secs <= 0 {
-            return Err(format!("entry {:?} issues nothing any more", e.id));
+            return Err(MintRefusal::NothingLeft(e.id.clone()));
         }
         Ok(std::time::Duration::from_secs(secs.unsigned_abs()))
+    }
+
+    /// [`MintRefusal::Killed`] when a kill covers `e`.
+    pub(super) fn refuse_if_killed(&self, e: &Entry) -> Result<(), MintRefusal> {
+        match self.kill_of_entry(e) {
+            Some(k) => Err(MintRefusal::Killed {
+                entry_id: e.id.clone(),
+                kill_id: k.id,
+                reason: k.reason,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why an agent may not have an SVID of one entry now: one per CSR of a
+/// mint batch (the agent logs it), or the whole answer to a JWT-SVID,
+/// task or delegation request. Rendered only at the API edge.
+#[derive(Debug, thiserror::Error)]
+pub enum MintRefusal {
+    /// No entry has this ID.
+    #[error("no entry {0:?}")]
+    UnknownEntry(String),
+    /// The entry is a node alias, or not parented on this agent or on a
+    /// node alias it satisfies.
+    #[error("entry {0:?} is not authorized for this agent")]
+    NotAuthorized(String),
+    /// The entry's `expires_at` has passed.
+    #[error("entry {0:?} has expired")]
+    Expired(String),
+    /// Its expiry or approval grant ends now: any SVID would be born dead.
+    #[error("entry {0:?} issues nothing any more")]
+    NothingLeft(String),
+    /// A kill covers the entry.
+    #[error("entry {entry_id:?} is killed (kill {kill_id}: {reason})")]
+    Killed {
+        /// The entry.
+        entry_id: String,
+        /// The kill that covers it.
+        kill_id: String,
+        /// The kill's reason, as the operator gave it.
+        reason: String,
+    },
+    /// The entry needs approval and no grant is in force; the message
+    /// names the approval request.
+    #[error("{0}")]
+    NotApproved(String),
+    /// The CSR could not be signed (malformed, wrong key, or a SPIFFE ID
+    /// outside the trust domain).
+    #[error("entry {entry_id:?}: {reason}")]
+    Unsignable {
+        /// The entry the CSR was for.
+        entry_id: String,
+        /// The signer's error.
+        reason: sigil_core::x509::X509Error,
+    },
+    /// The registry failed while deciding.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl From<MintRefusal> for RegistryError {
+    fn from(r: MintRefusal) -> Self {
+        match r {
+            MintRefusal::Registry(e) => e,
+            MintRefusal::Unsignable { .. } => RegistryError::invalid(r.to_string()),
+            other => RegistryError::denied(other.to_string()),
+        }
     }
 }
 
@@ -137,17 +203,9 @@ impl ServerState {
         let e = {
             let idx = self.entries.read().map_err(|_| poisoned())?;
             Self::authorized_entry(&idx, &parents, entry_id, now)
-        }
-        .map_err(RegistryError::denied)?;
-        if let Some(k) = self.kill_of_entry(&e) {
-            return Err(RegistryError::denied(format!(
-                "entry {:?} is killed (kill {}: {})",
-                e.id, k.id, k.reason
-            )));
-        }
-        let grant = self
-            .grant_for_mint(&e, agent, now)
-            .map_err(RegistryError::denied)?;
+        }?;
+        self.refuse_if_killed(&e)?;
+        let grant = self.grant_for_mint(&e, agent, now)?;
         Ok((e, rec, grant))
     }
 }

@@ -261,17 +261,13 @@ impl ServerState {
             })?;
             Self::authorized_entry(&idx, &parents, &req.entry_id, now)
         }
-        .map_err(refuse)?;
+        .map_err(|r| refuse(r.to_string()))?;
         let with_id = |mut r: Refusal| {
             r.spiffe_id = Some(e.spiffe_id.clone());
             r
         };
-        if let Some(k) = self.kill_of_entry(&e) {
-            return Err(with_id(refuse(format!(
-                "entry {:?} is killed (kill {}: {})",
-                e.id, k.id, k.reason
-            ))));
-        }
+        self.refuse_if_killed(&e)
+            .map_err(|r| with_id(refuse(r.to_string())))?;
         if self
             .killed_spiffe_ids()
             .binary_search(&e.spiffe_id.to_string())
@@ -281,7 +277,7 @@ impl ServerState {
         }
         let grant = self
             .grant_for_mint(&e, agent, now)
-            .map_err(|m| with_id(refuse(m)))?;
+            .map_err(|r| with_id(refuse(r.to_string())))?;
         if e.delegable_scopes.is_empty() {
             return Err(with_id(refuse(format!(
                 "entry {:?} ({}) has no delegable scopes: it may not act on behalf of anyone (entry update --delegable-scope)",
@@ -436,7 +432,7 @@ impl ServerState {
             grant,
             now,
         )
-        .map_err(|m| with_id(refuse(m)))?;
+        .map_err(|r| with_id(refuse(r.to_string())))?;
         let signer = self
             .keys
             .read()

@@ -19,7 +19,7 @@ use sigil_core::caller::Caller;
 use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, now_unix};
 
-use super::{MintOutcome, ServerState, poisoned};
+use super::{MintOutcome, MintRefusal, ServerState, poisoned};
 use crate::datastore::append_audit;
 use crate::error::RegistryError;
 
@@ -64,7 +64,7 @@ impl ServerState {
         let parents = self.parents_of(agent, rec.as_ref())?;
         // Look every entry up under one read of the index, then sign
         // without holding it.
-        let entries: Vec<Result<Arc<Entry>, String>> = {
+        let entries: Vec<Result<Arc<Entry>, MintRefusal>> = {
             let idx = self.entries.read().map_err(|_| poisoned())?;
             csrs.iter()
                 .map(|(id, _)| Self::authorized_entry(&idx, &parents, id, now))
@@ -76,12 +76,7 @@ impl ServerState {
             .zip(entries)
             .map(|((_, csr), e)| {
                 let e = e?;
-                if let Some(k) = self.kill_of_entry(&e) {
-                    return Err(format!(
-                        "entry {:?} is killed (kill {}: {})",
-                        e.id, k.id, k.reason
-                    ));
-                }
+                self.refuse_if_killed(&e)?;
                 let grant = self.grant_for_mint(&e, agent, now)?;
                 let ttl = Self::capped_ttl(
                     &e,
@@ -97,7 +92,10 @@ impl ServerState {
                         &e.dns_names,
                         ttl,
                     )
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|reason| MintRefusal::Unsignable {
+                        entry_id: e.id.clone(),
+                        reason,
+                    })?;
                 issued.push(IssuedX509Svid {
                     entry_id: e.id.clone(),
                     spiffe_id: e.spiffe_id.clone(),
@@ -157,8 +155,7 @@ impl ServerState {
             e.jwt_svid_ttl.unwrap_or(self.cfg.default_jwt_svid_ttl),
             grant,
             now,
-        )
-        .map_err(RegistryError::denied)?;
+        )?;
         let claims = self.context_claims(&e, rec.as_ref());
         let signer = self
             .keys

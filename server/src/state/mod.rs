@@ -72,6 +72,7 @@ use crate::keys::Keys;
 
 pub use approvals::MAX_GRANT;
 pub use audit::{AUDIT_KEY_FILE, AuditQuery, load_or_create_audit_key, normalize_serial};
+pub use authz::MintRefusal;
 pub use cluster::ClusterServer;
 pub use delegation::{DELEGATION_TYP, Delegation, ExchangeRequest, Exchanged, TOKEN_TYPE_JWT};
 pub use entries::EntryField;
@@ -95,7 +96,7 @@ pub struct IssuedAgentSvid {
 }
 
 /// One CSR's result: the signed chain (DER, leaf first) or why it was refused.
-pub type MintOutcome = Result<Vec<Vec<u8>>, String>;
+pub type MintOutcome = Result<Vec<Vec<u8>>, MintRefusal>;
 
 /// Shared server state.
 pub struct ServerState {

@@ -149,8 +149,7 @@ impl ServerState {
                 .min(until_deadline),
             grant,
             now,
-        )
-        .map_err(RegistryError::denied)?;
+        )?;
         let leaf = self
             .ca()
             .sign_svid_issued(
@@ -177,8 +176,7 @@ impl ServerState {
                     .min(until_deadline),
                 grant,
                 now,
-            )
-            .map_err(RegistryError::denied)?;
+            )?;
             let mut claims = self.context_claims(e, rec);
             claims.insert(
                 "sigil_task".into(),
@@ -290,7 +288,7 @@ impl ServerState {
         let lifetime = Duration::from_secs(ttl_seconds.unsigned_abs())
             .min(max)
             .min(e.x509_svid_ttl.unwrap_or(self.cfg.default_x509_svid_ttl));
-        let lifetime = Self::capped_ttl(&e, lifetime, grant, now).map_err(RegistryError::denied)?;
+        let lifetime = Self::capped_ttl(&e, lifetime, grant, now)?;
         let id = new_entry_id();
         let spiffe_id = parse_spiffe_id(&format!("{}/task/{id}", e.spiffe_id)).map_err(|err| {
             RegistryError::precondition(format!(

@@ -389,6 +389,59 @@ fn issuance_records(s: &ServerState) -> Vec<sigil_core::audit::Event> {
 }
 
 #[test]
+fn each_mint_refusal_names_the_rule_that_refused_it() {
+    use crate::datastore::KillTarget;
+    let t = temp_state();
+    let s = &t.state;
+    attest(s, AGENT);
+    let other = "spiffe://example.org/agent2";
+    attest(s, other);
+    let mine = s
+        .create_entry(&admin(), entry(AGENT, "spiffe://example.org/w/mine"))
+        .unwrap();
+    let theirs = s
+        .create_entry(&admin(), entry(other, "spiffe://example.org/w/theirs"))
+        .unwrap();
+    let kill = s
+        .create_kill(&admin(), KillTarget::Entry(mine.id.clone()), "compromised")
+        .unwrap();
+    let csr = || new_key_and_csr().unwrap().0;
+    let out = s
+        .mint_for_agent(
+            &id(AGENT),
+            &[(mine.id.clone(), csr()), (theirs.id.clone(), csr())],
+        )
+        .unwrap();
+    match &out[0] {
+        Err(MintRefusal::Killed {
+            entry_id,
+            kill_id,
+            reason,
+        }) => {
+            assert_eq!(
+                (entry_id, kill_id, reason.as_str()),
+                (&mine.id, &kill.id, "compromised")
+            );
+        }
+        r => panic!("expected a kill refusal, got {r:?}"),
+    }
+    assert!(
+        matches!(&out[1], Err(MintRefusal::NotAuthorized(e)) if *e == theirs.id),
+        "{:?}",
+        out[1]
+    );
+    // Outside a batch the same refusals are PermissionDenied, with the
+    // same words.
+    let e = s
+        .mint_jwt_for_agent(&id(AGENT), &mine.id, &["aud".to_string()])
+        .unwrap_err();
+    assert!(
+        matches!(&e, RegistryError::PermissionDenied(m) if m.contains(&kill.id)),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn a_mint_batch_is_one_record_of_the_serials_actually_signed() {
     use sigil_core::audit::Event;
     let t = temp_state();
@@ -408,7 +461,18 @@ fn a_mint_batch_is_one_record_of_the_serials_actually_signed() {
         (b.id.clone(), csr()),
     ];
     let out = s.mint_for_agent(&id(AGENT), &batch).unwrap();
-    assert!(out[0].is_ok() && out[1].is_err() && out[2].is_err() && out[3].is_ok());
+    assert!(out[0].is_ok() && out[3].is_ok());
+    // Each refusal says which rule refused it.
+    assert!(
+        matches!(&out[1], Err(MintRefusal::UnknownEntry(e)) if e == "no-such-entry"),
+        "{:?}",
+        out[1]
+    );
+    assert!(
+        matches!(&out[2], Err(MintRefusal::Unsignable { entry_id, .. }) if *entry_id == b.id),
+        "{:?}",
+        out[2]
+    );
     let leaf = |i: usize| SvidInfo::from_der(&out[i].as_ref().unwrap()[0]).unwrap();
     let recs = issuance_records(s);
     let [Event::X509SvidsIssued { agent_id, svids }] = recs.as_slice() else {
