@@ -129,14 +129,44 @@ where
 
 /// User + system CPU time process `pid` has used so far (all threads).
 pub(crate) fn cpu_time(pid: u32) -> Result<Duration> {
+    let t = cpu_split(pid)?;
+    Ok(t.user + t.system)
+}
+
+/// CPU time a process has used, split as the kernel accounts it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuSplit {
+    /// In user space (what callgrind counts).
+    pub(crate) user: Duration,
+    /// In the kernel on the process's behalf (syscalls: I/O, fsync, futex).
+    pub(crate) system: Duration,
+}
+
+impl std::ops::Sub for CpuSplit {
+    type Output = CpuSplit;
+    fn sub(self, o: CpuSplit) -> CpuSplit {
+        CpuSplit {
+            user: self.user.saturating_sub(o.user),
+            system: self.system.saturating_sub(o.system),
+        }
+    }
+}
+
+/// [`CpuSplit`] of `pid`, from `/proc/<pid>/stat`.
+pub(crate) fn cpu_split(pid: u32) -> Result<CpuSplit> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = stat.rsplit_once(") ").ok_or("bad /proc stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields 14 and 15 of stat (utime, stime); `rest` starts at field 3.
-    let ticks: u64 = f.get(11).ok_or("bad stat")?.parse::<u64>()?
-        + f.get(12).ok_or("bad stat")?.parse::<u64>()?;
-    // USER_HZ is 100 on every Linux ABI.
-    Ok(Duration::from_millis(ticks * 10))
+    let ticks = |i: usize| -> Result<Duration> {
+        let t: u64 = f.get(i).ok_or("bad stat")?.parse()?;
+        // USER_HZ is 100 on every Linux ABI.
+        Ok(Duration::from_millis(t * 10))
+    };
+    Ok(CpuSplit {
+        user: ticks(11)?,
+        system: ticks(12)?,
+    })
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL after 5 s) on drop.

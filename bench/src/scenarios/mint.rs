@@ -24,7 +24,7 @@ use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest, MintX509SvidsRespons
 use crate::Result;
 use crate::clients::{SimAgent, admin};
 use crate::harness::{
-    Bins, Scratch, Server, TD, cpu_time, nproc, on_pinned_thread, other_uid_selector,
+    Bins, Scratch, Server, TD, cpu_split, nproc, on_pinned_thread, other_uid_selector,
 };
 use crate::report::{Record, Reporter, progress};
 use crate::scenarios::sign_limit::{self, bench_cpu};
@@ -110,6 +110,8 @@ struct EndToEnd {
     sign_limit: f64,
     drift: f64,
     server_cpu_util: f64,
+    /// The part of `server_cpu_util` spent in the kernel.
+    server_sys_util: f64,
 }
 
 async fn end_to_end(
@@ -175,7 +177,7 @@ async fn end_to_end(
                 .into_inner(),
         )?;
         let calls = total.div_ceil(batch);
-        let cpu0 = cpu_time(pid)?;
+        let cpu0 = cpu_split(pid)?;
         let start = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         let (mut sent, mut minted) = (0, 0);
@@ -192,7 +194,7 @@ async fn end_to_end(
             }
         }
         let elapsed = start.elapsed();
-        Ok((elapsed, minted, cpu_time(pid)? - cpu0))
+        Ok((elapsed, minted, cpu_split(pid)? - cpu0))
     })
     .await?;
     let after = on_pinned_thread(server_cpu, move || async move {
@@ -207,7 +209,9 @@ async fn end_to_end(
         minted,
         sign_limit: limit,
         drift: (after - before) / limit,
-        server_cpu_util: server_cpu_time.as_secs_f64() / elapsed.as_secs_f64(),
+        server_cpu_util: (server_cpu_time.user + server_cpu_time.system).as_secs_f64()
+            / elapsed.as_secs_f64(),
+        server_sys_util: server_cpu_time.system.as_secs_f64() / elapsed.as_secs_f64(),
     })
 }
 
@@ -250,6 +254,8 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .with("inflight", inflight)
             .with("server_cores", if nproc() > 1 { 1 } else { nproc() })
             .f("server_cpu_util", run.server_cpu_util)
+            .f("server_sys_util", run.server_sys_util)
+            .f("no_audit_server_sys_util", no_audit.server_sys_util)
             .f("no_audit_svids_per_sec", no_audit.svids_per_sec)
             .f(
                 "no_audit_ratio",
