@@ -271,6 +271,47 @@ impl Postgres {
         fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
     }
 
+    /// Turns TLS on with `cert_pem`/`key_pem` as the server's certificate
+    /// and key, and makes TCP connections require it (every `host` line of
+    /// pg_hba.conf becomes `hostssl`, so a client without TLS is refused);
+    /// restarts the server if it runs. Called again, it swaps the
+    /// certificate.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) {
+        let data = self.data_dir();
+        let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        fs::write(&crt, cert_pem).unwrap();
+        fs::write(&key, key_pem).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        if self.run_as_postgres {
+            let user = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+            for p in [&crt, &key] {
+                nix::unistd::chown(p.as_path(), Some(user.uid), Some(user.gid)).unwrap();
+            }
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).unwrap();
+        if !text.contains("\nssl = on\n") {
+            text.push_str(
+                "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+            );
+            fs::write(&conf, text).unwrap();
+        }
+        let hba = data.join("pg_hba.conf");
+        let rules: String = fs::read_to_string(&hba)
+            .unwrap()
+            .lines()
+            .map(|l| match l.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        fs::write(&hba, rules).unwrap();
+        if self.running {
+            self.stop_mode("fast");
+            self.start_server();
+        }
+    }
+
     /// The server's log, for failure messages.
     pub fn log(&self) -> String {
         fs::read_to_string(self.root.join("server.log")).unwrap_or_default()

@@ -14,7 +14,7 @@ use clap::Subcommand;
 use sigil_core::TrustDomain;
 
 use super::CliError;
-use crate::config::{ConfigError, PostgresConfig, postgres_url};
+use crate::config::{ConfigError, PgSslMode, PostgresConfig, postgres_url};
 use crate::datastore::{PostgresStore, RedbStore, copy_all};
 
 /// `sigil-server datastore ...`.
@@ -36,7 +36,23 @@ pub enum DatastoreCmd {
         /// The server's trust domain; every entry is validated for it.
         #[arg(long)]
         trust_domain: String,
+        /// TLS to the database, as `[datastore] sslmode`: disable,
+        /// require, verify-ca or verify-full.
+        #[arg(long, default_value = "disable")]
+        sslmode: String,
+        /// PEM roots the database's certificate must chain to (required
+        /// for verify-ca and verify-full).
+        #[arg(long)]
+        ca_path: Option<PathBuf>,
     },
+}
+
+/// Where and how `migrate` connects.
+struct Target {
+    url: String,
+    password_file: Option<PathBuf>,
+    sslmode: String,
+    ca_path: Option<PathBuf>,
 }
 
 /// Runs `sigil-server datastore ...`.
@@ -47,21 +63,43 @@ pub async fn datastore(cmd: DatastoreCmd) -> Result<(), CliError> {
             to,
             password_file,
             trust_domain,
-        } => tokio::task::spawn_blocking(move || migrate(&from, &to, password_file, &trust_domain))
-            .await
-            .map_err(|source| CliError::Join {
-                what: "migration",
-                source,
-            })?,
+            sslmode,
+            ca_path,
+        } => tokio::task::spawn_blocking(move || {
+            let to = Target {
+                url: to,
+                password_file,
+                sslmode,
+                ca_path,
+            };
+            migrate(&from, to, &trust_domain)
+        })
+        .await
+        .map_err(|source| CliError::Join {
+            what: "migration",
+            source,
+        })?,
     }
 }
 
-fn migrate(
-    from: &str,
-    to: &str,
-    password_file: Option<PathBuf>,
-    trust_domain: &str,
-) -> Result<(), CliError> {
+fn migrate(from: &str, to: Target, trust_domain: &str) -> Result<(), CliError> {
+    let Target {
+        url: to,
+        password_file,
+        sslmode,
+        ca_path,
+    } = to;
+    let sslmode = PgSslMode::parse(&sslmode).ok_or_else(|| {
+        CliError::flag(
+            "--sslmode",
+            format!(
+                "unknown mode {sslmode:?} (expected disable, require, verify-ca or verify-full)"
+            ),
+        )
+    })?;
+    if ca_path.as_ref().is_some_and(|p| !p.is_absolute()) {
+        return Err(CliError::flag("--ca-path", "must be an absolute path"));
+    }
     let td = TrustDomain::new(trust_domain)
         .map_err(|e| CliError::flag("--trust-domain", format!("{trust_domain:?}: {e}")))?;
     let path = from
@@ -74,7 +112,7 @@ fn migrate(
             format!("{} is not a datastore file", path.display()),
         ));
     }
-    let client = postgres_url(to).map_err(|e| match e {
+    let mut client = postgres_url(&to).map_err(|e| match e {
         ConfigError::Key { reason, .. } => CliError::flag("--to", reason),
         other => CliError::flag("--to", other),
     })?;
@@ -96,10 +134,13 @@ fn migrate(
             format!("{}: {e} (is a server still running on it?)", path.display()),
         )
     })?;
+    client.ssl_mode(sslmode.client_mode());
     let dst = PostgresStore::open_configured(&PostgresConfig {
         client,
         password_file,
         pool_size: 2,
+        sslmode,
+        ca_path,
     })
     .map_err(|e| CliError::flag("--to", e))?;
     let summary = copy_all(&src, &dst, &td)?;

@@ -20,6 +20,8 @@ pub(super) struct RawDatastore {
     #[serde(default)]
     sslmode: Option<String>,
     #[serde(default)]
+    ca_path: Option<PathBuf>,
+    #[serde(default)]
     pool_size: Option<u32>,
 }
 
@@ -47,6 +49,48 @@ pub struct PostgresConfig {
     pub password_file: Option<PathBuf>,
     /// Connections kept open at most.
     pub pool_size: u32,
+    /// `sslmode`: whether and how connections use TLS.
+    pub sslmode: PgSslMode,
+    /// `ca_path`: PEM roots the database's certificate must chain to.
+    pub ca_path: Option<PathBuf>,
+}
+
+/// `datastore.sslmode`, with libpq's names and meanings (see
+/// `datastore::postgres::tls`). `prefer` and `allow` are not offered:
+/// a mode that silently falls back to plain text is not one to choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgSslMode {
+    /// No TLS (a Unix socket or a trusted network).
+    Disable,
+    /// TLS, the certificate unchecked unless `ca_path` is given.
+    Require,
+    /// TLS, the certificate chained to `ca_path`.
+    VerifyCa,
+    /// TLS, the certificate chained to `ca_path` and naming the host.
+    VerifyFull,
+}
+
+impl PgSslMode {
+    /// The mode named `s`, as written in server.toml.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "disable" => Self::Disable,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// What the PostgreSQL client itself must insist on: TLS for every
+    /// mode but `disable`. The connector (`datastore::postgres::tls`)
+    /// does the verification.
+    pub fn client_mode(self) -> postgres::config::SslMode {
+        match self {
+            Self::Disable => postgres::config::SslMode::Disable,
+            _ => postgres::config::SslMode::Require,
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -55,12 +99,14 @@ impl std::fmt::Debug for PostgresConfig {
             .field("target", &crate::datastore::describe_target(&self.client))
             .field("password_file", &self.password_file)
             .field("pool_size", &self.pool_size)
+            .field("sslmode", &self.sslmode)
+            .field("ca_path", &self.ca_path)
             .finish_non_exhaustive()
     }
 }
 
-/// `sslmode` values: only `disable` is implemented so far.
-const SSLMODES: [&str; 3] = ["disable", "require", "verify-full"];
+/// `sslmode` values.
+const SSLMODES: [&str; 4] = ["disable", "require", "verify-ca", "verify-full"];
 
 /// Parses and checks a `postgres://user@host:port/dbname` URL (key
 /// `datastore.url`); errors never quote it, since it may hold a password.
@@ -115,27 +161,35 @@ fn postgres_config(d: RawDatastore) -> Result<PostgresConfig, ConfigError> {
     if let Some(p) = &d.password_file {
         absolute("datastore.password_file", p)?;
     }
-    match d.sslmode.as_deref().unwrap_or("disable") {
-        "disable" => {
-            client.ssl_mode(postgres::config::SslMode::Disable);
-        }
-        "require" | "verify-full" => {
+    let written = d.sslmode.as_deref().unwrap_or("disable");
+    let sslmode = PgSslMode::parse(written).ok_or_else(|| {
+        key_err(
+            "datastore.sslmode",
+            format!(
+                "unknown mode {written:?} (expected one of {})",
+                SSLMODES.join(", ")
+            ),
+        )
+    })?;
+    match (&d.ca_path, sslmode) {
+        (Some(_), PgSslMode::Disable) => {
             return Err(key_err(
-                "datastore.sslmode",
-                "TLS to PostgreSQL is not implemented yet: use \"disable\" over a Unix socket \
-                 or a trusted network",
+                "datastore.ca_path",
+                "not used with sslmode = \"disable\"",
             ));
         }
-        other => {
+        (None, PgSslMode::VerifyCa | PgSslMode::VerifyFull) => {
             return Err(key_err(
-                "datastore.sslmode",
+                "datastore.ca_path",
                 format!(
-                    "unknown mode {other:?} (expected one of {})",
-                    SSLMODES.join(", ")
+                    "required for sslmode = \"{written}\" (the PEM roots the database's certificate must chain to)"
                 ),
             ));
         }
+        (Some(p), _) => absolute("datastore.ca_path", p)?,
+        (None, _) => {}
     }
+    client.ssl_mode(sslmode.client_mode());
     let pool_size = d.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
     if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
         return Err(key_err(
@@ -147,6 +201,8 @@ fn postgres_config(d: RawDatastore) -> Result<PostgresConfig, ConfigError> {
         client,
         password_file: d.password_file,
         pool_size,
+        sslmode,
+        ca_path: d.ca_path,
     })
 }
 
@@ -161,6 +217,7 @@ impl RawDatastore {
                         ("datastore.url", d.url.is_some()),
                         ("datastore.password_file", d.password_file.is_some()),
                         ("datastore.sslmode", d.sslmode.is_some()),
+                        ("datastore.ca_path", d.ca_path.is_some()),
                         ("datastore.pool_size", d.pool_size.is_some()),
                     ] {
                         if set {

@@ -23,7 +23,7 @@ pub use attestation::TpmConfig;
 use attestation::{RawTpm, RawX509Pop};
 use datastore::RawDatastore;
 pub use datastore::{
-    DEFAULT_POOL_SIZE, DatastoreKind, MAX_POOL_SIZE, PostgresConfig, postgres_url,
+    DEFAULT_POOL_SIZE, DatastoreKind, MAX_POOL_SIZE, PgSslMode, PostgresConfig, postgres_url,
 };
 pub use federation::{BundleEndpointConfig, EndpointProfile, FederationConfig, OidcConfig};
 use federation::{RawBundleEndpoint, RawFederation, RawOidc};
@@ -609,6 +609,27 @@ mod tests {
             panic!("not postgres");
         };
         assert_eq!(pg.pool_size, DEFAULT_POOL_SIZE);
+        assert_eq!(pg.sslmode, PgSslMode::Disable);
+        for (mode, want) in [
+            ("require", PgSslMode::Require),
+            ("verify-ca", PgSslMode::VerifyCa),
+            ("verify-full", PgSslMode::VerifyFull),
+        ] {
+            let c = ServerConfig::parse(&format!(
+                "{base}kind = \"postgres\"\nurl = \"postgres://sigil@db/sigil\"\nsslmode = \"{mode}\"\nca_path = \"/etc/ssl/db.pem\"\n"
+            ))
+            .unwrap();
+            let DatastoreKind::Postgres(pg) = &c.datastore else {
+                panic!("not postgres");
+            };
+            assert_eq!(pg.sslmode, want);
+            assert_eq!(pg.ca_path.as_deref(), Some(Path::new("/etc/ssl/db.pem")));
+            assert_eq!(
+                pg.client.get_ssl_mode(),
+                postgres::config::SslMode::Require,
+                "{mode}"
+            );
+        }
         let url = "url = \"postgres://sigil@db/sigil\"";
         for (lines, key, says) in [
             ("kind = \"postgres\"", "datastore.url", "required"),
@@ -634,8 +655,30 @@ mod tests {
             ),
             (
                 &format!("kind = \"postgres\"\n{url}\nsslmode = \"verify-full\""),
-                "datastore.sslmode",
-                "not implemented",
+                "datastore.ca_path",
+                "required",
+            ),
+            (
+                &format!("kind = \"postgres\"\n{url}\nsslmode = \"verify-ca\""),
+                "datastore.ca_path",
+                "required",
+            ),
+            (
+                &format!("kind = \"postgres\"\n{url}\nca_path = \"/etc/ssl/db.pem\""),
+                "datastore.ca_path",
+                "disable",
+            ),
+            (
+                &format!(
+                    "kind = \"postgres\"\n{url}\nsslmode = \"verify-full\"\nca_path = \"db.pem\""
+                ),
+                "datastore.ca_path",
+                "absolute",
+            ),
+            (
+                "kind = \"redb\"\nca_path = \"/etc/ssl/db.pem\"",
+                "datastore.ca_path",
+                "redb",
             ),
             (
                 &format!("kind = \"postgres\"\n{url}\nsslmode = \"sometimes\""),
@@ -682,7 +725,7 @@ mod tests {
         .unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
         let e = ServerConfig::parse(&format!(
-            "{base}kind = \"postgres\"\nurl = \"postgres://u:s3cret@db/d\"\nsslmode = \"require\"\n"
+            "{base}kind = \"postgres\"\nurl = \"postgres://u:s3cret@db/d\"\nsslmode = \"verify-full\"\n"
         ))
         .unwrap_err()
         .to_string();

@@ -12,8 +12,10 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
+use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
+
+use super::tls::PgTls;
 
 use super::PostgresStore;
 use super::pool::{Param, Session};
@@ -201,6 +203,7 @@ impl PostgresStore {
     /// meanwhile are lost and the reader must catch up.
     pub fn listen(&self) -> Result<EventListener, StoreError> {
         let cfg = self.pool.config().clone();
+        let tls = self.pool.tls().clone();
         let (ready_tx, ready) = mpsc::sync_channel(1);
         let (wake_tx, wake) = mpsc::sync_channel(1);
         let (stop, stop_rx) = mpsc::channel::<()>();
@@ -209,7 +212,7 @@ impl PostgresStore {
             .spawn(move || {
                 // Connected here, never on the caller's thread, which may
                 // be driving a tokio runtime.
-                let mut first = match listen_on(&cfg) {
+                let mut first = match listen_on(&cfg, &tls) {
                     Ok(c) => {
                         let _ = ready_tx.send(Ok(()));
                         Some(c)
@@ -227,7 +230,7 @@ impl PostgresStore {
                 loop {
                     let mut client = match first.take() {
                         Some(c) => c,
-                        None => match listen_on(&cfg) {
+                        None => match listen_on(&cfg, &tls) {
                             Ok(c) => {
                                 backoff.reset();
                                 let _ = wake_tx.try_send(());
@@ -280,9 +283,9 @@ impl PostgresStore {
     }
 }
 
-fn listen_on(cfg: &postgres::Config) -> Result<Client, StoreError> {
-    let mut c = cfg
-        .connect(NoTls)
+fn listen_on(cfg: &postgres::Config, tls: &PgTls) -> Result<Client, StoreError> {
+    let mut c = tls
+        .connect(cfg)
         .map_err(|e| StoreError::Backend(format!("event listener: {e}")))?;
     c.batch_execute(&format!("LISTEN {CHANNEL}"))
         .map_err(|e| StoreError::Backend(format!("event listener: {e}")))?;

@@ -33,6 +33,7 @@
 mod events;
 mod migrate;
 mod pool;
+mod tls;
 
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ use sigil_proto::common::FederatedBundle;
 pub use events::{ChangeEvent, ChangeKind, EventListener, Feed};
 pub use migrate::SCHEMA_VERSION;
 use pool::{Param, Pool, Session};
+use tls::PgTls;
 
 use super::records::{
     audit_head_of, decode_audit, decode_bundle, decode_entry, encode_bundle, encode_entry,
@@ -95,13 +97,22 @@ pub fn describe_target(cfg: &postgres::Config) -> String {
 impl PostgresStore {
     /// Connects with `cfg` (password already set, if any), applies pending
     /// schema migrations, and keeps at most `pool_size` connections.
-    pub fn open(mut cfg: postgres::Config, pool_size: usize) -> Result<Self, StoreError> {
+    pub fn open(cfg: postgres::Config, pool_size: usize) -> Result<Self, StoreError> {
+        Self::open_with(cfg, PgTls::Off, pool_size)
+    }
+
+    /// [`PostgresStore::open`], with connections secured by `tls`.
+    fn open_with(
+        mut cfg: postgres::Config,
+        tls: PgTls,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
         cfg.connect_timeout(pool::CONNECT_TIMEOUT)
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30))
             .application_name("sigil-server");
         let target = describe_target(&cfg);
-        let pool = Pool::new(cfg, pool_size);
+        let pool = Pool::new(cfg, tls, pool_size);
         let before = {
             let mut s = pool
                 .session()
@@ -120,7 +131,8 @@ impl PostgresStore {
         if let Some(path) = &pg.password_file {
             cfg.password(read_password(path)?);
         }
-        Self::open(cfg, pg.pool_size as usize)
+        let tls = PgTls::for_mode(pg.sslmode, pg.ca_path.as_deref())?;
+        Self::open_with(cfg, tls, pg.pool_size as usize)
     }
 
     /// The database's schema version.

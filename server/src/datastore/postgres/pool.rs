@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, Row};
+
+use super::tls::PgTls;
 
 use crate::datastore::StoreError;
 
@@ -31,14 +33,14 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(cfg: &postgres::Config) -> Result<Self, StoreError> {
-        let cfg = cfg.clone();
+    fn open(cfg: &postgres::Config, tls: &PgTls) -> Result<Self, StoreError> {
+        let (cfg, tls) = (cfg.clone(), tls.clone());
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let (jobs, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("sigil-postgres".into())
             .spawn(move || {
-                let mut client = match cfg.connect(NoTls) {
+                let mut client = match tls.connect(&cfg) {
                     Ok(c) => {
                         let _ = ready_tx.send(Ok(()));
                         c
@@ -114,6 +116,7 @@ fn describe(e: &postgres::Error) -> String {
 /// A bounded set of connections to one database.
 pub(super) struct Pool {
     cfg: postgres::Config,
+    tls: PgTls,
     max: usize,
     state: Mutex<PoolState>,
     freed: Condvar,
@@ -125,9 +128,10 @@ struct PoolState {
 }
 
 impl Pool {
-    pub(super) fn new(cfg: postgres::Config, max: usize) -> Self {
+    pub(super) fn new(cfg: postgres::Config, tls: PgTls, max: usize) -> Self {
         Self {
             cfg,
+            tls,
             max: max.max(1),
             state: Mutex::new(PoolState {
                 idle: Vec::new(),
@@ -140,6 +144,11 @@ impl Pool {
     /// The client configuration connections are opened with.
     pub(super) fn config(&self) -> &postgres::Config {
         &self.cfg
+    }
+
+    /// How connections are secured.
+    pub(super) fn tls(&self) -> &PgTls {
+        &self.tls
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
@@ -160,7 +169,7 @@ impl Pool {
             if st.open < self.max {
                 st.open += 1;
                 drop(st);
-                return match Conn::open(&self.cfg) {
+                return match Conn::open(&self.cfg, &self.tls) {
                     Ok(conn) => Ok(Session::new(self, conn)),
                     Err(e) => {
                         self.release(None);
