@@ -28,10 +28,13 @@ use sigil_proto::admin::{
     ReviewRequest,
 };
 use sigil_proto::admin::{
+    BatchCreateEntriesRequest, BatchCreateEntriesResponse, BatchEntryResult, ExportAuditRequest,
+    ExportAuditResponse,
+};
+use sigil_proto::admin::{
     CreateKillRequest, Kill, KillId, KillTarget as PbKillTarget, ListKillsRequest,
     ListKillsResponse,
 };
-use sigil_proto::admin::{ExportAuditRequest, ExportAuditResponse};
 use sigil_proto::admin::{
     GetAuditKeyRequest, GetAuditKeyResponse, QueryAuditRequest, QueryAuditResponse,
 };
@@ -260,6 +263,36 @@ impl AdminApi for AdminService {
         let pb = req.into_inner();
         let e = blocking(move || state.create_entry(&caller, pb)).await?;
         Ok(Response::new(e.to_proto()))
+    }
+
+    async fn batch_create_entries(
+        &self,
+        req: Request<BatchCreateEntriesRequest>,
+    ) -> Result<Response<BatchCreateEntriesResponse>, Status> {
+        let caller = self.authorize(&req)?;
+        let state = self.state.clone();
+        let entries = req.into_inner().entries;
+        let results = blocking(move || state.create_entries(&caller, entries)).await?;
+        Ok(Response::new(BatchCreateEntriesResponse {
+            results: results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(e) => BatchEntryResult {
+                        entry: Some(e.to_proto()),
+                        code: 0,
+                        error: String::new(),
+                    },
+                    Err(err) => {
+                        let status = Status::from(err);
+                        BatchEntryResult {
+                            entry: None,
+                            code: status.code() as i32,
+                            error: status.message().to_string(),
+                        }
+                    }
+                })
+                .collect(),
+        }))
     }
 
     async fn update_entry(

@@ -142,6 +142,22 @@ impl RegistryError {
     pub fn internal(msg: impl Into<String>) -> Self {
         Self::Internal(msg.into())
     }
+
+    /// The same error, its message prefixed with `entries[i]: ` so that a
+    /// batch's caller knows which item it is about.
+    pub fn in_batch(self, i: usize) -> Self {
+        let at = |m: String| format!("entries[{i}]: {m}");
+        match self {
+            Self::InvalidArgument(m) => Self::InvalidArgument(at(m)),
+            Self::NotFound(m) => Self::NotFound(at(m)),
+            Self::AlreadyExists(m) => Self::AlreadyExists(at(m)),
+            Self::PermissionDenied(m) => Self::PermissionDenied(at(m)),
+            Self::Unauthenticated(m) => Self::Unauthenticated(at(m)),
+            Self::FailedPrecondition(m) => Self::FailedPrecondition(at(m)),
+            Self::Internal(m) => Self::Internal(at(m)),
+            other @ Self::Store(_) => other,
+        }
+    }
 }
 
 impl From<RegistryError> for Status {

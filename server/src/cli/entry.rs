@@ -84,6 +84,11 @@ pub enum EntryCmd {
     Create {
         #[command(flatten)]
         admin: AdminArgs,
+        /// Create every entry of this JSON file instead (`{"entries":
+        /// [...]}` or a bare list; see docs/OPERATOR-GUIDE.md), 1,000 per
+        /// datastore transaction, each with its own result.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
         #[command(flatten)]
         fields: EntryFields,
         #[command(flatten)]
@@ -236,7 +241,26 @@ impl EntryFields {
 /// Runs `sigil-server entry ...`.
 pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
     match cmd {
-        EntryCmd::Create { admin, fields, out } => {
+        EntryCmd::Create {
+            admin,
+            file: Some(file),
+            fields,
+            out,
+        } => {
+            if !fields.to_proto()?.1.is_empty() {
+                return Err(CliError::flag(
+                    "--file",
+                    "give the entries in the file or as flags, not both",
+                ));
+            }
+            super::entry_file::create_from_file(&admin, &file, &out).await
+        }
+        EntryCmd::Create {
+            admin,
+            file: None,
+            fields,
+            out,
+        } => {
             let (pb, _) = fields.to_proto()?;
             if pb.spiffe_id.is_empty() {
                 return Err(CliError::Missing("--spiffe-id"));

@@ -52,6 +52,15 @@ pub enum CliError {
     /// field when the input was at fault.
     #[error("{}", .0.message())]
     Server(#[from] tonic::Status),
+    /// Some entries of `entry create --file` were refused (each is printed
+    /// with its reason); the others were created.
+    #[error("{refused} of {total} entries were not created")]
+    BatchRefused {
+        /// How many were refused.
+        refused: usize,
+        /// How many the file held.
+        total: usize,
+    },
     /// The server answers but cannot reach its datastore.
     #[error("datastore {target}: {reason}")]
     Unhealthy {

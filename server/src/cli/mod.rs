@@ -19,6 +19,7 @@ pub mod audit;
 pub mod bundle;
 pub mod datastore;
 pub mod entry;
+mod entry_file;
 mod error;
 pub mod governance;
 pub mod health;

@@ -2,7 +2,7 @@
 //! identity, node aliases) and create/update/delete, each one datastore
 //! transaction followed by an index update and a targeted wake-up.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -17,6 +17,9 @@ use super::{Caller, ServerState, poisoned};
 use crate::datastore::append_audit;
 use crate::error::RegistryError;
 use sigil_core::audit::Event;
+
+/// Most entries one [`ServerState::create_entries`] call takes.
+pub const MAX_ENTRY_BATCH: usize = 1000;
 
 /// An entry's fields as recorded in the audit trail.
 fn entry_json(e: &Entry) -> serde_json::Value {
@@ -293,6 +296,95 @@ impl ServerState {
         drop(idx);
         tracing::info!(%caller, entry = %e.id, spiffe_id = %e.spiffe_id, "entry created");
         Ok(e)
+    }
+
+    /// Creates a batch of entries in one datastore transaction (each with
+    /// its own `entry_created` audit record). Each entry is checked as
+    /// [`ServerState::create_entry`] checks one, and also against the
+    /// batch's earlier entries; one that fails gets its error in its place
+    /// and is not written, the others are. The outer error (datastore
+    /// failure) means nothing was written.
+    pub fn create_entries(
+        &self,
+        caller: &Caller,
+        batch: Vec<PbEntry>,
+    ) -> Result<Vec<Result<Entry, RegistryError>>, RegistryError> {
+        if batch.len() > MAX_ENTRY_BATCH {
+            return Err(RegistryError::invalid(format!(
+                "invalid field `entries`: at most {MAX_ENTRY_BATCH} per batch, got {}",
+                batch.len()
+            )));
+        }
+        let mut idx = self.entries.write().map_err(|_| poisoned())?;
+        let now = now_unix();
+        let mut seen: HashSet<(SpiffeId, SpiffeId, Vec<String>)> = HashSet::new();
+        let checked: Vec<Result<Entry, RegistryError>> = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut pb)| {
+                let at = |e: RegistryError| e.in_batch(i);
+                if !pb.id.is_empty() {
+                    return Err(at(RegistryError::invalid(
+                        "invalid entry field `id`: assigned by the server",
+                    )));
+                }
+                pb.id = new_entry_id();
+                pb.revision = 0;
+                pb.created_at = now;
+                let e = self.validate(&pb).map_err(at)?;
+                e.check_expiry_is_future(now)
+                    .map_err(|err| at(RegistryError::invalid(err.to_string())))?;
+                self.check_namespace(&e.spiffe_id, Claimant::Entry, &idx)
+                    .map_err(at)?;
+                if let Some(other) = idx.duplicate_of(&e) {
+                    return Err(at(RegistryError::exists(format!(
+                        "entry {other} already has this spiffe_id, parent_id and selectors"
+                    ))));
+                }
+                let key = (
+                    e.parent_id.clone(),
+                    e.spiffe_id.clone(),
+                    e.selectors.iter().map(|s| s.to_string()).collect(),
+                );
+                if !seen.insert(key) {
+                    return Err(at(RegistryError::exists(
+                        "an earlier entry of this batch has the same spiffe_id, parent_id and selectors",
+                    )));
+                }
+                Ok(e)
+            })
+            .collect();
+        let created: Vec<&Entry> = checked.iter().filter_map(|r| r.as_ref().ok()).collect();
+        if !created.is_empty() {
+            self.store.transact(|tx| {
+                for e in &created {
+                    tx.put_entry(e)?;
+                    append_audit(
+                        tx,
+                        caller,
+                        Event::EntryCreated {
+                            entry_id: e.id.clone(),
+                            spiffe_id: e.spiffe_id.clone(),
+                            parent_id: e.parent_id.clone(),
+                            entry: entry_json(e),
+                        },
+                    )?;
+                }
+                Ok(())
+            })?;
+        }
+        for e in &created {
+            idx.insert(Arc::new((*e).clone()));
+        }
+        if self.any_kill() {
+            self.refresh_killed_ids(&idx);
+        }
+        for e in &created {
+            self.entry_changed(&idx, None, Some(e));
+        }
+        drop(idx);
+        tracing::info!(%caller, created = created.len(), refused = checked.len() - created.len(), "entries created in one batch");
+        Ok(checked)
     }
 
     /// Replaces the fields in `mask` of entry `pb.id` with `pb`'s.

@@ -75,8 +75,8 @@ pub use audit::{AUDIT_KEY_FILE, AuditQuery, load_or_create_audit_key, normalize_
 pub use authz::MintRefusal;
 pub use cluster::ClusterServer;
 pub use delegation::{DELEGATION_TYP, Delegation, ExchangeRequest, Exchanged, TOKEN_TYPE_JWT};
-pub use entries::EntryField;
 use entries::EntryIndex;
+pub use entries::{EntryField, MAX_ENTRY_BATCH};
 pub use health::DatastoreHealth;
 pub use review::{AgentReview, EntryReview, ReviewQuery};
 pub use tasks::{MAX_TASK_NAME, TASK_KILL_GRACE, TaskQuery, TaskSvid, end_reason};
