@@ -16,6 +16,12 @@
 //! process teardown — and stops when the bench's stream reader receives the
 //! matching message. A message that arrives before the call returns counts
 //! as 0.
+//!
+//! `--servers 2`: two servers share a throwaway PostgreSQL 15 (started
+//! with initdb/pg_ctl, as the tests do); the agents are attested to and
+//! synced from server B while every change is made on server A, so the
+//! figure includes A's commit, the change feed (NOTIFY, then B's read of
+//! the events table) and B's push.
 
 use std::time::{Duration, Instant};
 
@@ -38,6 +44,10 @@ pub(crate) struct Args {
     /// Changes measured (default 200; 12 with --quick).
     #[arg(long)]
     changes: Option<usize>,
+    /// 1 (redb, default) or 2 (two servers on one PostgreSQL: changes on
+    /// the first, agents on the second).
+    #[arg(long, default_value_t = 1)]
+    servers: usize,
 }
 
 /// One message of one agent's stream: (agent, when, [(spiffe_id, hint)]).
@@ -58,7 +68,28 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
 
     let bins = Bins::locate()?;
     let scratch = Scratch::new("propagation")?;
-    let server = Server::start(&bins, &scratch.0, None).await?;
+    // `_pg` and `_writer` live to the end of the run.
+    let (_pg, _writer, server, mut adm) = match a.servers {
+        1 => {
+            let server = Server::start(&bins, &scratch.0, None).await?;
+            let adm = server.admin.clone();
+            (None, None, server, adm)
+        }
+        2 => {
+            let pg = sigil_tests::pg::start("bench-propagation")
+                .ok_or("PostgreSQL is needed for --servers 2")?;
+            pg.create_db("sigil");
+            let section = pg.datastore_section("sigil", &scratch.0.join("pgpass"));
+            let (dir_a, dir_b) = (scratch.0.join("a"), scratch.0.join("b"));
+            std::fs::create_dir_all(&dir_a)?;
+            std::fs::create_dir_all(&dir_b)?;
+            let writer = Server::start_with(&bins, &dir_a, None, &section).await?;
+            let server = Server::start_with(&bins, &dir_b, None, &section).await?;
+            let adm = writer.admin.clone();
+            (Some(pg), Some(writer), server, adm)
+        }
+        n => return Err(format!("--servers {n}: 1 or 2").into()),
+    };
     let mut agents: Vec<Agent> = (0..n_agents)
         .map(|i| Agent::configure(&server, &scratch.0, &format!("agent-{i}")))
         .collect::<Result<_>>()?;
@@ -83,7 +114,7 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             ));
         }
     }
-    admin::create_many(&server.admin, entries, 8).await?;
+    admin::create_many(&adm, entries, 8).await?;
     for ag in &mut agents {
         ag.start(&bins, &server).await?;
     }
@@ -119,7 +150,6 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .ok_or("stream readers ended")?;
     }
 
-    let mut adm = server.admin.clone();
     let mut transient: Vec<Option<(String, String)>> = vec![None; n_agents];
     // (op, from return, from call start, admin call duration)
     let mut results: Vec<(Op, Duration, Duration, Duration)> = Vec::new();
@@ -198,6 +228,7 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .with("changes", all.len())
             .with("agents", n_agents)
             .with("entries", per_agent * n_agents)
+            .with("servers", a.servers)
             .f("create_p50_ms", c.q_ms(0.5))
             .f("create_p99_ms", c.q_ms(0.99))
             .f("update_p50_ms", u.q_ms(0.5))
