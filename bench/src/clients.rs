@@ -128,6 +128,33 @@ pub(crate) mod admin {
         Ok(out.into_iter().map(|(_, e)| e).collect())
     }
 
+    /// Creates `entries` with `BatchCreateEntries`, `batch` per call, one
+    /// call at a time (as `sigil-server entry create --file` does); fails
+    /// if the server refused any.
+    pub(crate) async fn create_batched(
+        c: &Client,
+        entries: Vec<Entry>,
+        batch: usize,
+    ) -> Result<Vec<Entry>> {
+        let mut c = c.clone();
+        let mut out = Vec::with_capacity(entries.len());
+        for chunk in entries.chunks(batch.max(1)) {
+            let r = c
+                .batch_create_entries(sigil_proto::admin::BatchCreateEntriesRequest {
+                    entries: chunk.to_vec(),
+                })
+                .await?
+                .into_inner();
+            for res in r.results {
+                out.push(
+                    res.entry
+                        .ok_or_else(|| format!("entry refused: {}", res.error))?,
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Changes the hint of entry `id` (as `sigil-server entry update ID --hint H`).
     pub(crate) async fn set_hint(c: &mut Client, id: &str, hint: &str) -> Result<Entry> {
         Ok(c.update_entry(UpdateEntryRequest {

@@ -5,6 +5,7 @@ pub(crate) mod kill;
 pub(crate) mod mint;
 pub(crate) mod propagation;
 pub(crate) mod scale;
+pub(crate) mod scale_cluster;
 pub(crate) mod sign_limit;
 pub(crate) mod startup;
 pub(crate) mod task;

@@ -62,17 +62,25 @@ pub(crate) struct Args {
     /// Skip part 2 (real agents).
     #[arg(long)]
     skip_agents: bool,
+    /// `postgres`: instead of parts 1 and 2, compare one server on redb
+    /// with `--servers` servers sharing a throwaway PostgreSQL 15 (see
+    /// `scale_cluster`).
+    #[arg(long, default_value = "redb")]
+    datastore: String,
+    /// Servers in the PostgreSQL case (default 2).
+    #[arg(long, default_value_t = 2)]
+    servers: usize,
 }
 
 /// One complete snapshot from a sync stream: every chunk up to the one
 /// without `more` (the agent applies the snapshot only then).
-struct Snapshot {
-    entries: Vec<Entry>,
+pub(super) struct Snapshot {
+    pub(super) entries: Vec<Entry>,
     bytes: usize,
     messages: usize,
 }
 
-async fn read_snapshot(stream: &mut tonic::Streaming<SyncUpdate>) -> Result<Snapshot> {
+pub(super) async fn read_snapshot(stream: &mut tonic::Streaming<SyncUpdate>) -> Result<Snapshot> {
     let mut snap = Snapshot {
         entries: Vec::new(),
         bytes: 0,
@@ -90,7 +98,7 @@ async fn read_snapshot(stream: &mut tonic::Streaming<SyncUpdate>) -> Result<Snap
 }
 
 /// Time to the first complete snapshot on a fresh sync stream.
-async fn fresh_sync(sim: &SimAgent) -> Result<(Duration, Snapshot)> {
+pub(super) async fn fresh_sync(sim: &SimAgent) -> Result<(Duration, Snapshot)> {
     let mut api = sim.api.clone();
     let start = Instant::now();
     let mut stream = api.sync(SyncRequest::default()).await?.into_inner();
@@ -121,7 +129,7 @@ async fn median_sync(sim: &SimAgent, expect: usize, repeats: usize) -> Result<(f
 }
 
 /// Attests `n` simulated agents, 16 at a time.
-async fn attest_many(server: &Server, names: Vec<String>) -> Result<Vec<SimAgent>> {
+pub(super) async fn attest_many(server: &Server, names: Vec<String>) -> Result<Vec<SimAgent>> {
     let mut out = Vec::with_capacity(names.len());
     let mut set = tokio::task::JoinSet::new();
     let mut it = names.into_iter().enumerate();
@@ -145,7 +153,7 @@ async fn attest_many(server: &Server, names: Vec<String>) -> Result<Vec<SimAgent
 }
 
 /// `n` entries owned by the given parents in turn, none matching the bench.
-fn entries_for(parents: &[String], n: usize, tag: &str) -> Vec<Entry> {
+pub(super) fn entries_for(parents: &[String], n: usize, tag: &str) -> Vec<Entry> {
     (0..n)
         .map(|j| {
             let parent = &parents[j % parents.len()];
@@ -508,6 +516,25 @@ async fn agent_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> R
 
 pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()> {
     let bins = Bins::locate()?;
+    match a.datastore.as_str() {
+        "redb" => {}
+        "postgres" => {
+            let total = a.entries.unwrap_or(if quick { 2000 } else { 100_000 });
+            let n_agents = a.agents.unwrap_or(if quick { 20 } else { 1000 }).max(2);
+            let probe_n = a.probe_entries.unwrap_or(if quick { 100 } else { 1000 });
+            let sizes = super::scale_cluster::Sizes {
+                total,
+                n_agents,
+                probe_n,
+                changes: if quick { 5 } else { 50 },
+            };
+            super::scale_cluster::run(&sizes, 1, &bins, rep).await?;
+            super::scale_cluster::run(&sizes, a.servers.max(2), &bins, rep).await?;
+            rep.table("scale");
+            return Ok(());
+        }
+        other => return Err(format!("--datastore {other}: redb or postgres").into()),
+    }
     if !a.skip_server {
         server_part(a, quick, &bins, rep).await?;
     }
