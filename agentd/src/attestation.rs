@@ -3,6 +3,7 @@
 //! CSR, answers the server's challenge, and returns the agent SVID.
 //! x509pop and TPM agents also renew this way (fresh nonce, fresh quote).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use sigil_attestors::node::tpm::AgentTpm;
@@ -30,8 +31,9 @@ pub enum Prover {
     JoinToken(String),
     /// The node certificate and key.
     X509Pop(Arc<NodeKey>),
-    /// The TPM (one ESAPI context; blocking calls run on the blocking pool).
-    Tpm(Arc<Mutex<AgentTpm>>),
+    /// The TPM (one ESAPI context; blocking calls run on the blocking pool)
+    /// and the IMA log sent with each quote (`tpm.ima_log_path`), if any.
+    Tpm(Arc<Mutex<AgentTpm>>, Option<PathBuf>),
 }
 
 impl Prover {
@@ -48,9 +50,9 @@ impl Prover {
                 let key = std::fs::read_to_string(key_path).map_err(|e| format!("x509pop.key_path {}: {e}", key_path.display()))?;
                 Ok(Prover::X509Pop(Arc::new(NodeKey::load(&cert, &key).map_err(|e| e.to_string())?)))
             }
-            NodeAttestor::Tpm { tcti } => {
+            NodeAttestor::Tpm { tcti, ima_log_path } => {
                 let tpm = AgentTpm::open(tcti).map_err(|e| format!("tpm.tcti {tcti:?}: {e}"))?;
-                Ok(Prover::Tpm(Arc::new(Mutex::new(tpm))))
+                Ok(Prover::Tpm(Arc::new(Mutex::new(tpm)), ima_log_path.clone()))
             }
         }
     }
@@ -59,6 +61,26 @@ impl Prover {
     pub fn reattests(&self) -> bool {
         !matches!(self, Prover::JoinToken(_))
     }
+}
+
+/// Reads the IMA log sent with a quote, refusing one larger than the
+/// server accepts.
+fn read_ima_log(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let max = sigil_attestors::node::ima::MAX_QUOTED_LOG_BYTES;
+    let f = std::fs::File::open(path)
+        .map_err(|e| format!("tpm.ima_log_path {}: {e}", path.display()))?;
+    let mut log = Vec::new();
+    f.take(max as u64 + 1)
+        .read_to_end(&mut log)
+        .map_err(|e| format!("tpm.ima_log_path {}: {e}", path.display()))?;
+    if log.len() > max {
+        return Err(format!(
+            "tpm.ima_log_path {}: the IMA log is larger than {max} bytes",
+            path.display()
+        ));
+    }
+    Ok(log)
 }
 
 fn with_tpm<T: Send + 'static>(
@@ -87,12 +109,13 @@ pub async fn attest(
         Prover::X509Pop(k) => Evidence::X509pop(X509PopEvidence {
             chain: k.chain.clone(),
         }),
-        Prover::Tpm(tpm) => {
+        Prover::Tpm(tpm, ima_log) => {
             let ev = with_tpm(tpm, |t| t.evidence().map_err(|e| e.to_string())).await?;
             Evidence::Tpm(TpmEvidence {
                 ek_public: ev.ek_public,
                 ek_cert: ev.ek_cert.unwrap_or_default(),
                 ak_public: ev.ak_public,
+                ima: ima_log.is_some(),
             })
         }
     };
@@ -134,7 +157,7 @@ pub async fn attest(
                 })
             }
             Some(RespStep::TpmChallenge(c)) => {
-                let Prover::Tpm(tpm) = prover else {
+                let Prover::Tpm(tpm, ima_log_path) = prover else {
                     return Err("server sent a TPM challenge to a non-TPM agent".into());
                 };
                 let pcrs = c
@@ -142,12 +165,19 @@ pub async fn attest(
                     .iter()
                     .map(|p| u8::try_from(*p).map_err(|_| format!("server asked for PCR {p}")))
                     .collect::<Result<Vec<u8>, _>>()?;
-                let (secret, quote) = with_tpm(tpm, move |t| {
+                let ima_log_path = ima_log_path.clone();
+                let (secret, quote, ima_log) = with_tpm(tpm, move |t| {
                     let secret = t
                         .activate_credential(&c.credential_blob, &c.encrypted_secret)
                         .map_err(|e| e.to_string())?;
                     let quote = t.quote(&c.nonce, &pcrs).map_err(|e| e.to_string())?;
-                    Ok((secret, quote))
+                    // Read after the quote: the server verifies the prefix
+                    // the quote covers.
+                    let ima_log = match &ima_log_path {
+                        Some(p) => read_ima_log(p)?,
+                        None => Vec::new(),
+                    };
+                    Ok((secret, quote, ima_log))
                 })
                 .await?;
                 ReqStep::TpmResponse(TpmChallengeResponse {
@@ -162,6 +192,7 @@ pub async fn attest(
                             digest: d,
                         })
                         .collect(),
+                    ima_log,
                 })
             }
             None => return Err("server sent an empty attestation step".into()),

@@ -71,6 +71,8 @@ struct RawX509Pop {
 struct RawTpm {
     #[serde(default = "default_tcti")]
     tcti: String,
+    #[serde(default)]
+    ima_log_path: Option<PathBuf>,
 }
 
 fn default_tcti() -> String {
@@ -87,8 +89,13 @@ pub enum NodeAttestor {
         cert_path: PathBuf,
         key_path: PathBuf,
     },
-    /// TPM 2.0 EK/AK credential activation and PCR quote.
-    Tpm { tcti: String },
+    /// TPM 2.0 EK/AK credential activation and PCR quote; with
+    /// `ima_log_path`, the binary ima-ng log (SHA-256 bank) goes with every
+    /// quote and PCR 10 is quoted.
+    Tpm {
+        tcti: String,
+        ima_log_path: Option<PathBuf>,
+    },
 }
 
 fn default_port() -> u16 {
@@ -268,9 +275,13 @@ impl AgentConfig {
                     key_path: x.key_path,
                 }
             }
-            "tpm" => NodeAttestor::Tpm {
-                tcti: raw.tpm.map(|t| t.tcti).unwrap_or_else(default_tcti),
-            },
+            "tpm" => {
+                let (tcti, ima_log_path) = match raw.tpm {
+                    Some(t) => (t.tcti, t.ima_log_path),
+                    None => (default_tcti(), None),
+                };
+                NodeAttestor::Tpm { tcti, ima_log_path }
+            }
             other => {
                 return Err(key_err(
                     "node_attestor",

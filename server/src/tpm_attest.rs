@@ -1,8 +1,13 @@
 //! TPM 2.0 node attestation on the server (wired to the pure-software
-//! verifiers of `sigil_attestors::node::tpm`).
+//! verifiers of `sigil_attestors::node::tpm`), with the IMA measurement
+//! log an agent may send with its quote: PCR 10 is then quoted too, the
+//! log is replayed against it (`sigil_attestors::node::ima`), and every
+//! SHA-256 file digest of the verified part becomes a
+//! `tpm:ima:sha256:HEX` node selector. A log that does not replay to the
+//! quoted PCR 10 fails the attestation (audited like every refusal).
 
 use crate::error::StartupError;
-use sigil_attestors::node::tpm;
+use sigil_attestors::node::{ima, tpm};
 use sigil_core::TrustDomain;
 use sigil_core::ids::random_bytes;
 use sigil_proto::agent::attest_request::Step as ReqStep;
@@ -14,6 +19,49 @@ use tonic::{Status, Streaming};
 use crate::config::TpmConfig;
 use crate::node_attestation::{next, send};
 use crate::state::NodeAttestation;
+
+/// The PCR the kernel's IMA extends.
+const IMA_PCR: u8 = 10;
+
+/// Replays the agent's IMA log against the verified PCR 10 and returns
+/// one `tpm:ima:sha256:HEX` selector per measured file digest.
+fn ima_selectors(
+    announced: bool,
+    log: &[u8],
+    verified: &[(u8, Vec<u8>)],
+) -> Result<Vec<String>, Status> {
+    if !announced {
+        if !log.is_empty() {
+            return Err(Status::invalid_argument(
+                "invalid field `ima_log`: sent without `ima` in the TPM evidence",
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    if log.is_empty() {
+        return Err(Status::invalid_argument(
+            "invalid field `ima_log`: empty (the evidence announced an IMA log)",
+        ));
+    }
+    if log.len() > ima::MAX_QUOTED_LOG_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "invalid field `ima_log`: {} bytes, larger than {}",
+            log.len(),
+            ima::MAX_QUOTED_LOG_BYTES
+        )));
+    }
+    let pcr10 = verified
+        .iter()
+        .find(|(i, _)| *i == IMA_PCR)
+        .map(|(_, d)| d.as_slice())
+        .ok_or_else(|| Status::internal("PCR 10 missing from a verified quote"))?;
+    let log = ima::verify_quoted_prefix(log, ima::ImaBank::Sha256, pcr10)
+        .map_err(|e| Status::permission_denied(format!("TPM attestation: {e}")))?;
+    Ok(log
+        .digests()
+        .map(|d| format!("tpm:ima:sha256:{d}"))
+        .collect())
+}
 
 /// Which TPMs may attest and what they must quote.
 pub struct TpmPolicy {
@@ -58,6 +106,13 @@ pub async fn attest(
         ak_public: ev.ak_public,
     };
     let ek_hash = tpm::verify_ek(&evidence, &policy.ek_hashes, &policy.ek_cas).map_err(denied)?;
+    // PCR 10 is quoted for the IMA log but, unless the policy lists it,
+    // gives no `tpm:pcr` selector (it changes with every measurement).
+    let mut requested = policy.pcrs.clone();
+    if ev.ima && !requested.contains(&IMA_PCR) {
+        requested.push(IMA_PCR);
+        requested.sort_unstable();
+    }
     let secret = random_bytes::<32>();
     let (credential_blob, encrypted_secret) =
         tpm::make_credential(&evidence.ek_public, &evidence.ak_public, &secret).map_err(denied)?;
@@ -68,7 +123,7 @@ pub async fn attest(
             credential_blob,
             encrypted_secret,
             nonce: nonce.clone(),
-            pcrs: policy.pcrs.iter().map(|p| u32::from(*p)).collect(),
+            pcrs: requested.iter().map(|p| u32::from(*p)).collect(),
         }),
     )
     .await?;
@@ -93,17 +148,42 @@ pub async fn attest(
         pcr_values,
     };
     let verified =
-        tpm::verify_quote(&evidence.ak_public, &quote, &nonce, &policy.pcrs).map_err(denied)?;
+        tpm::verify_quote(&evidence.ak_public, &quote, &nonce, &requested).map_err(denied)?;
     let mut selectors = vec![format!("tpm:ek-hash:{ek_hash}")];
     selectors.extend(
         verified
             .iter()
+            .filter(|(i, _)| policy.pcrs.contains(i))
             .map(|(i, d)| format!("tpm:pcr:sha256:{i}:{}", hex::encode(d))),
     );
+    selectors.extend(ima_selectors(ev.ima, &r.ima_log, &verified)?);
     Ok(NodeAttestation {
         spiffe_id: sigil_core::ids::agent_id(td, "tpm", &ek_hash)
             .map_err(|e| Status::internal(e.to_string()))?,
         attestation_type: crate::datastore::AttestationType::Tpm,
         selectors: crate::node_attestation::node_selectors(selectors)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ima_logs_that_are_unannounced_empty_or_too_large_are_refused_naming_the_field() {
+        let pcr10 = vec![(IMA_PCR, vec![0u8; 32])];
+        assert!(ima_selectors(false, b"", &pcr10).unwrap().is_empty());
+        for (announced, log) in [
+            (false, vec![1u8]),
+            (true, Vec::new()),
+            (true, vec![0u8; ima::MAX_QUOTED_LOG_BYTES + 1]),
+        ] {
+            let e = ima_selectors(announced, &log, &pcr10).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains("`ima_log`"), "{}", e.message());
+        }
+        // Garbage that cannot replay to the quoted PCR 10.
+        let e = ima_selectors(true, &[0u8; 3], &[(IMA_PCR, vec![1u8; 32])]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
 }

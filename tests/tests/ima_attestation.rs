@@ -9,7 +9,15 @@
 //!   verify: callers are refused (the attestor failed), the agent logs why;
 //! - a binary absent from a verified log gets no `ima` selector.
 //!
-//! Needs swtpm and tpm2-tools; `SIGIL_SKIP_TPM=1` skips it.
+//!
+//! The second test is the server's side: a TPM agent with
+//! `[tpm] ima_log_path` sends that log with every quote, the server quotes
+//! PCR 10 too, replays the log against it and records one
+//! `tpm:ima:sha256:` node selector per measured file; a measurement
+//! missing from the log (PCR 10 extended, log not) fails the
+//! re-attestation, and the refusal is in the audit trail.
+//!
+//! Needs swtpm and tpm2-tools; `SIGIL_SKIP_TPM=1` skips them.
 
 #![allow(
     clippy::unwrap_used,
@@ -102,6 +110,19 @@ impl Swtpm {
 
     fn tcti(&self) -> &str {
         &self.0["TPM2TOOLS_TCTI"]
+    }
+
+    fn ek_hash(&self) -> String {
+        let out = Command::new(bin("sigil-agent"))
+            .args(["tpm", "ek-hash", "--tcti", self.tcti()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
     fn extend_pcr10(&self, template: &[u8]) {
@@ -215,4 +236,131 @@ fn a_binary_measured_in_a_verified_ima_log_gets_its_ima_identity_and_a_forged_lo
     wait_for("the agent's line about the forged log", LONG, || {
         log_count(&c.dir.0, "agent.log", "does not verify") > before
     });
+}
+
+fn node_selectors(c: &Cluster) -> Vec<String> {
+    serde_json::from_value(c.agents_json()["agents"][0]["selectors"].clone()).unwrap()
+}
+
+#[test]
+fn the_server_replays_the_nodes_ima_log_against_the_quoted_pcr_10() {
+    if std::env::var_os("SIGIL_SKIP_TPM").is_some() {
+        eprintln!("\n!!! SIGIL_SKIP_TPM set: ima node attestation SKIPPED !!!\n");
+        return;
+    }
+    let tpm = Swtpm::start();
+    let ek = tpm.ek_hash();
+    let dir = Scratch::new("ima-node");
+    let measured = dir.0.join("measured-probe");
+    std::fs::copy(bin("spiffe-probe"), &measured).unwrap();
+    let digest = encode_hex(&sha256(&[&std::fs::read(&measured).unwrap()]));
+    let log_path = dir.0.join("binary_runtime_measurements_sha256");
+    let mut log = Vec::new();
+    for (d, p) in [
+        (sha256(&[b"boot aggregate"]), "boot_aggregate".to_string()),
+        (decode_hex(&digest), measured.display().to_string()),
+    ] {
+        let (e, template) = entry(&d, &p);
+        log.extend(e);
+        tpm.extend_pcr10(&template);
+    }
+    std::fs::write(&log_path, &log).unwrap();
+
+    // Re-attestation at every renewal (half of the 6 s agent SVID TTL).
+    let mut c = Cluster::start_with(&format!(
+        "agent_svid_ttl = \"6s\"\n[tpm]\nek_hashes = [\"{ek}\"]\npcrs = [7]\n"
+    ));
+    c.start_agent_configured(&format!(
+        "node_attestor = \"tpm\"\n[tpm]\ntcti = \"{}\"\nima_log_path = \"{}\"\n",
+        tpm.tcti(),
+        log_path.display()
+    ));
+    let selectors = node_selectors(&c);
+    let ima_selector = format!("tpm:ima:sha256:{digest}");
+    assert!(selectors.contains(&ima_selector), "{selectors:?}");
+    assert_eq!(
+        selectors
+            .iter()
+            .filter(|s| s.starts_with("tpm:ima:"))
+            .count(),
+        2,
+        "{selectors:?}"
+    );
+    // PCR 10 is quoted for the log but is no enrolled measurement.
+    assert!(
+        !selectors
+            .iter()
+            .any(|s| s.starts_with("tpm:pcr:sha256:10:")),
+        "{selectors:?}"
+    );
+    assert!(
+        selectors.iter().any(|s| s.starts_with("tpm:pcr:sha256:7:")),
+        "{selectors:?}"
+    );
+
+    // A node alias on the measured binary's digest: workloads on nodes
+    // whose TPM-backed log lists that binary.
+    c.server_ok(&[
+        "entry",
+        "create",
+        "--node",
+        "--spiffe-id",
+        "spiffe://example.org/nodes/runs-measured-probe",
+        "--parent-id",
+        "spiffe://example.org/sigil/server",
+        "--selector",
+        &ima_selector,
+    ]);
+    c.server_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/on-measured-node",
+        "--parent-id",
+        "spiffe://example.org/nodes/runs-measured-probe",
+        "--selector",
+        &my_uid_selector(),
+    ]);
+    let mut got = String::new();
+    wait_for("an SVID through the IMA node alias", LONG, || {
+        got = probe(&measured, &c);
+        got == "OK spiffe://example.org/on-measured-node"
+    });
+
+    // A file measured later (log and PCR 10 both grow): the next
+    // re-attestation keeps the identity and adds its digest.
+    let later = encode_hex(&sha256(&[b"a binary measured later"]));
+    let (e, template) = entry(&decode_hex(&later), "/usr/bin/later");
+    log.extend(e);
+    std::fs::write(&log_path, &log).unwrap();
+    tpm.extend_pcr10(&template);
+    wait_for("the later digest after re-attestation", LONG, || {
+        node_selectors(&c).contains(&format!("tpm:ima:sha256:{later}"))
+    });
+
+    // A measurement hidden from the log: PCR 10 is extended, the log is
+    // not, so no prefix of the log replays to the quote. Refused, audited.
+    let (_, hidden) = entry(&sha256(&[b"hidden"]), "/tmp/hidden");
+    tpm.extend_pcr10(&hidden);
+    wait_for("the refused re-attestation", LONG, || {
+        log_count(
+            &c.dir.0,
+            "agent.log",
+            "does not replay to the quoted PCR 10",
+        ) > 0
+    });
+    let export = c.server_ok(&["audit", "export"]);
+    let refusal = export
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"]["kind"] == "node_attestation_failed")
+        .expect("the refusal in the audit trail");
+    assert_eq!(refusal["event"]["attestation_type"], "tpm", "{refusal}");
+    assert!(
+        refusal["event"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("IMA log does not replay to the quoted PCR 10"),
+        "{refusal}"
+    );
 }

@@ -2,9 +2,12 @@
 //! binary log and replaying it against a quoted PCR 10, so that the file
 //! digests it lists can be trusted as far as the TPM quote is.
 //!
-//! This is the server-side building block of `ima:sha256:` workload
-//! selectors (issue 10); sending the log with the quote and serving the
-//! verified digests to the agent is not wired yet.
+//! Two uses: the agent's `ima` workload attestor replays the log against
+//! the PCR it reads itself ([`verify_log`], the whole log must match), and
+//! the server replays the log a TPM agent sends with its quote
+//! ([`verify_quoted_prefix`], Keylime's rule: the log is read after the
+//! quote, so it may have grown; the entries up to the point where the
+//! replay equals the quoted PCR 10 are vouched for, later ones are ignored).
 //!
 //! Binary log entry (host byte order, little-endian here):
 //! `u32 pcr | template digest (20 bytes SHA-1 log, 32 bytes SHA-256 log) |
@@ -15,6 +18,10 @@
 //! violation entry (all-zero digest) is extended as all-ones.
 
 use std::collections::BTreeSet;
+
+/// Largest log an agent sends with its quote (it travels in one gRPC
+/// message of at most 1 MiB; about 7,000 ima-ng SHA-256 entries).
+pub const MAX_QUOTED_LOG_BYTES: usize = 960 * 1024;
 
 /// A PCR bank the log was kept for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +99,11 @@ impl VerifiedImaLog {
     pub fn entries(&self) -> usize {
         self.entries
     }
+
+    /// The SHA-256 file digests (lowercase hex), sorted.
+    pub fn digests(&self) -> impl Iterator<Item = &str> {
+        self.digests.iter().map(String::as_str)
+    }
 }
 
 struct Reader<'a> {
@@ -142,10 +154,34 @@ pub fn verify_log(
     bank: ImaBank,
     quoted_pcr10: &[u8],
 ) -> Result<VerifiedImaLog, ImaError> {
+    replay_log(log, bank, quoted_pcr10, false)
+}
+
+/// Replays a binary IMA log read after a quote: the shortest prefix whose
+/// replay equals `quoted_pcr10` is verified and its digests returned;
+/// entries after it (measured after the quote, or forged) are not parsed
+/// and vouch for nothing. No prefix matching is [`ImaError::PcrMismatch`].
+pub fn verify_quoted_prefix(
+    log: &[u8],
+    bank: ImaBank,
+    quoted_pcr10: &[u8],
+) -> Result<VerifiedImaLog, ImaError> {
+    replay_log(log, bank, quoted_pcr10, true)
+}
+
+fn replay_log(
+    log: &[u8],
+    bank: ImaBank,
+    quoted_pcr10: &[u8],
+    prefix: bool,
+) -> Result<VerifiedImaLog, ImaError> {
     let mut pcr = vec![0u8; bank.len()];
     let mut digests = BTreeSet::new();
     let mut r = Reader { b: log, entry: 0 };
     while !r.b.is_empty() {
+        if prefix && pcr == quoted_pcr10 {
+            break;
+        }
         let pcr_index = r.u32("pcr")?;
         let digest = r.take(bank.len(), "template digest")?;
         let n = r.u32("template name length")?;
@@ -239,6 +275,24 @@ mod tests {
             assert!(v.contains(&"ab".repeat(32)));
             assert!(!v.contains(&"cd".repeat(32)));
         }
+    }
+
+    #[test]
+    fn a_quoted_prefix_is_verified_and_later_entries_vouch_for_nothing() {
+        let bank = ImaBank::Sha256;
+        let mut log = entry(bank, &[1; 32], "boot_aggregate");
+        log.extend(entry(bank, &[0xab; 32], "/usr/bin/triage"));
+        let pcr = replay(bank, &log);
+        let mut longer = log.clone();
+        longer.extend(entry(bank, &[0xcd; 32], "/tmp/later"));
+        let v = verify_quoted_prefix(&longer, bank, &pcr).unwrap();
+        assert_eq!(v.entries(), 2);
+        assert!(v.contains(&"ab".repeat(32)));
+        assert!(!v.contains(&"cd".repeat(32)));
+        // A log the quote does not cover at all.
+        let other = entry(bank, &[0xee; 32], "/x");
+        let e = verify_quoted_prefix(&other, bank, &pcr).unwrap_err();
+        assert!(matches!(e, ImaError::PcrMismatch { .. }), "{e}");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //!   Agent-side evidence comes from [`tpm::AgentTpm`] (feature `tpm`);
 //!   server-side verification is pure Rust.
 //! - [`ima`] — IMA `ima-ng` measurement logs replayed against a quoted
-//!   PCR 10 (the verified file digests behind `ima:sha256:`; not wired into
-//!   attestation yet).
+//!   PCR 10: by the agent's `ima` workload attestor, and by the server for
+//!   the log a TPM agent sends with its quote (`tpm:ima:sha256:` node
+//!   selectors).
 
 pub mod ima;
 pub mod tpm;

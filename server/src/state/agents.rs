@@ -3,6 +3,7 @@
 //! renewal, eviction and bans. Every read-modify-write of an agent record
 //! runs inside one datastore transaction.
 
+use sigil_core::selector::Selector;
 use sigil_core::x509::{BACKDATE, CsrSignature, SvidInfo};
 use sigil_core::{SpiffeId, now_unix};
 
@@ -34,9 +35,17 @@ fn admissible(existing: Option<&AgentRecord>, a: &NodeAttestation) -> Result<(),
             a.spiffe_id
         )));
     }
+    // IMA digests (`tpm:ima:`) only grow as files are measured; the
+    // enrolled measurements are the rest (EK and PCRs).
+    let fixed = |v: &[Selector]| -> Vec<String> {
+        v.iter()
+            .filter(|s| !(s.kind() == "tpm" && s.value().starts_with("ima:")))
+            .map(|s| s.to_string())
+            .collect()
+    };
     if e.attestation == AttestationType::Tpm
         && a.attestation_type == AttestationType::Tpm
-        && e.selectors != a.selectors
+        && fixed(&e.selectors) != fixed(&a.selectors)
     {
         tracing::warn!(agent = %a.spiffe_id, "TPM measurements changed since enrollment; refusing");
         return Err(RegistryError::denied(
