@@ -276,6 +276,7 @@ fn the_server_replays_the_nodes_ima_log_against_the_quoted_pcr_10() {
         log_path.display()
     ));
     let selectors = node_selectors(&c);
+    eprintln!("node selectors: {selectors:#?}");
     let ima_selector = format!("tpm:ima:sha256:{digest}");
     assert!(selectors.contains(&ima_selector), "{selectors:?}");
     assert_eq!(
@@ -349,6 +350,14 @@ fn the_server_replays_the_nodes_ima_log_against_the_quoted_pcr_10() {
             "does not replay to the quoted PCR 10",
         ) > 0
     });
+    eprintln!(
+        "{}",
+        std::fs::read_to_string(c.dir.0.join("agent.log"))
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("does not replay"))
+            .unwrap()
+    );
     let export = c.server_ok(&["audit", "export"]);
     let refusal = export
         .lines()
