@@ -75,6 +75,9 @@ enum Scenario {
     Startup(startup::Args),
     /// Task start to task SVID in hand, next to a plain FetchX509SVID.
     Task(task::Args),
+    /// (inside a container, for `fetch --docker`) closed-loop fetches, JSON out.
+    #[command(hide = true)]
+    FetchClient(scenarios::fetch_docker::ClientArgs),
     /// Every scenario in turn with its default sizes (or `--quick` sizes).
     All,
     /// Renders JSON lines from `all --json` as the markdown figures table.
@@ -95,6 +98,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Scale(a) => scale::run(&a, quick, &mut rep).await,
         Scenario::Startup(a) => startup::run(&a, quick, &mut rep).await,
         Scenario::Task(a) => task::run(&a, quick, &mut rep).await,
+        Scenario::FetchClient(a) => scenarios::fetch_docker::client(&a).await,
         Scenario::All => scenarios::all(quick, &mut rep).await,
         Scenario::Report(a) => report::render(&a),
     };

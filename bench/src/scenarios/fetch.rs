@@ -41,6 +41,11 @@ pub(crate) struct Args {
     /// workloads, which every fetch must still skip (default 1).
     #[arg(long)]
     entries: Option<usize>,
+    /// Instead: the clients in Docker containers, against a unix-only agent
+    /// and an agent with the docker attestor (see `fetch_docker`); default
+    /// client counts 1,100.
+    #[arg(long)]
+    docker: bool,
 }
 
 struct ClientResult {
@@ -225,6 +230,10 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
         vec![1, 100, 1000]
     });
     let secs = a.seconds.unwrap_or(if quick { 0.5 } else { 5.0 });
+    if a.docker {
+        let levels = a.clients.clone().unwrap_or(vec![1, 100]);
+        return super::fetch_docker::run(&levels, secs, rep).await;
+    }
     let warm = Duration::from_secs_f64((secs / 5.0).min(1.0));
     let open_rates = a.open_rates.clone().unwrap_or(if quick {
         vec![500.0]

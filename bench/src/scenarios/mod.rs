@@ -1,6 +1,7 @@
 //! The scenarios of issue 5, one module each, and `all`.
 
 pub(crate) mod fetch;
+pub(crate) mod fetch_docker;
 pub(crate) mod kill;
 pub(crate) mod mint;
 pub(crate) mod propagation;
