@@ -415,6 +415,33 @@ mod tests {
     }
 
     #[test]
+    fn the_tpm_table_takes_an_optional_ima_log_path_and_no_unknown_keys() {
+        let tpm = |table: &str| {
+            AgentConfig::parse(&format!(
+                "{BASE}insecure_bootstrap = true\nnode_attestor = \"tpm\"\n[tpm]\n{table}"
+            ))
+        };
+        let c = tpm("tcti = \"swtpm:port=2321\"\nima_log_path = \"/tmp/ima.log\"\n").unwrap();
+        assert_eq!(
+            c.node_attestor,
+            NodeAttestor::Tpm {
+                tcti: "swtpm:port=2321".into(),
+                ima_log_path: Some(PathBuf::from("/tmp/ima.log")),
+            }
+        );
+        let c = tpm("").unwrap();
+        assert_eq!(
+            c.node_attestor,
+            NodeAttestor::Tpm {
+                tcti: default_tcti(),
+                ima_log_path: None,
+            }
+        );
+        let e = tpm("ima_log = \"/tmp/ima.log\"\n").unwrap_err().to_string();
+        assert!(e.contains("ima_log"), "{e}");
+    }
+
+    #[test]
     fn serve_offline_for_is_a_positive_duration() {
         let ok = AgentConfig::parse(&format!(
             "{BASE}insecure_bootstrap = true\nserve_offline_for = \"90s\"\n"
