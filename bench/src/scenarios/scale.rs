@@ -72,6 +72,11 @@ pub(crate) struct Args {
     servers: usize,
 }
 
+/// Server config for a bench whose simulated agents all connect from
+/// 127.0.0.1: the per-address connection cap (default 256) raised above
+/// the agent count.
+pub(super) const MANY_AGENTS_FROM_ONE_IP: &str = "[limits]\nmax_connections_per_ip = 4096\n";
+
 /// One complete snapshot from a sync stream: every chunk up to the one
 /// without `more` (the agent applies the snapshot only then).
 pub(super) struct Snapshot {
@@ -286,7 +291,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     let repeats = if quick { 3 } else { 21 };
     let before_total = (total / 10).max(probe_n + n_agents);
     let scratch = Scratch::new("scale")?;
-    let server = Server::start(bins, &scratch.0, None).await?;
+    let server = Server::start_with(bins, &scratch.0, None, MANY_AGENTS_FROM_ONE_IP).await?;
 
     progress(format!(
         "scale: attesting {n_agents} simulated agents and a probe"

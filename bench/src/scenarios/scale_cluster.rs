@@ -53,10 +53,12 @@ pub(crate) async fn run(sz: &Sizes, servers: usize, bins: &Bins, rep: &mut Repor
     } else {
         None
     };
-    let section = match &pg {
+    let mut section = match &pg {
         Some(pg) => pg.datastore_section("sigil", &scratch.0.join("pgpass")),
         None => String::new(),
     };
+    // Every simulated agent connects from 127.0.0.1.
+    section.push_str(super::scale::MANY_AGENTS_FROM_ONE_IP);
     let mut nodes: Vec<Server> = Vec::with_capacity(servers);
     for i in 0..servers {
         let dir = scratch.0.join(format!("s{i}"));
