@@ -14,6 +14,7 @@
 )]
 
 pub mod pg;
+pub mod pki;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sigil_tests::{Cluster, bin, free_port, openssl, wait_for};
+use sigil_tests::pki::{make_ca, make_server_cert};
+use sigil_tests::{Cluster, bin, free_port, wait_for};
 
 const POD: &str = "2f1c7a52-8a4b-4bd6-9e1c-2f0a6d7b3e41";
 const POD_: &str = "2f1c7a52_8a4b_4bd6_9e1c_2f0a6d7b3e41";
@@ -50,70 +51,11 @@ impl Drop for Server {
     }
 }
 
-/// A CA and a kubelet serving certificate for 127.0.0.1, made by openssl.
+/// A CA (`ca.pem`) and a kubelet serving certificate for 127.0.0.1
+/// (`kubelet.pem`, `kubelet.key`), made by openssl.
 fn kubelet_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=worker-3-ca",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "kubelet.key",
-            "-out",
-            "kubelet.csr",
-            "-subj",
-            "/CN=worker-3",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:worker-3\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "kubelet.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "kubelet.pem",
-            "-days",
-            "1",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    make_ca(dir, "ca");
+    make_server_cert(dir, "ca", "kubelet", "IP:127.0.0.1,DNS:worker-3");
 }
 
 #[test]

@@ -133,6 +133,33 @@ async fn median_sync(sim: &SimAgent, expect: usize, repeats: usize) -> Result<(f
     Ok((s.q_ms(0.5), s.q_ms(0.0), bytes))
 }
 
+/// Opens every agent's sync stream at once (asking for deltas, as
+/// `sigil-agent` does) and reads each first complete snapshot: the open
+/// streams, the entries they delivered in all, and the milliseconds until
+/// the last snapshot was whole.
+pub(super) async fn open_all_streams(
+    sims: &[SimAgent],
+) -> Result<(Vec<tonic::Streaming<SyncUpdate>>, usize, f64)> {
+    let start = Instant::now();
+    let mut streams = Vec::with_capacity(sims.len());
+    let mut set = tokio::task::JoinSet::new();
+    for s in sims {
+        let mut api = s.api.clone();
+        set.spawn(async move {
+            let mut st = api.sync(SyncRequest { deltas: true }).await?.into_inner();
+            let snap = read_snapshot(&mut st).await?;
+            Ok::<_, crate::Error>((st, snap.entries.len()))
+        });
+    }
+    let mut synced = 0;
+    while let Some(r) = set.join_next().await {
+        let (st, n) = r??;
+        synced += n;
+        streams.push(st);
+    }
+    Ok((streams, synced, start.elapsed().as_secs_f64() * 1000.0))
+}
+
 /// Attests `n` simulated agents, 16 at a time.
 pub(super) async fn attest_many(server: &Server, names: Vec<String>) -> Result<Vec<SimAgent>> {
     let mut out = Vec::with_capacity(names.len());
@@ -323,24 +350,7 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
     let rss_no_streams = server.proc.mem()?;
 
     progress(format!("scale: opening {n_agents} sync streams"));
-    let start = Instant::now();
-    let mut streams = Vec::with_capacity(n_agents);
-    let mut set = tokio::task::JoinSet::new();
-    for s in &sims {
-        let mut api = s.api.clone();
-        set.spawn(async move {
-            let mut st = api.sync(SyncRequest { deltas: true }).await?.into_inner();
-            let snap = read_snapshot(&mut st).await?;
-            Ok::<_, crate::Error>((st, snap.entries.len()))
-        });
-    }
-    let mut synced_entries = 0;
-    while let Some(r) = set.join_next().await {
-        let (st, n) = r??;
-        synced_entries += n;
-        streams.push(st);
-    }
-    let all_synced_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let (streams, synced_entries, all_synced_ms) = open_all_streams(&sims).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mem = server.proc.mem()?;
     let (agent_sync_ms, _, _) = median_sync(&probe, probe_n, repeats).await?;

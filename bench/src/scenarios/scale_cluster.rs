@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use sigil_proto::agent::SyncRequest;
 
-use super::scale::{attest_many, entries_for, fresh_sync, read_snapshot};
+use super::scale::{attest_many, entries_for, fresh_sync, open_all_streams, read_snapshot};
 use crate::Result;
 use crate::clients::{SimAgent, admin};
 use crate::harness::{Bins, Scratch, Server};
@@ -124,24 +124,7 @@ pub(crate) async fn run(sz: &Sizes, servers: usize, bins: &Bins, rep: &mut Repor
         "scale ({case}): opening {} sync streams",
         sz.n_agents
     ));
-    let start = Instant::now();
-    let mut streams = Vec::with_capacity(sz.n_agents);
-    let mut set = tokio::task::JoinSet::new();
-    for s in &sims {
-        let mut api = s.api.clone();
-        set.spawn(async move {
-            let mut st = api.sync(SyncRequest { deltas: true }).await?.into_inner();
-            let snap = read_snapshot(&mut st).await?;
-            Ok::<_, crate::Error>((st, snap.entries.len()))
-        });
-    }
-    let mut synced_entries = 0;
-    while let Some(r) = set.join_next().await {
-        let (st, n) = r??;
-        synced_entries += n;
-        streams.push(st);
-    }
-    let all_synced_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let (streams, synced_entries, all_synced_ms) = open_all_streams(&sims).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss: Vec<f64> = nodes
         .iter()
