@@ -4,7 +4,8 @@
 //! keeps entries and agents, and `audit verify` passes; the records are in
 //! the database, not in a redb file; a redb deployment migrates; two servers
 //! on one database converge. A group-readable password file stops
-//! the server before it serves, naming the key.
+//! the server before it serves, naming the key. A lone server down past
+//! the SVID half-life: its agent keeps serving and renews once it is back.
 
 #![allow(
     clippy::unwrap_used,
@@ -329,4 +330,64 @@ async fn two_servers_on_one_database_converge_on_each_others_entries_and_bans() 
     // Both servers wrote one audit chain.
     let verified = a.server_ok(&["audit", "verify"]);
     assert!(verified.starts_with("OK:"), "{verified}");
+}
+
+/// The serial (hex) and notAfter (Unix seconds) of the X.509-SVID the
+/// Workload API at `addr` serves this process, if it serves one.
+async fn leaf(addr: &str) -> Option<(String, i64)> {
+    let client = spiffe::WorkloadApiClient::connect_to(addr).await.ok()?;
+    let svid = client.fetch_x509_svid().await.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes()).ok()?;
+    Some((
+        cert.raw_serial_as_string(),
+        cert.validity().not_after.timestamp(),
+    ))
+}
+
+#[tokio::test]
+async fn one_server_on_postgres_down_past_the_half_life_its_agent_keeps_serving_and_renews_when_back()
+ {
+    let Some(pg) = pg::start("halflife") else {
+        return;
+    };
+    pg.create_db("sigil");
+    let secrets = Scratch::new("pg-halflife-secret");
+    let pw = secrets.0.join("pgpass");
+    pg.write_password_file(&pw);
+    let mut c = Cluster::start_with(&datastore_section(&pg, "sigil", &pw));
+    c.start_agent("spiffe://example.org/test-agent");
+    c.create_entry(
+        "spiffe://example.org/half-life",
+        &["--selector", &my_uid_selector(), "--x509-ttl", "12s"],
+    );
+    let addr = c.api_addr();
+    let first = eventually("the first SVID", LONG, || leaf(&addr)).await;
+
+    // The server goes away. Past the half-life the agent tries to renew
+    // and fails (the positive event), and still serves the SVID it holds,
+    // which is valid.
+    c.stop_server();
+    let dir = c.dir.0.clone();
+    eventually(
+        "a failed renewal while the server is down",
+        LONG,
+        || async {
+            (sigil_tests::log_count(&dir, "agent.log", "minting failed") > 0).then_some(())
+        },
+    )
+    .await;
+    let during = leaf(&addr).await.expect("nothing served during the outage");
+    assert_eq!(during.0, first.0, "a new SVID appeared with no server");
+    assert!(sigil_core::now_unix() < first.1, "the held SVID expired");
+
+    // Back on the same database: the agent renews at once.
+    c.start_server();
+    let renewed = eventually("a renewed SVID once the server is back", LONG, || async {
+        leaf(&addr).await.filter(|l| l.0 != first.0)
+    })
+    .await;
+    assert!(
+        renewed.1 > first.1,
+        "{renewed:?} does not outlive {first:?}"
+    );
 }
