@@ -81,7 +81,7 @@ pub(super) const MANY_AGENTS_FROM_ONE_IP: &str = "[limits]\nmax_connections_per_
 /// without `more` (the agent applies the snapshot only then).
 pub(super) struct Snapshot {
     pub(super) entries: Vec<Entry>,
-    bytes: usize,
+    pub(super) bytes: usize,
     messages: usize,
 }
 
@@ -98,6 +98,21 @@ pub(super) async fn read_snapshot(stream: &mut tonic::Streaming<SyncUpdate>) -> 
         snap.entries.extend(m.entries);
         if !m.more {
             return Ok(snap);
+        }
+    }
+}
+
+/// Reads `stream` until an update shows entry `id` with hint `hint`
+/// (30 s at most per update) and returns that update.
+pub(super) async fn until_hint(
+    stream: &mut tonic::Streaming<SyncUpdate>,
+    id: &str,
+    hint: &str,
+) -> Result<Snapshot> {
+    loop {
+        let u = tokio::time::timeout(Duration::from_secs(30), read_snapshot(stream)).await??;
+        if u.entries.iter().any(|e| e.id == id && e.hint == hint) {
+            return Ok(u);
         }
     }
 }
@@ -379,14 +394,8 @@ async fn server_part(a: &Args, quick: bool, bins: &Bins, rep: &mut Reporter) -> 
         let hint = format!("h{k}");
         let t = Instant::now();
         admin::set_hint(&mut adm, &target, &hint).await?;
-        loop {
-            let u =
-                tokio::time::timeout(Duration::from_secs(30), read_snapshot(&mut pst)).await??;
-            if u.entries.iter().any(|e| e.id == target && e.hint == hint) {
-                change_bytes.push(u.bytes as f64);
-                break;
-            }
-        }
+        let u = until_hint(&mut pst, &target, &hint).await?;
+        change_bytes.push(u.bytes as f64);
         lat.push(t.elapsed());
         // Let every woken stream finish before the next change.
         tokio::time::sleep(Duration::from_millis(if quick { 20 } else { 200 })).await;

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use sigil_proto::agent::SyncRequest;
 
-use super::scale::{attest_many, entries_for, fresh_sync, open_all_streams, read_snapshot};
+use super::scale::{
+    attest_many, entries_for, fresh_sync, open_all_streams, read_snapshot, until_hint,
+};
 use crate::Result;
 use crate::clients::{SimAgent, admin};
 use crate::harness::{Bins, Scratch, Server};
@@ -150,13 +152,7 @@ pub(crate) async fn run(sz: &Sizes, servers: usize, bins: &Bins, rep: &mut Repor
         let hint = format!("h{k}");
         admin::set_hint(&mut adm, &target, &hint).await?;
         let t = Instant::now();
-        loop {
-            let u =
-                tokio::time::timeout(Duration::from_secs(30), read_snapshot(&mut pst)).await??;
-            if u.entries.iter().any(|e| e.id == target && e.hint == hint) {
-                break;
-            }
-        }
+        until_hint(&mut pst, &target, &hint).await?;
         lat.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -28,6 +28,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use sigil_core::tls::{ServerTrust, SpiffeServerVerifier};
+
 use crate::config::PgSslMode;
 use crate::datastore::StoreError;
 
@@ -51,9 +53,13 @@ impl PgTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
             (PgSslMode::Disable, _) => return Ok(PgTls::Off),
-            (PgSslMode::Require, None) => Arc::new(EncryptOnly {
-                provider: provider.clone(),
-            }),
+            // Encryption, no identity check; the handshake signature is
+            // still verified, so the session belongs to whoever holds the
+            // presented certificate's key.
+            (PgSslMode::Require, None) => Arc::new(SpiffeServerVerifier::new(
+                ServerTrust::Insecure,
+                provider.clone(),
+            )),
             (PgSslMode::Require | PgSslMode::VerifyCa, Some(roots)) => Arc::new(ChainOnly {
                 inner: webpki(roots, &provider)?,
             }),
@@ -120,58 +126,6 @@ fn webpki(
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| StoreError::Backend(format!("datastore.ca_path: {e}")))
-}
-
-/// `require` without roots: encryption, no identity check. The handshake
-/// signature is still checked, so the session key belongs to whoever
-/// holds the presented certificate's key.
-#[derive(Debug)]
-struct EncryptOnly {
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// `verify-ca`: the chain must reach a configured root; the host name is
