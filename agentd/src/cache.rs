@@ -70,6 +70,13 @@ pub struct CachedSvid {
     spec: SvidSpec,
 }
 
+impl CachedSvid {
+    /// Unix seconds when renewal is due.
+    pub fn refresh_at(&self) -> i64 {
+        self.refresh_at
+    }
+}
+
 /// Seconds from receipt to renewal for an SVID living `lifetime` seconds:
 /// half the lifetime, minus up to a tenth of it at random, so that SVIDs
 /// issued together (an agent start, a CA rotation) do not all come back to

@@ -54,6 +54,8 @@ struct RawConfig {
     workload_attestor: RawWorkloadAttestors,
     #[serde(default)]
     limits: crate::workload_socket::RawLimits,
+    #[serde(default)]
+    telemetry: sigil_telemetry::RawTelemetry,
     /// How long SVIDs are served without contact with the server.
     #[serde(default)]
     serve_offline_for: Option<String>,
@@ -180,6 +182,8 @@ pub struct AgentConfig {
     pub workload_attestors: WorkloadAttestorSettings,
     /// `[limits]`: Workload API connection caps and idle timeout.
     pub limits: crate::workload_socket::WorkloadLimits,
+    /// `[telemetry]`: where `/metrics`, `/ready` and `/live` are served.
+    pub telemetry: sigil_telemetry::TelemetryConfig,
     /// `serve_offline_for`: serve cached SVIDs for at most this long after
     /// the sync stream to the server is lost (`None`: until they expire).
     pub serve_offline_for: Option<std::time::Duration>,
@@ -350,6 +354,10 @@ impl AgentConfig {
             serve_offline_for,
             limits: raw
                 .limits
+                .validate()
+                .map_err(|(key, reason)| key_err(key, reason))?,
+            telemetry: raw
+                .telemetry
                 .validate()
                 .map_err(|(key, reason)| key_err(key, reason))?,
         })

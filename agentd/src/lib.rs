@@ -10,6 +10,7 @@
 //!   [`task_cli`] — `api task start|fetch|end`.
 //! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
+//! - [`metrics`] — the `sigil_agent_*` Prometheus metrics and the `/ready` probe.
 //! - [`debug_selectors`] — `api debug selectors`: what a pid attests to.
 //! - [`delegation_api`] — token exchange on the Workload API socket, `api delegate`.
 //! - [`run`] — wiring; [`cli`] — `api fetch x509`, `api task`, `healthcheck`.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod debug_selectors;
 pub mod delegation_api;
 pub mod h2_authority;
+pub mod metrics;
 pub mod node;
 pub mod run;
 pub mod server_client;

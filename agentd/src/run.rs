@@ -141,6 +141,16 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
     let admin_listener = bind_private_socket(&cfg.admin_socket)
         .map_err(|e| format!("admin_socket {}: {e}", cfg.admin_socket.display()))?;
 
+    if let Some(addr) = cfg.telemetry.listen {
+        let exporter = crate::metrics::AgentExporter {
+            snapshots: snapshots.clone(),
+            svid: link.svid.subscribe(),
+            connections: connections.clone(),
+        };
+        sigil_telemetry::serve(addr, Arc::new(exporter))
+            .await
+            .map_err(|e| format!("telemetry.prometheus_port {addr}: {e}"))?;
+    }
     let api = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(workload_socket::CONCURRENCY_PER_CONNECTION)
         .timeout(workload_socket::REQUEST_TIMEOUT)
@@ -148,6 +158,7 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
         .http2_max_header_list_size(workload_socket::MAX_HEADER_LIST)
         .initial_stream_window_size(workload_socket::WINDOW)
         .initial_connection_window_size(workload_socket::WINDOW)
+        .layer(crate::metrics::workload_api_layer())
         .add_service(WorkloadApi::new(
             snapshots.clone(),
             link.channel.subscribe(),

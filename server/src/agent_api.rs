@@ -310,6 +310,7 @@ impl AgentApi for AgentService {
         let (tx, rx) = mpsc::channel(4);
         let (mut global, mut own) = state.subscribe(&id);
         tokio::spawn(async move {
+            let _open = crate::metrics::SyncStreamGauge::open();
             let mut tracker = SyncTracker::new(deltas);
             loop {
                 global.borrow_and_update();
@@ -363,6 +364,10 @@ impl AgentApi for AgentService {
                 };
                 if let Some(update) = tracker.next(&entries, trust, state.revision()) {
                     for chunk in chunks(update) {
+                        let m = &crate::metrics::METRICS;
+                        m.sync_updates_sent.inc();
+                        m.sync_sent_bytes
+                            .inc_by(prost::Message::encoded_len(&chunk) as u64);
                         if tx.send(Ok(chunk)).await.is_err() {
                             return;
                         }
@@ -391,6 +396,7 @@ impl AgentApi for AgentService {
         req: Request<MintX509SvidsRequest>,
     ) -> Result<Response<MintX509SvidsResponse>, Status> {
         let (id, _) = self.authenticate(&req)?;
+        let started = std::time::Instant::now();
         let csrs: Vec<(String, Vec<u8>)> = req
             .into_inner()
             .csrs
@@ -424,6 +430,9 @@ impl AgentApi for AgentService {
         drop(slot);
         // Audited before anything is returned.
         let results = blocking(move || state.audit_batch(&id, batch)).await?;
+        crate::metrics::METRICS
+            .mint_batch_duration
+            .observe(started.elapsed().as_secs_f64());
         Ok(Response::new(MintX509SvidsResponse {
             results: ids
                 .into_iter()
@@ -456,6 +465,7 @@ impl AgentApi for AgentService {
         let state = self.state.clone();
         let token =
             blocking(move || state.mint_jwt_for_agent(&id, &r.entry_id, &r.audience)).await?;
+        crate::metrics::METRICS.jwt_svids_signed.inc();
         Ok(Response::new(MintJwtSvidResponse { token }))
     }
 }

@@ -173,6 +173,7 @@ impl From<RegistryError> for Status {
             // transaction: a retry may succeed (another server, or once
             // the database is back). Details stay in the server's log.
             RegistryError::Store(e @ crate::datastore::StoreError::Backend(_)) => {
+                crate::metrics::METRICS.datastore_errors.inc();
                 tracing::error!(error = %e, "datastore failure");
                 Status::unavailable(
                     "datastore unavailable: the server cannot complete the transaction in its \
@@ -180,6 +181,7 @@ impl From<RegistryError> for Status {
                 )
             }
             RegistryError::Store(e) => {
+                crate::metrics::METRICS.datastore_errors.inc();
                 tracing::error!(error = %e, "datastore failure");
                 Status::internal("datastore failure")
             }

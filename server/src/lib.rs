@@ -17,6 +17,7 @@
 //!   the `[[trusted_issuer]]` config section and the issuers' keys.
 //! - [`endpoints`] — bundle endpoint (server and client) and OIDC discovery.
 //! - [`tls`] — the server's TLS identity and client-SVID verification.
+//! - [`metrics`] — the `sigil_server_*` Prometheus metrics and the `/ready` probe.
 //! - [`limits`] — connection caps, idle/preface timeouts and the gRPC limits of every listener.
 //! - [`run`] — wiring and serving; [`cli`] — operator subcommands, one
 //!   module per resource, with one rendering module.
@@ -33,6 +34,7 @@ pub mod endpoints;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod node_attestation;
 pub mod run;
 pub mod signing;

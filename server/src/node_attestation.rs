@@ -145,6 +145,7 @@ pub async fn attest(
         tx,
     )
     .await;
+    crate::metrics::node_attestation(kind, result.is_ok());
     if let Err(st) = &result {
         let reason = format!("{:?}: {}", st.code(), st.message());
         let st2 = state.clone();

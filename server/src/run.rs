@@ -115,6 +115,18 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
         |s| s.flush_usage().map(drop),
     );
 
+    if let Some(addr) = cfg.telemetry.listen {
+        sigil_telemetry::serve(
+            addr,
+            Arc::new(crate::metrics::ServerExporter(state.clone())),
+        )
+        .await
+        .map_err(|source| StartupError::Bind {
+            what: "telemetry.prometheus_port",
+            addr,
+            source,
+        })?;
+    }
     let attestors = crate::node_attestation::NodeAttestors::from_config(&cfg)?;
     let issuers = crate::delegation_api::load_issuers(&state)?;
     let (tls, resolver, renew) = crate::tls::server_config(state.clone())?;
@@ -198,6 +210,7 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
         .initial_connection_window_size(limits::CONNECTION_WINDOW)
         .http2_keepalive_interval(Some(limits::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(limits::KEEPALIVE_TIMEOUT))
+        .layer(crate::metrics::agent_api_layer())
         .layer(Gate::new(state.clone()))
         .add_service(
             AgentApiServer::new(AgentService::new(state.clone(), attestors))

@@ -46,6 +46,7 @@ impl Slot<'_> {
     /// Counts `n` SVIDs as signed.
     pub fn signed(&self, n: usize) {
         self.queue.signed.fetch_add(n as u64, Ordering::Relaxed);
+        crate::metrics::METRICS.x509_svids_signed.inc_by(n as u64);
     }
 }
 

@@ -87,6 +87,70 @@ where
     }
 }
 
+/// The address of the telemetry endpoint (`[telemetry] prometheus_port =
+/// 0`) that the process logging to `name` in `dir` bound, once it logged it.
+pub fn telemetry_addr(dir: &Path, name: &str) -> std::net::SocketAddr {
+    const LINE: &str = "telemetry endpoint listening";
+    let mut found = None;
+    wait_for(
+        &format!("{LINE} in {name}"),
+        Duration::from_secs(20),
+        || {
+            let log = fs::read_to_string(dir.join(name)).unwrap_or_default();
+            found = log
+                .lines()
+                .rev()
+                .filter(|l| l.contains(LINE))
+                .filter_map(|l| l.split("addr=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .filter_map(|a| {
+                    a.trim_end_matches(|c: char| !c.is_ascii_digit())
+                        .parse()
+                        .ok()
+                })
+                .next();
+            found.is_some()
+        },
+    );
+    found.unwrap()
+}
+
+/// `GET path` over HTTP/1.1 (`Connection: close`): status code and body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// The Python virtualenv `scripts/test` creates (`SIGIL_PY_VENV`, else
+/// `target/pyvenv`) with py-spiffe and prometheus_client, if it exists.
+pub fn py_venv() -> Option<PathBuf> {
+    let venv = std::env::var_os("SIGIL_PY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            bin_dir()
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default()
+                .join("pyvenv")
+        });
+    venv.join("bin/python3").exists().then_some(venv)
+}
+
 /// How many times `needle` occurs in the log file `name` of a test
 /// directory: a negative check waits for this count to grow, proving the
 /// system acted after the change it must not reflect.

@@ -105,6 +105,8 @@ struct RawConfig {
     tpm: Option<RawTpm>,
     #[serde(default)]
     limits: crate::limits::RawLimits,
+    #[serde(default)]
+    telemetry: sigil_telemetry::RawTelemetry,
     #[serde(default = "default_audit_checkpoint_every")]
     audit_checkpoint_every: u64,
     #[serde(default = "default_audit_checkpoint_interval")]
@@ -193,6 +195,8 @@ pub struct ServerConfig {
     pub tpm: Option<TpmConfig>,
     /// `[limits]`: agent-API connection caps and idle timeout.
     pub limits: crate::limits::Limits,
+    /// `[telemetry]`: where `/metrics`, `/ready` and `/live` are served.
+    pub telemetry: sigil_telemetry::TelemetryConfig,
     /// Sign a checkpoint once this many records follow the last one.
     pub audit_checkpoint_every: u64,
     /// Sign a checkpoint when unsigned records are this old.
@@ -398,6 +402,10 @@ impl ServerConfig {
             oidc,
             limits: raw
                 .limits
+                .validate()
+                .map_err(|(key, reason)| key_err(key, reason))?,
+            telemetry: raw
+                .telemetry
                 .validate()
                 .map_err(|(key, reason)| key_err(key, reason))?,
             audit_checkpoint_every: raw.audit_checkpoint_every,

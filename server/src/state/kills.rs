@@ -120,6 +120,7 @@ impl ServerState {
             tracing::error!(kill = %kill.id, error = %e, "revoking the killed SVIDs failed; retried at the next CRL refresh");
         }
         tracing::warn!(%caller, kill = %kill.id, target = %kill.target, reason = %kill.reason, "kill created");
+        crate::metrics::METRICS.kills_created.inc();
         // Every stream re-evaluates: a kill may touch entries under any
         // agent or node alias, and kills are rare next to syncs.
         self.bump();
@@ -196,6 +197,11 @@ impl ServerState {
             .iter()
             .find(|k| k.target.covers(e))
             .cloned()
+    }
+
+    /// How many kills are in force.
+    pub fn kills_in_force(&self) -> usize {
+        self.kills.read().map_or(0, |k| k.len())
     }
 
     /// SPIFFE IDs withdrawn as a whole: named by a SPIFFE-ID kill, or
