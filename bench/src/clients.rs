@@ -282,25 +282,41 @@ pub(crate) async fn mtls_admitted(port: u16, chain: &[Vec<u8>], key: &[u8]) -> R
 
 /// One TLS connection to the agent API (connects now).
 async fn tls_channel(port: u16, tls: Arc<rustls::ClientConfig>) -> Result<Channel> {
+    tls_channel_with(port, tls, false).await
+}
+
+/// A channel to the agent API over TLS with `tls`. `lazy`: connect at the
+/// first call (as `sigil-agent` does, which calls as soon as it connects)
+/// instead of now. The server closes a connection that makes no call within
+/// `HANDSHAKE_TIMEOUT` (10 s) of opening, so a simulated agent that waits
+/// longer than that before its first call must connect lazily.
+async fn tls_channel_with(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    lazy: bool,
+) -> Result<Channel> {
     let connector = TlsConnector::from(tls);
-    let ch = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let connector = connector.clone();
-            async move {
-                let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-                tcp.set_nodelay(true)?;
-                let name = ServerName::try_from("sigil-server").map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        }))
-        .await?;
-    Ok(ch)
+    let ep = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect_timeout(Duration::from_secs(10));
+    let dial = tower::service_fn(move |_| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from("sigil-server").map_err(std::io::Error::other)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    if lazy {
+        Ok(ep.connect_with_connector_lazy(dial))
+    } else {
+        Ok(ep.connect_with_connector(dial).await?)
+    }
 }
 
 /// A simulated agent: attested with a join token, then one mTLS
-/// connection presenting its agent SVID.
+/// connection presenting its agent SVID (opened at its first call).
 pub(crate) struct SimAgent {
     pub(crate) spiffe_id: String,
     pub(crate) api: AgentApiClient<Channel>,
@@ -333,7 +349,9 @@ impl SimAgent {
             Some(_) => return Err("the server sent a challenge for a join token".into()),
             None => return Err("attestation stream ended without a result".into()),
         };
-        let ch = tls_channel(port, tls_config(Some((&resp.svid_chain, &key)))?).await?;
+        // Connected at its first call: the scale bench attests every agent
+        // first and opens their streams only after creating the entries.
+        let ch = tls_channel_with(port, tls_config(Some((&resp.svid_chain, &key)))?, true).await?;
         Ok(SimAgent {
             spiffe_id: resp.spiffe_id,
             api: AgentApiClient::new(ch)

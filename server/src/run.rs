@@ -162,6 +162,8 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
             addr,
             source,
         })?;
+    // With bind_port = 0 the log names the port actually bound.
+    let addr = tcp.local_addr().unwrap_or(addr);
     let acceptor = TlsAcceptor::from(tls);
     let limiter = limits::agent_api_limiter(&cfg.limits, nofile);
     let idle = cfg.limits.idle_timeout;
