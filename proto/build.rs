@@ -3,6 +3,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/spiffe/workload.proto",
+        "proto/spiffe/broker.proto",
         "proto/sigil/common.proto",
         "proto/sigil/agent.proto",
         "proto/sigil/admin.proto",

@@ -56,6 +56,8 @@ struct RawConfig {
     limits: crate::workload_socket::RawLimits,
     #[serde(default)]
     telemetry: sigil_telemetry::RawTelemetry,
+    #[serde(default)]
+    broker: Option<RawBroker>,
     /// How long SVIDs are served without contact with the server.
     #[serde(default)]
     serve_offline_for: Option<String>,
@@ -184,6 +186,8 @@ pub struct AgentConfig {
     pub limits: crate::workload_socket::WorkloadLimits,
     /// `[telemetry]`: where `/metrics`, `/ready` and `/live` are served.
     pub telemetry: sigil_telemetry::TelemetryConfig,
+    /// `[broker]`: the SPIFFE Broker Endpoint, off when absent.
+    pub broker: Option<BrokerConfig>,
     /// `serve_offline_for`: serve cached SVIDs for at most this long after
     /// the sync stream to the server is lost (`None`: until they expire).
     pub serve_offline_for: Option<std::time::Duration>,
@@ -360,6 +364,57 @@ impl AgentConfig {
                 .telemetry
                 .validate()
                 .map_err(|(key, reason)| key_err(key, reason))?,
+            broker: raw.broker.map(RawBroker::validate).transpose()?,
+        })
+    }
+}
+
+/// `[broker]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    socket_path: PathBuf,
+    authorized_brokers: Vec<String>,
+}
+
+/// Most SPIFFE IDs in `broker.authorized_brokers`.
+pub const MAX_AUTHORIZED_BROKERS: usize = 64;
+
+/// `[broker]`: the SPIFFE Broker Endpoint (mTLS over a Unix socket).
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// The endpoint's socket (its directory is created 0700, the socket 0600).
+    pub socket_path: PathBuf,
+    /// The only brokers served, by the SPIFFE ID of their client X.509-SVID.
+    pub authorized_brokers: Vec<sigil_core::SpiffeId>,
+}
+
+impl RawBroker {
+    fn validate(self) -> Result<BrokerConfig, ConfigError> {
+        absolute("broker.socket_path", &self.socket_path)?;
+        if self.authorized_brokers.is_empty() {
+            return Err(key_err(
+                "broker.authorized_brokers",
+                "name at least one broker SPIFFE ID (an empty list would serve no one)",
+            ));
+        }
+        if self.authorized_brokers.len() > MAX_AUTHORIZED_BROKERS {
+            return Err(key_err(
+                "broker.authorized_brokers",
+                format!("at most {MAX_AUTHORIZED_BROKERS} IDs"),
+            ));
+        }
+        let authorized_brokers = self
+            .authorized_brokers
+            .iter()
+            .map(|s| {
+                sigil_core::SpiffeId::new(s)
+                    .map_err(|e| key_err("broker.authorized_brokers", format!("{s:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(BrokerConfig {
+            socket_path: self.socket_path,
+            authorized_brokers,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! - [`workload_api`] — the SPIFFE Workload API server on a Unix socket.
 //! - [`task_api`] — task-scoped identities on the same socket (`StartTask`, ...);
 //!   [`task_cli`] — `api task start|fetch|end`.
+//! - [`broker`] — the SPIFFE Broker Endpoint: mTLS, `authorized_brokers`, PID references.
 //! - [`sds`] — Envoy's Secret Discovery Service v3 on the same socket, SPIRE's names.
 //! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
@@ -19,6 +20,7 @@
 #![allow(missing_docs)]
 
 pub mod attestation;
+pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod config;

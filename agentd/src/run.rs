@@ -151,6 +151,16 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
             .await
             .map_err(|e| format!("telemetry.prometheus_port {addr}: {e}"))?;
     }
+    if let Some(b) = &cfg.broker {
+        crate::broker::start(
+            b.clone(),
+            snapshots.clone(),
+            link.svid.subscribe(),
+            link.channel.subscribe(),
+            attestors.clone(),
+        )
+        .await?;
+    }
     let api = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(workload_socket::CONCURRENCY_PER_CONNECTION)
         .timeout(workload_socket::REQUEST_TIMEOUT)

@@ -47,9 +47,23 @@ use crate::workload_socket::PeerInfo;
 /// The Workload API service.
 pub struct WorkloadApi {
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    server: watch::Receiver<Channel>,
     attestors: Arc<AttestorSet>,
+    jwt: JwtSource,
+}
+
+/// JWT-SVIDs from the cache, else minted by the server (and cached).
+pub(crate) struct JwtSource {
+    server: watch::Receiver<Channel>,
     jwts: Mutex<JwtCache>,
+}
+
+impl JwtSource {
+    pub(crate) fn new(server: watch::Receiver<Channel>) -> Self {
+        Self {
+            server,
+            jwts: Mutex::new(JwtCache::new(JwtCacheCaps::default())),
+        }
+    }
 }
 
 impl WorkloadApi {
@@ -60,9 +74,8 @@ impl WorkloadApi {
     ) -> SpiffeWorkloadApiServer<Self> {
         SpiffeWorkloadApiServer::new(Self {
             snapshots,
-            server,
             attestors,
-            jwts: Mutex::new(JwtCache::new(JwtCacheCaps::default())),
+            jwt: JwtSource::new(server),
         })
         .max_decoding_message_size(crate::workload_socket::MAX_MESSAGE)
     }
@@ -72,7 +85,9 @@ impl WorkloadApi {
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         attest_caller(&self.attestors, req).await
     }
+}
 
+impl JwtSource {
     /// A JWT-SVID for `entry` and `audience`, from the cache or the server.
     async fn jwt_for(&self, entry: &Entry, audience: &[String]) -> Result<String, Status> {
         let now = now_unix();
@@ -177,7 +192,7 @@ pub(crate) async fn attest_peer<T>(
 }
 
 /// Whether `selectors` include a `unix:sha256` digest of the binary.
-fn has_digest(selectors: &SelectorSet) -> bool {
+pub(crate) fn has_digest(selectors: &SelectorSet) -> bool {
     selectors
         .iter()
         .any(|s| s.as_str().starts_with("unix:sha256:"))
@@ -226,7 +241,7 @@ pub(crate) fn none_servable(snap: &Snapshot, pending: &[&str]) -> Result<(), Sta
 
 /// The X.509 response for a caller, or why there is none. `Ok(None)` means
 /// entitled but nothing minted yet (wait for the next snapshot).
-fn x509_response(
+pub(crate) fn x509_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509svidResponse>, Status> {
@@ -260,7 +275,7 @@ fn x509_response(
     }))
 }
 
-fn x509_bundles_response(
+pub(crate) fn x509_bundles_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<X509BundlesResponse>, Status> {
@@ -290,7 +305,7 @@ fn x509_bundles_response(
     }))
 }
 
-fn jwt_bundles_response(
+pub(crate) fn jwt_bundles_response(
     snap: &Snapshot,
     selectors: &SelectorSet,
 ) -> Result<Option<JwtBundlesResponse>, Status> {
@@ -424,10 +439,10 @@ where
 }
 
 /// A stream of `M` built by a boxed closure over the snapshot.
-type UpdateStream<M> =
+pub(crate) type UpdateStream<M> =
     Updates<M, Box<dyn Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync>>;
 
-fn updates<M>(
+pub(crate) fn updates<M>(
     snaps: watch::Receiver<Arc<Snapshot>>,
     caller: (CallGuard, Arc<Peer>, bool),
     build: impl Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync + 'static,
@@ -460,6 +475,63 @@ fn to_prost_struct(m: &serde_json::Map<String, serde_json::Value>) -> prost_type
             .map(|(k, v)| (k.clone(), to_prost_value(v)))
             .collect(),
     }
+}
+
+/// The JWT-SVIDs `selectors` entitle a caller to for `audience` (every
+/// entitled SPIFFE ID, or only `spiffe_id`), minted or cached by `jwt`.
+pub(crate) async fn jwt_svids(
+    jwt: &JwtSource,
+    snap: &Snapshot,
+    selectors: &SelectorSet,
+    audience: Vec<String>,
+    spiffe_id: &str,
+) -> Result<Vec<Jwtsvid>, Status> {
+    let mut audience: Vec<String> = audience.into_iter().filter(|a| !a.is_empty()).collect();
+    if audience.is_empty() {
+        return Err(Status::invalid_argument("audience must be specified"));
+    }
+    sigil_core::jwt::check_audiences(&audience)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    audience.sort();
+    audience.dedup();
+    let wanted = if spiffe_id.is_empty() {
+        None
+    } else {
+        Some(
+            SpiffeId::new(spiffe_id)
+                .map_err(|e| Status::invalid_argument(format!("invalid field `spiffe_id`: {e}")))?,
+        )
+    };
+    let wanted_ok = |e: &Entry| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w);
+    let mut pending = Vec::new();
+    let mut matching: Vec<Arc<Entry>> = Vec::new();
+    for e in snap.entitled(selectors) {
+        if !wanted_ok(e) {
+            continue;
+        }
+        match &e.approval_pending {
+            Some(why) => pending.push(why.as_str()),
+            None => matching.push(e.clone()),
+        }
+    }
+    if matching.is_empty() {
+        return Err(if snap.offline {
+            offline()
+        } else if pending.is_empty() {
+            Status::permission_denied("no identity issued")
+        } else {
+            Status::permission_denied(pending.join("; "))
+        });
+    }
+    let mut svids = Vec::with_capacity(matching.len());
+    for e in &matching {
+        svids.push(Jwtsvid {
+            spiffe_id: e.spiffe_id.to_string(),
+            svid: jwt.jwt_for(e, &audience).await?,
+            hint: e.hint.clone(),
+        });
+    }
+    Ok(svids)
 }
 
 #[tonic::async_trait]
@@ -512,52 +584,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
             ..
         } = self.caller(&req).await?;
         let r = req.into_inner();
-        let mut audience: Vec<String> = r.audience.into_iter().filter(|a| !a.is_empty()).collect();
-        if audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
-        }
-        sigil_core::jwt::check_audiences(&audience)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        audience.sort();
-        audience.dedup();
-        let wanted =
-            if r.spiffe_id.is_empty() {
-                None
-            } else {
-                Some(SpiffeId::new(&r.spiffe_id).map_err(|e| {
-                    Status::invalid_argument(format!("invalid field `spiffe_id`: {e}"))
-                })?)
-            };
         let snap = self.snapshots.borrow().clone();
-        let wanted_ok = |e: &Entry| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w);
-        let mut pending = Vec::new();
-        let mut matching: Vec<Arc<Entry>> = Vec::new();
-        for e in snap.entitled(&selectors) {
-            if !wanted_ok(e) {
-                continue;
-            }
-            match &e.approval_pending {
-                Some(why) => pending.push(why.as_str()),
-                None => matching.push(e.clone()),
-            }
-        }
-        if matching.is_empty() {
-            return Err(if snap.offline {
-                offline()
-            } else if pending.is_empty() {
-                Status::permission_denied("no identity issued")
-            } else {
-                Status::permission_denied(pending.join("; "))
-            });
-        }
-        let mut svids = Vec::with_capacity(matching.len());
-        for e in &matching {
-            svids.push(Jwtsvid {
-                spiffe_id: e.spiffe_id.to_string(),
-                svid: self.jwt_for(e, &audience).await?,
-                hint: e.hint.clone(),
-            });
-        }
+        let svids = jwt_svids(&self.jwt, &snap, &selectors, r.audience, &r.spiffe_id).await?;
         Ok(Response::new(JwtsvidResponse { svids }))
     }
 

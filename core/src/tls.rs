@@ -233,6 +233,13 @@ impl SvidCertResolver {
     }
 }
 
+/// The same SVID as a server certificate (the agent's Broker Endpoint).
+impl rustls::server::ResolvesServerCert for SvidCertResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+}
+
 impl ResolvesClientCert for SvidCertResolver {
     fn resolve(
         &self,
@@ -290,12 +297,26 @@ pub fn client_config(
 pub struct SpiffeClientVerifier {
     bundle: SharedBundle,
     provider: Arc<CryptoProvider>,
+    mandatory: bool,
 }
 
 impl SpiffeClientVerifier {
     /// A verifier trusting whatever `bundle` holds at handshake time.
     pub fn new(bundle: SharedBundle, provider: Arc<CryptoProvider>) -> Self {
-        Self { bundle, provider }
+        Self {
+            bundle,
+            provider,
+            mandatory: false,
+        }
+    }
+
+    /// The same, but a client without a certificate fails the handshake.
+    pub fn required(bundle: SharedBundle, provider: Arc<CryptoProvider>) -> Self {
+        Self {
+            bundle,
+            provider,
+            mandatory: true,
+        }
     }
 }
 
@@ -305,7 +326,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {

@@ -8,6 +8,7 @@
 //! - [`task`] — task-scoped identities (workload, agent and admin services).
 //! - [`delegation`] — token exchange on the Workload API socket, and its
 //!   agent -> server leg.
+//! - [`broker`] — the SPIFFE Broker API (a broker names a workload by PID).
 //! - [`envoy`] — Envoy's Secret Discovery Service v3 (wire subset).
 //! - [`unix`] — the one way every client here opens a gRPC channel over a
 //!   Unix socket (Workload API, agent and server admin sockets).
@@ -18,6 +19,17 @@
 pub mod workload {
     tonic::include_proto!("_");
 }
+
+/// The SPIFFE Broker API (`proto/spiffe/broker.proto`, package `spiffe.broker`).
+pub mod broker {
+    tonic::include_proto!("spiffe.broker");
+    /// Type URL of a [`WorkloadPidReference`] in a `WorkloadReference`.
+    pub const PID_REFERENCE_TYPE_URL: &str =
+        "type.googleapis.com/spiffe.broker.WorkloadPIDReference";
+}
+
+/// The gRPC metadata key every Broker API request must carry with value `true`.
+pub const BROKER_API_HEADER: &str = "broker.spiffe.io";
 
 /// Messages shared by the agent and admin APIs.
 pub mod common {
