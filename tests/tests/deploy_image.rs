@@ -218,6 +218,17 @@ impl Drop for Run {
     }
 }
 
+/// The workload's last answer, printed if the test fails while it is held.
+struct LastOutput(String);
+
+impl Drop for LastOutput {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- last workload output:\n{}", self.0);
+        }
+    }
+}
+
 fn write(path: &Path, contents: &str, mode: u32) {
     fs::write(path, contents).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
@@ -397,17 +408,17 @@ fn server_and_agent_from_the_image_serve_a_workload_in_another_container() {
 
     // A workload container as uid 1001 gets the entry's SVID once the
     // entry has reached the agent.
-    let mut last = String::new();
+    let mut last = LastOutput(String::new());
     wait_for(
         "uid 1001 in another container fetches its SVID",
         Duration::from_secs(30),
         || {
             let out = run.fetch_as(1001, &socket_dir);
-            last = text(&out);
-            out.status.success() && last.contains(&format!("SPIFFE ID:\t\t{workload}"))
+            last.0 = text(&out);
+            out.status.success() && last.0.contains(&format!("SPIFFE ID:\t\t{workload}"))
         },
     );
-    eprintln!("uid 1001 in a container:\n{last}");
+    eprintln!("uid 1001 in a container:\n{}", last.0);
 
     // Another uid, same socket: no entry selects it.
     let out = run.fetch_as(1002, &socket_dir);
