@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/sigil/admin.proto",
         "proto/sigil/task.proto",
         "proto/sigil/delegation.proto",
+        "proto/envoy/service/secret/v3/sds.proto",
+        "proto/envoy/extensions/transport_sockets/tls/v3/tls.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -8,6 +8,7 @@
 //! - [`workload_api`] — the SPIFFE Workload API server on a Unix socket.
 //! - [`task_api`] — task-scoped identities on the same socket (`StartTask`, ...);
 //!   [`task_cli`] — `api task start|fetch|end`.
+//! - [`sds`] — Envoy's Secret Discovery Service v3 on the same socket, SPIRE's names.
 //! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
 //! - [`metrics`] — the `sigil_agent_*` Prometheus metrics and the `/ready` probe.
@@ -27,6 +28,7 @@ pub mod h2_authority;
 pub mod metrics;
 pub mod node;
 pub mod run;
+pub mod sds;
 pub mod server_client;
 pub mod task_api;
 pub mod task_cli;

@@ -28,6 +28,9 @@ const WORKLOAD_METHODS: &[&str] = &[
     "sigil.task.TaskApi/FetchTaskSvid",
     "sigil.task.TaskApi/EndTask",
     "sigil.delegation.Delegation/ExchangeToken",
+    "envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+    "envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets",
+    "envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets",
 ];
 
 /// Every metric of the agent.

@@ -174,6 +174,7 @@ pub async fn run(cfg: AgentConfig, join_token: Option<String>) -> Result<(), Str
             link.channel.subscribe(),
             attestors.clone(),
         ))
+        .add_service(crate::sds::Sds::new(snapshots.clone(), attestors.clone()))
         .serve_with_incoming_shutdown(
             workload_socket::incoming(api_listener, connections.clone(), cfg.limits.idle_timeout),
             shutdown_signal(),

@@ -136,6 +136,15 @@ pub(crate) async fn attest_caller<T>(
             "security header missing from request",
         ));
     }
+    attest_peer(attestors, req).await
+}
+
+/// Attests the process at the other end of the call's connection, without
+/// the security header check (for Envoy's SDS, whose clients send none).
+pub(crate) async fn attest_peer<T>(
+    attestors: &AttestorSet,
+    req: &Request<T>,
+) -> Result<Caller, Status> {
     let (peer, call) = req
         .extensions()
         .get::<PeerInfo>()
@@ -207,7 +216,7 @@ fn no_identity(snap: &Snapshot) -> Result<(), Status> {
 /// What to say when nothing is servable: the approval requests the caller
 /// waits for, if any, else "no identity issued" (or Unavailable while
 /// offline).
-fn none_servable(snap: &Snapshot, pending: &[&str]) -> Result<(), Status> {
+pub(crate) fn none_servable(snap: &Snapshot, pending: &[&str]) -> Result<(), Status> {
     if pending.is_empty() || snap.offline {
         no_identity(snap)
     } else {

@@ -8,6 +8,7 @@
 //! - [`task`] — task-scoped identities (workload, agent and admin services).
 //! - [`delegation`] — token exchange on the Workload API socket, and its
 //!   agent -> server leg.
+//! - [`envoy`] — Envoy's Secret Discovery Service v3 (wire subset).
 //! - [`unix`] — the one way every client here opens a gRPC channel over a
 //!   Unix socket (Workload API, agent and server admin sockets).
 
@@ -42,6 +43,60 @@ pub mod task {
 /// Token exchange for workloads acting on behalf of a user (RFC 8693).
 pub mod delegation {
     tonic::include_proto!("sigil.delegation");
+}
+
+/// Envoy's Secret Discovery Service v3: the messages the agent serves on
+/// the Workload API socket (`proto/envoy/`, Envoy's packages and field
+/// numbers, only the fields Sigil uses).
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod extensions {
+        pub mod transport_sockets {
+            pub mod tls {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+                }
+            }
+        }
+    }
+    pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+        pub mod secret {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.secret.v3");
+            }
+        }
+    }
+    /// Short paths to the packages above.
+    pub use config::core::v3 as core;
+    pub use extensions::transport_sockets::tls::v3 as tls;
+    pub use service::discovery::v3 as discovery;
+    pub use service::secret::v3 as secret;
+    /// Type URL of an SDS `Secret` in `Any`.
+    pub const SECRET_TYPE_URL: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    /// Type URL of the SPIFFE certificate validator's configuration.
+    pub const SPIFFE_VALIDATOR_TYPE_URL: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
+    /// Name of Envoy's SPIFFE certificate validator extension.
+    pub const SPIFFE_VALIDATOR_NAME: &str = "envoy.tls.cert_validator.spiffe";
+}
+
+/// `google.rpc.Status`, the NACK detail of an xDS request.
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
 }
 
 pub mod unix;
