@@ -13,6 +13,7 @@
     unreachable_pub
 )]
 
+pub mod docker;
 pub mod pg;
 pub mod pki;
 
@@ -44,6 +45,12 @@ pub fn bin_dir() -> PathBuf {
 /// Path of one built binary.
 pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
+}
+
+/// Whether the tests run in CI (`CI` set, not empty, not `false`): there a
+/// missing tool fails a test instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
 }
 
 /// A free TCP port on 127.0.0.1.

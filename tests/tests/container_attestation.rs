@@ -4,136 +4,33 @@
 //! inside the containers with the agent's socket directory bind-mounted.
 //!
 //! Needs root and `dockerd` (Debian: `docker.io`). If no daemon answers on
-//! /var/run/docker.sock the test starts its own (data-root and exec-root
-//! under /tmp/sigil-test-dockerd, no iptables, no bridge) and leaves it
-//! running for the next run. No registry is needed: the image is made with
+//! /var/run/docker.sock the harness (`sigil_tests::docker`) starts its own
+//! (data-root and exec-root under /tmp/sigil-test-dockerd, no iptables, no
+//! bridge) and leaves it running for the next run. No registry is needed: the image is made with
 //! `docker import` from a tarball of `spiffe-probe`, `sleep` and the shared
 //! libraries `ldd` lists for them. Without `dockerd` installed the tests
-//! skip with a loud message (CI installs it).
+//! skip with a loud message outside CI and fail in CI (which installs it).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use sigil_tests::docker::{docker, docker_ok};
 use sigil_tests::{Cluster, bin, wait_for};
 
-const OWN_DIR: &str = "/tmp/sigil-test-dockerd";
 const IMAGE: &str = "sigil-e2e-probe:latest";
 
-fn docker(host: &str, args: &[&str]) -> Output {
-    Command::new("docker")
-        .arg("-H")
-        .arg(format!("unix://{host}"))
-        .args(args)
-        .output()
-        .expect("run docker CLI")
-}
-
-fn docker_ok(host: &str, args: &[&str]) -> String {
-    let out = docker(host, args);
-    assert!(
-        out.status.success(),
-        "docker {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn answers(sock: &str) -> bool {
-    Path::new(sock).exists()
-        && docker(sock, &["version", "--format", "{{.Server.Version}}"])
-            .status
-            .success()
-}
-
-fn installed(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// The socket of a running Docker Engine (started here if needed), with
-/// the probe image imported; `None` (loudly) when dockerd is not installed.
+/// The socket of a running Docker Engine (`sigil_tests::docker::engine`)
+/// with the probe image imported; `None` (loudly) when dockerd is not
+/// installed outside CI.
 fn engine() -> Option<&'static str> {
-    static ENGINE: OnceLock<Option<String>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            if !installed("dockerd") || !installed("docker") {
-                eprintln!(
-                    "\n\n!!! SKIPPING container attestation tests: dockerd is not installed \
-                     (Debian: apt-get install docker.io; .ci/run installs it) !!!\n"
-                );
-                return None;
-            }
-            let system = "/var/run/docker.sock".to_string();
-            let sock = if answers(&system) {
-                system
-            } else {
-                let own = format!("{OWN_DIR}/docker.sock");
-                if !answers(&own) {
-                    start_dockerd(&own);
-                }
-                own
-            };
-            import_image(&sock);
-            Some(sock)
-        })
-        .as_deref()
-}
-
-#[expect(
-    clippy::zombie_processes,
-    reason = "dockerd outlives the test process and is reused by the next run"
-)]
-fn start_dockerd(sock: &str) {
-    std::fs::create_dir_all(OWN_DIR).unwrap();
-    let _ = std::fs::remove_file(sock);
-    let log = std::fs::File::create(format!("{OWN_DIR}/dockerd.log")).unwrap();
-    // In its own process group: the daemon outlives this test process
-    // (and a ^C of it) and is reused.
-    let mut child = Command::new("dockerd")
-        .process_group(0)
-        .args([
-            "--iptables=false",
-            "--ip6tables=false",
-            "--bridge=none",
-            "--host",
-            &format!("unix://{sock}"),
-            "--data-root",
-            &format!("{OWN_DIR}/data"),
-            "--exec-root",
-            &format!("{OWN_DIR}/exec"),
-            "--pidfile",
-            &format!("{OWN_DIR}/docker.pid"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn dockerd");
-    let start = Instant::now();
-    while !answers(sock) {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "dockerd exited with {status}:\n{}",
-                std::fs::read_to_string(format!("{OWN_DIR}/dockerd.log")).unwrap_or_default()
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "dockerd did not answer on {sock} within 90 s:\n{}",
-            std::fs::read_to_string(format!("{OWN_DIR}/dockerd.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("started dockerd on {sock} in {:?}", start.elapsed());
+    static IMPORTED: OnceLock<()> = OnceLock::new();
+    let sock = sigil_tests::docker::engine("container attestation tests")?;
+    IMPORTED.get_or_init(|| import_image(sock));
+    Some(sock)
 }
 
 /// `docker import` of a root filesystem with spiffe-probe, sleep and the
