@@ -78,6 +78,9 @@ enum Scenario {
     /// (inside a container, for `fetch --docker`) closed-loop fetches, JSON out.
     #[command(hide = true)]
     FetchClient(scenarios::fetch_docker::ClientArgs),
+    /// (for `fetch`) the bare tonic reference server on a Unix socket.
+    #[command(hide = true)]
+    BareRpcServe(scenarios::bare_rpc::ServeArgs),
     /// Every scenario in turn with its default sizes (or `--quick` sizes).
     All,
     /// Renders JSON lines from `all --json` as the markdown figures table.
@@ -99,6 +102,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Startup(a) => startup::run(&a, quick, &mut rep).await,
         Scenario::Task(a) => task::run(&a, quick, &mut rep).await,
         Scenario::FetchClient(a) => scenarios::fetch_docker::client(&a).await,
+        Scenario::BareRpcServe(a) => scenarios::bare_rpc::serve(&a).await,
         Scenario::All => scenarios::all(quick, &mut rep).await,
         Scenario::Report(a) => report::render(&a),
     };

@@ -16,6 +16,11 @@
 //! per second. Latency is measured from the send, or from the scheduled
 //! instant when the client's previous fetch overran its slot (so a slow
 //! agent is not hidden by the client waiting: no coordinated omission).
+//!
+//! Before each closed-loop count, the same clients run against the bare
+//! reference (`bare_rpc`: a tonic server in its own process on a Unix
+//! socket answering with the agent's own response, pre-built), and the
+//! record gives `ratio_to_bare_rpc`: the agent's rate over the reference's.
 
 use std::time::{Duration, Instant};
 
@@ -148,7 +153,42 @@ async fn open_loop(
     r
 }
 
-/// Runs one configuration and emits its record.
+/// Closed-loop fetches per second from `n` clients of the bare reference
+/// server (see `bare_rpc`), over the same client code as the agent's.
+async fn bare_per_sec(
+    socket: &std::path::Path,
+    n: usize,
+    secs: f64,
+    warm: Duration,
+) -> Result<f64> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(workload::connect(socket).await?);
+    }
+    let start = Instant::now();
+    let measure_from = start + warm;
+    let until = measure_from + Duration::from_secs_f64(secs);
+    let mut set = tokio::task::JoinSet::new();
+    for c in conns {
+        set.spawn(client_loop(c, measure_from, until));
+    }
+    let mut fetches = 0usize;
+    while let Some(r) = set.join_next().await {
+        let r = r?;
+        if let Some(e) = r.first_error {
+            return Err(format!("bare RPC reference failed: {e}").into());
+        }
+        fetches += r.latencies.len();
+    }
+    Ok(fetches as f64 / secs)
+}
+
+/// Runs one configuration and emits its record; `bare`: the reference
+/// server's closed-loop rate at the same client count.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one scenario's knobs, named at the call"
+)]
 async fn measure(
     agent: &Agent,
     n: usize,
@@ -156,6 +196,7 @@ async fn measure(
     secs: f64,
     warm: Duration,
     agent_entries: usize,
+    bare: Option<f64>,
     rep: &mut Reporter,
 ) -> Result<()> {
     let mut conns = Vec::with_capacity(n);
@@ -215,6 +256,11 @@ async fn measure(
     if let Some(rate) = open_rate {
         rec = rec.f("offered_per_sec", rate);
     }
+    if let Some(b) = bare {
+        rec = rec
+            .f("bare_rpc_per_sec", b)
+            .f("ratio_to_bare_rpc", s.len() as f64 / secs / b);
+    }
     if let Some(e) = first_error {
         progress(format!("fetch: {errors} failed fetches, first: {e}"));
         rec = rec.with("first_error", e);
@@ -263,16 +309,30 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     let n = n_entries as u64;
     agent.wait_ready(n, n, Duration::from_secs(120)).await?;
 
+    // The reference answers with the agent's own response, captured once.
+    let mut probe = workload::connect(&agent.socket).await?;
+    let answer = probe
+        .fetch_x509svid(workload::x509_request())
+        .await?
+        .into_inner()
+        .message()
+        .await?
+        .ok_or("the agent's stream ended before its first message")?;
+    drop(probe);
+    let bare = super::bare_rpc::BareServer::start(&scratch.0, &answer).await?;
     for &n in &levels {
+        progress(format!("fetch: {n} clients, bare RPC reference, {secs} s"));
+        let b = bare_per_sec(&bare.socket, n, secs, warm).await?;
         progress(format!("fetch: {n} clients, closed loop, {secs} s"));
-        measure(&agent, n, None, secs, warm, n_entries, rep).await?;
+        measure(&agent, n, None, secs, warm, n_entries, Some(b), rep).await?;
     }
+    drop(bare);
     if let Some(&n) = levels.iter().max() {
         for &rate in &open_rates {
             progress(format!(
                 "fetch: {n} clients, open loop at {rate} fetches/s, {secs} s"
             ));
-            measure(&agent, n, Some(rate), secs, warm, n_entries, rep).await?;
+            measure(&agent, n, Some(rate), secs, warm, n_entries, None, rep).await?;
         }
     }
     rep.table("fetch");

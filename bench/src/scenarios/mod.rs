@@ -1,5 +1,6 @@
 //! The scenarios of issue 5, one module each, and `all`.
 
+pub(crate) mod bare_rpc;
 pub(crate) mod fetch;
 pub(crate) mod fetch_docker;
 pub(crate) mod kill;
