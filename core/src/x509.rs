@@ -356,6 +356,15 @@ fn csr_public_key(csr_der: &[u8], check: CsrSignature) -> Result<CsrKey<'_>, X50
     })
 }
 
+/// The key a CSR would be signed over, as `(SubjectPublicKeyInfo DER,
+/// uncompressed point)`: the strict DER walk for
+/// [`CsrSignature::TrustChannel`], x509-parser and the self-signature for
+/// [`CsrSignature::Verify`]. For the fuzz targets, which compare the two.
+#[doc(hidden)]
+pub fn csr_key(csr_der: &[u8], check: CsrSignature) -> Result<(&[u8], &[u8]), X509Error> {
+    csr_public_key(csr_der, check).map(|k| (k.spki, k.point))
+}
+
 /// A fresh workload/agent key and a CSR for it (no subject, no extensions:
 /// the server decides the contents). Returns (CSR DER, PKCS#8 key DER).
 pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), X509Error> {
