@@ -89,9 +89,8 @@ fn generate() {
     write("fixtures", "now", now.to_string());
 
     // The CA the chain targets trust, and what it signs.
-    let (ca, key_pem) = Ca::generate(&td, Duration::from_secs(10 * 365 * 86_400)).unwrap();
+    let (ca, _) = Ca::generate(&td, Duration::from_secs(10 * 365 * 86_400)).unwrap();
     write("fixtures", "ca.der", ca.cert_der());
-    write("fixtures", "ca.key.pem", &key_pem);
     let ttl = Duration::from_secs(3600);
     let (csr, _) = new_key_and_csr().unwrap();
     seed("csr", "p256-rcgen", &csr);
@@ -156,13 +155,14 @@ fn generate() {
 
     // JWT-SVIDs and the JWKS they verify with.
     let signer = JwtSigner::generate(JwtKeyType::EcP256, now + 86_400 * 3650).unwrap();
-    write("fixtures", "jwt.pk8", signer.pkcs8());
     write("fixtures", "jwt.kid", &signer.kid);
     let jwks = sigil_core::jwt::jwks(std::slice::from_ref(&signer.public_jwk));
     write("fixtures", "jwks.json", &jwks);
     let aud = ["fuzz-audience".to_string()];
+    // Valid for years: jsonwebtoken checks `exp` against the real clock.
+    let jwt_ttl = Duration::from_secs(4 * 365 * 86_400);
     let tok = signer
-        .sign(&id("spiffe://example.org/workload"), &aud, ttl, now, None)
+        .sign(&id("spiffe://example.org/workload"), &aud, jwt_ttl, now, None)
         .unwrap();
     seed(
         "jwt",
@@ -173,7 +173,7 @@ fn generate() {
         .sign(
             &id("spiffe://example.org/workload"),
             &aud,
-            ttl,
+            jwt_ttl,
             now,
             Some("https://issuer.example.org"),
         )
