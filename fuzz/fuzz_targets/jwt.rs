@@ -50,6 +50,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(v) = verify_issued(token, &bundle, issuer, audience, 0) {
         assert_eq!(v.claims.get("iss").and_then(Value::as_str), Some(issuer));
         assert!(has_audience(&v.claims, audience));
-        assert!(v.alg == "ES256" || v.alg == "ES384" || v.alg.starts_with("RS") || v.alg.starts_with("PS"));
+        assert!(
+            v.alg == "ES256"
+                || v.alg == "ES384"
+                || v.alg.starts_with("RS")
+                || v.alg.starts_with("PS")
+        );
     }
 });

@@ -60,7 +60,11 @@ fuzz_target!(|data: &[u8]| {
         let set = EntrySet::new(state.entries.clone());
         for probe in state.entries.iter().take(4) {
             let caller: SelectorSet = probe.selectors.iter().cloned().collect();
-            let got: Vec<&str> = set.entitled(&caller).iter().map(|e| e.id.as_str()).collect();
+            let got: Vec<&str> = set
+                .entitled(&caller)
+                .iter()
+                .map(|e| e.id.as_str())
+                .collect();
             let want: Vec<&str> = state
                 .entries
                 .iter()

@@ -24,7 +24,10 @@ fn strict<T>(data: &[u8], parse: impl Fn(&[u8]) -> Result<T, TpmError>) -> Optio
     let ok = parse(data).ok()?;
     for cut in [0, 1, data.len() / 2, data.len() - 1] {
         if cut < data.len() {
-            assert!(parse(&data[..cut]).is_err(), "prefix of {cut} bytes accepted");
+            assert!(
+                parse(&data[..cut]).is_err(),
+                "prefix of {cut} bytes accepted"
+            );
         }
     }
     let mut longer = data.to_vec();

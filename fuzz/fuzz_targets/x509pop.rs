@@ -28,10 +28,10 @@ fuzz_target!(|data: &[u8]| {
     };
     assert_eq!(node.fingerprint, sha256_hex(part(&ps, 0)));
     assert!(node.selectors.iter().all(|s| s.starts_with("x509pop:")));
-    assert!(
-        node.selectors
-            .contains(&format!("x509pop:ca:fingerprint:{}", sha256_hex(X509POP_ROOT)))
-    );
+    assert!(node.selectors.contains(&format!(
+        "x509pop:ca:fingerprint:{}",
+        sha256_hex(X509POP_ROOT)
+    )));
     let (nonce, sig) = (part(&ps, 2), part(&ps, 3));
     if node.verify_signature(nonce, sig).is_ok() {
         // The proof is bound to its nonce.

@@ -162,7 +162,13 @@ fn generate() {
     // Valid for years: jsonwebtoken checks `exp` against the real clock.
     let jwt_ttl = Duration::from_secs(4 * 365 * 86_400);
     let tok = signer
-        .sign(&id("spiffe://example.org/workload"), &aud, jwt_ttl, now, None)
+        .sign(
+            &id("spiffe://example.org/workload"),
+            &aud,
+            jwt_ttl,
+            now,
+            None,
+        )
         .unwrap();
     seed(
         "jwt",
@@ -376,9 +382,20 @@ fn generate() {
     {
         seed("selector", &format!("sel-{i}"), s);
     }
-    for (i, s) in ["300", "300s", "5m", "1h", "2d", " 7d ", "0", "-1s", "18446744073709551615s", "1µ"]
-        .iter()
-        .enumerate()
+    for (i, s) in [
+        "300",
+        "300s",
+        "5m",
+        "1h",
+        "2d",
+        " 7d ",
+        "0",
+        "-1s",
+        "18446744073709551615s",
+        "1µ",
+    ]
+    .iter()
+    .enumerate()
     {
         seed("duration", &format!("d-{i}"), s);
     }
