@@ -267,7 +267,14 @@ pub struct TrustMaterial {
 }
 
 impl TrustMaterial {
-    fn new(td: &TrustDomain, jwks: Vec<u8>, federated: BTreeMap<String, FederatedBundle>) -> Self {
+    /// Parses the JWT and federated bundles of a sync update (the agent's
+    /// own trust domain is `td`); invalid documents are skipped.
+    #[doc(hidden)]
+    pub fn new(
+        td: &TrustDomain,
+        jwks: Vec<u8>,
+        federated: BTreeMap<String, FederatedBundle>,
+    ) -> Self {
         let mut jwt_bundles = BTreeMap::new();
         match JwtBundle::from_jwks(&jwks) {
             Ok(b) => {

@@ -130,6 +130,13 @@ fn frame_header(len: usize, kind: u8, flags: u8, stream: u32, out: &mut Vec<u8>)
 }
 
 impl AuthorityRewriter {
+    /// Bytes held back, waiting for the rest of a frame or header block:
+    /// at most one frame header and payload plus one header block.
+    #[doc(hidden)]
+    pub fn buffered(&self) -> usize {
+        self.input.len() + self.pending.as_ref().map_or(0, |p| p.2.len() + p.3.len())
+    }
+
     /// Feeds bytes read from the client; appends what the server should see to `out`.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if self.passthrough {

@@ -284,34 +284,17 @@ impl ServerLink {
                     .sync(SyncRequest { deltas: true })
                     .await?
                     .into_inner();
-                // Chunks of an update not yet complete, and the entry set as
-                // of the last complete update (the stream's first update is
-                // complete; later ones may be deltas).
-                let mut pending = Vec::new();
-                let mut current: BTreeMap<String, Arc<Entry>> = BTreeMap::new();
+                let mut assembler = SyncAssembler::new(self.cfg.trust_domain.clone());
                 loop {
                     tokio::select! {
                         msg = stream.message() => match msg? {
-                            Some(u) if u.more => pending.extend(u.entries),
-                            Some(mut u) => {
-                                pending.append(&mut u.entries);
-                                apply_update(&self.cfg.trust_domain, &mut current, &u, std::mem::take(&mut pending));
-                                let entries = current.values().cloned().collect();
-                                if !u.bundle.is_empty() {
-                                    self.set_bundle(&u.bundle);
-                                }
-                                tracing::debug!(revision = u.revision, "sync update");
-                                if u.agent_killed {
-                                    tracing::error!(reason = %u.kill_reason, "this agent is withdrawn by the server: serving no identity");
-                                }
-                                let state = SyncState {
-                                    entries,
-                                    bundle: u.bundle,
-                                    jwt_bundle: u.jwt_bundle,
-                                    federated: u.federated.into_iter().collect(),
-                                    killed: u.killed_spiffe_ids,
-                                    crl: u.crl,
+                            Some(u) => {
+                                let Some(state) = assembler.push(u) else {
+                                    continue;
                                 };
+                                if !state.bundle.is_empty() {
+                                    self.set_bundle(&state.bundle);
+                                }
                                 if out.send(SyncEvent::State(state)).await.is_err() {
                                     return Ok(true);
                                 }
@@ -338,6 +321,60 @@ impl ServerLink {
                 }
             }
         }
+    }
+}
+
+/// Turns the messages of one sync stream into complete [`SyncState`]s:
+/// chunks of an update (`more`) are held until the last one arrives, and
+/// deltas are applied to the entry set of the previous complete update (the
+/// stream's first update is complete; later ones may be deltas). Everything
+/// in a message is the server's word, checked here the way the agent uses
+/// it: entries through [`Entry::from_proto`].
+#[doc(hidden)]
+pub struct SyncAssembler {
+    td: TrustDomain,
+    /// Entries of chunks of an update not yet complete.
+    pending: Vec<sigil_proto::common::Entry>,
+    /// The entry set as of the last complete update.
+    current: BTreeMap<String, Arc<Entry>>,
+}
+
+impl SyncAssembler {
+    /// An assembler for a new stream of trust domain `td`'s server.
+    pub fn new(td: TrustDomain) -> Self {
+        Self {
+            td,
+            pending: Vec::new(),
+            current: BTreeMap::new(),
+        }
+    }
+
+    /// Entries held for an update whose last chunk has not arrived.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Takes one message; returns the state once an update is complete.
+    pub fn push(&mut self, mut u: SyncUpdate) -> Option<SyncState> {
+        if u.more {
+            self.pending.append(&mut u.entries);
+            return None;
+        }
+        self.pending.append(&mut u.entries);
+        let entries = std::mem::take(&mut self.pending);
+        apply_update(&self.td, &mut self.current, &u, entries);
+        tracing::debug!(revision = u.revision, "sync update");
+        if u.agent_killed {
+            tracing::error!(reason = %u.kill_reason, "this agent is withdrawn by the server: serving no identity");
+        }
+        Some(SyncState {
+            entries: self.current.values().cloned().collect(),
+            bundle: u.bundle,
+            jwt_bundle: u.jwt_bundle,
+            federated: u.federated.into_iter().collect(),
+            killed: u.killed_spiffe_ids,
+            crl: u.crl,
+        })
     }
 }
 

@@ -25,13 +25,26 @@ pub enum IdError {
     Invalid(String),
 }
 
-/// Parses an untrusted SPIFFE ID: at most [`MAX_SPIFFE_ID_LEN`] bytes, then
-/// the `spiffe` crate's syntax rules.
+/// Parses an untrusted SPIFFE ID: at most [`MAX_SPIFFE_ID_LEN`] bytes, the
+/// `spiffe` crate's syntax rules, and in canonical form.
+///
+/// The crate lowercases a trust domain given with capitals
+/// (`spiffe://EXAMPLE.org/x` parses as `spiffe://example.org/x`), which
+/// the SPIFFE ID specification (§2.1) does not allow. Such an ID is
+/// refused rather than normalized, so that one identity never has two
+/// spellings (in entries, kill lists, tokens) that compare differently as
+/// text.
 pub fn parse_spiffe_id(s: &str) -> Result<SpiffeId, IdError> {
     if s.len() > MAX_SPIFFE_ID_LEN {
         return Err(IdError::TooLong { len: s.len() });
     }
-    SpiffeId::new(s).map_err(|e| IdError::Invalid(format!("{s:?}: {e}")))
+    let id = SpiffeId::new(s).map_err(|e| IdError::Invalid(format!("{s:?}: {e}")))?;
+    if id.to_string() != s {
+        return Err(IdError::Invalid(format!(
+            "{s:?}: not in canonical form (the trust domain must be lowercase: {id})"
+        )));
+    }
+    Ok(id)
 }
 
 /// The server's SPIFFE ID: `spiffe://<td>/sigil/server`.
@@ -113,6 +126,16 @@ mod tests {
             parse_spiffe_id("http://example.org/x"),
             Err(IdError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn non_canonical_ids_are_refused_not_normalized() {
+        // Found by fuzz/fuzz_targets/spiffe_id.rs: the spiffe crate
+        // lowercases the trust domain.
+        let e = parse_spiffe_id("spiffe://EXAMPLE.org/x").unwrap_err();
+        assert!(e.to_string().contains("canonical"), "{e}");
+        assert!(parse_spiffe_id("spiffe://Example.org").is_err());
+        assert!(parse_spiffe_id("spiffe://example.org/X").is_ok());
     }
 
     #[test]

@@ -320,9 +320,15 @@ pub struct SignedSvid {
 
 /// Parses a PKCS#10 CSR, checks that its key is ECDSA P-256 or P-384 and,
 /// with [`CsrSignature::Verify`], that its self-signature verifies.
+///
+/// Both modes read the CSR with the strict DER walk first, so they accept
+/// the same encodings: x509-parser alone accepts some that are not DER
+/// (an AlgorithmIdentifier tagged `[APPLICATION 16]` instead of SEQUENCE,
+/// which the self-signature does not cover; found by fuzz/fuzz_targets/csr.rs).
 fn csr_public_key(csr_der: &[u8], check: CsrSignature) -> Result<CsrKey<'_>, X509Error> {
+    let strict = csr::public_key(csr_der)?;
     if check == CsrSignature::TrustChannel {
-        return csr::public_key(csr_der);
+        return Ok(strict);
     }
     let (rest, csr) =
         X509CertificationRequest::from_der(csr_der).map_err(|e| X509Error::Csr(e.to_string()))?;
@@ -348,12 +354,23 @@ fn csr_public_key(csr_der: &[u8], check: CsrSignature) -> Result<CsrKey<'_>, X50
         .filter(|p| **p == *spki.subject_public_key.data)
         .unwrap_or_default();
     csr::check_point(point, point_len)?;
+    if spki.raw != strict.spki || point != strict.point {
+        return Err(X509Error::Csr(
+            "the CSR's key reads differently in two DER parsers".into(),
+        ));
+    }
     csr.verify_signature()
         .map_err(|e| X509Error::Csr(format!("signature does not verify: {e}")))?;
-    Ok(CsrKey {
-        spki: spki.raw,
-        point,
-    })
+    Ok(strict)
+}
+
+/// The key a CSR would be signed over, as `(SubjectPublicKeyInfo DER,
+/// uncompressed point)`: the strict DER walk for
+/// [`CsrSignature::TrustChannel`], x509-parser and the self-signature for
+/// [`CsrSignature::Verify`]. For the fuzz targets, which compare the two.
+#[doc(hidden)]
+pub fn csr_key(csr_der: &[u8], check: CsrSignature) -> Result<(&[u8], &[u8]), X509Error> {
+    csr_public_key(csr_der, check).map(|k| (k.spki, k.point))
 }
 
 /// A fresh workload/agent key and a CSR for it (no subject, no extensions:
@@ -687,6 +704,28 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn verified_csrs_must_be_der_outside_the_signed_part_too() {
+        // Found by fuzz/fuzz_targets/csr.rs: the signatureAlgorithm SEQUENCE
+        // retagged [APPLICATION 16] (0x70). The self-signature does not
+        // cover it and x509-parser accepted it; openssl and the strict walk
+        // refuse it.
+        let (csr, _) = new_key_and_csr().unwrap();
+        let alg = [
+            0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+        ];
+        let at = csr.windows(alg.len()).rposition(|w| w == alg).unwrap();
+        let mut bad = csr.clone();
+        bad[at] = 0x70;
+        for check in [CsrSignature::Verify, CsrSignature::TrustChannel] {
+            assert!(csr_public_key(&csr, check).is_ok());
+            assert!(
+                matches!(csr_public_key(&bad, check), Err(X509Error::Csr(_))),
+                "{check:?}"
+            );
+        }
     }
 
     #[test]

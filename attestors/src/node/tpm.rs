@@ -39,6 +39,42 @@ pub use agent::{AgentTpm, AkAlgorithm, read_ima_pcr};
 pub use credential::{CREDENTIAL_SECRET_MAX_LEN, check_activation, make_credential};
 pub use verify::{ek_hash, verify_ek, verify_quote};
 
+/// The strict parsers of the TPM structures the server reads from an
+/// agent, for the fuzz targets (`fuzz/`): each returns whether the bytes
+/// parse, plus what a caller can cross-check.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::TpmError;
+    use super::wire::{PublicArea, QuoteAttest, Signature};
+
+    /// Parses a `TPM2B_PUBLIC`; returns the DER SubjectPublicKeyInfo of
+    /// its key when it has one the verifier can express.
+    pub fn public(bytes: &[u8]) -> Result<Option<Vec<u8>>, TpmError> {
+        let area = PublicArea::from_tpm2b(bytes, "TPM2B_PUBLIC")?;
+        Ok(super::verify::spki_der(&area).ok())
+    }
+
+    /// Parses a quote's `TPMS_ATTEST`; returns its `extraData`.
+    pub fn attest(bytes: &[u8]) -> Result<Vec<u8>, TpmError> {
+        QuoteAttest::parse(bytes).map(|a| a.extra_data.to_vec())
+    }
+
+    /// Parses a `TPMT_SIGNATURE`.
+    pub fn signature(bytes: &[u8]) -> Result<(), TpmError> {
+        Signature::parse(bytes).map(|_| ())
+    }
+
+    /// Splits a `TPM2B_ID_OBJECT` credential blob and a
+    /// `TPM2B_ENCRYPTED_SECRET` the way the agent does before handing them
+    /// to its TPM (`AgentTpm::activate_credential`).
+    pub fn activation_inputs<'a>(
+        credential_blob: &'a [u8],
+        encrypted_secret: &'a [u8],
+    ) -> Result<(&'a [u8], &'a [u8]), TpmError> {
+        super::wire::activation_inputs(credential_blob, encrypted_secret)
+    }
+}
+
 /// NV index of the RSA-2048 EK certificate (TCG EK Credential Profile 2.3,
 /// §2.2.1.4, low range).
 pub const EK_CERT_NV_INDEX_RSA2048: u32 = 0x01c0_0002;

@@ -196,19 +196,17 @@ impl AgentTpm {
         encrypted_secret: &[u8],
     ) -> Result<Vec<u8>, TpmError> {
         let ak = self.ak.clone().ok_or(TpmError::NoAttestationKey)?;
+        let (id_object, secret) = wire::activation_inputs(credential_blob, encrypted_secret)?;
         let id_object =
-            IdObject::try_from(wire::unwrap_tpm2b(credential_blob, "TPM2B_ID_OBJECT")?.to_vec())
-                .map_err(|e| TpmError::Malformed {
-                    what: "TPM2B_ID_OBJECT",
-                    reason: e.to_string(),
-                })?;
-        let secret = EncryptedSecret::try_from(
-            wire::unwrap_tpm2b(encrypted_secret, "TPM2B_ENCRYPTED_SECRET")?.to_vec(),
-        )
-        .map_err(|e| TpmError::Malformed {
-            what: "TPM2B_ENCRYPTED_SECRET",
-            reason: e.to_string(),
-        })?;
+            IdObject::try_from(id_object.to_vec()).map_err(|e| TpmError::Malformed {
+                what: "TPM2B_ID_OBJECT",
+                reason: e.to_string(),
+            })?;
+        let secret =
+            EncryptedSecret::try_from(secret.to_vec()).map_err(|e| TpmError::Malformed {
+                what: "TPM2B_ENCRYPTED_SECRET",
+                reason: e.to_string(),
+            })?;
 
         let ctx = &mut self.connect()?;
         let ek_handle = create_ek(ctx)?;

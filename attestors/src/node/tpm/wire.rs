@@ -131,6 +131,19 @@ pub(crate) fn unwrap_tpm2b<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'
     Ok(inner)
 }
 
+/// The contents of a credential blob (`TPM2B_ID_OBJECT`) and an encrypted
+/// seed (`TPM2B_ENCRYPTED_SECRET`), each spanning its bytes exactly: the
+/// agent's first look at a credential-activation challenge.
+pub(crate) fn activation_inputs<'a>(
+    credential_blob: &'a [u8],
+    encrypted_secret: &'a [u8],
+) -> Result<(&'a [u8], &'a [u8]), TpmError> {
+    Ok((
+        unwrap_tpm2b(credential_blob, "TPM2B_ID_OBJECT")?,
+        unwrap_tpm2b(encrypted_secret, "TPM2B_ENCRYPTED_SECRET")?,
+    ))
+}
+
 /// Wraps `inner` as a `TPM2B_*`.
 pub(crate) fn tpm2b(inner: &[u8]) -> Result<Vec<u8>, TpmError> {
     let size = u16::try_from(inner.len())
