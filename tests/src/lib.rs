@@ -155,6 +155,13 @@ pub fn py_venv() -> Option<PathBuf> {
                 .unwrap_or_default()
                 .join("pyvenv")
         });
+    // A relative SIGIL_PY_VENV is taken from the workspace root, where
+    // scripts/test runs (the tests themselves run in tests/).
+    let venv = if venv.is_relative() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(venv)
+    } else {
+        venv
+    };
     venv.join("bin/python3").exists().then_some(venv)
 }
 
