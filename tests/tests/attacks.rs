@@ -168,3 +168,37 @@ fn an_agent_configured_for_another_trust_domain_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn the_admin_sockets_refuse_another_uid() {
+    if sigil_tests::my_uid() != 0 {
+        eprintln!("skipped: needs root (setpriv to uid 65534)");
+        return;
+    }
+    let c = Cluster::with_agent();
+    let agent_admin = c.dir.0.join("agent/private/admin.sock");
+    let as_nobody = |program: &str, args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(bin(program))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (program, socket) in [
+        ("sigil-server", c.admin_socket()),
+        ("sigil-agent", agent_admin.clone()),
+    ] {
+        let s = socket.to_str().unwrap();
+        // Root is served: the socket works.
+        let root = Command::new(bin(program))
+            .args(["healthcheck", "--admin-socket", s])
+            .output()
+            .unwrap();
+        assert!(root.status.success(), "{program} as root: {root:?}");
+        let out = as_nobody(program, &["healthcheck", "--admin-socket", s]);
+        assert!(!out.status.success(), "{program} served uid 65534");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(s), "{program}: the refusal does not name the socket: {err}");
+    }
+}
