@@ -199,6 +199,9 @@ fn the_admin_sockets_refuse_another_uid() {
         let out = as_nobody(program, &["healthcheck", "--admin-socket", s]);
         assert!(!out.status.success(), "{program} served uid 65534");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(s), "{program}: the refusal does not name the socket: {err}");
+        assert!(
+            err.contains(s),
+            "{program}: the refusal does not name the socket: {err}"
+        );
     }
 }
