@@ -205,3 +205,114 @@ fn the_admin_sockets_refuse_another_uid() {
         );
     }
 }
+
+/// An mTLS agent-API channel to `c`'s server presenting the agent SVID
+/// stored in `data_dir` (as a stolen or misused agent credential would be).
+async fn agent_channel(c: &Cluster, data_dir: &Path) -> tonic::transport::Channel {
+    use std::sync::{Arc, RwLock};
+    let chain = sigil_core::x509::pem_to_certs(
+        &std::fs::read_to_string(data_dir.join("agent_svid.pem")).unwrap(),
+    )
+    .unwrap();
+    let key = pem::parse(std::fs::read(data_dir.join("agent_svid.key")).unwrap())
+        .unwrap()
+        .contents()
+        .to_vec();
+    let resolver = Arc::new(sigil_core::tls::SvidCertResolver::default());
+    resolver.set(&chain, &key).unwrap();
+    let bundle = sigil_core::x509::pem_to_certs(&c.server_ok(&["bundle", "show"])).unwrap();
+    let trust = sigil_core::tls::ServerTrust::Spiffe {
+        bundle: Arc::new(RwLock::new(bundle)),
+        expected: sigil_core::SpiffeId::new("spiffe://example.org/sigil/server").unwrap(),
+    };
+    let tls =
+        tokio_rustls::TlsConnector::from(sigil_core::tls::client_config(trust, resolver).unwrap());
+    let port = c.port;
+    tonic::transport::Endpoint::from_static("http://sigil-server")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let name = rustls_pki_types::ServerName::try_from("sigil-server").unwrap();
+                let s = tls.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_agent_can_neither_mint_nor_sync_another_agents_entries() {
+    use sigil_proto::agent::agent_api_client::AgentApiClient;
+    use sigil_proto::agent::{CsrForEntry as Csr, MintX509SvidsRequest, SyncRequest};
+    let c = Cluster::with_agent();
+    let other = c.start_extra_agent("agent-b", "spiffe://example.org/agent-b");
+    let own = c.create_entry(
+        "spiffe://example.org/a-workload",
+        &["--selector", "unix:uid:4301"],
+    );
+    let foreign = c.create_entry_under(
+        &other.id,
+        "spiffe://example.org/b-workload",
+        &["--selector", "unix:uid:4302"],
+    );
+    // Agent A's own credential, used directly against the agent API.
+    let mut api = AgentApiClient::new(agent_channel(&c, &c.dir.0.join("agent/data")).await);
+    let (csr, _key) = sigil_core::x509::new_key_and_csr().unwrap();
+    let resp = api
+        .mint_x509_svids(MintX509SvidsRequest {
+            csrs: vec![
+                Csr {
+                    entry_id: foreign.clone(),
+                    csr: csr.clone(),
+                },
+                Csr {
+                    entry_id: own.clone(),
+                    csr,
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let by_id = |id: &str| resp.results.iter().find(|r| r.entry_id == id).unwrap();
+    let refused = by_id(&foreign);
+    assert!(
+        refused.svid_chain.is_empty(),
+        "agent A got an SVID for agent B's entry"
+    );
+    assert!(
+        refused.error.contains("is not authorized for this agent"),
+        "{}",
+        refused.error
+    );
+    // The same call minted A's own entry: the refusal is per entry.
+    let minted = by_id(&own);
+    assert!(minted.error.is_empty(), "{}", minted.error);
+    assert!(!minted.svid_chain.is_empty());
+
+    // A's sync stream carries A's entries and none of B's.
+    let mut st = api
+        .sync(SyncRequest { deltas: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    loop {
+        let m = tokio::time::timeout(LONG, st.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        ids.extend(m.entries.iter().map(|e| e.id.clone()));
+        if !m.more {
+            break;
+        }
+    }
+    assert!(ids.contains(&own), "{ids:?}");
+    assert!(
+        !ids.contains(&foreign),
+        "agent A was sent agent B's entry: {ids:?}"
+    );
+}
