@@ -143,6 +143,26 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// A TLS 1.3 connector that presents the SVID `chain`/`key` (PKCS#8; none
+/// when `None`) and accepts only a peer presenting `expected`, chained to
+/// `bundle`: how a workload, broker or agent speaks mTLS to Sigil.
+pub fn svid_tls_connector(
+    svid: Option<(&[Vec<u8>], &[u8])>,
+    bundle: Vec<Vec<u8>>,
+    expected: &str,
+) -> tokio_rustls::TlsConnector {
+    use std::sync::{Arc, RwLock};
+    let resolver = Arc::new(sigil_core::tls::SvidCertResolver::default());
+    if let Some((chain, key)) = svid {
+        resolver.set(chain, key).unwrap();
+    }
+    let trust = sigil_core::tls::ServerTrust::Spiffe {
+        bundle: Arc::new(RwLock::new(bundle)),
+        expected: sigil_core::SpiffeId::new(expected).unwrap(),
+    };
+    tokio_rustls::TlsConnector::from(sigil_core::tls::client_config(trust, resolver).unwrap())
+}
+
 /// The Python virtualenv `scripts/test` creates (`SIGIL_PY_VENV`, else
 /// `target/pyvenv`) with py-spiffe and prometheus_client, if it exists.
 pub fn py_venv() -> Option<PathBuf> {

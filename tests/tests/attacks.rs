@@ -209,7 +209,6 @@ fn the_admin_sockets_refuse_another_uid() {
 /// An mTLS agent-API channel to `c`'s server presenting the agent SVID
 /// stored in `data_dir` (as a stolen or misused agent credential would be).
 async fn agent_channel(c: &Cluster, data_dir: &Path) -> tonic::transport::Channel {
-    use std::sync::{Arc, RwLock};
     let chain = sigil_core::x509::pem_to_certs(
         &std::fs::read_to_string(data_dir.join("agent_svid.pem")).unwrap(),
     )
@@ -218,15 +217,12 @@ async fn agent_channel(c: &Cluster, data_dir: &Path) -> tonic::transport::Channe
         .unwrap()
         .contents()
         .to_vec();
-    let resolver = Arc::new(sigil_core::tls::SvidCertResolver::default());
-    resolver.set(&chain, &key).unwrap();
     let bundle = sigil_core::x509::pem_to_certs(&c.server_ok(&["bundle", "show"])).unwrap();
-    let trust = sigil_core::tls::ServerTrust::Spiffe {
-        bundle: Arc::new(RwLock::new(bundle)),
-        expected: sigil_core::SpiffeId::new("spiffe://example.org/sigil/server").unwrap(),
-    };
-    let tls =
-        tokio_rustls::TlsConnector::from(sigil_core::tls::client_config(trust, resolver).unwrap());
+    let tls = sigil_tests::svid_tls_connector(
+        Some((&chain, &key)),
+        bundle,
+        "spiffe://example.org/sigil/server",
+    );
     let port = c.port;
     tonic::transport::Endpoint::from_static("http://sigil-server")
         .connect_with_connector(tower::service_fn(move |_| {

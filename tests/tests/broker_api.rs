@@ -19,13 +19,10 @@
     reason = "test code: a panic is a test failure"
 )]
 
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use sigil_core::SpiffeId;
-use sigil_core::tls::{ServerTrust, SvidCertResolver, client_config};
 use sigil_tests::{Cluster, eventually};
 use spiffe::broker_api::SecurityHeader;
 use spiffe::broker_api::pb::spiffe::broker::api_client::ApiClient;
@@ -48,15 +45,8 @@ async fn channel(
     bundle: Vec<Vec<u8>>,
     svid: Option<(Vec<Vec<u8>>, Vec<u8>)>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let resolver = Arc::new(SvidCertResolver::default());
-    if let Some((chain, key)) = &svid {
-        resolver.set(chain, key).unwrap();
-    }
-    let trust = ServerTrust::Spiffe {
-        bundle: Arc::new(RwLock::new(bundle)),
-        expected: SpiffeId::new(AGENT).unwrap(),
-    };
-    let tls = tokio_rustls::TlsConnector::from(client_config(trust, resolver).unwrap());
+    let svid = svid.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+    let tls = sigil_tests::svid_tls_connector(svid, bundle, AGENT);
     Endpoint::from_static("http://broker")
         .connect_with_connector(tower::service_fn(move |_| {
             let (tls, socket) = (tls.clone(), socket.clone());

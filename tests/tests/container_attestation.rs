@@ -88,19 +88,6 @@ fn probe_in_container(sock: &str, c: &Cluster, labels: &[&str], env: &[&str]) ->
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The py-spiffe virtualenv `scripts/test` creates (`SIGIL_PY_VENV`, else
-/// `target/pyvenv`), if it exists.
-fn py_venv() -> Option<PathBuf> {
-    let venv = std::env::var_os("SIGIL_PY_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bin_dir_parent().join("pyvenv"));
-    venv.join("bin/python3").exists().then_some(venv)
-}
-
-fn bin_dir_parent() -> PathBuf {
-    sigil_tests::bin_dir().parent().unwrap().to_path_buf()
-}
-
 /// An image that is only the merged-/usr symlinks: the container gets the
 /// host's /usr (and the Python installation) bind-mounted read-only.
 fn import_usr_image(sock: &str) -> &'static str {
@@ -233,7 +220,7 @@ fn containers_get_identities_by_label_and_env_and_the_host_does_not() {
         c.logs()
     );
     // py-spiffe (gRPC C-core) in a container, as one of the clients.
-    match py_venv() {
+    match sigil_tests::py_venv() {
         Some(venv) => {
             // The label matches but the image is not the one the triage
             // entry pins: no identity.

@@ -153,6 +153,54 @@ async fn open_loop(
     r
 }
 
+/// `n` Workload API connections to `socket`, one per simulated workload.
+async fn connect_all(socket: &std::path::Path, n: usize) -> Result<Vec<workload::Client>> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(workload::connect(socket).await?);
+    }
+    Ok(conns)
+}
+
+/// Runs every client (closed loop, or open loop at `open_rate` fetches/s in
+/// all) for `warm` + `secs`; returns their merged results and the start.
+async fn run_clients(
+    conns: Vec<workload::Client>,
+    open_rate: Option<f64>,
+    secs: f64,
+    warm: Duration,
+) -> Result<(ClientResult, Instant)> {
+    let n = conns.len();
+    let start = Instant::now();
+    let measure_from = start + warm;
+    let until = measure_from + Duration::from_secs_f64(secs);
+    let mut set = tokio::task::JoinSet::new();
+    for (i, c) in conns.into_iter().enumerate() {
+        match open_rate {
+            None => set.spawn(client_loop(c, measure_from, until)),
+            Some(rate) => {
+                let period = Duration::from_secs_f64(n as f64 / rate);
+                let first = start + period.mul_f64(i as f64 / n as f64);
+                set.spawn(open_loop(c, first, period, measure_from, until))
+            }
+        };
+    }
+    let mut all = ClientResult {
+        latencies: Vec::new(),
+        errors: 0,
+        first_error: None,
+    };
+    while let Some(r) = set.join_next().await {
+        let r = r?;
+        all.latencies.extend(r.latencies);
+        all.errors += r.errors;
+        if all.first_error.is_none() {
+            all.first_error = r.first_error;
+        }
+    }
+    Ok((all, start))
+}
+
 /// Closed-loop fetches per second from `n` clients of the bare reference
 /// server (see `bare_rpc`), over the same client code as the agent's.
 async fn bare_per_sec(
@@ -161,26 +209,11 @@ async fn bare_per_sec(
     secs: f64,
     warm: Duration,
 ) -> Result<f64> {
-    let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        conns.push(workload::connect(socket).await?);
+    let (r, _) = run_clients(connect_all(socket, n).await?, None, secs, warm).await?;
+    if let Some(e) = r.first_error {
+        return Err(format!("bare RPC reference failed: {e}").into());
     }
-    let start = Instant::now();
-    let measure_from = start + warm;
-    let until = measure_from + Duration::from_secs_f64(secs);
-    let mut set = tokio::task::JoinSet::new();
-    for c in conns {
-        set.spawn(client_loop(c, measure_from, until));
-    }
-    let mut fetches = 0usize;
-    while let Some(r) = set.join_next().await {
-        let r = r?;
-        if let Some(e) = r.first_error {
-            return Err(format!("bare RPC reference failed: {e}").into());
-        }
-        fetches += r.latencies.len();
-    }
-    Ok(fetches as f64 / secs)
+    Ok(r.latencies.len() as f64 / secs)
 }
 
 /// Runs one configuration and emits its record; `bare`: the reference
@@ -199,35 +232,16 @@ async fn measure(
     bare: Option<f64>,
     rep: &mut Reporter,
 ) -> Result<()> {
-    let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        conns.push(workload::connect(&agent.socket).await?);
-    }
+    let conns = connect_all(&agent.socket, n).await?;
     let agent_cpu0 = agent.proc()?.cpu_time()?;
-    let start = Instant::now();
-    let measure_from = start + warm;
-    let until = measure_from + Duration::from_secs_f64(secs);
-    let mut set = tokio::task::JoinSet::new();
-    for (i, c) in conns.into_iter().enumerate() {
-        match open_rate {
-            None => set.spawn(client_loop(c, measure_from, until)),
-            Some(rate) => {
-                let period = Duration::from_secs_f64(n as f64 / rate);
-                let first = start + period.mul_f64(i as f64 / n as f64);
-                set.spawn(open_loop(c, first, period, measure_from, until))
-            }
-        };
-    }
-    let mut all = Vec::new();
-    let (mut errors, mut first_error) = (0, None);
-    while let Some(r) = set.join_next().await {
-        let r = r?;
-        all.extend(r.latencies);
-        errors += r.errors;
-        if first_error.is_none() {
-            first_error = r.first_error;
-        }
-    }
+    let (
+        ClientResult {
+            latencies: all,
+            errors,
+            first_error,
+        },
+        start,
+    ) = run_clients(conns, open_rate, secs, warm).await?;
     let agent_cpu = agent.proc()?.cpu_time()? - agent_cpu0;
     let mem = agent.proc()?.mem()?;
     let s = Samples::from_durations(all);
