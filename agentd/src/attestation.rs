@@ -43,7 +43,7 @@ impl Prover {
         match &cfg.node_attestor {
             NodeAttestor::JoinToken => join_token
                 .map(Prover::JoinToken)
-                .ok_or_else(|| "no stored agent identity and no join token: pass --join-token (see `sigil-server token generate`)".to_string()),
+                .ok_or_else(|| "no usable stored agent identity and no join token: pass --join-token (see `sigil-server token generate`; a node already registered under that ID is evicted first with `sigil-server agent evict`)".to_string()),
             NodeAttestor::X509Pop { cert_path, key_path } => {
                 sigil_fs::check_private_file(key_path).map_err(|e| format!("x509pop.key_path: {e}"))?;
                 let cert = std::fs::read_to_string(cert_path).map_err(|e| format!("x509pop.cert_path {}: {e}", cert_path.display()))?;

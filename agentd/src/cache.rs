@@ -15,8 +15,9 @@ use prost::bytes::Bytes;
 use sigil_core::entry::Entry;
 use sigil_core::jwt::JwtBundle;
 use sigil_core::selector::{Selector, SelectorSet};
+use sigil_core::x509::BACKDATE;
 use sigil_core::x509::{SvidInfo, new_key_and_csr};
-use sigil_core::{SpiffeId, TrustDomain, now_unix};
+use sigil_core::{SpiffeId, TrustDomain, now_unix, steady_unix};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
 use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest};
 use sigil_proto::common::FederatedBundle;
@@ -64,14 +65,19 @@ pub struct CachedSvid {
     /// PKCS#8 DER private key.
     pub key_der: Bytes,
     pub not_after: i64,
-    /// Unix seconds when renewal is due: half-way from receipt to expiry
-    /// (notBefore is backdated for clock skew, so it is not the start).
+    /// When renewal is due: about half-way from receipt to expiry.
+    /// Like `expires_at`, on the agent's [`sigil_core::steady_unix`] clock,
+    /// counted from receipt over the lifetime the server's own timestamps
+    /// give (notBefore is backdated by [`BACKDATE`]), so that a step of the
+    /// local clock changes neither.
     refresh_at: i64,
+    /// When the SVID is withdrawn, on the steady clock.
+    expires_at: i64,
     spec: SvidSpec,
 }
 
 impl CachedSvid {
-    /// Unix seconds when renewal is due.
+    /// Unix seconds (steady clock) when renewal is due.
     pub fn refresh_at(&self) -> i64 {
         self.refresh_at
     }
@@ -353,7 +359,13 @@ pub struct Cache {
     offline_since: Option<tokio::time::Instant>,
     /// The offline limit has passed: SVIDs dropped, nothing served.
     offline: bool,
+    /// The clock-skew warning was logged (once per agent run).
+    skew_warned: bool,
 }
+
+/// Seconds of difference between this node's clock and the server's
+/// (read off each SVID's notBefore) above which the agent warns.
+const CLOCK_SKEW_WARNING: i64 = 60;
 
 impl Cache {
     pub fn new(
@@ -385,6 +397,7 @@ impl Cache {
                 serve_offline_for,
                 offline_since: None,
                 offline: false,
+                skew_warned: false,
             },
             rx,
         )
@@ -443,7 +456,7 @@ impl Cache {
             .filter(|e| e.approval_pending.is_none())
             .filter(|e| match self.svids.get(&e.id) {
                 None => true,
-                Some(s) => !s.spec.matches(e) || now >= s.refresh_at || now >= s.not_after,
+                Some(s) => !s.spec.matches(e) || now >= s.refresh_at || now >= s.expires_at,
             })
             .cloned()
             .collect()
@@ -480,7 +493,8 @@ impl Cache {
             .await?
             .into_inner();
         let mut stored = 0;
-        let received = now_unix();
+        let received = steady_unix();
+        let wall = now_unix();
         for r in resp.results {
             if !r.error.is_empty() {
                 tracing::warn!(entry = %r.entry_id, error = %r.error, "server refused to mint");
@@ -505,6 +519,17 @@ impl Cache {
                     continue;
                 }
             };
+            // The server signed at notBefore + BACKDATE by its clock.
+            let issued = info.not_before + BACKDATE.as_secs() as i64;
+            let lifetime = (info.not_after - issued).max(1);
+            let skew = wall - issued;
+            if skew.abs() > CLOCK_SKEW_WARNING && !self.skew_warned {
+                tracing::warn!(
+                    skew_seconds = skew,
+                    "this node's clock differs from the server's: SVIDs are renewed and withdrawn by their lifetime, not by the local clock; fix the clock (NTP)"
+                );
+                self.skew_warned = true;
+            }
             Arc::make_mut(&mut self.svids).insert(
                 r.entry_id.clone(),
                 Arc::new(CachedSvid {
@@ -512,7 +537,8 @@ impl Cache {
                     chain_der: Bytes::from(r.svid_chain.concat()),
                     key_der: Bytes::from(key),
                     not_after: info.not_after,
-                    refresh_at: received + refresh_delay(info.not_after - received),
+                    refresh_at: received + refresh_delay(lifetime),
+                    expires_at: received + lifetime,
                     spec: SvidSpec::of(entry),
                 }),
             );
@@ -524,7 +550,7 @@ impl Cache {
     /// Runs until the update channel closes.
     pub async fn run(mut self) {
         loop {
-            let now = now_unix();
+            let now = steady_unix();
             let can_try = self
                 .retry_at
                 .is_none_or(|t| tokio::time::Instant::now() >= t);
@@ -567,8 +593,8 @@ impl Cache {
                 }
             }
             // Expired SVIDs are never served.
-            if self.svids.values().any(|s| s.not_after <= now) {
-                Arc::make_mut(&mut self.svids).retain(|_, s| s.not_after > now);
+            if self.svids.values().any(|s| s.expires_at <= now) {
+                Arc::make_mut(&mut self.svids).retain(|_, s| s.expires_at > now);
                 changed = true;
             }
             if changed {
@@ -579,12 +605,12 @@ impl Cache {
             let next_refresh = self
                 .svids
                 .values()
-                .map(|s| s.refresh_at.min(s.not_after))
+                .map(|s| s.refresh_at.min(s.expires_at))
                 .min();
             let mut wake = match next_refresh {
                 Some(t) => {
                     tokio::time::Instant::now()
-                        + Duration::from_secs((t - now_unix()).max(0) as u64)
+                        + Duration::from_secs((t - steady_unix()).max(0) as u64)
                 }
                 None => tokio::time::Instant::now() + Duration::from_secs(3600),
             };

@@ -32,30 +32,44 @@ pub struct AgentSvid {
     pub chain: Vec<Vec<u8>>,
     pub key: Vec<u8>,
     pub not_after: i64,
-    /// Unix seconds this SVID was obtained (start of its renewal clock).
-    pub received_at: i64,
+    /// When renewal is due, on the steady clock ([`sigil_core::steady_unix`]):
+    /// half of the life left at `received_at`, so that a later step of the
+    /// system clock neither delays nor hastens it.
+    renew_at: i64,
 }
 
 impl AgentSvid {
+    /// `received_at`: the wall clock when the SVID was obtained (or read
+    /// from disk).
     pub(crate) fn new(chain: Vec<Vec<u8>>, key: Vec<u8>, received_at: i64) -> Result<Self, String> {
         let leaf = chain.first().ok_or("empty agent SVID chain")?;
         let info = SvidInfo::from_der(leaf).map_err(|e| format!("agent SVID: {e}"))?;
+        // The life left by this node's clock, and no more than the life
+        // the server gave it by its own (notBefore is backdated).
+        let issued = info.not_before + sigil_core::x509::BACKDATE.as_secs() as i64;
+        let left = (info.not_after - received_at).min(info.not_after - issued);
         Ok(Self {
             spiffe_id: info.spiffe_id,
             chain,
             key,
             not_after: info.not_after,
-            received_at,
+            renew_at: sigil_core::steady_unix() + (left / 2).max(1),
         })
     }
 
     fn renew_at(&self) -> i64 {
-        self.received_at + ((self.not_after - self.received_at) / 2).max(1)
+        self.renew_at
     }
 }
 
-/// Persists the agent SVID, key (0600) and bundle.
+/// Persists the agent SVID, key (0600) and bundle; makes `data_dir` again
+/// (0700) when it has been removed.
 pub fn store_identity(data_dir: &Path, svid: &AgentSvid, bundle: &[Vec<u8>]) -> Result<(), String> {
+    if !data_dir.exists() {
+        tracing::warn!(data_dir = %data_dir.display(), "data_dir is gone: making it again");
+    }
+    sigil_fs::ensure_private_dir(data_dir)
+        .map_err(|e| format!("data_dir {}: {e}", data_dir.display()))?;
     let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.key.clone()));
     let e = |p: &str, err: std::io::Error| format!("{}: {err}", data_dir.join(p).display());
     sigil_fs::write_atomic(&data_dir.join("agent_svid.key"), key_pem.as_bytes(), 0o600)
@@ -107,14 +121,35 @@ pub fn load_identity(data_dir: &Path, td: &TrustDomain) -> Result<Option<StoredI
         return Ok(None);
     };
     let parsed = (|| {
-        let key = pem::parse(key).ok()?.into_contents();
-        let chain = pem_to_certs(&chain).ok()?;
-        let bundle = pem_to_certs(&bundle).ok()?;
-        let svid = AgentSvid::new(chain, key, now_unix()).ok()?;
-        Some((svid, bundle))
+        let key = pem::parse(key)
+            .map_err(|e| format!("agent_svid.key: {e}"))?
+            .into_contents();
+        let chain = pem_to_certs(&chain).map_err(|e| format!("agent_svid.pem: {e}"))?;
+        let bundle = pem_to_certs(&bundle).map_err(|e| format!("bundle.pem: {e}"))?;
+        let svid = AgentSvid::new(chain, key, now_unix())
+            .map_err(|e| format!("agent_svid.pem with agent_svid.key: {e}"))?;
+        if !svid.spiffe_id.is_member_of(td) {
+            return Err(format!(
+                "agent_svid.pem: {} is not in trust domain {td}",
+                svid.spiffe_id
+            ));
+        }
+        if svid.not_after <= now_unix() + 1 {
+            return Err(format!("agent_svid.pem: expired at {}", svid.not_after));
+        }
+        Ok((svid, bundle))
     })();
+    // An unusable identity is attested again (x509pop and TPM agents can;
+    // a join-token agent needs a new token), never repaired in place.
     Ok(parsed
-        .filter(|(svid, _)| svid.not_after > now_unix() + 1 && svid.spiffe_id.is_member_of(td)))
+        .inspect_err(|reason| {
+            tracing::warn!(
+                data_dir = %data_dir.display(),
+                %reason,
+                "the stored agent identity is unusable: attesting again"
+            );
+        })
+        .ok())
 }
 
 /// First attestation, over TLS that authenticates the server by the
@@ -218,7 +253,7 @@ impl ServerLink {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).jittered();
         loop {
             let at = self.svid.borrow().renew_at();
-            let wait = (at - now_unix()).max(0) as u64;
+            let wait = (at - sigil_core::steady_unix()).max(0) as u64;
             tokio::time::sleep(Duration::from_secs(wait)).await;
             match self.renew_once().await {
                 Ok(()) => {
@@ -263,7 +298,12 @@ impl ServerLink {
         }
         self.resolver.set(&svid.chain, &svid.key)?;
         self.set_bundle(&bundle);
-        store_identity(&self.cfg.data_dir, &svid, &bundle)?;
+        // The renewed SVID is in use from here on, stored or not: a write
+        // failure must not leave the agent renewing in a loop with its old
+        // SVID running out. The next renewal tries the disk again.
+        if let Err(e) = store_identity(&self.cfg.data_dir, &svid, &bundle) {
+            tracing::error!(error = %e, "could not store the renewed agent SVID; serving with it from memory (a restart before the next successful write needs to attest again)");
+        }
         self.svid.send_replace(svid);
         // New connections present the new SVID.
         let ch = Self::make_channel(&self.cfg, &self.bundle, &self.resolver, &self.preferred)?;

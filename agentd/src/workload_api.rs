@@ -22,7 +22,6 @@ use sigil_attestors::workload::AttestorSet;
 use sigil_attestors::workload::unix::Peer;
 use sigil_core::SpiffeId;
 use sigil_core::entry::Entry;
-use sigil_core::now_unix;
 use sigil_core::selector::SelectorSet;
 use sigil_proto::WORKLOAD_API_HEADER;
 use sigil_proto::agent::MintJwtSvidRequest;
@@ -90,7 +89,7 @@ impl WorkloadApi {
 impl JwtSource {
     /// A JWT-SVID for `entry` and `audience`, from the cache or the server.
     async fn jwt_for(&self, entry: &Entry, audience: &[String]) -> Result<String, Status> {
-        let now = now_unix();
+        let now = sigil_core::steady_unix();
         if let Ok(mut cache) = self.jwts.lock()
             && let Some(token) = cache.get(&entry.id, audience, now)
         {
@@ -116,12 +115,20 @@ impl JwtSource {
             })?
             .into_inner()
             .token;
-        let expires_at = sigil_core::jwt::peek_claims(&token)
+        // Cached by the token's lifetime (its `exp` minus `iat`, both the
+        // server's clock) counted on the steady clock from now: a step of
+        // the local clock neither keeps a stale token in use nor drops a
+        // fresh one.
+        let lifetime = sigil_core::jwt::peek_claims(&token)
             .ok()
-            .and_then(|c| c.get("exp").and_then(serde_json::Value::as_i64))
-            .unwrap_or(now);
+            .and_then(|c| {
+                let claim = |k: &str| c.get(k).and_then(serde_json::Value::as_i64);
+                Some(claim("exp")? - claim("iat")?)
+            })
+            .unwrap_or(0)
+            .max(0);
         if let Ok(mut cache) = self.jwts.lock() {
-            cache.insert(&entry.id, audience, token.clone(), now, expires_at, now);
+            cache.insert(&entry.id, audience, token.clone(), now, now + lifetime, now);
         }
         Ok(token)
     }

@@ -36,6 +36,19 @@ pub fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// Seconds on a clock that is never stepped: the wall clock read at the
+/// first call, advanced since by the monotonic clock. A deadline set as
+/// "now plus a lifetime" on this clock falls due after that lifetime
+/// whatever happens to the system clock meanwhile (an NTP step, an
+/// operator's `date -s`), so the agent neither serves an SVID past its
+/// lifetime when the clock goes back nor drops fresh ones when it jumps
+/// ahead. Only differences of its readings are meaningful.
+pub fn steady_unix() -> i64 {
+    static START: std::sync::OnceLock<(i64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = START.get_or_init(|| (now_unix(), std::time::Instant::now()));
+    wall + at.elapsed().as_secs() as i64
+}
+
 /// Unix seconds as RFC 3339 UTC (`2026-11-25T15:04:35Z`), or the number
 /// itself if it is out of range.
 pub fn rfc3339(ts: i64) -> String {

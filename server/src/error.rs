@@ -172,6 +172,13 @@ impl From<RegistryError> for Status {
             // The database could not be reached or refused the
             // transaction: a retry may succeed (another server, or once
             // the database is back). Details stay in the server's log.
+            RegistryError::Store(e @ crate::datastore::StoreError::NoSpace(_)) => {
+                crate::metrics::METRICS.datastore_errors.inc();
+                tracing::error!(error = %e, "datastore write refused");
+                Status::resource_exhausted(format!(
+                    "{e}; nothing was written: free space on the disk holding data_dir and retry"
+                ))
+            }
             RegistryError::Store(e @ crate::datastore::StoreError::Backend(_)) => {
                 crate::metrics::METRICS.datastore_errors.inc();
                 tracing::error!(error = %e, "datastore failure");

@@ -67,7 +67,9 @@ pub struct JwtSlot {
     pub issued_at: i64,
 }
 
-/// Published and active keys.
+/// Published and active keys. Cloning shares the key objects (a copy is
+/// made only to try a rotation before it takes effect).
+#[derive(Clone)]
 pub struct Keys {
     td: TrustDomain,
     ttl: Duration,
@@ -242,6 +244,20 @@ impl Keys {
             signer: Arc::new(signer),
             issued_at: now,
         })
+    }
+
+    /// Advances rotation to `now` and persists the result before it takes
+    /// effect. When the file cannot be written (a full disk) the keys stay
+    /// as they were: nothing is ever signed by a key that a restart would
+    /// not find again. Returns true when the keys changed.
+    pub fn rotate_persisted(&mut self, now: i64) -> Result<bool, KeyError> {
+        let mut next = self.clone();
+        if !next.rotate(now)? {
+            return Ok(false);
+        }
+        next.persist()?;
+        *self = next;
+        Ok(true)
     }
 
     /// Advances rotation to `now`. Returns true when keys changed (the
@@ -532,6 +548,36 @@ mod tests {
                 .iter()
                 .all(|j| j["kid"] != first_kid.as_str())
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rotation_that_cannot_be_persisted_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("sigil-keys-nopersist-{}", std::process::id()));
+        let mut k = Keys::load_or_create(&dir, &td(), Duration::from_secs(600), JwtKeyType::EcP256)
+            .unwrap();
+        let ca = k.active_ca().cert_der().to_vec();
+        let kid = k.active_jwt().kid.clone();
+        let published = k.x509_authorities();
+        let t0 = sigil_core::now_unix();
+        // The file's directory is gone and a file stands in its place, so
+        // the write fails (as on a full disk).
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"not a directory").unwrap();
+        for t in [t0 + 310, t0 + 510] {
+            assert!(k.rotate_persisted(t).is_err());
+            assert_eq!(k.active_ca().cert_der(), ca.as_slice());
+            assert_eq!(k.active_jwt().kid, kid);
+            assert_eq!(k.x509_authorities(), published);
+        }
+        // Once it can write again, the rotation happens and is on disk.
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(k.rotate_persisted(t0 + 510).unwrap());
+        assert_ne!(k.active_ca().cert_der(), ca.as_slice());
+        let again = Keys::load_or_create(&dir, &td(), Duration::from_secs(600), JwtKeyType::EcP256)
+            .unwrap();
+        assert_eq!(again.active_ca().cert_der(), k.active_ca().cert_der());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -241,6 +241,9 @@ pub struct Cluster {
     server: Option<Child>,
     agent: Option<Child>,
     pub agent_id: String,
+    /// Extra environment for every agent process this cluster spawns (for
+    /// example a faked clock through `LD_PRELOAD`).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -288,7 +291,15 @@ impl Cluster {
             server: None,
             agent: None,
             agent_id: String::new(),
+            agent_env: Vec::new(),
         }
+    }
+
+    /// A cluster directory and server config for `example.org` with
+    /// `extra`, nothing started (so a test can prepare `<dir>/server`, for
+    /// example mount a small filesystem there, before the server starts).
+    pub fn configured(extra: &str) -> Self {
+        Self::configure("example.org", extra)
     }
 
     /// Starts a server with the default config.
@@ -429,6 +440,7 @@ impl Cluster {
             .unwrap();
         let mut cmd = Command::new(bin("sigil-agent"));
         cmd.args(["run", "--config"]).arg(cfg);
+        cmd.envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         if let Some(t) = token {
             cmd.args(["--join-token", t]);
         }

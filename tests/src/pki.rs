@@ -92,3 +92,91 @@ pub fn make_server_cert(dir: &Path, ca: &str, name: &str, san: &str) -> (String,
     let read = |f: &str| fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
     (read(&pem), read(&key))
 }
+
+/// An x509pop node identity: the CA `<ca>.pem`/`<ca>.key` in `dir` (made
+/// when missing) and a client certificate `<cn>.pem` with key `<cn>.key`
+/// (mode 0600) it signs, with the DNS SAN `<cn>.nodes.example.org`.
+pub fn x509pop_node(dir: &Path, ca: &str, cn: &str) {
+    if !dir.join(format!("{ca}.pem")).exists() {
+        openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                &format!("{ca}.key"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "1",
+                "-subj",
+                &format!("/CN={ca}"),
+            ],
+        );
+    }
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            &format!("{cn}.key"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-key",
+            &format!("{cn}.key"),
+            "-out",
+            &format!("{cn}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    std::fs::write(dir.join("node-ext.cnf"), format!("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\nsubjectAltName=DNS:{cn}.nodes.example.org\n")).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{cn}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{cn}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            "node-ext.cnf",
+        ],
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join(format!("{cn}.key")),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+}

@@ -11,94 +11,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sigil_tests::{Cluster, Scratch, bin, my_uid_selector, openssl, wait_for};
+use sigil_tests::{Cluster, Scratch, bin, my_uid_selector, wait_for};
 use spiffe::WorkloadApiClient;
 
-/// A node CA and a node certificate (CN `cn`) with its PKCS#8 key (0600).
-fn node_pki(dir: &Path, ca: &str, cn: &str) {
-    if !dir.join(format!("{ca}.pem")).exists() {
-        openssl(
-            dir,
-            &[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-                &format!("{ca}.key"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.pem"),
-                "-days",
-                "1",
-                "-subj",
-                &format!("/CN={ca}"),
-            ],
-        );
-    }
-    openssl(
-        dir,
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            &format!("{cn}.key"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-new",
-            "-key",
-            &format!("{cn}.key"),
-            "-out",
-            &format!("{cn}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
-    std::fs::write(dir.join("node-ext.cnf"), format!("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\nsubjectAltName=DNS:{cn}.nodes.example.org\n")).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{cn}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{cn}.pem"),
-            "-days",
-            "1",
-            "-extfile",
-            "node-ext.cnf",
-        ],
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        dir.join(format!("{cn}.key")),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
-}
+use sigil_tests::pki::x509pop_node as node_pki;
 
 fn x509pop_agent_config(pki: &Path, cn: &str) -> String {
     format!(

@@ -49,6 +49,11 @@ pub enum StoreError {
     /// A stored record does not parse; the message names it.
     #[error("datastore holds a corrupt record: {0}")]
     Corrupt(String),
+    /// The disk holding the datastore is (nearly) full: the write was
+    /// refused before it started, or failed and was rolled back. Reads
+    /// still work; writes do again once space is freed.
+    #[error("datastore full: {0}")]
+    NoSpace(String),
 }
 
 /// Reads, either from a read snapshot or inside a write transaction (which

@@ -47,9 +47,44 @@ fn be(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Free bytes the filesystem holding the database must keep: below it a
+/// write transaction is refused before it starts. redb grows its file in
+/// steps and, once a commit fails for want of space, refuses every later
+/// operation (reads too) until the file is reopened; refusing early keeps
+/// the database readable and consistent while the disk is full.
+const SPACE_RESERVE: u64 = 4 * 1024 * 1024;
+
+/// Whether a redb error is the disk running out of space.
+fn out_of_space(e: &redb::StorageError) -> bool {
+    matches!(e, redb::StorageError::Io(io)
+        if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(28))
+}
+
 /// redb-backed [`Datastore`].
 pub struct RedbStore {
     db: Database,
+    /// The database file's directory, whose filesystem's free space
+    /// decides whether a write may start.
+    dir: std::path::PathBuf,
+}
+
+impl RedbStore {
+    /// Refuses a write when the database's filesystem has less than
+    /// [`SPACE_RESERVE`] bytes free for this process.
+    fn check_space(&self) -> Result<(), StoreError> {
+        let Ok(st) = nix::sys::statvfs::statvfs(&self.dir) else {
+            // No figure: let redb try (and report what it finds).
+            return Ok(());
+        };
+        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        if free < SPACE_RESERVE {
+            return Err(StoreError::NoSpace(format!(
+                "{free} bytes free on the filesystem of {}, below the {SPACE_RESERVE} kept in reserve (no space left for writes)",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl RedbStore {
@@ -80,7 +115,11 @@ impl RedbStore {
         tx.open_table(AUDIT).map_err(be)?;
         migrate_agents_v1(&tx)?;
         tx.commit().map_err(be)?;
-        Ok(Self { db })
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        Ok(Self { db, dir })
     }
 }
 
@@ -361,9 +400,17 @@ impl Datastore for RedbStore {
         &self,
         op: &mut dyn FnMut(&mut dyn WriteTx) -> Result<(), RegistryError>,
     ) -> Result<(), RegistryError> {
+        self.check_space()?;
         let mut tx = self.db.begin_write().map_err(be)?;
         match op(&mut tx) {
-            Ok(()) => tx.commit().map_err(|e| RegistryError::Store(be(e))),
+            Ok(()) => tx.commit().map_err(|e| {
+                RegistryError::Store(match &e {
+                    redb::CommitError::Storage(s) if out_of_space(s) => StoreError::NoSpace(
+                        format!("no space left on the disk of {}: {e}", self.dir.display()),
+                    ),
+                    _ => be(e),
+                })
+            }),
             Err(e) => {
                 tx.abort().map_err(be)?;
                 Err(e)

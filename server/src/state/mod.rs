@@ -260,10 +260,9 @@ impl ServerState {
     /// bundle to every agent.
     pub fn rotate_keys(&self) -> Result<bool, crate::keys::KeyError> {
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        if !keys.rotate(now_unix())? {
+        if !keys.rotate_persisted(now_unix())? {
             return Ok(false);
         }
-        keys.persist()?;
         drop(keys);
         tracing::info!(caller = %Caller::server(ServerTask::KeyRotation), "signing keys rotated");
         self.keys_unpublished
