@@ -116,3 +116,117 @@ pub fn published_roots(up: &UpstreamIssuer) -> Vec<crate::datastore::PublishedCa
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Keys;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    use sigil_core::TrustDomain;
+    use sigil_core::jwt::JwtKeyType;
+    use std::time::Duration;
+
+    /// A root and an issuing CA it signed: (root DER, issuing DER, issuing key PEM).
+    fn pki() -> (Vec<u8>, Vec<u8>, String) {
+        let ca_params = |cn: &str| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params("Test Root");
+        let root = root_params.self_signed(&root_key).unwrap();
+        let int_key = KeyPair::generate().unwrap();
+        let int = ca_params("Test Issuing CA")
+            .signed_by(&int_key, &Issuer::from_params(&root_params, &root_key))
+            .unwrap();
+        (
+            root.der().to_vec(),
+            int.der().to_vec(),
+            int_key.serialize_pem(),
+        )
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn keys_under_an_upstream_publish_its_roots_and_retire_foreign_cas() {
+        let dir = std::env::temp_dir().join(format!("sigil-upstream-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (root, int, key) = pki();
+        let up = |root: &Vec<u8>, int: &Vec<u8>, key: &str| {
+            Arc::new(
+                UpstreamIssuer::new(
+                    vec![int.clone()],
+                    key,
+                    vec![root.clone()],
+                    sigil_core::now_unix(),
+                )
+                .unwrap(),
+            )
+        };
+        let ttl = Duration::from_secs(600);
+        let load = |u: Option<Upstream>| {
+            Keys::load_or_create_under(&dir, &td(), ttl, JwtKeyType::EcP256, u).unwrap()
+        };
+        // Without upstream first: a self-signed CA, which is the bundle.
+        let plain = load(None);
+        let self_signed = plain.active_ca().cert_der().to_vec();
+        assert_eq!(plain.x509_authorities(), vec![self_signed.clone()]);
+        assert!(plain.active_ca().chain_after_leaf().is_empty());
+        // With upstream: the self-signed CA is retired, the new CA is
+        // issued by the upstream CA, and the bundle is the root.
+        let a = load(Some(up(&root, &int, &key)));
+        let ca = a.active_ca();
+        assert_ne!(ca.cert_der(), self_signed.as_slice());
+        assert_eq!(a.cas().len(), 1);
+        assert_eq!(a.x509_authorities(), vec![root.clone()]);
+        assert_eq!(
+            ca.chain_after_leaf(),
+            vec![ca.cert_der().to_vec(), int.clone()]
+        );
+        let (published, _) = a.published();
+        assert_eq!(published.len(), 1);
+        assert_eq!(
+            base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                &published[0].der
+            )
+            .unwrap(),
+            root
+        );
+        // A restart with the same upstream keeps that CA.
+        let b = load(Some(up(&root, &int, &key)));
+        assert_eq!(b.active_ca().cert_der(), ca.cert_der());
+        // Rotation under the upstream: the successor is issued by it too,
+        // and the bundle stays the root.
+        let mut r = b;
+        let t0 = sigil_core::now_unix();
+        assert!(r.rotate(t0 + 510).unwrap());
+        let next = r.active_ca();
+        assert_ne!(next.cert_der(), ca.cert_der());
+        assert!(up(&root, &int, &key).issued(next.cert_der()));
+        assert_eq!(r.x509_authorities(), vec![root.clone()]);
+        r.persist().unwrap();
+        // Another upstream: both CAs are retired and a new one is made.
+        let (root2, int2, key2) = pki();
+        let c = load(Some(up(&root2, &int2, &key2)));
+        assert_eq!(c.cas().len(), 1);
+        assert!(up(&root2, &int2, &key2).issued(c.active_ca().cert_der()));
+        assert_eq!(c.x509_authorities(), vec![root2]);
+        // Back to no upstream: self-signed again.
+        let d = load(None);
+        assert!(d.active_ca().is_self_issued());
+        assert_eq!(
+            d.x509_authorities(),
+            vec![d.active_ca().cert_der().to_vec()]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
