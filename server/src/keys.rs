@@ -424,17 +424,19 @@ impl Keys {
     /// The public parts of every published key with their expiries, for
     /// the datastore (`sequence` is filled in by the publisher).
     pub fn published(&self) -> (Vec<PublishedCa>, Vec<PublishedJwt>) {
-        let x509 = match &self.upstream {
-            Some(up) => crate::upstream::published_roots(up),
-            None => self
-                .cas
-                .iter()
-                .map(|(c, _)| PublishedCa {
-                    der: STANDARD.encode(c.cert_der()),
-                    not_after: unix(c.not_after()),
-                })
-                .collect(),
-        };
+        let x509 = self
+            .cas
+            .iter()
+            .map(|(c, _)| PublishedCa {
+                der: STANDARD.encode(c.cert_der()),
+                not_after: unix(c.not_after()),
+            })
+            .collect();
+        // With an upstream authority the roots are published, not the CAs.
+        let x509 = self
+            .upstream
+            .as_ref()
+            .map_or(x509, |up| crate::upstream::published_roots(up));
         let jwt = self
             .jwts
             .iter()

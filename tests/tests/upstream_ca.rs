@@ -6,7 +6,9 @@
 //! the `spiffe` crate verifies with `openssl verify` against the root
 //! alone — before and after a forced CA rotation, with the bundle exactly
 //! the upstream root throughout. Bad upstream files fail the start naming
-//! the key and leave `data_dir` unwritten.
+//! the key and leave `data_dir` unwritten. Two servers sharing PostgreSQL
+//! and the upstream serve the same bundle, and chains verify across a
+//! failover.
 
 #![allow(
     clippy::unwrap_used,
@@ -360,4 +362,65 @@ fn bad_upstream_files_fail_the_start_naming_the_key_and_write_nothing() {
             data.display()
         );
     }
+}
+
+/// Two servers on one PostgreSQL with the same `[upstream_authority]`:
+/// each issues its own Sigil CA under the upstream CA, both publish only
+/// the root, so both serve the bundle `[root]`; an agent that fails over
+/// from A to B gets SVIDs whose chains (B's Sigil CA) verify against the
+/// root alone.
+#[tokio::test]
+async fn two_servers_under_one_upstream_serve_the_root_and_chains_verify_across_failover() {
+    let Some(pg) = sigil_tests::pg::start("upstream-ha") else {
+        return;
+    };
+    pg.create_db("sigil");
+    let pki_dir = Scratch::new("upstream-ha-pki");
+    let d = &pki_dir.0;
+    make_upstream(d, 0o600);
+    let (root, issuing, key) = (
+        d.join("root.pem"),
+        d.join("issuing.pem"),
+        d.join("issuing.key"),
+    );
+    let root_der = der_certs(&fs::read_to_string(&root).unwrap());
+    let pw = d.join("pgpass");
+    pg.write_password_file(&pw);
+    let section = format!(
+        "default_x509_svid_ttl = \"4s\"\n[datastore]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\npool_size = 4\n{}",
+        pg.url("sigil"),
+        pw.display(),
+        upstream_toml(&issuing, &key, &root)
+    );
+    let mut a = Cluster::start_with(&section);
+    let b = Cluster::start_with(&section);
+    for c in [&a, &b] {
+        assert_eq!(der_certs(&c.server_ok(&["bundle", "show"])), root_der);
+    }
+    let servers = format!(
+        "servers = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n",
+        a.port, b.port
+    );
+    a.start_agent_with("spiffe://example.org/test-agent", &servers);
+    a.create_entry(WORKLOAD, &["--selector", &my_uid_selector()]);
+    let (chain_a, bundle) = eventually("the SVID from A", LONG, || fetch(&a)).await;
+    assert_eq!(bundle, root_der);
+    openssl_verify(d, &root, &chain_a, "a");
+    // kill -9 A: the agent (its own SVID issued by A's CA) moves to B,
+    // whose CA signs the renewed SVIDs (every ~2 s) from then on.
+    let pid = a.server_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (chain_b, bundle_b) = eventually("an SVID from B's CA", LONG, || async {
+        fetch(&a)
+            .await
+            .filter(|(ch, _)| ch.len() == 3 && ch[1] != chain_a[1])
+    })
+    .await;
+    assert_eq!(bundle_b, root_der, "the bundle after failover");
+    openssl_verify(d, &root, &chain_b, "b");
+    a.stop_server();
 }
