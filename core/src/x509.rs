@@ -12,8 +12,10 @@ use std::time::Duration;
 mod crl;
 mod csr;
 mod leaf;
+mod upstream;
 
 pub use crl::CrlEntry;
+pub use upstream::{UpstreamError, UpstreamIssuer, UpstreamPart};
 
 use csr::CsrKey;
 use rcgen::{
@@ -125,6 +127,11 @@ pub struct Ca {
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     trust_domain: TrustDomain,
+    /// What SVID chains carry after this CA (its upstream CA and their
+    /// intermediates); empty for a self-signed CA.
+    chain: Vec<Vec<u8>>,
+    /// The certificate names itself as issuer (a self-signed root).
+    self_issued: bool,
 }
 
 impl std::fmt::Debug for Ca {
@@ -141,6 +148,17 @@ impl Ca {
     /// Generates a new ECDSA P-256 CA valid for `ttl`. Returns the CA and its
     /// private key as PKCS#8 PEM for the caller to persist.
     pub fn generate(td: &TrustDomain, ttl: Duration) -> Result<(Ca, String), X509Error> {
+        Self::generate_under(td, ttl, None)
+    }
+
+    /// [`Ca::generate`], but issued by `upstream` when given: an
+    /// intermediate CA whose life ends no later than the upstream path's,
+    /// and whose SVID chains carry the upstream intermediates.
+    pub fn generate_under(
+        td: &TrustDomain,
+        ttl: Duration,
+        upstream: Option<&UpstreamIssuer>,
+    ) -> Result<(Ca, String), X509Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(crypto)?;
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
@@ -169,9 +187,17 @@ impl Ca {
         params.not_before = offset(now, BACKDATE, false);
         params.not_after = offset(now, ttl, true);
         params.use_authority_key_identifier_extension = false;
-        let cert = params.self_signed(&key).map_err(crypto)?;
+        let cert = match upstream {
+            None => params.self_signed(&key),
+            Some(up) => up.sign(params, &key),
+        }
+        .map_err(crypto)?;
         let key_pem = key.serialize_pem();
         let ca = Ca::load(cert.der(), &key_pem, td)?;
+        let ca = match upstream {
+            None => ca,
+            Some(up) => ca.with_chain(up.chain().to_vec()),
+        };
         Ok((ca, key_pem))
     }
 
@@ -220,7 +246,42 @@ impl Ca {
             not_before,
             not_after,
             trust_domain: td.clone(),
+            chain: Vec::new(),
+            self_issued: parsed.subject().as_raw() == parsed.issuer().as_raw(),
         })
+    }
+
+    /// This CA with `chain` (its upstream CA and their intermediates, DER)
+    /// carried after it in every SVID chain.
+    pub fn with_chain(mut self, chain: Vec<Vec<u8>>) -> Ca {
+        self.chain = chain;
+        self
+    }
+
+    /// What SVID chains carry after the leaf: nothing for a self-signed
+    /// CA (it is in the bundle); for an upstream-signed one, this CA and
+    /// the upstream intermediates, up to but not including a root.
+    pub fn chain_after_leaf(&self) -> Vec<Vec<u8>> {
+        if self.chain.is_empty() && self.self_issued {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(1 + self.chain.len());
+        out.push(self.cert_der.clone());
+        out.extend(self.chain.iter().cloned());
+        out
+    }
+
+    /// `leaf` followed by [`Ca::chain_after_leaf`]: the X.509-SVID chain as
+    /// served (`[leaf]` alone for a self-signed CA).
+    pub fn svid_chain(&self, leaf: Vec<u8>) -> Vec<Vec<u8>> {
+        let mut out = vec![leaf];
+        out.extend(self.chain_after_leaf());
+        out
+    }
+
+    /// Whether the CA certificate names itself as issuer (self-signed).
+    pub fn is_self_issued(&self) -> bool {
+        self.self_issued
     }
 
     /// The CA certificate (DER), the trust bundle's authority.

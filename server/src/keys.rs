@@ -83,6 +83,9 @@ pub struct Keys {
     pub sequence: u64,
     /// This server's ID in the cluster (random, made once, persisted).
     server_id: String,
+    /// `[upstream_authority]`: CAs are issued under it, and its roots are
+    /// the X.509 bundle (`crate::upstream`).
+    upstream: Option<crate::upstream::Upstream>,
 }
 
 /// Why the signing keys could not be loaded, made or saved. Each variant
@@ -163,6 +166,19 @@ impl Keys {
         ttl: Duration,
         jwt_key_type: JwtKeyType,
     ) -> Result<Keys, KeyError> {
+        Self::load_or_create_under(data_dir, td, ttl, jwt_key_type, None)
+    }
+
+    /// [`Keys::load_or_create`], with every CA issued by `upstream` when
+    /// given (stored CAs it did not issue are retired, see
+    /// `crate::upstream::adopt`).
+    pub fn load_or_create_under(
+        data_dir: &Path,
+        td: &TrustDomain,
+        ttl: Duration,
+        jwt_key_type: JwtKeyType,
+        upstream: Option<crate::upstream::Upstream>,
+    ) -> Result<Keys, KeyError> {
         ensure_private_dir(data_dir).map_err(|e| KeyError::DataDir {
             path: data_dir.to_path_buf(),
             reason: e.to_string(),
@@ -179,6 +195,7 @@ impl Keys {
             active_jwt: 0,
             sequence: 1,
             server_id: String::new(),
+            upstream,
         };
         // Not following links, owned by us or root, 0600: whoever could
         // plant this file would choose the trust domain's CA keys.
@@ -194,12 +211,20 @@ impl Keys {
             };
             let text = String::from_utf8(bytes).map_err(|_| corrupt(&"not UTF-8"))?;
             let s: Stored = serde_json::from_str(&text).map_err(|e| corrupt(&e))?;
-            for c in &s.cas {
+            let mut active_ca = s.active_ca;
+            for (i, c) in s.cas.iter().enumerate() {
                 let der = pem_to_certs(&c.cert_pem).map_err(|e| corrupt(&e))?;
                 let first = der
                     .first()
                     .ok_or_else(|| corrupt(&"a CA entry holds no certificate"))?;
                 let ca = Ca::load(first, &c.key_pem, td).map_err(|e| corrupt(&e))?;
+                let Some(ca) = crate::upstream::adopt(ca, keys.upstream.as_deref()) else {
+                    // The one after a retired active CA takes its place.
+                    if i < s.active_ca {
+                        active_ca -= 1;
+                    }
+                    continue;
+                };
                 keys.cas.push((Arc::new(ca), c.key_pem.clone()));
             }
             for j in &s.jwt_keys {
@@ -216,7 +241,7 @@ impl Keys {
                     issued_at: j.issued_at,
                 });
             }
-            keys.active_ca = s.active_ca.min(keys.cas.len().saturating_sub(1));
+            keys.active_ca = active_ca.min(keys.cas.len().saturating_sub(1));
             keys.active_jwt = s.active_jwt.min(keys.jwts.len().saturating_sub(1));
             keys.sequence = s.sequence;
             keys.server_id = s.server_id;
@@ -230,8 +255,8 @@ impl Keys {
     }
 
     fn new_ca(&self) -> Result<(Arc<Ca>, String), KeyError> {
-        let (ca, key) =
-            Ca::generate(&self.td, self.ttl).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let (ca, key) = Ca::generate_under(&self.td, self.ttl, self.upstream.as_deref())
+            .map_err(|e| KeyError::Generate(e.to_string()))?;
         tracing::info!(not_after = %ca.not_after(), "generated X.509 CA");
         Ok((Arc::new(ca), key))
     }
@@ -395,8 +420,12 @@ impl Keys {
         self.jwts[self.active_jwt].signer.clone()
     }
 
-    /// Every published CA certificate (DER), oldest first.
+    /// Every published CA certificate (DER), oldest first; with an
+    /// upstream authority, its roots instead (the CAs are intermediates).
     pub fn x509_authorities(&self) -> Vec<Vec<u8>> {
+        if let Some(up) = &self.upstream {
+            return up.roots();
+        }
         self.cas
             .iter()
             .map(|(c, _)| c.cert_der().to_vec())
@@ -419,6 +448,11 @@ impl Keys {
                 not_after: unix(c.not_after()),
             })
             .collect();
+        // With an upstream authority the roots are published, not the CAs.
+        let x509 = self
+            .upstream
+            .as_ref()
+            .map_or(x509, |up| crate::upstream::published_roots(up));
         let jwt = self
             .jwts
             .iter()

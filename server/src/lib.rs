@@ -44,6 +44,7 @@ pub mod task_api;
 pub mod tls;
 pub mod tpm_attest;
 pub mod trusted_issuer;
+pub mod upstream;
 
 /// Runs blocking work (datastore, signing) off the async runtime.
 pub(crate) async fn blocking<T: Send + 'static, E: Into<tonic::Status> + Send + 'static>(

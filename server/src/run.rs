@@ -40,16 +40,24 @@ pub fn bind_private_socket(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
     // Every agent-API connection costs a descriptor: take what the hard
     // limit allows, then fit the connection cap to it.
+    // The upstream authority's files before anything else: a bad one fails
+    // the start naming its key, with nothing written.
+    let upstream = cfg
+        .upstream_authority
+        .as_ref()
+        .map(|u| crate::upstream::load(u, sigil_core::now_unix()))
+        .transpose()?;
     let nofile = limits::raise_nofile_limit();
     sigil_fs::ensure_private_dir(&cfg.data_dir)
         .map_err(|e| StartupError::file("data_dir", &cfg.data_dir, e))?;
     // Keys first: a planted or foreign-owned keys.json is refused before
     // anything is created in data_dir.
-    let keys = Keys::load_or_create(
+    let keys = Keys::load_or_create_under(
         &cfg.data_dir,
         &cfg.trust_domain,
         cfg.ca_ttl,
         cfg.jwt_key_type,
+        upstream,
     )?;
     let (store, shared): (Arc<dyn Datastore>, Option<Arc<PostgresStore>>) = match &cfg.datastore {
         DatastoreKind::Redb => (

@@ -39,8 +39,8 @@ fn tls_err(e: impl std::fmt::Display) -> StartupError {
 fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), StartupError> {
     let (csr, key) = new_key_and_csr().map_err(tls_err)?;
     let id = server_id(state.trust_domain());
-    let leaf = state
-        .ca()
+    let ca = state.ca();
+    let leaf = ca
         .sign_svid(
             &csr,
             sigil_core::x509::CsrSignature::Verify,
@@ -52,7 +52,11 @@ fn issue(state: &ServerState) -> Result<(Arc<CertifiedKey>, i64), StartupError> 
     let not_after = SvidInfo::from_der(&leaf).map_err(tls_err)?.not_after;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key));
     let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(tls_err)?;
-    let chain = vec![CertificateDer::from(leaf)];
+    let chain = ca
+        .svid_chain(leaf)
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
     Ok((Arc::new(CertifiedKey::new(chain, signer)), not_after))
 }
 

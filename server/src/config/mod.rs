@@ -4,7 +4,8 @@
 //!
 //! Each table is its own type with its own validation, in its own module:
 //! [`datastore`] (`[datastore]`), [`attestation`] (`[x509pop]`, `[tpm]`),
-//! [`federation`] (`[bundle_endpoint]`, `[[federation]]`, `[oidc]`), and
+//! [`federation`] (`[bundle_endpoint]`, `[[federation]]`, `[oidc]`),
+//! [`upstream`] (`[upstream_authority]`), and
 //! `[limits]` in `crate::limits`. This module holds the top-level keys and
 //! [`ServerConfig::parse`], which validates them and calls each section.
 
@@ -18,6 +19,7 @@ use sigil_core::duration::parse_field;
 mod attestation;
 mod datastore;
 mod federation;
+mod upstream;
 
 pub use attestation::TpmConfig;
 use attestation::{RawTpm, RawX509Pop};
@@ -27,6 +29,7 @@ pub use datastore::{
 };
 pub use federation::{BundleEndpointConfig, EndpointProfile, FederationConfig, OidcConfig};
 use federation::{RawBundleEndpoint, RawFederation, RawOidc};
+pub use upstream::UpstreamConfig;
 
 /// Built-in admin socket path (DESIGN.md).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
@@ -127,6 +130,8 @@ struct RawConfig {
     trusted_issuer: Vec<crate::trusted_issuer::RawTrustedIssuer>,
     #[serde(default)]
     max_delegation_depth: Option<u32>,
+    #[serde(default)]
+    upstream_authority: Option<upstream::RawUpstream>,
 }
 
 fn default_review_max_ttl() -> String {
@@ -208,6 +213,8 @@ pub struct ServerConfig {
     pub governance: GovernanceConfig,
     /// `[[trusted_issuer]]` and `max_delegation_depth`.
     pub delegation: crate::trusted_issuer::DelegationConfig,
+    /// `[upstream_authority]`: issue the CAs under an enterprise CA.
+    pub upstream_authority: Option<UpstreamConfig>,
 }
 
 /// The governance keys of server.toml.
@@ -363,7 +370,12 @@ impl ServerConfig {
             absolute("admin_socket", p)?;
         }
         let log_level = log_level(raw.log_level)?;
+        let upstream_authority = raw
+            .upstream_authority
+            .map(upstream::RawUpstream::validate)
+            .transpose()?;
         Ok(ServerConfig {
+            upstream_authority,
             trust_domain,
             bind_address,
             bind_port: raw.bind_port,

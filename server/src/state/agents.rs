@@ -158,11 +158,11 @@ impl ServerState {
     }
 
     fn sign_agent(&self, id: &SpiffeId, csr: &[u8]) -> Result<Vec<Vec<u8>>, RegistryError> {
-        let leaf = self
-            .ca()
+        let ca = self.ca();
+        let leaf = ca
             .sign_svid(csr, CsrSignature::Verify, id, &[], self.cfg.agent_svid_ttl)
             .map_err(|e| RegistryError::invalid(format!("invalid field `csr`: {e}")))?;
-        Ok(vec![leaf])
+        Ok(ca.svid_chain(leaf))
     }
 
     /// Checks the client certificate of an mTLS call and returns the agent's

@@ -102,7 +102,7 @@ impl ServerState {
                     serial: leaf.serial,
                     expires_at: leaf.not_after,
                 });
-                Ok(vec![leaf.der])
+                Ok(ca.svid_chain(leaf.der))
             })
             .collect();
         Ok(MintBatch { outcomes, issued })

@@ -150,8 +150,8 @@ impl ServerState {
             grant,
             now,
         )?;
-        let leaf = self
-            .ca()
+        let ca = self.ca();
+        let leaf = ca
             .sign_svid_issued(
                 csr,
                 self.cfg.workload_csr_check,
@@ -201,7 +201,7 @@ impl ServerState {
             )
         };
         Ok((
-            vec![leaf.der],
+            ca.svid_chain(leaf.der),
             Issued {
                 x509,
                 jwt,
