@@ -7,21 +7,26 @@
 //! SAN, `CA:FALSE`, key usage `digitalSignature` and EKU server+client auth;
 //! the CA certificate is `CA:TRUE` with `keyCertSign`/`cRLSign`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+mod ca_key;
 mod crl;
 mod csr;
 mod leaf;
 
 pub use crl::CrlEntry;
 
+use ca_key::CaKey;
 use csr::CsrKey;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PublicKeyData, SanType,
-    SerialNumber, SigningKey,
+    SerialNumber,
 };
 use spiffe::{SpiffeId, TrustDomain};
+
+use crate::signer::{ExternalKey, check_p256_point};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
@@ -64,6 +69,9 @@ pub enum X509Error {
     /// Signing or key handling failed inside the crypto library.
     #[error("crypto: {0}")]
     Crypto(String),
+    /// The CA's external key (a PKCS#11 token) did not sign.
+    #[error("{0}")]
+    Signer(String),
 }
 
 fn crypto(e: impl std::fmt::Display) -> X509Error {
@@ -115,7 +123,7 @@ fn offset(t: OffsetDateTime, d: Duration, forward: bool) -> OffsetDateTime {
 
 /// The trust domain's signing CA: key and self-signed certificate.
 pub struct Ca {
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, CaKey>,
     /// The encoding every leaf of this CA shares.
     template: leaf::Template,
     cert_der: Vec<u8>,
@@ -142,6 +150,24 @@ impl Ca {
     /// private key as PKCS#8 PEM for the caller to persist.
     pub fn generate(td: &TrustDomain, ttl: Duration) -> Result<(Ca, String), X509Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(crypto)?;
+        let key_pem = key.serialize_pem();
+        let ca = Ca::self_signed(td, ttl, CaKey::Local(key))?;
+        Ok((ca, key_pem))
+    }
+
+    /// Generates a new CA valid for `ttl` over an external ECDSA P-256
+    /// key (which signs the certificate and everything the CA signs).
+    pub fn generate_external(
+        td: &TrustDomain,
+        ttl: Duration,
+        key: Arc<dyn ExternalKey>,
+    ) -> Result<Ca, X509Error> {
+        check_p256_point(key.public_point()).map_err(X509Error::Signer)?;
+        Ca::self_signed(td, ttl, CaKey::external(key))
+    }
+
+    /// A new self-signed CA certificate over `key`, and the CA.
+    fn self_signed(td: &TrustDomain, ttl: Duration, key: CaKey) -> Result<Ca, X509Error> {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -169,15 +195,36 @@ impl Ca {
         params.not_before = offset(now, BACKDATE, false);
         params.not_after = offset(now, ttl, true);
         params.use_authority_key_identifier_extension = false;
-        let cert = params.self_signed(&key).map_err(crypto)?;
-        let key_pem = key.serialize_pem();
-        let ca = Ca::load(cert.der(), &key_pem, td)?;
-        Ok((ca, key_pem))
+        let cert = params.self_signed(&key).map_err(|e| key.rcgen_error(e))?;
+        Ca::with_key(cert.der(), key, td)
     }
 
     /// Loads a CA from its DER certificate and PKCS#8 PEM key.
     pub fn load(cert_der: &[u8], key_pem: &str, td: &TrustDomain) -> Result<Ca, X509Error> {
         let key = KeyPair::from_pem(key_pem).map_err(crypto)?;
+        Ca::with_key(cert_der, CaKey::Local(key), td)
+    }
+
+    /// Loads a CA from its DER certificate and the external key it was
+    /// made over (the certificate must name that key).
+    pub fn load_external(
+        cert_der: &[u8],
+        key: Arc<dyn ExternalKey>,
+        td: &TrustDomain,
+    ) -> Result<Ca, X509Error> {
+        check_p256_point(key.public_point()).map_err(X509Error::Signer)?;
+        Ca::with_key(cert_der, CaKey::external(key), td)
+    }
+
+    /// The external key this CA signs with, if it has one.
+    pub fn external_key(&self) -> Option<&Arc<dyn ExternalKey>> {
+        match self.issuer.key() {
+            CaKey::Local(_) => None,
+            CaKey::External(e) => Some(&e.key),
+        }
+    }
+
+    fn with_key(cert_der: &[u8], key: CaKey, td: &TrustDomain) -> Result<Ca, X509Error> {
         let (_, parsed) = X509Certificate::from_der(cert_der)
             .map_err(|e| X509Error::Certificate(e.to_string()))?;
         if !parsed.is_ca() {
@@ -296,7 +343,7 @@ impl Ca {
             spiffe_id: &spiffe_id,
             dns_names,
         });
-        let signature = self.issuer.key().sign(&tbs).map_err(crypto)?;
+        let signature = self.issuer.key().sign_der(&tbs)?;
         Ok(SignedSvid {
             der: self.template.certificate(&tbs, &signature),
             serial: hex::encode(serial),
