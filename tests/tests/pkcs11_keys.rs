@@ -5,6 +5,8 @@
 //! and destroys token keys, a restart finds the same keys, and a wrong
 //! PIN, token label or module stops the server naming the key.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
