@@ -180,7 +180,7 @@ async fn keys_live_in_the_token_sign_verifiable_svids_and_survive_a_restart() {
     let data = files(&c.dir.0.join("server"));
     assert!(data.iter().any(|f| f.ends_with("keys.json")));
     for f in data.iter().filter(|f| !f.ends_with("audit_key.pem")) {
-        let bytes = fs::read(&f).unwrap();
+        let bytes = fs::read(f).unwrap();
         assert!(
             !bytes.windows(11).any(|w| w == b"PRIVATE KEY"),
             "{} holds a private key",
