@@ -54,16 +54,30 @@ fn objects(hsm: &SoftHsm) -> Vec<serde_json::Value> {
 /// Sorted IDs of the token's private keys; each must be sensitive and
 /// never extractable, and have its public key beside it.
 fn private_key_ids(hsm: &SoftHsm) -> Vec<String> {
+    key_ids(hsm, true)
+}
+
+/// As [`private_key_ids`]; with `paired` false (while the server rotates)
+/// what a reader in another process may catch half-made is tolerated: a
+/// private key whose public half is not (or no longer) listed, and an
+/// object SoftHSM2 has created in its file store but not yet filled in
+/// (no `CKA_ID`, every flag still false).
+fn key_ids(hsm: &SoftHsm, paired: bool) -> Vec<String> {
     let objs = objects(hsm);
     let mut ids = Vec::new();
     for o in objs.iter().filter(|o| o["class"] == "private_key") {
+        if !paired && o["id"] == "" && o["token"] == false {
+            continue;
+        }
         assert_eq!(o["sensitive"], true, "{o}");
         assert_eq!(o["extractable"], false, "{o}");
         assert_eq!(o["never_extractable"], true, "{o}");
         assert_eq!(o["token"], true, "{o}");
         assert!(
-            objs.iter()
-                .any(|p| p["class"] == "public_key" && p["id"] == o["id"]),
+            !paired
+                || objs
+                    .iter()
+                    .any(|p| p["class"] == "public_key" && p["id"] == o["id"]),
             "no public key for {o}"
         );
         ids.push(o["id"].as_str().unwrap().to_string());
@@ -237,7 +251,7 @@ async fn rotation_makes_new_keys_in_the_token_and_destroys_expired_ones() {
     // more than the published keys.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ids = private_key_ids(&hsm);
+        let ids = key_ids(&hsm, false);
         let stored = stored_ids(&keys_json(&c));
         assert!(ids.len() <= 4, "{ids:?}");
         if ids.iter().all(|i| !first_ids.contains(i)) && ids == stored {
@@ -262,6 +276,7 @@ async fn rotation_makes_new_keys_in_the_token_and_destroys_expired_ones() {
     )
     .await;
     assert_ne!(jwt_kid(&c).await, first_kid);
+    assert!(private_key_ids(&hsm).len() <= 4);
     let log = fs::read_to_string(c.dir.0.join("server.log")).unwrap();
     assert!(
         log.contains("destroyed an expired key in the token"),
