@@ -25,12 +25,12 @@ use rcgen::{
     SerialNumber,
 };
 use spiffe::{SpiffeId, TrustDomain};
-
-use crate::signer::{ExternalKey, check_p256_point};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::signer::{ExternalKey, check_p256_point};
 
 /// How far back a new certificate's notBefore is set, to absorb clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(10);
