@@ -212,3 +212,35 @@ fn decode_id(token_id: Option<&str>) -> Result<Vec<u8>, String> {
 pub(crate) fn token_id(key: Option<&Arc<dyn ExternalKey>>) -> Option<String> {
     key.map(|k| hex::encode(k.key_id()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_refuses_entries_that_name_token_keys() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let (ca, pem) = Ca::generate(&td, Duration::from_secs(600)).unwrap();
+        let now = sigil_core::now_unix();
+        let disk = KeyManager::Disk;
+        assert!(
+            disk.load_ca(ca.cert_der(), &pem, None, &td, now)
+                .unwrap()
+                .is_some()
+        );
+        let e = disk
+            .load_ca(ca.cert_der(), "", Some("00ff"), &td, now)
+            .unwrap_err();
+        assert!(e.contains("kind is \"disk\""), "{e}");
+        let e = disk
+            .load_jwt("k", "ec-p256", "", Some("00ff"), None, now + 60, now)
+            .unwrap_err();
+        assert!(
+            e.contains("JWT key \"k\"") && e.contains("kind is \"disk\""),
+            "{e}"
+        );
+        assert_eq!(token_id(None), None);
+        assert!(decode_id(Some("zz")).is_err() && decode_id(Some("")).is_err());
+        assert_eq!(decode_id(Some("00ff")).unwrap(), [0, 0xff]);
+    }
+}
