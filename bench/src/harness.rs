@@ -295,6 +295,18 @@ impl Server {
         cpu: Option<usize>,
         extra: &str,
     ) -> Result<Server> {
+        Self::start_with_env(bins, dir, cpu, extra, &[]).await
+    }
+
+    /// As [`Server::start_with`], with `env` set for the server process
+    /// (e.g. `SOFTHSM2_CONF`).
+    pub(crate) async fn start_with_env(
+        bins: &Bins,
+        dir: &Path,
+        cpu: Option<usize>,
+        extra: &str,
+        env: &[(String, String)],
+    ) -> Result<Server> {
         let port = free_port()?;
         let admin_socket = dir.join("server-admin/admin.sock");
         let cfg = format!(
@@ -308,6 +320,7 @@ impl Server {
         fs::write(&cfg_path, cfg)?;
         let mut cmd = Command::new(&bins.server);
         cmd.arg("run").arg("--config").arg(&cfg_path);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let mut proc = Proc::spawn(cmd, dir.join("server.log"), cpu)?;
         let sock = admin_socket.clone();
         let start = Instant::now();

@@ -4,6 +4,7 @@
 //! and HMAC can neither be produced nor accepted.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -13,6 +14,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::Serialize;
 use serde_json::{Value, json};
 use spiffe::{SpiffeId, TrustDomain};
+
+use crate::signer::{ExternalKey, P256_LEN, check_p256_point};
 
 /// A JWT operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -219,6 +222,15 @@ impl JwtKeyType {
     }
 }
 
+/// What a [`JwtSigner`] signs with.
+#[derive(Clone)]
+enum JwsKey {
+    /// In process, through jsonwebtoken.
+    Local(EncodingKey),
+    /// Outside the process (`ES256` only).
+    External(Arc<dyn ExternalKey>),
+}
+
 /// A JWT signing key.
 #[derive(Clone)]
 pub struct JwtSigner {
@@ -226,9 +238,11 @@ pub struct JwtSigner {
     pub kid: String,
     /// The key type (and so the `alg`).
     pub key_type: JwtKeyType,
+    /// Empty for an external key.
     pkcs8: Vec<u8>,
-    /// What jsonwebtoken signs with (PKCS#8 for EC, PKCS#1 for RSA).
-    encoding: EncodingKey,
+    /// What signs: jsonwebtoken's key (PKCS#8 for EC, PKCS#1 for RSA) or
+    /// an external one.
+    key: JwsKey,
     /// The public key as a JWK (`kty`, `crv`, `x`, `y`, `kid`, `use`).
     pub public_jwk: Value,
     /// Unix seconds after which the key signs nothing and is unpublished.
@@ -318,13 +332,77 @@ impl JwtSigner {
             kid,
             key_type,
             pkcs8,
-            encoding,
+            key: JwsKey::Local(encoding),
             public_jwk,
             not_after,
         })
     }
 
-    /// The private key (PKCS#8 DER), for persistence.
+    /// An `ES256` key held outside the process (a PKCS#11 token), with
+    /// key ID `kid`.
+    pub fn from_external(
+        kid: String,
+        key: Arc<dyn ExternalKey>,
+        not_after: i64,
+    ) -> Result<Self, JwtError> {
+        let point = key.public_point();
+        check_p256_point(point).map_err(JwtError::Crypto)?;
+        let n = P256_LEN;
+        let public_jwk = json!({
+            "kty": "EC",
+            "crv": "P-256",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..1 + n]),
+            "y": URL_SAFE_NO_PAD.encode(&point[1 + n..]),
+            "kid": kid,
+            "use": "jwt-svid",
+        });
+        Ok(Self {
+            kid,
+            key_type: JwtKeyType::EcP256,
+            pkcs8: Vec::new(),
+            key: JwsKey::External(key),
+            public_jwk,
+            not_after,
+        })
+    }
+
+    /// The external key this signer signs with, if it has one.
+    pub fn external_key(&self) -> Option<&Arc<dyn ExternalKey>> {
+        match &self.key {
+            JwsKey::Local(_) => None,
+            JwsKey::External(k) => Some(k),
+        }
+    }
+
+    /// The compact JWS of `header` and `claims`, signed with this key.
+    fn encode<T: Serialize>(&self, header: &Header, claims: &T) -> Result<String, JwtError> {
+        let key = match &self.key {
+            JwsKey::Local(k) => {
+                return jsonwebtoken::encode(header, claims, k)
+                    .map_err(|e| JwtError::Crypto(e.to_string()));
+            }
+            JwsKey::External(k) => k,
+        };
+        if header.alg != Algorithm::ES256 {
+            return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
+        }
+        let part = |v: Result<Vec<u8>, serde_json::Error>| {
+            v.map(|b| URL_SAFE_NO_PAD.encode(b))
+                .map_err(|e| JwtError::Malformed(e.to_string()))
+        };
+        let mut token = part(serde_json::to_vec(header))?;
+        token.push('.');
+        token.push_str(&part(serde_json::to_vec(claims))?);
+        let sig = key
+            .sign_p256_sha256(token.as_bytes())
+            .map_err(|e| JwtError::Crypto(e.to_string()))?;
+        token.push('.');
+        token.push_str(&URL_SAFE_NO_PAD.encode(sig));
+        Ok(token)
+    }
+
+    /// The private key (PKCS#8 DER), for persistence; empty for an
+    /// external key.
     pub fn pkcs8(&self) -> &[u8] {
         &self.pkcs8
     }
@@ -380,8 +458,7 @@ impl JwtSigner {
             iss: issuer,
             extra,
         };
-        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .map_err(|e| JwtError::Crypto(e.to_string()))?;
+        let token = self.encode(&header, &claims)?;
         Ok(SignedJwt {
             token,
             jti,
@@ -410,8 +487,7 @@ impl JwtSigner {
         let mut header = Header::new(self.key_type.jose_alg());
         header.kid = Some(self.kid.clone());
         header.typ = Some(typ.into());
-        jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .map_err(|e| JwtError::Crypto(e.to_string()))
+        self.encode(&header, &claims)
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`x509`] — the CA, X.509-SVID minting from CSRs, SVID inspection.
 //! - [`bundle`] — the SPIFFE bundle (JWKS) encoding of trust bundles.
 //! - [`jwt`] — JWT-SVID signing, JWKS bundles and validation.
+//! - [`signer`] — signing keys held outside the process (a PKCS#11 token).
 //! - [`tls`] — rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`ids`] — well-known SPIFFE IDs (server, agents) and random identifiers.
 //! - [`limits`] — connection caps (per peer, total, reserve) and idle tracking.
@@ -26,6 +27,7 @@ pub mod ids;
 pub mod jwt;
 pub mod limits;
 pub mod selector;
+pub mod signer;
 pub mod tls;
 pub mod x509;
 

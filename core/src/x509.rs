@@ -7,8 +7,10 @@
 //! SAN, `CA:FALSE`, key usage `digitalSignature` and EKU server+client auth;
 //! the CA certificate is `CA:TRUE` with `keyCertSign`/`cRLSign`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+mod ca_key;
 mod crl;
 mod csr;
 mod leaf;
@@ -17,17 +19,20 @@ mod upstream;
 pub use crl::CrlEntry;
 pub use upstream::{UpstreamError, UpstreamIssuer, UpstreamPart};
 
+use ca_key::CaKey;
 use csr::CsrKey;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PublicKeyData, SanType,
-    SerialNumber, SigningKey,
+    SerialNumber,
 };
 use spiffe::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
+
+use crate::signer::{ExternalKey, check_p256_point};
 
 /// How far back a new certificate's notBefore is set, to absorb clock skew.
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -66,6 +71,9 @@ pub enum X509Error {
     /// Signing or key handling failed inside the crypto library.
     #[error("crypto: {0}")]
     Crypto(String),
+    /// The CA's external key (a PKCS#11 token) did not sign.
+    #[error("{0}")]
+    Signer(String),
 }
 
 fn crypto(e: impl std::fmt::Display) -> X509Error {
@@ -117,7 +125,7 @@ fn offset(t: OffsetDateTime, d: Duration, forward: bool) -> OffsetDateTime {
 
 /// The trust domain's signing CA: key and self-signed certificate.
 pub struct Ca {
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, CaKey>,
     /// The encoding every leaf of this CA shares.
     template: leaf::Template,
     cert_der: Vec<u8>,
@@ -160,6 +168,30 @@ impl Ca {
         upstream: Option<&UpstreamIssuer>,
     ) -> Result<(Ca, String), X509Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(crypto)?;
+        let key_pem = key.serialize_pem();
+        let ca = Ca::issue(td, ttl, CaKey::Local(key), upstream)?;
+        Ok((ca, key_pem))
+    }
+
+    /// Generates a new CA valid for `ttl` over an external ECDSA P-256
+    /// key (which signs the certificate and everything the CA signs).
+    pub fn generate_external(
+        td: &TrustDomain,
+        ttl: Duration,
+        key: Arc<dyn ExternalKey>,
+    ) -> Result<Ca, X509Error> {
+        check_p256_point(key.public_point()).map_err(X509Error::Signer)?;
+        Ca::issue(td, ttl, CaKey::external(key), None)
+    }
+
+    /// A new CA certificate over `key`, self-signed or issued by
+    /// `upstream`, and the CA.
+    fn issue(
+        td: &TrustDomain,
+        ttl: Duration,
+        key: CaKey,
+        upstream: Option<&UpstreamIssuer>,
+    ) -> Result<Ca, X509Error> {
         let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -191,19 +223,40 @@ impl Ca {
             None => params.self_signed(&key),
             Some(up) => up.sign(params, &key),
         }
-        .map_err(crypto)?;
-        let key_pem = key.serialize_pem();
-        let ca = Ca::load(cert.der(), &key_pem, td)?;
-        let ca = match upstream {
+        .map_err(|e| key.rcgen_error(e))?;
+        let ca = Ca::with_key(cert.der(), key, td)?;
+        Ok(match upstream {
             None => ca,
             Some(up) => ca.with_chain(up.chain().to_vec()),
-        };
-        Ok((ca, key_pem))
+        })
     }
 
     /// Loads a CA from its DER certificate and PKCS#8 PEM key.
     pub fn load(cert_der: &[u8], key_pem: &str, td: &TrustDomain) -> Result<Ca, X509Error> {
         let key = KeyPair::from_pem(key_pem).map_err(crypto)?;
+        Ca::with_key(cert_der, CaKey::Local(key), td)
+    }
+
+    /// Loads a CA from its DER certificate and the external key it was
+    /// made over (the certificate must name that key).
+    pub fn load_external(
+        cert_der: &[u8],
+        key: Arc<dyn ExternalKey>,
+        td: &TrustDomain,
+    ) -> Result<Ca, X509Error> {
+        check_p256_point(key.public_point()).map_err(X509Error::Signer)?;
+        Ca::with_key(cert_der, CaKey::external(key), td)
+    }
+
+    /// The external key this CA signs with, if it has one.
+    pub fn external_key(&self) -> Option<&Arc<dyn ExternalKey>> {
+        match self.issuer.key() {
+            CaKey::Local(_) => None,
+            CaKey::External(e) => Some(&e.key),
+        }
+    }
+
+    fn with_key(cert_der: &[u8], key: CaKey, td: &TrustDomain) -> Result<Ca, X509Error> {
         let (_, parsed) = X509Certificate::from_der(cert_der)
             .map_err(|e| X509Error::Certificate(e.to_string()))?;
         if !parsed.is_ca() {
@@ -357,7 +410,7 @@ impl Ca {
             spiffe_id: &spiffe_id,
             dns_names,
         });
-        let signature = self.issuer.key().sign(&tbs).map_err(crypto)?;
+        let signature = self.issuer.key().sign_der(&tbs)?;
         Ok(SignedSvid {
             der: self.template.certificate(&tbs, &signature),
             serial: hex::encode(serial),

@@ -11,7 +11,10 @@
 //! server's ID: a random name, made once, under which the server publishes
 //! the public parts of its keys through the datastore
 //! ([`Keys::published`], `state::cluster`) so that every server of a
-//! cluster serves every server's keys. Private keys stay in this file.
+//! cluster serves every server's keys. Private keys stay in this file,
+//! unless `[key_manager] kind = "pkcs11"` keeps them in a token: then the
+//! file holds only public parts and token object IDs
+//! ([`crate::key_manager`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,11 +30,17 @@ use sigil_core::x509::{BACKDATE, Ca, certs_to_pem, pem_to_certs};
 use sigil_fs::{Links, ensure_private_dir, read_private_file, write_atomic};
 
 use crate::datastore::{PublishedCa, PublishedJwt};
+use crate::key_manager::{KeyManager, token_id};
 
 #[derive(Serialize, Deserialize)]
 struct StoredCa {
     cert_pem: String,
+    /// Empty (and not written) for a key in a PKCS#11 token.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     key_pem: String,
+    /// The token object's `CKA_ID`, hex, for a key in a PKCS#11 token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_id: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -39,7 +48,15 @@ struct StoredJwt {
     kid: String,
     #[serde(default = "default_key_type")]
     key_type: String,
+    /// Empty (and not written) for a key in a PKCS#11 token.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pkcs8: String,
+    /// The token object's `CKA_ID`, hex, for a key in a PKCS#11 token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_id: Option<String>,
+    /// The public key, for a key in a PKCS#11 token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    public_jwk: Option<serde_json::Value>,
     issued_at: i64,
     not_after: i64,
 }
@@ -86,6 +103,8 @@ pub struct Keys {
     /// `[upstream_authority]`: CAs are issued under it, and its roots are
     /// the X.509 bundle (`crate::upstream`).
     upstream: Option<crate::upstream::Upstream>,
+    /// Where private keys are made and kept.
+    manager: KeyManager,
 }
 
 /// Why the signing keys could not be loaded, made or saved. Each variant
@@ -123,6 +142,10 @@ pub enum KeyError {
         /// Why.
         reason: String,
     },
+    /// The PKCS#11 token could not be opened or used (the message names
+    /// the `[key_manager]` key at fault).
+    #[error("{0}")]
+    Token(String),
 }
 
 /// A new random server ID (16 bytes, hex).
@@ -166,7 +189,7 @@ impl Keys {
         ttl: Duration,
         jwt_key_type: JwtKeyType,
     ) -> Result<Keys, KeyError> {
-        Self::load_or_create_under(data_dir, td, ttl, jwt_key_type, None)
+        Self::load_or_create_with(data_dir, td, ttl, jwt_key_type, None, KeyManager::Disk)
     }
 
     /// [`Keys::load_or_create`], with every CA issued by `upstream` when
@@ -179,6 +202,25 @@ impl Keys {
         jwt_key_type: JwtKeyType,
         upstream: Option<crate::upstream::Upstream>,
     ) -> Result<Keys, KeyError> {
+        Self::load_or_create_with(data_dir, td, ttl, jwt_key_type, upstream, KeyManager::Disk)
+    }
+
+    /// [`Keys::load_or_create`] with CAs issued under `upstream` (when
+    /// given) and private keys kept by `manager`. The two do not combine
+    /// yet: an upstream-issued CA's key is always made in process.
+    pub fn load_or_create_with(
+        data_dir: &Path,
+        td: &TrustDomain,
+        ttl: Duration,
+        jwt_key_type: JwtKeyType,
+        upstream: Option<crate::upstream::Upstream>,
+        manager: KeyManager,
+    ) -> Result<Keys, KeyError> {
+        if upstream.is_some() && matches!(manager, KeyManager::Pkcs11(_)) {
+            return Err(KeyError::Generate(
+                "[upstream_authority] together with [key_manager] kind = \"pkcs11\" is not supported yet: use one of them".into(),
+            ));
+        }
         ensure_private_dir(data_dir).map_err(|e| KeyError::DataDir {
             path: data_dir.to_path_buf(),
             reason: e.to_string(),
@@ -196,6 +238,7 @@ impl Keys {
             sequence: 1,
             server_id: String::new(),
             upstream,
+            manager,
         };
         // Not following links, owned by us or root, 0600: whoever could
         // plant this file would choose the trust domain's CA keys.
@@ -212,14 +255,19 @@ impl Keys {
             let text = String::from_utf8(bytes).map_err(|_| corrupt(&"not UTF-8"))?;
             let s: Stored = serde_json::from_str(&text).map_err(|e| corrupt(&e))?;
             let mut active_ca = s.active_ca;
+            let now = sigil_core::now_unix();
             for (i, c) in s.cas.iter().enumerate() {
                 let der = pem_to_certs(&c.cert_pem).map_err(|e| corrupt(&e))?;
                 let first = der
                     .first()
                     .ok_or_else(|| corrupt(&"a CA entry holds no certificate"))?;
-                let ca = Ca::load(first, &c.key_pem, td).map_err(|e| corrupt(&e))?;
-                let Some(ca) = crate::upstream::adopt(ca, keys.upstream.as_deref()) else {
-                    // The one after a retired active CA takes its place.
+                let ca = keys
+                    .manager
+                    .load_ca(first, &c.key_pem, c.token_id.as_deref(), td, now)
+                    .map_err(|e| corrupt(&e))?
+                    .and_then(|ca| crate::upstream::adopt(ca, keys.upstream.as_deref()));
+                let Some(ca) = ca else {
+                    // The one after a skipped active CA takes its place.
                     if i < s.active_ca {
                         active_ca -= 1;
                     }
@@ -228,14 +276,21 @@ impl Keys {
                 keys.cas.push((Arc::new(ca), c.key_pem.clone()));
             }
             for j in &s.jwt_keys {
-                let pkcs8 = STANDARD.decode(&j.pkcs8).map_err(|e| corrupt(&e))?;
-                let signer = JwtSigner::from_pkcs8(
-                    j.kid.clone(),
-                    JwtKeyType::parse(&j.key_type).map_err(|e| corrupt(&e))?,
-                    pkcs8,
-                    j.not_after,
-                )
-                .map_err(|e| corrupt(&e))?;
+                let Some(signer) = keys
+                    .manager
+                    .load_jwt(
+                        &j.kid,
+                        &j.key_type,
+                        &j.pkcs8,
+                        j.token_id.as_deref(),
+                        j.public_jwk.as_ref(),
+                        j.not_after,
+                        now,
+                    )
+                    .map_err(|e| corrupt(&e))?
+                else {
+                    continue;
+                };
                 keys.jwts.push(JwtSlot {
                     signer: Arc::new(signer),
                     issued_at: j.issued_at,
@@ -255,15 +310,22 @@ impl Keys {
     }
 
     fn new_ca(&self) -> Result<(Arc<Ca>, String), KeyError> {
-        let (ca, key) = Ca::generate_under(&self.td, self.ttl, self.upstream.as_deref())
-            .map_err(|e| KeyError::Generate(e.to_string()))?;
+        let (ca, key) = match &self.manager {
+            KeyManager::Pkcs11(t) => (KeyManager::token_ca(t, &self.td, self.ttl)?, String::new()),
+            KeyManager::Disk => Ca::generate_under(&self.td, self.ttl, self.upstream.as_deref())
+                .map_err(|e| KeyError::Generate(e.to_string()))?,
+        };
         tracing::info!(not_after = %ca.not_after(), "generated X.509 CA");
         Ok((Arc::new(ca), key))
     }
 
     fn new_jwt(&self, now: i64) -> Result<JwtSlot, KeyError> {
-        let signer = JwtSigner::generate(self.jwt_key_type, now + self.ttl.as_secs() as i64)
-            .map_err(|e| KeyError::Generate(e.to_string()))?;
+        let not_after = now + self.ttl.as_secs() as i64;
+        let signer = match &self.manager {
+            KeyManager::Pkcs11(t) => KeyManager::token_jwt(t, not_after)?,
+            KeyManager::Disk => JwtSigner::generate(self.jwt_key_type, not_after)
+                .map_err(|e| KeyError::Generate(e.to_string()))?,
+        };
         tracing::info!(kid = %signer.kid, "generated JWT key");
         Ok(JwtSlot {
             signer: Arc::new(signer),
@@ -295,6 +357,13 @@ impl Keys {
             .cas
             .get(self.active_ca)
             .map(|c| c.0.cert_der().to_vec());
+        for (ca, _) in self
+            .cas
+            .iter()
+            .filter(|(ca, _)| unix(ca.not_after()) <= now)
+        {
+            self.manager.destroy(ca.external_key());
+        }
         self.cas.retain(|(ca, _)| unix(ca.not_after()) > now);
         self.active_ca = active_cert
             .and_then(|d| self.cas.iter().position(|c| c.0.cert_der() == d))
@@ -332,6 +401,9 @@ impl Keys {
         // JWT keys: same life cycle.
         let before = self.jwts.len();
         let active_kid = self.jwts.get(self.active_jwt).map(|j| j.signer.kid.clone());
+        for j in self.jwts.iter().filter(|j| j.signer.not_after <= now) {
+            self.manager.destroy(j.signer.external_key());
+        }
         self.jwts.retain(|j| j.signer.not_after > now);
         self.active_jwt = active_kid
             .and_then(|k| self.jwts.iter().position(|j| j.signer.kid == k))
@@ -379,6 +451,7 @@ impl Keys {
                 .map(|(ca, key)| StoredCa {
                     cert_pem: certs_to_pem([ca.cert_der()]),
                     key_pem: key.clone(),
+                    token_id: token_id(ca.external_key()),
                 })
                 .collect(),
             active_ca: self.active_ca,
@@ -389,6 +462,8 @@ impl Keys {
                     kid: j.signer.kid.clone(),
                     key_type: j.signer.key_type.as_str().to_string(),
                     pkcs8: STANDARD.encode(j.signer.pkcs8()),
+                    token_id: token_id(j.signer.external_key()),
+                    public_jwk: j.signer.external_key().map(|_| j.signer.public_jwk.clone()),
                     issued_at: j.issued_at,
                     not_after: j.signer.not_after,
                 })

@@ -4,7 +4,8 @@
 //! - [`config`] — `server.toml` parsing and validation.
 //! - [`datastore`] — persistence behind the [`datastore::Datastore`] trait
 //!   (redb, or PostgreSQL for several servers).
-//! - [`keys`] — X.509 CAs and JWT keys: persistence (0600) and rotation.
+//! - [`keys`] — X.509 CAs and JWT keys: persistence (0600) and rotation;
+//!   [`key_manager`] — where their private keys live (keys.json or a PKCS#11 token).
 //! - [`state`] — the registry: entries, agents, tokens, federation, minting
 //!   and change notification, one module each; [`error`] — its error type.
 //! - [`node_attestation`] — the Attest stream: join token, x509pop, TPM ([`tpm_attest`]).
@@ -32,6 +33,7 @@ pub mod datastore;
 pub mod delegation_api;
 pub mod endpoints;
 pub mod error;
+pub mod key_manager;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

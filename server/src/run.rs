@@ -52,12 +52,13 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
         .map_err(|e| StartupError::file("data_dir", &cfg.data_dir, e))?;
     // Keys first: a planted or foreign-owned keys.json is refused before
     // anything is created in data_dir.
-    let keys = Keys::load_or_create_under(
+    let keys = Keys::load_or_create_with(
         &cfg.data_dir,
         &cfg.trust_domain,
         cfg.ca_ttl,
         cfg.jwt_key_type,
         upstream,
+        crate::key_manager::KeyManager::open(&cfg.key_manager)?,
     )?;
     let (store, shared): (Arc<dyn Datastore>, Option<Arc<PostgresStore>>) = match &cfg.datastore {
         DatastoreKind::Redb => (

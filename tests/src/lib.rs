@@ -16,6 +16,7 @@
 pub mod docker;
 pub mod pg;
 pub mod pki;
+pub mod softhsm;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -244,12 +245,24 @@ pub struct Cluster {
     /// Extra environment for every agent process this cluster spawns (for
     /// example a faked clock through `LD_PRELOAD`).
     pub agent_env: Vec<(String, String)>,
+    /// Environment variables every server process of this cluster gets
+    /// (e.g. `SOFTHSM2_CONF`), see [`Cluster::start_with_env`].
+    pub server_env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Starts a server with `extra` appended to its config.
     pub fn start_with(extra: &str) -> Self {
         Self::start_td("example.org", extra)
+    }
+
+    /// Starts a server with `extra` appended to its config and `env` set
+    /// in its environment (also at every restart).
+    pub fn start_with_env(extra: &str, env: Vec<(String, String)>) -> Self {
+        let mut c = Self::configure("example.org", extra);
+        c.server_env = env;
+        c.start_server();
+        c
     }
 
     /// Starts a server for trust domain `td` with `extra` appended to its config.
@@ -292,6 +305,7 @@ impl Cluster {
             agent: None,
             agent_id: String::new(),
             agent_env: Vec::new(),
+            server_env: Vec::new(),
         }
     }
 
@@ -343,6 +357,7 @@ impl Cluster {
         let child = Command::new(bin("sigil-server"))
             .args(["run", "--config"])
             .arg(self.dir.0.join("server.toml"))
+            .envs(self.server_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -14,6 +14,10 @@
 //!   `audit_issuance = false`, the baseline the audit's cost is read from.
 //! - in process: `sigil_core::x509::Ca::sign_svid` in a loop on one core,
 //!   interleaved with sign-limit runs on the same core.
+//! - with `--key-manager pkcs11`, also end to end with the server's CA key
+//!   in a SoftHSM2 token made for the run (`[key_manager] kind =
+//!   "pkcs11"`): `pkcs11_svids_per_sec`, its ratio to the sign limit and
+//!   to the default run's SVIDs/s (`pkcs11_vs_disk`).
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +47,10 @@ pub(crate) struct Args {
     /// Calls in flight (default 2).
     #[arg(long)]
     inflight: Option<usize>,
+    /// `pkcs11`: also mint with the CA key in a SoftHSM2 token (`disk`,
+    /// the default, runs only the keys.json server).
+    #[arg(long, default_value = "disk", value_parser = ["disk", "pkcs11"])]
+    key_manager: String,
 }
 
 /// Counts the SVIDs in a response; fails on the first per-CSR error.
@@ -120,11 +128,12 @@ async fn end_to_end(
     inflight: usize,
     slice: Duration,
     extra_config: &str,
+    env: &[(String, String)],
 ) -> Result<EndToEnd> {
     let bins = Bins::locate()?;
     let scratch = Scratch::new("mint")?;
     let server_cpu = (nproc() > 1).then_some(0);
-    let server = Server::start_with(&bins, &scratch.0, server_cpu, extra_config).await?;
+    let server = Server::start_with_env(&bins, &scratch.0, server_cpu, extra_config, env).await?;
     let agent_id = format!("spiffe://{TD}/bench/mint-agent");
     let token = server.token(&agent_id).await?;
     let entries = (0..batch)
@@ -215,6 +224,39 @@ async fn end_to_end(
     })
 }
 
+/// The default end-to-end run with the CA key in a fresh SoftHSM2 token.
+async fn pkcs11_end_to_end(
+    total: usize,
+    batch: usize,
+    inflight: usize,
+    slice: Duration,
+) -> Result<EndToEnd> {
+    use sigil_tests::softhsm::{self, SoftHsm};
+    if !softhsm::available() {
+        return Err(format!(
+            "--key-manager pkcs11 needs SoftHSM2 ({} and softhsm2-util): apt-get install softhsm2",
+            softhsm::module().display()
+        )
+        .into());
+    }
+    let dir = Scratch::new("mint-hsm")?;
+    let hsm = SoftHsm::new(&dir.0, "sigil-bench", "bench-pin-1");
+    progress(format!(
+        "mint: CA key in SoftHSM2 token {:?} ({})",
+        hsm.label,
+        softhsm::module().display()
+    ));
+    end_to_end(
+        total,
+        batch,
+        inflight,
+        slice,
+        &hsm.key_manager_toml(),
+        &hsm.env(),
+    )
+    .await
+}
+
 pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()> {
     let n_in = a.inprocess.unwrap_or(if quick { 200 } else { 5000 });
     let total = a.svids.unwrap_or(if quick { 200 } else { 20_000 });
@@ -233,18 +275,39 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
 
     // Baseline first: the same run with issuance audit off (a hidden
     // server key, for this comparison only), then the default (audited).
-    let no_audit = end_to_end(total, batch, inflight, slice, "audit_issuance = false\n").await?;
-    let run = end_to_end(total, batch, inflight, slice, "").await?;
+    let no_audit = end_to_end(
+        total,
+        batch,
+        inflight,
+        slice,
+        "audit_issuance = false\n",
+        &[],
+    )
+    .await?;
+    let run = end_to_end(total, batch, inflight, slice, "", &[]).await?;
     let verify = end_to_end(
         total,
         batch,
         inflight,
         slice,
         "verify_csr_signatures = true\n",
+        &[],
     )
     .await?;
+    let pkcs11 = match a.key_manager.as_str() {
+        "pkcs11" => Some(pkcs11_end_to_end(total, batch, inflight, slice).await?),
+        _ => None,
+    };
+    let mut record = Record::new("mint");
+    if let Some(p) = &pkcs11 {
+        record = record
+            .f("pkcs11_svids_per_sec", p.svids_per_sec)
+            .f("pkcs11_ratio", p.svids_per_sec / p.sign_limit)
+            .f("pkcs11_vs_disk", p.svids_per_sec / run.svids_per_sec)
+            .f("pkcs11_server_cpu_util", p.server_cpu_util);
+    }
     rep.emit(
-        Record::new("mint")
+        record
             .f("svids_per_sec", run.svids_per_sec)
             .f("ratio_to_sign_limit", run.svids_per_sec / run.sign_limit)
             .f("sign_limit_per_sec", run.sign_limit)

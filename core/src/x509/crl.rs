@@ -7,7 +7,7 @@
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
 use time::OffsetDateTime;
 
-use super::{Ca, X509Error, crypto};
+use super::{Ca, X509Error};
 
 /// One revoked certificate.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -61,7 +61,9 @@ impl Ca {
                 None => KeyIdMethod::Sha256,
             },
         };
-        let crl = params.signed_by(&self.issuer).map_err(crypto)?;
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| self.issuer.key().rcgen_error(e))?;
         Ok(crl.der().to_vec())
     }
 }

@@ -20,6 +20,7 @@ mod attestation;
 mod datastore;
 mod federation;
 mod upstream;
+mod key_manager;
 
 pub use attestation::TpmConfig;
 use attestation::{RawTpm, RawX509Pop};
@@ -30,6 +31,8 @@ pub use datastore::{
 pub use federation::{BundleEndpointConfig, EndpointProfile, FederationConfig, OidcConfig};
 use federation::{RawBundleEndpoint, RawFederation, RawOidc};
 pub use upstream::UpstreamConfig;
+use key_manager::RawKeyManager;
+pub use key_manager::{KeyManagerKind, Pkcs11Config};
 
 /// Built-in admin socket path (DESIGN.md).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
@@ -106,6 +109,8 @@ struct RawConfig {
     x509pop: Option<RawX509Pop>,
     #[serde(default)]
     tpm: Option<RawTpm>,
+    #[serde(default)]
+    key_manager: Option<RawKeyManager>,
     #[serde(default)]
     limits: crate::limits::RawLimits,
     #[serde(default)]
@@ -198,6 +203,8 @@ pub struct ServerConfig {
     /// `[x509pop]`: PEM roots node certificates must chain to.
     pub x509pop_ca_bundle: Option<PathBuf>,
     pub tpm: Option<TpmConfig>,
+    /// `[key_manager]`: where the CA and JWT signing keys are kept.
+    pub key_manager: KeyManagerKind,
     /// `[limits]`: agent-API connection caps and idle timeout.
     pub limits: crate::limits::Limits,
     /// `[telemetry]`: where `/metrics`, `/ready` and `/live` are served.
@@ -365,6 +372,15 @@ impl ServerConfig {
                 sigil_core::jwt::JwtKeyType::parse(k).map_err(|e| key_err("jwt_key_type", e))?
             }
         };
+        let key_manager = RawKeyManager::validate(raw.key_manager)?;
+        if matches!(key_manager, KeyManagerKind::Pkcs11(_))
+            && jwt_key_type != sigil_core::jwt::JwtKeyType::EcP256
+        {
+            return Err(key_err(
+                "jwt_key_type",
+                "must be ec-p256 with [key_manager] kind = \"pkcs11\" (token keys are P-256)",
+            ));
+        }
         absolute("data_dir", &raw.data_dir)?;
         if let Some(p) = &raw.admin_socket {
             absolute("admin_socket", p)?;
@@ -409,6 +425,7 @@ impl ServerConfig {
             audit_issuance: raw.audit_issuance,
             x509pop_ca_bundle,
             tpm,
+            key_manager,
             bundle_endpoint,
             federation,
             oidc,
