@@ -6,6 +6,8 @@
 //! - [`x509`] — the CA, X.509-SVID minting from CSRs, SVID inspection.
 //! - [`bundle`] — the SPIFFE bundle (JWKS) encoding of trust bundles.
 //! - [`jwt`] — JWT-SVID signing, JWKS bundles and validation.
+//! - [`wit`] — WIT-SVIDs (WIMSE workload identity tokens): issuing, the workload key,
+//!   verification against `use: wit-svid` keys, and the proof of possession (WPT).
 //! - [`tls`] — rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`ids`] — well-known SPIFFE IDs (server, agents) and random identifiers.
 //! - [`limits`] — connection caps (per peer, total, reserve) and idle tracking.
@@ -27,6 +29,7 @@ pub mod jwt;
 pub mod limits;
 pub mod selector;
 pub mod tls;
+pub mod wit;
 pub mod x509;
 
 pub use spiffe::{SpiffeId, TrustDomain};
