@@ -371,6 +371,12 @@ impl WorkloadKey {
         jwk.to_string()
     }
 
+    /// The key pair as PKCS#8 DER (the form `JwtSigner::from_pkcs8` loads).
+    /// A secret: never log it.
+    pub fn pkcs8(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
     /// Loads a private JWK as [`WorkloadKey::private_jwk`] writes it (what a
     /// workload received over the Workload API). The public members must
     /// match the private key.

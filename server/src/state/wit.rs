@@ -302,7 +302,91 @@ impl ServerState {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{AGENT, admin, attest, entry, id, temp_state};
     use super::*;
+    use crate::datastore::KillTarget;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn only_opted_in_authorized_unkilled_entries_get_a_wit_and_each_is_audited() {
+        let t = temp_state();
+        let s = &t.state;
+        attest(s, AGENT);
+        let other = "spiffe://example.org/agent2";
+        attest(s, other);
+        let key = sigil_core::wit::WorkloadKey::generate().unwrap();
+        let jwk = key.public_jwk().to_string();
+        let plain = s
+            .create_entry(&admin(), entry(AGENT, "spiffe://example.org/w/plain"))
+            .unwrap();
+        let mut pb = entry(AGENT, "spiffe://example.org/w/wit");
+        pb.wit_svid = true;
+        let opted = s.create_entry(&admin(), pb).unwrap();
+        let mut pb = entry(other, "spiffe://example.org/w/theirs");
+        pb.wit_svid = true;
+        let theirs = s.create_entry(&admin(), pb).unwrap();
+
+        let e = s
+            .mint_wit_for_agent(&id(AGENT), &plain.id, &jwk)
+            .unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::PermissionDenied(m) if m.contains("--wit-svid")),
+            "{e:?}"
+        );
+        let e = s
+            .mint_wit_for_agent(&id(AGENT), &theirs.id, &jwk)
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::PermissionDenied(_)), "{e:?}");
+        // A private key, or something that is no key, is refused naming the field.
+        let e = s
+            .mint_wit_for_agent(&id(AGENT), &opted.id, &key.private_jwk())
+            .unwrap_err();
+        assert!(e.to_string().contains("public_jwk"), "{e}");
+        assert!(s.mint_wit_for_agent(&id(AGENT), &opted.id, "{").is_err());
+
+        let token = s.mint_wit_for_agent(&id(AGENT), &opted.id, &jwk).unwrap();
+        let bundle = sigil_core::wit::WitBundle::from_jwks(&s.wit_bundle()).unwrap();
+        let v = sigil_core::wit::verify_wit(
+            &token,
+            &BTreeMap::from([(s.cfg.trust_domain.clone(), bundle)]),
+            now_unix(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(v.spiffe_id, opted.spiffe_id);
+        assert_eq!(v.cnf_jwk, *key.public_jwk());
+        // The JWT bundle does not carry the WIT key.
+        let (_, kid, _) = sigil_core::jwt::peek_header(&token).unwrap();
+        let jwt = sigil_core::jwt::JwtBundle::from_jwks(&s.jwt_bundle()).unwrap();
+        assert!(!jwt.has_key(&kid.unwrap()));
+        let recs: Vec<Event> = s
+            .store
+            .read()
+            .unwrap()
+            .audit_records(0, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .filter(|e| matches!(e, Event::WitSvidIssued { .. }))
+            .collect();
+        let [Event::WitSvidIssued { jti, cnf_jkt, .. }] = recs.as_slice() else {
+            panic!("expected one WIT record, got {recs:?}");
+        };
+        assert_eq!(Some(jti), v.jti.as_ref());
+        assert_eq!(*cnf_jkt, jwk_thumbprint(key.public_jwk()));
+
+        // A killed identity gets none.
+        let kill = s
+            .create_kill(&admin(), KillTarget::Entry(opted.id.clone()), "leaked")
+            .unwrap();
+        let e = s
+            .mint_wit_for_agent(&id(AGENT), &opted.id, &jwk)
+            .unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::PermissionDenied(m) if m.contains(&kill.id)),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn wit_keys_rotate_like_jwt_keys_and_persist_privately() {
