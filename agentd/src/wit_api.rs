@@ -344,7 +344,7 @@ pub async fn fetch_cli(ch: Channel, write: Option<std::path::PathBuf>) -> Result
             claims
                 .get("cnf")
                 .and_then(|c| c.get("jwk"))
-                .map(|k| sigil_core::wit::jwk_thumbprint(k))
+                .map(sigil_core::wit::jwk_thumbprint)
                 .unwrap_or_default()
         );
         println!("Token:\t\t{}", s.wit_svid);

@@ -83,7 +83,7 @@ fn entry(n: u32) -> Entry {
             // Every entry round-trips its delegable scopes (issue 11 §5).
             delegable_scopes: vec!["mail.read".into(), format!("s{n}")],
             // And the WIT-SVID opt-in.
-            wit_svid: n % 2 == 0,
+            wit_svid: n.is_multiple_of(2),
             ..Default::default()
         },
         &td(),

@@ -12,6 +12,12 @@
 //! renewed WIT (new key) before the first expires, and ends when the entry
 //! opts out again.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a test failure"
+)]
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
