@@ -138,6 +138,16 @@ async fn opted_in_entry_gets_a_wit_svid_whose_proof_of_possession_verifies() {
         "a WIT key is no JWT-SVID key"
     );
     drop(spiffe);
+    // The operator's view of the SPIFFE bundle has it with its use too.
+    let doc_show: Value =
+        serde_json::from_str(&c.server_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    let shown = doc_show["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == kid.as_str())
+        .expect("the WIT key in bundle show");
+    assert_eq!(shown["use"], "wit-svid", "{doc_show}");
 
     // The relying party: WIT against the WIT bundle, then the proof.
     let wb = BTreeMap::from([(
