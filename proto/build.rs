@@ -28,5 +28,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    // The standard's WIT-SVID profile on its own: it names the same
+    // package-less service as workload.proto, so it is compiled apart, into
+    // its own directory, and only as a client.
+    let wit = "proto/spiffe/workloadapiwitsvid.proto";
+    println!("cargo:rerun-if-changed={wit}");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("wit");
+    std::fs::create_dir_all(&out)?;
+    tonic_prost_build::configure()
+        .out_dir(&out)
+        .build_client(true)
+        .build_server(false)
+        .compile_fds(protox::compile([wit], ["proto"])?)?;
     Ok(())
 }

@@ -270,6 +270,9 @@ pub struct TrustMaterial {
     /// The trust domain's CRLs (DER), as received: delivered in the
     /// Workload API's `crl` fields.
     pub crl: Vec<Bytes>,
+    /// This trust domain's WIT-SVID authorities (JWKS of `use: wit-svid`
+    /// keys), as received: `FetchWITBundles` serves it.
+    pub wit_jwks: Vec<u8>,
 }
 
 impl TrustMaterial {
@@ -312,6 +315,7 @@ impl TrustMaterial {
             jwt_bundles,
             killed: Vec::new(),
             crl: Vec::new(),
+            wit_jwks: Vec::new(),
         }
     }
 }
@@ -336,6 +340,8 @@ pub struct SyncState {
     pub killed: Vec<String>,
     /// CRLs of the trust domain's CAs (DER).
     pub crl: Vec<Vec<u8>>,
+    /// JWKS of the trust domain's WIT-SVID authorities.
+    pub wit_bundle: Vec<u8>,
 }
 
 /// The cache worker.
@@ -440,10 +446,12 @@ impl Cache {
             || s.federated != self.trust.federated
             || s.killed != self.trust.killed
             || crl != self.trust.crl
+            || s.wit_bundle != self.trust.wit_jwks
         {
             let mut trust = TrustMaterial::new(&self.td, s.jwt_bundle, s.federated);
             trust.killed = s.killed;
             trust.crl = crl;
+            trust.wit_jwks = s.wit_bundle;
             self.trust = Arc::new(trust);
         }
         self.synced = true;
@@ -835,6 +843,7 @@ mod tests {
             require_approval: false,
             jwt_claims: Default::default(),
             delegable_scopes: vec![],
+            wit_svid: false,
             approval_pending: None,
             approved_until: None,
             task_ttl_max: None,

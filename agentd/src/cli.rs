@@ -112,6 +112,15 @@ pub enum FetchCmd {
         #[arg(long)]
         spiffe_id: Option<String>,
     },
+    /// Fetch WIT-SVIDs (with their private keys) and the WIT bundle.
+    Wit {
+        #[command(flatten)]
+        socket: SocketArgs,
+        /// Write wit.jwt and wit.key.jwk (mode 0600) and wit_bundle.json
+        /// into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
 }
 
 /// Resolves the socket path from the flag, SPIFFE_ENDPOINT_SOCKET, or the default.
@@ -239,6 +248,10 @@ pub async fn api(cmd: ApiCmd) -> Result<(), String> {
         ApiCmd::Task(cmd) => crate::task_cli::run(cmd).await,
         ApiCmd::Delegate(args) => crate::delegation_api::delegate(args).await,
         ApiCmd::Fetch(FetchCmd::X509 { socket, write }) => fetch_x509(socket, write).await,
+        ApiCmd::Fetch(FetchCmd::Wit { socket, write }) => {
+            let path = socket_path(socket.socket.as_deref())?;
+            crate::wit_api::fetch_cli(uds_channel(&path).await?, write).await
+        }
         ApiCmd::Fetch(FetchCmd::Jwt {
             socket,
             audience,

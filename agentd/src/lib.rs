@@ -9,6 +9,7 @@
 //! - [`task_api`] — task-scoped identities on the same socket (`StartTask`, ...);
 //!   [`task_cli`] — `api task start|fetch|end`.
 //! - [`broker`] — the SPIFFE Broker Endpoint: mTLS, `authorized_brokers`, PID references.
+//! - [`wit_api`] — the WIT-SVID profile (`FetchWITSVID`, `FetchWITBundles`) of the Workload API.
 //! - [`sds`] — Envoy's Secret Discovery Service v3 on the same socket, SPIRE's names.
 //! - [`workload_socket`] — the Workload API socket: binding, accepting, peer pinning.
 //! - [`h2_authority`] — accepts gRPC C-core clients' socket-path `:authority`.
@@ -34,5 +35,6 @@ pub mod sds;
 pub mod server_client;
 pub mod task_api;
 pub mod task_cli;
+pub mod wit_api;
 pub mod workload_api;
 pub mod workload_socket;

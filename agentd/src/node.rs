@@ -414,6 +414,7 @@ impl SyncAssembler {
             federated: u.federated.into_iter().collect(),
             killed: u.killed_spiffe_ids,
             crl: u.crl,
+            wit_bundle: u.wit_bundle,
         })
     }
 }

@@ -31,8 +31,9 @@ use sigil_proto::workload::spiffe_workload_api_server::{
 };
 use sigil_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
-    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
-    X509svid, X509svidRequest, X509svidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse,
+    WitsvidRequest, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
 };
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -48,6 +49,7 @@ pub struct WorkloadApi {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     attestors: Arc<AttestorSet>,
     jwt: JwtSource,
+    wit: Arc<crate::wit_api::WitSource>,
 }
 
 /// JWT-SVIDs from the cache, else minted by the server (and cached).
@@ -74,7 +76,8 @@ impl WorkloadApi {
         SpiffeWorkloadApiServer::new(Self {
             snapshots,
             attestors,
-            jwt: JwtSource::new(server),
+            jwt: JwtSource::new(server.clone()),
+            wit: Arc::new(crate::wit_api::WitSource::new(server)),
         })
         .max_decoding_message_size(crate::workload_socket::MAX_MESSAGE)
     }
@@ -546,6 +549,33 @@ impl SpiffeWorkloadApi for WorkloadApi {
     type FetchX509SVIDStream = UpdateStream<X509svidResponse>;
     type FetchX509BundlesStream = UpdateStream<X509BundlesResponse>;
     type FetchJWTBundlesStream = UpdateStream<JwtBundlesResponse>;
+    type FetchWITSVIDStream = crate::wit_api::WitStream;
+    type FetchWITBundlesStream = UpdateStream<WitBundlesResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        req: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        let caller = self.caller(&req).await?;
+        crate::wit_api::fetch_witsvid(self.wit.clone(), self.snapshots.clone(), caller).await
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        req: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        let Caller {
+            selectors,
+            call,
+            peer,
+        } = self.caller(&req).await?;
+        // Refuses at once (rather than in-stream) when the caller has no identity.
+        Ok(Response::new(updates(
+            self.snapshots.clone(),
+            (call, peer, has_digest(&selectors)),
+            move |s| crate::wit_api::wit_bundles_response(s, &selectors),
+        )?))
+    }
 
     async fn fetch_x509svid(
         &self,

@@ -73,6 +73,18 @@ pub fn spiffe_bundle(
     }))
 }
 
+/// Appends WIT-SVID authorities (public JWKs) to a bundle document made by
+/// [`spiffe_bundle`], each with `use: wit-svid` (whatever `use` it had).
+pub fn add_wit_authorities(doc: &mut Value, wit_keys: &[Value]) {
+    if let Some(keys) = doc.get_mut("keys").and_then(Value::as_array_mut) {
+        for k in wit_keys {
+            let mut k = k.clone();
+            k["use"] = json!(crate::wit::WIT_USE);
+            keys.push(k);
+        }
+    }
+}
+
 /// A parsed SPIFFE bundle document.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParsedBundle {
@@ -80,6 +92,9 @@ pub struct ParsedBundle {
     pub x509_authorities: Vec<Vec<u8>>,
     /// `jwt-svid` keys as JWKs.
     pub jwt_authorities: Vec<Value>,
+    /// `wit-svid` keys as JWKs (WIT-SVID authorities, kept apart from the
+    /// JWT-SVID ones: see [`crate::wit`]).
+    pub wit_authorities: Vec<Value>,
     /// `spiffe_sequence`, if present.
     pub sequence: Option<u64>,
     /// `spiffe_refresh_hint` in seconds, if present.
@@ -87,7 +102,8 @@ pub struct ParsedBundle {
 }
 
 /// Parses a SPIFFE bundle document. Every `x509-svid` key must carry exactly
-/// one certificate in `x5c`; every `jwt-svid` key must have a `kid`.
+/// one certificate in `x5c`; every `jwt-svid` and `wit-svid` key must have
+/// a `kid`.
 pub fn parse_spiffe_bundle(doc: &[u8]) -> Result<ParsedBundle, X509Error> {
     let bad = |m: String| X509Error::Certificate(format!("SPIFFE bundle: {m}"));
     let v: Value = serde_json::from_slice(doc).map_err(|e| bad(e.to_string()))?;
@@ -126,6 +142,15 @@ pub fn parse_spiffe_bundle(doc: &[u8]) -> Result<ParsedBundle, X509Error> {
                     return Err(bad("jwt-svid key without kid".into()));
                 }
                 out.jwt_authorities.push(k.clone());
+            }
+            Some(crate::wit::WIT_USE) => {
+                if k.get("kid")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    return Err(bad("wit-svid key without kid".into()));
+                }
+                out.wit_authorities.push(k.clone());
             }
             // Unknown uses are ignored, as the spec asks.
             _ => {}
@@ -189,6 +214,32 @@ mod tests {
         assert_eq!(parsed.jwt_authorities.len(), 1);
         assert_eq!(parsed.sequence, Some(3));
         assert_eq!(parsed.refresh_hint, Some(300));
+        assert!(parsed.wit_authorities.is_empty());
+    }
+
+    #[test]
+    fn wit_keys_are_published_apart_with_their_use() {
+        let jwt =
+            crate::jwt::JwtSigner::generate(crate::jwt::JwtKeyType::EcP256, crate::now_unix() + 60)
+                .unwrap();
+        let wit = crate::wit::into_wit_authority(
+            crate::jwt::JwtSigner::generate(crate::jwt::JwtKeyType::EcP256, crate::now_unix() + 60)
+                .unwrap(),
+        );
+        let mut doc = spiffe_bundle(&[], std::slice::from_ref(&jwt.public_jwk), 1, 300).unwrap();
+        add_wit_authorities(&mut doc, std::slice::from_ref(&wit.public_jwk));
+        assert_eq!(doc["keys"][1]["use"], "wit-svid");
+        assert_eq!(doc["keys"][1]["kid"], wit.kid.as_str());
+        let parsed = parse_spiffe_bundle(doc.to_string().as_bytes()).unwrap();
+        assert_eq!(parsed.jwt_authorities.len(), 1);
+        assert_eq!(parsed.wit_authorities.len(), 1);
+        assert_eq!(parsed.wit_authorities[0]["kid"], wit.kid.as_str());
+        // Neither verifier takes the other's key from the combined document.
+        let text = doc.to_string();
+        let jwt_bundle = crate::jwt::JwtBundle::from_jwks(text.as_bytes()).unwrap();
+        assert!(jwt_bundle.has_key(&jwt.kid) && !jwt_bundle.has_key(&wit.kid));
+        let wit_bundle = crate::wit::WitBundle::from_jwks(text.as_bytes()).unwrap();
+        assert!(wit_bundle.has_key(&wit.kid) && !wit_bundle.has_key(&jwt.kid));
     }
 
     #[test]
@@ -199,6 +250,7 @@ mod tests {
             br#"{"keys":[{"use":"x509-svid","x5c":[]}]}"#,
             br#"{"keys":[{"use":"x509-svid","x5c":["AAAA"]}]}"#,
             br#"{"keys":[{"use":"jwt-svid","kty":"EC"}]}"#,
+            br#"{"keys":[{"use":"wit-svid","kty":"EC"}]}"#,
         ] {
             assert!(
                 parse_spiffe_bundle(bad).is_err(),

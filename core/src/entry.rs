@@ -104,6 +104,9 @@ pub struct Entry {
     /// The entry allows task identities of at most this lifetime
     /// (`--task-ttl-max`); `None` = no tasks.
     pub task_ttl_max: Option<Duration>,
+    /// The entry's workloads may fetch WIT-SVIDs (`--wit-svid`); off by
+    /// default: an entry that has not opted in gets none.
+    pub wit_svid: bool,
     /// Bumped on every update.
     pub revision: i64,
     /// Unix seconds of creation.
@@ -269,6 +272,7 @@ impl Entry {
             approval_pending: (!p.approval_pending.is_empty()).then(|| p.approval_pending.clone()),
             approved_until: (p.approved_until != 0).then_some(p.approved_until),
             task_ttl_max,
+            wit_svid: p.wit_svid,
             revision: p.revision,
             created_at: p.created_at,
         })
@@ -300,6 +304,7 @@ impl Entry {
             approved_until: self.approved_until.unwrap_or(0),
             task_ttl_max: self.task_ttl_max.map_or(0, |d| d.as_secs() as i64),
             delegable_scopes: self.delegable_scopes.clone(),
+            wit_svid: self.wit_svid,
         }
     }
 

@@ -7,6 +7,8 @@
 //! - [`bundle`] — the SPIFFE bundle (JWKS) encoding of trust bundles.
 //! - [`jwt`] — JWT-SVID signing, JWKS bundles and validation.
 //! - [`signer`] — signing keys held outside the process (a PKCS#11 token).
+//! - [`wit`] — WIT-SVIDs (WIMSE workload identity tokens): issuing, the workload key,
+//!   verification against `use: wit-svid` keys, and the proof of possession (WPT).
 //! - [`tls`] — rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`ids`] — well-known SPIFFE IDs (server, agents) and random identifiers.
 //! - [`limits`] — connection caps (per peer, total, reserve) and idle tracking.
@@ -29,6 +31,7 @@ pub mod limits;
 pub mod selector;
 pub mod signer;
 pub mod tls;
+pub mod wit;
 pub mod x509;
 
 pub use spiffe::{SpiffeId, TrustDomain};

@@ -2,6 +2,7 @@
 //!
 //! - [`workload`] — the SPIFFE Workload API, wire-exact (no proto package, so
 //!   the gRPC paths are `/SpiffeWorkloadAPI/<Method>`).
+//! - [`workload_wit`] — the WIT-SVID profile's client, from the standard's file alone.
 //! - [`agent`] — the agent <-> server API (attestation, sync, minting).
 //! - [`admin`] — the operator CLI <-> server admin socket API.
 //! - [`common`] — messages shared by the two Sigil APIs.
@@ -18,6 +19,13 @@
 /// SPIFFE Workload API messages and service (no proto package).
 pub mod workload {
     tonic::include_proto!("_");
+}
+
+/// The standard's WIT-SVID profile alone (`proto/spiffe/workloadapiwitsvid.proto`):
+/// a client for `FetchWITSVID`/`FetchWITBundles`, generated apart from
+/// [`workload`] (whose service carries the same methods).
+pub mod workload_wit {
+    include!(concat!(env!("OUT_DIR"), "/wit/_.rs"));
 }
 
 /// The SPIFFE Broker API (`proto/spiffe/broker.proto`, package `spiffe.broker`).

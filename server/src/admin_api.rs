@@ -425,6 +425,7 @@ impl AdminApi for AdminService {
             x509_authorities: self.state.bundle(),
             sequence: self.state.bundle_sequence(),
             jwt_bundle: self.state.jwt_bundle(),
+            wit_bundle: self.state.wit_bundle(),
         }))
     }
 

@@ -24,8 +24,8 @@ use sigil_core::{SpiffeId, now_unix};
 use sigil_proto::agent::agent_api_server::AgentApi;
 use sigil_proto::agent::{
     AttestRequest, AttestResponse, MintJwtSvidRequest, MintJwtSvidResponse, MintResult,
-    MintX509SvidsRequest, MintX509SvidsResponse, RenewAgentRequest, RenewAgentResponse,
-    SyncRequest, SyncUpdate, attest_response,
+    MintWitSvidRequest, MintWitSvidResponse, MintX509SvidsRequest, MintX509SvidsResponse,
+    RenewAgentRequest, RenewAgentResponse, SyncRequest, SyncUpdate, attest_response,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -361,6 +361,7 @@ impl AgentApi for AgentService {
                     federated: state.federated_for(&entries),
                     killed: state.killed_spiffe_ids(),
                     crl: state.crls(),
+                    wit_bundle: state.wit_bundle(),
                 };
                 if let Some(update) = tracker.next(&entries, trust, state.revision()) {
                     for chunk in chunks(update) {
@@ -467,5 +468,25 @@ impl AgentApi for AgentService {
             blocking(move || state.mint_jwt_for_agent(&id, &r.entry_id, &r.audience)).await?;
         crate::metrics::METRICS.jwt_svids_signed.inc();
         Ok(Response::new(MintJwtSvidResponse { token }))
+    }
+
+    async fn mint_wit_svid(
+        &self,
+        req: Request<MintWitSvidRequest>,
+    ) -> Result<Response<MintWitSvidResponse>, Status> {
+        let (id, _) = self.authenticate(&req)?;
+        let r = req.into_inner();
+        // A public JWK is a few hundred bytes; refuse anything far larger
+        // before parsing it.
+        if r.public_jwk.len() > 4096 {
+            return Err(Status::invalid_argument(format!(
+                "invalid field `public_jwk`: {} bytes, at most 4096 are accepted",
+                r.public_jwk.len()
+            )));
+        }
+        let state = self.state.clone();
+        let token =
+            blocking(move || state.mint_wit_for_agent(&id, &r.entry_id, &r.public_jwk)).await?;
+        Ok(Response::new(MintWitSvidResponse { token }))
     }
 }

@@ -120,7 +120,10 @@ async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, handler: Handler
     }
 }
 
-/// The SPIFFE bundle document of this trust domain.
+/// The SPIFFE bundle document of this trust domain: X.509 authorities
+/// (`use: x509-svid`), JWT-SVID authorities (`use: jwt-svid`) and WIT-SVID
+/// authorities (`use: wit-svid`). The OIDC `/keys` document has the JWT
+/// keys only, so no OIDC verifier ever accepts a WIT.
 pub fn bundle_document(state: &ServerState, refresh_hint: Duration) -> Value {
     let jwks: Value = serde_json::from_slice(&state.jwt_bundle()).unwrap_or(json!({"keys": []}));
     let jwt_keys = jwks
@@ -134,6 +137,13 @@ pub fn bundle_document(state: &ServerState, refresh_hint: Duration) -> Value {
         state.bundle_sequence(),
         refresh_hint.as_secs(),
     )
+    .map(|mut doc| {
+        let wit: Value = serde_json::from_slice(&state.wit_bundle()).unwrap_or(json!({"keys": []}));
+        if let Some(keys) = wit.get("keys").and_then(Value::as_array) {
+            sigil_core::bundle::add_wit_authorities(&mut doc, keys);
+        }
+        doc
+    })
     .unwrap_or_else(|e| json!({"error": e.to_string()}))
 }
 

@@ -100,8 +100,9 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
     // datastore call, so off the runtime like every periodic job).
     periodic(&state, "key rotation", Duration::from_secs(1), |s| {
         let rotated = s.rotate_keys().map(drop);
+        let wit = s.rotate_wit_keys().map(drop);
         s.cluster_keys_tick();
-        rotated
+        rotated.and(wit)
     });
     // CRLs: re-signed at half their lifetime and whenever the published
     // CAs change (which rotation does); a re-signing rebuilds the withdrawn

@@ -28,6 +28,8 @@ pub struct Trust {
     pub killed: Vec<String>,
     /// CRLs (DER) of the trust domain's CAs.
     pub crl: Vec<Vec<u8>>,
+    /// JWKS document of the WIT-SVID authorities (`use: wit-svid`).
+    pub wit_bundle: Vec<u8>,
 }
 
 /// Remembers what one stream has been sent.
@@ -91,6 +93,7 @@ impl SyncTracker {
             removed: if delta { removed } else { Vec::new() },
             killed_spiffe_ids: trust.killed.clone(),
             crl: trust.crl.clone(),
+            wit_bundle: trust.wit_bundle.clone(),
             ..Default::default()
         };
         self.sent = Some(Sent {
@@ -164,6 +167,7 @@ pub fn chunks(update: SyncUpdate) -> Vec<SyncUpdate> {
             removed: update.removed,
             killed_spiffe_ids: update.killed_spiffe_ids,
             crl: update.crl,
+            wit_bundle: update.wit_bundle,
             ..Default::default()
         });
         return out;

@@ -82,6 +82,8 @@ fn entry(n: u32) -> Entry {
             dns_names: vec!["w.example.org".into()],
             // Every entry round-trips its delegable scopes (issue 11 §5).
             delegable_scopes: vec!["mail.read".into(), format!("s{n}")],
+            // And the WIT-SVID opt-in.
+            wit_svid: n.is_multiple_of(2),
             ..Default::default()
         },
         &td(),
@@ -491,6 +493,11 @@ fn server_keys(seq: u64, kid: &str) -> ServerKeysRecord {
         }],
         jwt: vec![PublishedJwt {
             jwk: serde_json::json!({"kty": "EC", "kid": kid}),
+            not_after: 2_000_000_000,
+        }],
+        // WIT-SVID keys round-trip in both backends too.
+        wit: vec![PublishedJwt {
+            jwk: serde_json::json!({"kty": "EC", "kid": format!("wit-{kid}"), "use": "wit-svid"}),
             not_after: 2_000_000_000,
         }],
         sequence: seq,

@@ -17,8 +17,8 @@ use sigil_proto::workload::spiffe_workload_api_server::{
 };
 use sigil_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svidRequest,
-    X509svidResponse,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
+    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -44,6 +44,21 @@ impl SpiffeWorkloadApi for Bare {
     type FetchX509SVIDStream = Once<X509svidResponse>;
     type FetchX509BundlesStream = Once<X509BundlesResponse>;
     type FetchJWTBundlesStream = Once<JwtBundlesResponse>;
+    type FetchWITSVIDStream = Once<WitsvidResponse>;
+    type FetchWITBundlesStream = Once<WitBundlesResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        _req: Request<WitsvidRequest>,
+    ) -> std::result::Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented("bare reference"))
+    }
+    async fn fetch_wit_bundles(
+        &self,
+        _req: Request<WitBundlesRequest>,
+    ) -> std::result::Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented("bare reference"))
+    }
 
     async fn fetch_x509svid(
         &self,

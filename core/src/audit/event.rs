@@ -89,6 +89,24 @@ pub enum Event {
         /// Its `exp`, Unix seconds.
         expires_at: i64,
     },
+    /// A WIT-SVID was signed (it has no audience; it binds a workload key).
+    WitSvidIssued {
+        /// The agent that asked for it.
+        #[serde(with = "serde_text")]
+        agent_id: SpiffeId,
+        /// The entry it was issued under.
+        entry_id: String,
+        /// Its `sub`.
+        #[serde(with = "serde_text")]
+        spiffe_id: SpiffeId,
+        /// Its `jti`.
+        jti: String,
+        /// Its `exp`, Unix seconds.
+        expires_at: i64,
+        /// The RFC 7638 SHA-256 thumbprint of the workload key it binds
+        /// (`cnf.jwk`), base64url: which key a WIT shown later was for.
+        cnf_jkt: String,
+    },
     /// A registration entry was created.
     EntryCreated {
         /// The new entry's ID.
@@ -353,6 +371,7 @@ impl Event {
             Self::AgentSvidRenewed { .. } => "agent_svid_renewed",
             Self::X509SvidsIssued { .. } => "x509_svids_issued",
             Self::JwtSvidIssued { .. } => "jwt_svid_issued",
+            Self::WitSvidIssued { .. } => "wit_svid_issued",
             Self::EntryCreated { .. } => "entry_created",
             Self::EntryUpdated { .. } => "entry_updated",
             Self::EntryDeleted { .. } => "entry_deleted",

@@ -127,7 +127,19 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
                 .get_bundle(GetBundleRequest {})
                 .await?
                 .into_inner();
-            print_bundle(format, &b.x509_authorities, &b.jwt_bundle, b.sequence)?;
+            if format == BundleFormat::Spiffe && !b.wit_bundle.is_empty() {
+                // The SPIFFE form also lists the WIT-SVID keys (`use: wit-svid`).
+                let text =
+                    render::bundle_text(true, &b.x509_authorities, &b.jwt_bundle, b.sequence)?;
+                let mut doc: serde_json::Value = serde_json::from_str(&text)?;
+                let wit: serde_json::Value = serde_json::from_slice(&b.wit_bundle)?;
+                if let Some(keys) = wit.get("keys").and_then(serde_json::Value::as_array) {
+                    sigil_core::bundle::add_wit_authorities(&mut doc, keys);
+                }
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print_bundle(format, &b.x509_authorities, &b.jwt_bundle, b.sequence)?;
+            }
         }
         BundleCmd::Set {
             admin,

@@ -75,6 +75,10 @@ pub struct EntryFields {
     /// exchange); repeat for several (replaces all on update).
     #[arg(long = "delegable-scope")]
     delegable_scopes: Vec<String>,
+    /// Let the entry's workloads fetch WIT-SVIDs (WIMSE workload identity
+    /// tokens) over the Workload API (`--wit-svid false` turns it off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    wit_svid: Option<bool>,
 }
 
 /// `sigil-server entry ...`.
@@ -200,6 +204,7 @@ impl EntryFields {
         mark(!self.jwt_claims.is_empty(), "jwt_claims");
         mark(self.task_ttl_max.is_some(), "task_ttl_max");
         mark(!self.delegable_scopes.is_empty(), "delegable_scopes");
+        mark(self.wit_svid.is_some(), "wit_svid");
         let expires_at = match &self.expires_at {
             None => 0,
             Some(s) => {
@@ -232,6 +237,7 @@ impl EntryFields {
             jwt_claims: jwt_claims(&self.jwt_claims)?,
             task_ttl_max: secs_from("--task-ttl-max", &self.task_ttl_max)?,
             delegable_scopes: self.delegable_scopes.clone(),
+            wit_svid: self.wit_svid.unwrap_or(false),
             ..Default::default()
         };
         Ok((pb, set))

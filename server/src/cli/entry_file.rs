@@ -81,6 +81,8 @@ struct FileEntry {
     task_ttl_max: Option<Ttl>,
     #[serde(default)]
     delegable_scopes: Vec<String>,
+    #[serde(default)]
+    wit_svid: bool,
 }
 
 fn bad(i: usize, reason: impl std::fmt::Display) -> CliError {
@@ -124,6 +126,7 @@ impl FileEntry {
             require_approval: self.require_approval,
             jwt_claims: self.jwt_claims.into_iter().collect(),
             delegable_scopes: self.delegable_scopes,
+            wit_svid: self.wit_svid,
             ..Default::default()
         })
     }

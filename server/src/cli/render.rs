@@ -107,6 +107,7 @@ pub fn entry_json(e: &Entry) -> Value {
         "jwt_claims": e.jwt_claims,
         "task_ttl_max": e.task_ttl_max,
         "delegable_scopes": e.delegable_scopes,
+        "wit_svid": e.wit_svid,
         "expires_at": time_or_null(e.expires_at),
         "revision": e.revision,
         "created_at": rfc3339(e.created_at),
@@ -154,6 +155,9 @@ pub(crate) fn print_entry(e: &Entry) {
     }
     if e.require_approval {
         println!("Require approval : true");
+    }
+    if e.wit_svid {
+        println!("WIT-SVID         : true");
     }
     if e.task_ttl_max != 0 {
         println!("Task TTL max     : {}", e.task_ttl_max);

@@ -217,6 +217,10 @@ pub struct ServerKeysRecord {
     pub x509: Vec<PublishedCa>,
     /// JWT public keys (JWK), oldest first.
     pub jwt: Vec<PublishedJwt>,
+    /// WIT-SVID public keys (JWK, `use: wit-svid`), oldest first. Absent
+    /// in records written before WIT-SVIDs.
+    #[serde(default)]
+    pub wit: Vec<PublishedJwt>,
     /// The cluster-wide bundle sequence number at publication: greater than
     /// every other server's record when written, so the bundle's sequence
     /// only grows whichever server changed its keys.
@@ -264,6 +268,11 @@ impl ServerKeysRecord {
                 return Err(corrupt("server keys", key, "jwt: a JWK without kid"));
             }
         }
+        for j in &r.wit {
+            if j.jwk.get("kid").and_then(|k| k.as_str()).is_none() {
+                return Err(corrupt("server keys", key, "wit: a JWK without kid"));
+            }
+        }
         Ok(r)
     }
 
@@ -273,6 +282,7 @@ impl ServerKeysRecord {
             .iter()
             .map(|c| c.not_after)
             .chain(self.jwt.iter().map(|j| j.not_after))
+            .chain(self.wit.iter().map(|j| j.not_after))
             .max()
             .unwrap_or(0)
     }

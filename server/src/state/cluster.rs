@@ -55,13 +55,14 @@ impl ClusterKeys {
     fn drop_expired(&mut self, now: i64) -> bool {
         let mut changed = false;
         for (_, r) in &mut self.others {
-            let before = r.x509.len() + r.jwt.len();
+            let before = r.x509.len() + r.jwt.len() + r.wit.len();
             r.x509.retain(|c| c.not_after > now);
             r.jwt.retain(|j| j.not_after > now);
-            changed |= r.x509.len() + r.jwt.len() != before;
+            r.wit.retain(|j| j.not_after > now);
+            changed |= r.x509.len() + r.jwt.len() + r.wit.len() != before;
         }
         self.others
-            .retain(|(_, r)| !(r.x509.is_empty() && r.jwt.is_empty()));
+            .retain(|(_, r)| !(r.x509.is_empty() && r.jwt.is_empty() && r.wit.is_empty()));
         changed
     }
 }
@@ -76,6 +77,7 @@ impl ServerState {
             let (x509, jwt) = keys.published();
             (keys.server_id().to_string(), x509, jwt)
         };
+        let wit = self.own_wit_authorities();
         let now = now_unix();
         let all = self.store.transact(|tx| {
             let mut all = tx.server_keys()?;
@@ -90,6 +92,7 @@ impl ServerState {
             let mine = ServerKeysRecord {
                 x509: x509.clone(),
                 jwt: jwt.clone(),
+                wit: wit.clone(),
                 sequence,
                 published_at: now,
             };
@@ -195,6 +198,26 @@ impl ServerState {
         if let Ok(c) = self.cluster.read() {
             for (_, r) in &c.others {
                 for j in &r.jwt {
+                    if !jwks.iter().any(|k| k.get("kid") == j.jwk.get("kid")) {
+                        jwks.push(j.jwk.clone());
+                    }
+                }
+            }
+        }
+        jwks
+    }
+
+    /// Every WIT-SVID authority of the cluster: this server's, then the
+    /// others' (each `kid` once).
+    pub(super) fn cluster_wit_authorities(&self) -> Vec<serde_json::Value> {
+        let mut jwks: Vec<serde_json::Value> = self
+            .own_wit_authorities()
+            .into_iter()
+            .map(|p| p.jwk)
+            .collect();
+        if let Ok(c) = self.cluster.read() {
+            for (_, r) in &c.others {
+                for j in &r.wit {
                     if !jwks.iter().any(|k| k.get("kid") == j.jwk.get("kid")) {
                         jwks.push(j.jwk.clone());
                     }

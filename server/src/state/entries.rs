@@ -45,6 +45,7 @@ fn entry_json(e: &Entry) -> serde_json::Value {
         "jwt_claims": p.jwt_claims,
         "task_ttl_max": p.task_ttl_max,
         "delegable_scopes": p.delegable_scopes,
+        "wit_svid": p.wit_svid,
     })
 }
 
@@ -136,11 +137,12 @@ pub enum EntryField {
     JwtClaims,
     TaskTtlMax,
     DelegableScopes,
+    WitSvid,
 }
 
 impl EntryField {
     /// Every field, with its wire name.
-    pub const ALL: [(EntryField, &'static str); 18] = [
+    pub const ALL: [(EntryField, &'static str); 19] = [
         (Self::SpiffeId, "spiffe_id"),
         (Self::ParentId, "parent_id"),
         (Self::Selectors, "selectors"),
@@ -159,6 +161,7 @@ impl EntryField {
         (Self::JwtClaims, "jwt_claims"),
         (Self::TaskTtlMax, "task_ttl_max"),
         (Self::DelegableScopes, "delegable_scopes"),
+        (Self::WitSvid, "wit_svid"),
     ];
 
     /// The wire name.
@@ -190,6 +193,7 @@ impl EntryField {
             Self::JwtClaims => to.jwt_claims = from.jwt_claims.clone(),
             Self::TaskTtlMax => to.task_ttl_max = from.task_ttl_max,
             Self::DelegableScopes => to.delegable_scopes = from.delegable_scopes.clone(),
+            Self::WitSvid => to.wit_svid = from.wit_svid,
         }
     }
 

@@ -22,7 +22,8 @@
 //! - [`approvals`] — the approval gate of `require_approval` entries;
 //! - [`claims`] — the context claims of JWT-SVIDs;
 //! - [`tasks`] — task-scoped identities (start, mint, end, deadline);
-//! - [`delegation`] — token exchange: delegation tokens on behalf of a user.
+//! - [`delegation`] — token exchange: delegation tokens on behalf of a user;
+//! - [`wit`] — WIT-SVID signing keys and signing WIT-SVIDs for an agent.
 //!
 //! Every mutation names its [`Caller`] and runs as one datastore write
 //! transaction ([`Datastore::write`]), reading the records it changes inside
@@ -53,6 +54,7 @@ mod tasks;
 mod tests;
 mod tokens;
 mod usage;
+mod wit;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -80,6 +82,7 @@ pub use entries::{EntryField, MAX_ENTRY_BATCH};
 pub use health::DatastoreHealth;
 pub use review::{AgentReview, EntryReview, ReviewQuery};
 pub use tasks::{MAX_TASK_NAME, TASK_KILL_GRACE, TaskQuery, TaskSvid, end_reason};
+pub use wit::{WIT_KEYS_FILE, WitKeys};
 
 /// The outcome of a verified node attestation.
 pub struct NodeAttestation {
@@ -140,6 +143,8 @@ pub struct ServerState {
     keys_unpublished: std::sync::atomic::AtomicBool,
     /// The change feed followed (shared datastore), for the health check.
     feed: health::FeedCursor,
+    /// The WIT-SVID signing keys (`wit_keys.json`).
+    wit_keys: RwLock<wit::WitKeys>,
 }
 
 fn poisoned() -> RegistryError {
@@ -181,6 +186,8 @@ impl ServerState {
             )
         };
         let (global, _) = watch::channel(0);
+        let wit_keys = wit::WitKeys::load_or_create(&cfg.data_dir, cfg.ca_ttl)
+            .map_err(|e| StoreError::Backend(format!("WIT-SVID keys: {e}")))?;
         let state = Self {
             cfg,
             store,
@@ -203,6 +210,7 @@ impl ServerState {
             cluster: RwLock::default(),
             keys_unpublished: std::sync::atomic::AtomicBool::new(true),
             feed: health::FeedCursor::default(),
+            wit_keys: RwLock::new(wit_keys),
         };
         // Publish before use: the keys are in the datastore (and the other
         // servers' keys in this server's bundle) before anything is served.
