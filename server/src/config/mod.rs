@@ -19,8 +19,8 @@ use sigil_core::duration::parse_field;
 mod attestation;
 mod datastore;
 mod federation;
-mod upstream;
 mod key_manager;
+mod upstream;
 
 pub use attestation::TpmConfig;
 use attestation::{RawTpm, RawX509Pop};
@@ -30,9 +30,9 @@ pub use datastore::{
 };
 pub use federation::{BundleEndpointConfig, EndpointProfile, FederationConfig, OidcConfig};
 use federation::{RawBundleEndpoint, RawFederation, RawOidc};
-pub use upstream::UpstreamConfig;
 use key_manager::RawKeyManager;
 pub use key_manager::{KeyManagerKind, Pkcs11Config};
+pub use upstream::UpstreamConfig;
 
 /// Built-in admin socket path (DESIGN.md).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";

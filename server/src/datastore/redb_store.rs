@@ -76,7 +76,7 @@ impl RedbStore {
             // No figure: let redb try (and report what it finds).
             return Ok(());
         };
-        let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+        let free = st.blocks_available().saturating_mul(st.fragment_size());
         if free < SPACE_RESERVE {
             return Err(StoreError::NoSpace(format!(
                 "{free} bytes free on the filesystem of {}, below the {SPACE_RESERVE} kept in reserve (no space left for writes)",
