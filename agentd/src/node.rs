@@ -273,9 +273,28 @@ impl ServerLink {
 
     async fn renew_once(&self) -> Result<(), String> {
         let ch = self.channel.borrow().clone();
+        // An SVID that ran out (the server was away longer than its life)
+        // is refused at the handshake, so it cannot be renewed with.
+        let expired = self.svid.borrow().not_after <= now_unix();
         let (svid, bundle) = match &self.prover {
-            // Fresh evidence (new nonce, new quote) on every renewal.
+            // Fresh evidence (new nonce, new quote) on every renewal; once
+            // the SVID has expired, over a connection that presents none,
+            // as at the first attestation (the server is still
+            // authenticated by the current bundle).
+            Some(prover) if expired => {
+                tracing::warn!("the agent SVID expired: attesting again");
+                let anonymous = Arc::new(SvidCertResolver::default());
+                let ch = Self::make_channel(&self.cfg, &self.bundle, &anonymous, &self.preferred)?;
+                crate::attestation::attest(ch, prover).await?
+            }
             Some(prover) => crate::attestation::attest(ch, prover).await?,
+            None if expired => {
+                return Err(format!(
+                    "the agent SVID expired at {} while the server could not be reached; a join-token node cannot renew it: run `sigil-server agent evict {}` and restart the agent with a new --join-token",
+                    sigil_core::rfc3339(self.svid.borrow().not_after),
+                    self.svid.borrow().spiffe_id
+                ));
+            }
             None => {
                 let (csr, key) = new_key_and_csr().map_err(|e| e.to_string())?;
                 let resp = AgentApiClient::new(ch)

@@ -475,3 +475,149 @@ async fn the_agent_survives_its_data_dir_deleted_and_refuses_a_corrupt_identity_
     })
     .await;
 }
+
+/// Debian's libfaketime, which fakes the wall clock of the process it is
+/// preloaded into.
+fn libfaketime() -> std::path::PathBuf {
+    fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|d| d.path().join("faketime/libfaketime.so.1"))
+        .find(|p| p.is_file())
+        .expect("libfaketime is missing: `scripts/install-deps test` installs it")
+}
+
+/// notAfter of the X.509-SVID the agent serves now, if it serves one.
+async fn served_not_after(addr: &str) -> Option<i64> {
+    let client = spiffe::WorkloadApiClient::connect_to(addr).await.ok()?;
+    let svid = client.fetch_x509_svid().await.ok()?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(svid.leaf().as_ref()).ok()?;
+    Some(leaf.validity().not_after.timestamp())
+}
+
+/// Steps the agent's clock to `offset` (libfaketime syntax, e.g. `-3600`)
+/// and checks, until `window` has passed and the agent has answered once
+/// after it, that every SVID it serves is unexpired by the real clock.
+async fn step_and_watch(addr: &str, clock: &Path, offset: &str, window: Duration) {
+    fs::write(clock, format!("{offset}\n")).unwrap();
+    let until = sigil_core::now_unix() + window.as_secs() as i64;
+    let mut answered_after = false;
+    while !answered_after {
+        let now = sigil_core::now_unix();
+        if let Some(not_after) = served_not_after(addr).await {
+            assert!(
+                not_after > sigil_core::now_unix(),
+                "clock stepped {offset}: the agent served an SVID that expired at {not_after} (now {now})"
+            );
+        }
+        answered_after = now > until;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stepped_agent_clock_never_keeps_an_expired_svid_in_use_and_the_agent_recovers() {
+    // SVIDs of 8 s; the agent's wall clock is faked (its monotonic clock
+    // is not, as when NTP or an operator steps a real clock).
+    let mut c = Cluster::start_with("default_x509_svid_ttl = \"8s\"\n");
+    let clock = c.dir.0.join("agent-clock");
+    fs::write(&clock, "+0\n").unwrap();
+    c.agent_env = vec![
+        ("LD_PRELOAD".into(), libfaketime().display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), clock.display().to_string()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    c.start_agent(AGENT);
+    c.create_entry("spiffe://example.org/w", &["--selector", &my_uid_selector()]);
+    let addr = c.api_addr();
+    let dir = c.dir.0.clone();
+    for offset in ["-3600", "+3600"] {
+        eventually("a valid SVID", LONG, || async {
+            served_not_after(&addr)
+                .await
+                .filter(|t| *t > sigil_core::now_unix())
+        })
+        .await;
+        // Three SVID lifetimes with the clock an hour off: whatever the
+        // agent serves is still valid by the real clock.
+        step_and_watch(&addr, &clock, offset, Duration::from_secs(24)).await;
+        // Back to the right time: it serves fresh SVIDs again.
+        fs::write(&clock, "+0\n").unwrap();
+    }
+    eventually("a valid SVID after the clock is right", LONG, || async {
+        served_not_after(&addr)
+            .await
+            .filter(|t| *t > sigil_core::now_unix())
+    })
+    .await;
+    assert!(
+        log_count(&dir, "agent.log", "clock differs from the server") > 0
+            || log_count(&dir, "agent.log", "NotValidYet") > 0
+            || log_count(&dir, "agent.log", "Expired") > 0,
+        "the agent never said what was wrong with its clock:\n{}",
+        c.logs()
+    );
+    assert_eq!(log_count(&dir, "agent.log", "panicked"), 0);
+}
+
+#[tokio::test]
+async fn an_x509pop_agent_outlives_a_server_outage_longer_than_its_svids_and_comes_back() {
+    // Workload SVIDs of 4 s, agent SVIDs of 6 s; the agent attests by
+    // x509pop, so it can attest again on its own.
+    let pki = Scratch::new("faults-nodepki");
+    sigil_tests::pki::x509pop_node(&pki.0, "nodeca", "node-1");
+    let mut c = Cluster::start_with(&format!(
+        "agent_svid_ttl = \"6s\"\ndefault_x509_svid_ttl = \"4s\"\n[x509pop]\nca_bundle_path = \"{}/nodeca.pem\"\n",
+        pki.0.display()
+    ));
+    c.start_agent_configured(&format!(
+        "node_attestor = \"x509pop\"\n[x509pop]\ncert_path = \"{d}/node-1.pem\"\nkey_path = \"{d}/node-1.key\"\n",
+        d = pki.0.display()
+    ));
+    let agent_id = c.agents_json()["agents"][0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.create_entry_under(
+        &agent_id,
+        "spiffe://example.org/w",
+        &["--selector", &my_uid_selector()],
+    );
+    let addr = c.api_addr();
+    eventually("the SVID", LONG, || async {
+        fetch_x509_id(&addr)
+            .await
+            .ok()
+            .filter(|id| id == "spiffe://example.org/w")
+    })
+    .await;
+
+    // The server is away longer than both lifetimes: the agent withdraws
+    // the expired workload SVID, and its own SVID runs out.
+    c.stop_server();
+    let err = eventually("the expired SVID to be withdrawn", LONG, || async {
+        fetch_x509_id(&addr).await.err()
+    })
+    .await;
+    println!("while the server is away: {err}");
+    let dir = c.dir.0.clone();
+    eventually("the agent SVID to expire", LONG, || async {
+        let raw = fs::read(dir.join("agent/data/agent_svid.pem")).ok()?;
+        let cert = pem::parse(raw).ok()?;
+        let (_, x) = x509_parser::parse_x509_certificate(cert.contents()).ok()?;
+        (x.validity().not_after.timestamp() < sigil_core::now_unix()).then_some(())
+    })
+    .await;
+    // Once the server is back the agent attests again and serves.
+    c.start_server();
+    eventually("the SVID after the outage", LONG, || async {
+        fetch_x509_id(&addr)
+            .await
+            .ok()
+            .filter(|id| id == "spiffe://example.org/w")
+    })
+    .await;
+    assert!(log_count(&dir, "agent.log", "the agent SVID expired: attesting again") > 0);
+    assert_eq!(log_count(&dir, "agent.log", "panicked"), 0);
+}
