@@ -132,6 +132,9 @@ pub struct Snapshot {
     /// Set when the agent has been cut off from the server for longer than
     /// `serve_offline_for`: nothing is served until the sync stream is back.
     pub offline: bool,
+    /// The sync stream to the server is down (since the last complete
+    /// update): an SVID that expires now cannot be renewed until it is back.
+    pub unreachable: bool,
 }
 
 impl Snapshot {
@@ -420,8 +423,11 @@ impl Cache {
                 self.apply(s);
             }
             SyncEvent::Lost => {
-                self.offline_since
-                    .get_or_insert_with(tokio::time::Instant::now);
+                if self.offline_since.is_none() {
+                    self.offline_since = Some(tokio::time::Instant::now());
+                    // Callers waiting for a first SVID learn that none is coming.
+                    self.publish();
+                }
             }
         }
     }
@@ -479,6 +485,7 @@ impl Cache {
             trust: self.trust.clone(),
             synced: self.synced,
             offline: self.offline,
+            unreachable: self.offline_since.is_some(),
         }));
     }
 
@@ -819,11 +826,11 @@ impl JwtCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sigil_core::SpiffeId;
 
-    fn entry(id: usize, selectors: &[&str]) -> Arc<Entry> {
+    pub(crate) fn entry(id: usize, selectors: &[&str]) -> Arc<Entry> {
         Arc::new(Entry {
             id: format!("e{id:03}"),
             spiffe_id: SpiffeId::new(format!("spiffe://example.org/w{id}")).unwrap(),
@@ -852,7 +859,7 @@ mod tests {
         })
     }
 
-    fn set(selectors: &[&str]) -> SelectorSet {
+    pub(crate) fn set(selectors: &[&str]) -> SelectorSet {
         selectors.iter().map(|s| s.parse().unwrap()).collect()
     }
 

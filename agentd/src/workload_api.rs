@@ -228,11 +228,25 @@ fn offline() -> Status {
     )
 }
 
+/// Why an entitled caller gets no SVID: none is valid and the server,
+/// which would renew it, cannot be reached.
+fn unrenewable() -> Status {
+    Status::unavailable(
+        "no valid SVID: the server cannot be reached to issue or renew it (expired SVIDs are never served); retry later",
+    )
+}
+
 fn no_identity(snap: &Snapshot) -> Result<(), Status> {
     if snap.offline {
         Err(offline())
     } else if snap.synced {
         Err(Status::permission_denied("no identity issued"))
+    } else if snap.unreachable {
+        // Not synced since it started, and the server is away: waiting
+        // would leave the caller hanging for as long as the outage lasts.
+        Err(Status::unavailable(
+            "this agent has not synced with the server yet and cannot reach it: no identity can be served until it does; retry later",
+        ))
     } else {
         Ok(())
     }
@@ -272,7 +286,13 @@ pub(crate) fn x509_response(
         })
         .collect();
     if svids.is_empty() {
-        return Ok(None);
+        // Entitled, but nothing valid: wait for the mint, unless the
+        // server cannot be reached to do it.
+        return if snap.unreachable {
+            Err(unrenewable())
+        } else {
+            Ok(None)
+        };
     }
     let federated_bundles = federations(&matching)
         .into_iter()
@@ -679,5 +699,56 @@ impl SpiffeWorkloadApi for WorkloadApi {
             spiffe_id: v.spiffe_id.to_string(),
             claims: Some(to_prost_struct(&v.claims)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::EntrySet;
+    use crate::cache::tests::{entry, set};
+
+    /// A snapshot entitling `unix:uid:1000` to one entry, with no SVID.
+    fn entitled_without_svid(synced: bool, unreachable: bool) -> Snapshot {
+        Snapshot {
+            entries: Arc::new(EntrySet::new(vec![entry(1, &["unix:uid:1000"])])),
+            synced,
+            unreachable,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_entitled_caller_without_a_valid_svid_waits_only_while_the_server_is_reachable() {
+        let caller = set(&["unix:uid:1000"]);
+        // Reachable: the mint is coming, the stream waits for it.
+        let snap = entitled_without_svid(true, false);
+        assert!(matches!(x509_response(&snap, &caller), Ok(None)));
+        // The server is away: no SVID is coming, the caller is told so.
+        let snap = entitled_without_svid(true, true);
+        let st = x509_response(&snap, &caller).expect_err("an error");
+        assert_eq!(st.code(), tonic::Code::Unavailable);
+        assert!(
+            st.message().contains("cannot be reached"),
+            "{}",
+            st.message()
+        );
+    }
+
+    #[test]
+    fn before_the_first_sync_callers_wait_unless_the_server_is_away() {
+        let caller = set(&["unix:uid:1000"]);
+        let empty = |unreachable| Snapshot {
+            unreachable,
+            ..Default::default()
+        };
+        assert!(matches!(x509_response(&empty(false), &caller), Ok(None)));
+        let st = x509_response(&empty(true), &caller).expect_err("an error");
+        assert_eq!(st.code(), tonic::Code::Unavailable);
+        assert!(st.message().contains("not synced"), "{}", st.message());
+        // Synced, and nothing for this caller: refused as before.
+        let other = entitled_without_svid(true, true);
+        let st = x509_response(&other, &set(&["unix:uid:2000"])).expect_err("an error");
+        assert_eq!(st.code(), tonic::Code::PermissionDenied);
     }
 }

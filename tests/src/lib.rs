@@ -448,6 +448,11 @@ impl Cluster {
     /// Spawns the agent with `extra` agent config, without waiting.
     pub fn spawn_agent_with(&self, token: Option<&str>, extra: &str) -> Child {
         let cfg = self.write_agent_config_with(extra);
+        self.spawn_agent_from(&cfg, token)
+    }
+
+    /// Spawns the agent with the config at `cfg`, without waiting.
+    fn spawn_agent_from(&self, cfg: &Path, token: Option<&str>) -> Child {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -494,6 +499,15 @@ impl Cluster {
         self.stop_agent();
         self.agent = Some(self.spawn_agent(None));
         self.wait_agent_healthy();
+    }
+
+    /// Restarts the agent from its stored identity (no token) without
+    /// waiting for it to sync (e.g. while the server is down).
+    /// It keeps the config it had.
+    pub fn respawn_agent(&mut self) {
+        self.stop_agent();
+        let cfg = self.dir.0.join("agent.toml");
+        self.agent = Some(self.spawn_agent_from(&cfg, None));
     }
 
     pub fn wait_agent_healthy(&self) {

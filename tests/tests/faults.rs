@@ -524,12 +524,18 @@ async fn a_stepped_agent_clock_never_keeps_an_expired_svid_in_use_and_the_agent_
     fs::write(&clock, "+0\n").unwrap();
     c.agent_env = vec![
         ("LD_PRELOAD".into(), libfaketime().display().to_string()),
-        ("FAKETIME_TIMESTAMP_FILE".into(), clock.display().to_string()),
+        (
+            "FAKETIME_TIMESTAMP_FILE".into(),
+            clock.display().to_string(),
+        ),
         ("FAKETIME_NO_CACHE".into(), "1".into()),
         ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
     ];
     c.start_agent(AGENT);
-    c.create_entry("spiffe://example.org/w", &["--selector", &my_uid_selector()]);
+    c.create_entry(
+        "spiffe://example.org/w",
+        &["--selector", &my_uid_selector()],
+    );
     let addr = c.api_addr();
     let dir = c.dir.0.clone();
     for offset in ["-3600", "+3600"] {
@@ -551,6 +557,12 @@ async fn a_stepped_agent_clock_never_keeps_an_expired_svid_in_use_and_the_agent_
             .filter(|t| *t > sigil_core::now_unix())
     })
     .await;
+    for needle in ["clock differs from the server", "NotValidYet", "Expired"] {
+        println!(
+            "agent log lines with {needle:?}: {}",
+            log_count(&dir, "agent.log", needle)
+        );
+    }
     assert!(
         log_count(&dir, "agent.log", "clock differs from the server") > 0
             || log_count(&dir, "agent.log", "NotValidYet") > 0
@@ -619,5 +631,71 @@ async fn an_x509pop_agent_outlives_a_server_outage_longer_than_its_svids_and_com
     })
     .await;
     assert!(log_count(&dir, "agent.log", "the agent SVID expired: attesting again") > 0);
+    assert_eq!(log_count(&dir, "agent.log", "panicked"), 0);
+}
+
+#[tokio::test]
+async fn an_agent_restarted_while_the_server_is_down_serves_nothing_until_it_resyncs() {
+    // Workload private keys never touch the agent's disk: only its own
+    // identity and the bundle are stored. An agent restarted during an
+    // outage therefore comes up on its stored identity, serves no SVID
+    // (and so no stale or expired one), and serves again once it syncs.
+    let mut c = Cluster::start();
+    c.start_agent(AGENT);
+    c.create_entry(
+        "spiffe://example.org/w",
+        &["--selector", &my_uid_selector()],
+    );
+    let addr = c.api_addr();
+    eventually("the SVID", LONG, || async {
+        fetch_x509_id(&addr)
+            .await
+            .ok()
+            .filter(|id| id == "spiffe://example.org/w")
+    })
+    .await;
+    let data = c.dir.0.join("agent/data");
+    let stored: BTreeSet<String> = fs::read_dir(&data)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    // Nothing but the agent's own identity and trust material on disk.
+    for name in &stored {
+        let text = fs::read_to_string(data.join(name)).unwrap_or_default();
+        assert!(
+            !text.contains("spiffe://example.org/w"),
+            "{name} in the agent's data_dir holds the workload's identity"
+        );
+    }
+
+    c.stop_server();
+    let dir = c.dir.0.clone();
+    let before = log_count(&dir, "agent.log", "sync stream failed");
+    // Restarted from its stored identity (no token) while the server is away.
+    c.respawn_agent();
+    eventually("the restarted agent to try the server", LONG, || async {
+        (log_count(&dir, "agent.log", "sync stream failed") > before).then_some(())
+    })
+    .await;
+    // Once its socket is up it answers at once (a status, not a hang).
+    let err = eventually("the Workload API to answer", LONG, || async {
+        fetch_x509_id(&addr)
+            .await
+            .err()
+            .filter(|e| !e.contains("transport error"))
+    })
+    .await;
+    println!("restarted while the server is away: {err}");
+    assert!(err.contains("not synced"), "{err}");
+
+    c.start_server();
+    eventually("the SVID after the server is back", LONG, || async {
+        fetch_x509_id(&addr)
+            .await
+            .ok()
+            .filter(|id| id == "spiffe://example.org/w")
+    })
+    .await;
     assert_eq!(log_count(&dir, "agent.log", "panicked"), 0);
 }
