@@ -4,7 +4,8 @@
 //! The rules for accepting a bundle live here, once, for both ways one
 //! arrives (`bundle set` by an operator, and the bundle endpoint poller):
 //! not this server's own trust domain; at least one authority; every X.509
-//! authority a certificate; a JWKS only of asymmetric keys with a `kid`;
+//! authority a certificate, none naming another trust domain in a
+//! `spiffe://` URI SAN; a JWKS only of asymmetric keys with a `kid`;
 //! and no rollback: a bundle whose `spiffe_sequence` is lower than the
 //! stored one's is refused (checked inside the write transaction, against
 //! what is stored, so two writers cannot interleave).
@@ -55,9 +56,14 @@ impl ServerState {
             ));
         }
         for der in &b.x509_authorities {
-            x509_parser::parse_x509_certificate(der).map_err(|e| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| {
                 RegistryError::invalid(format!("invalid field `bundle`: bad certificate: {e}"))
             })?;
+            if let Some(named) = foreign_trust_domain(&cert, td) {
+                return Err(RegistryError::invalid(format!(
+                    "invalid field `bundle`: an X.509 authority names trust domain {named}, not {td}"
+                )));
+            }
         }
         if !b.jwt_bundle.is_empty() {
             sigil_core::jwt::JwtBundle::from_jwks(&b.jwt_bundle)
@@ -139,6 +145,26 @@ impl ServerState {
     }
 }
 
+/// The trust domain named by a `spiffe://` URI SAN of `cert` that is not
+/// `td`, if any: a CA that says it belongs to another trust domain is not
+/// an authority of `td` (a bundle endpoint serving the wrong bundle, or
+/// one trying to smuggle a third trust domain's CA in). Authorities
+/// without a SPIFFE URI SAN (an upstream root, say) name nothing and pass.
+fn foreign_trust_domain(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    td: &TrustDomain,
+) -> Option<String> {
+    let san = cert.subject_alternative_name().ok().flatten()?;
+    san.value.general_names.iter().find_map(|g| match g {
+        x509_parser::extensions::GeneralName::URI(u) => {
+            let rest = u.strip_prefix("spiffe://")?;
+            let host = rest.split('/').next().unwrap_or(rest);
+            (!host.eq_ignore_ascii_case(td.as_str())).then(|| host.to_string())
+        }
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{admin, temp_state};
@@ -183,6 +209,23 @@ mod tests {
         let mut hmac = bundle(7);
         hmac.jwt_bundle = br#"{"keys":[{"kty":"oct","kid":"k","k":"c2VjcmV0"}]}"#.to_vec();
         assert!(s.set_federated_bundle(&admin(), &other, hmac).is_err());
+        // A CA that names another trust domain in its URI SAN is not
+        // other.org's authority, whatever its sequence.
+        let third = TrustDomain::new("third.org").unwrap();
+        let (ca, _) =
+            sigil_core::x509::Ca::generate(&third, std::time::Duration::from_secs(600)).unwrap();
+        let mut smuggled = bundle(9);
+        smuggled.x509_authorities.push(ca.cert_der().to_vec());
+        let before = s.federated_bundles();
+        let e = s
+            .set_federated_bundle(&admin(), &other, smuggled)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("names trust domain third.org, not other.org"),
+            "{e}"
+        );
+        assert_eq!(s.federated_bundles(), before);
         // Our own trust domain never.
         let own = s.trust_domain().clone();
         assert!(s.set_federated_bundle(&admin(), &own, bundle(1)).is_err());
