@@ -13,7 +13,8 @@
 //!   CA that names another trust domain is not other.org's authority;
 //! - a 64 MiB chunked body: cut off at the 1 MiB bound, server RSS
 //!   measured before and after;
-//! - malformed JSON: refused.
+//! - malformed JSON: refused;
+//! - a body trickled a byte a second: cut off after 10 s.
 //!
 //! After each the stored bundle is still the good one (keys and sequence),
 //! the server logged the refusal with its reason, and it still answers its
@@ -46,6 +47,8 @@ enum Serve {
     /// `200 OK` with a chunked body of this many bytes, written until the
     /// client stops reading.
     Huge(usize),
+    /// `200 OK` with a chunked body of one byte a second, for a minute.
+    Trickle,
 }
 
 /// The test's bundle endpoint.
@@ -156,6 +159,19 @@ impl Endpoint {
                             }
                             huge.fetch_max(written, Ordering::SeqCst);
                             let _ = tls.write_all(b"0\r\n\r\n").await;
+                        }
+                        Serve::Trickle => {
+                            let h = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                            if tls.write_all(h.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            let mut tick = tokio::time::interval(Duration::from_secs(1));
+                            for _ in 0..60 {
+                                tick.tick().await;
+                                if tls.write_all(b"1\r\n \r\n").await.is_err() {
+                                    break;
+                                }
+                            }
                         }
                     }
                 });
@@ -376,6 +392,21 @@ async fn a_hostile_federation_endpoint_can_neither_roll_back_swap_nor_flood_the_
             "bundle endpoint fetch failed",
             "trust_domain=other.org",
             "SPIFFE bundle:",
+        ],
+        &good,
+    )
+    .await;
+
+    // (e) A body trickled a byte a second: cut off after 10 s.
+    refused(
+        &a,
+        &ep,
+        Serve::Trickle,
+        "a trickled body",
+        &[
+            "bundle endpoint fetch failed",
+            "trust_domain=other.org",
+            "body: not complete within 10s",
         ],
         &good,
     )
