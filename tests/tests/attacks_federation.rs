@@ -7,7 +7,8 @@
 //! It first serves other.org's real bundle (from a running other.org
 //! server) with `spiffe_sequence` 10, which is stored. Then, in turn:
 //! - a bundle of another other.org server (other keys) with sequence 5: a
-//!   rollback, refused;
+//!   rollback, refused; the same without a sequence (which would reset the
+//!   stored sequence to 0, opening the way to any rollback): refused;
 //! - a bundle whose X.509 authority is the CA of `third.org` (its URI SAN
 //!   names `spiffe://third.org`), with a higher sequence: refused, since a
 //!   CA that names another trust domain is not other.org's authority;
@@ -324,6 +325,27 @@ async fn a_hostile_federation_endpoint_can_neither_roll_back_swap_nor_flood_the_
             "refused federated bundle",
             "trust_domain=other.org",
             "5 is older than the stored bundle's 10 (a rollback)",
+        ],
+        &good,
+    )
+    .await;
+
+    // (a') The same without a sequence: it would reset the stored
+    // sequence to 0, and then any rollback would pass.
+    let mut unsequenced = rolled.clone();
+    unsequenced
+        .as_object_mut()
+        .unwrap()
+        .remove("spiffe_sequence");
+    refused(
+        &a,
+        &ep,
+        Serve::Doc(serde_json::to_vec(&unsequenced).unwrap()),
+        "a bundle without a sequence",
+        &[
+            "refused federated bundle",
+            "trust_domain=other.org",
+            "missing, and the stored bundle's is 10",
         ],
         &good,
     )

@@ -7,8 +7,9 @@
 //! authority a certificate, none naming another trust domain in a
 //! `spiffe://` URI SAN; a JWKS only of asymmetric keys with a `kid`;
 //! and no rollback: a bundle whose `spiffe_sequence` is lower than the
-//! stored one's is refused (checked inside the write transaction, against
-//! what is stored, so two writers cannot interleave).
+//! stored one's is refused, and so is one without a sequence unless an
+//! operator sets it (checked inside the write transaction, against what is
+//! stored, so two writers cannot interleave).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -84,6 +85,15 @@ impl ServerState {
                 return Err(RegistryError::invalid(format!(
                     "invalid field `spiffe_sequence`: {} is older than the stored bundle's {known} (a rollback)",
                     b.sequence
+                )));
+            }
+            // A bundle without a sequence would reset the stored one to 0,
+            // after which any older bundle passes the rule above: only an
+            // operator may do that (`bundle set` of a PEM bundle), never a
+            // bundle endpoint.
+            if b.sequence == 0 && known != 0 && !matches!(caller, Caller::Admin { .. }) {
+                return Err(RegistryError::invalid(format!(
+                    "invalid field `spiffe_sequence`: missing, and the stored bundle's is {known} (only an operator's `bundle set` may drop it)"
                 )));
             }
             tx.put_bundle(td.as_str(), &b)?;
@@ -194,8 +204,18 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("spiffe_sequence"), "{e}");
         assert_eq!(s.federated_bundles(), before);
-        // Newer, or without a sequence, is taken.
+        // Newer is taken; without a sequence, only from an operator: from a
+        // bundle endpoint it would reset the sequence and open the way to
+        // any rollback.
         s.set_federated_bundle(&admin(), &other, bundle(6)).unwrap();
+        let before = s.federated_bundles();
+        let fetcher = Caller::server(sigil_core::caller::ServerTask::Federation);
+        let e = s
+            .set_federated_bundle(&fetcher, &other, bundle(0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing, and the stored bundle's is 6"), "{e}");
+        assert_eq!(s.federated_bundles(), before);
         s.set_federated_bundle(&admin(), &other, bundle(0)).unwrap();
         // Bad certificates and symmetric JWKS keys are refused here too.
         let mut bad = bundle(7);
