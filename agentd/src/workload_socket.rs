@@ -7,7 +7,11 @@
 //! (fitted to RLIMIT_NOFILE: each costs a socket and a pidfd), with the last
 //! slots reserved for uids holding few connections; and a connection with no
 //! call in flight (a stream in progress is a call) is closed after the idle
-//! timeout, or sooner if it never makes a first call.
+//! timeout, or sooner if it never makes a first call. A connection whose
+//! client stops reading is closed once the agent's writes to it have made
+//! no progress for [`WRITE_STALL_TIMEOUT`]: otherwise each of its streams
+//! could keep up to hyper's send buffer (400 KiB) of responses queued, with
+//! flow-control windows the client is free to open wide.
 
 use std::io;
 use std::path::Path;
@@ -52,6 +56,9 @@ pub const MAX_MESSAGE: usize = 256 * 1024;
 /// A connection must make its first call within this (or the idle timeout,
 /// if shorter).
 pub const FIRST_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose writes make no progress for this long (its client
+/// does not read) is closed.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Descriptors kept free for everything but Workload API connections.
 pub const FD_HEADROOM: u64 = 256;
 /// The last `total / 16` slots go only to uids holding fewer than this.
@@ -219,10 +226,24 @@ pub struct PeerStream {
     /// Rewritten bytes not yet handed to the reader, from `out_pos` on.
     out: Vec<u8>,
     out_pos: usize,
+    /// How long a write may stay blocked, and the deadline of the one
+    /// blocked now (none while writes go through).
+    stall_timeout: Duration,
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl PeerStream {
     fn new(inner: UnixStream, peer: Peer, permit: ConnPermit<u32>, idle: Duration) -> Self {
+        Self::with_stall_timeout(inner, peer, permit, idle, WRITE_STALL_TIMEOUT)
+    }
+
+    fn with_stall_timeout(
+        inner: UnixStream,
+        peer: Peer,
+        permit: ConnPermit<u32>,
+        idle: Duration,
+        stall_timeout: Duration,
+    ) -> Self {
         let activity = Activity::new(std::time::Instant::now());
         Self {
             inner,
@@ -233,6 +254,45 @@ impl PeerStream {
             rewriter: AuthorityRewriter::default(),
             out: Vec::new(),
             out_pos: 0,
+            stall_timeout,
+            stall: None,
+        }
+    }
+
+    /// Runs one write attempt `f` on the socket, keeping the stall
+    /// deadline: armed when a write blocks, cleared when one goes through,
+    /// and an error (which ends the connection) once it passes.
+    fn guard_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(Pin<&mut UnixStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match f(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(r) => {
+                self.stall = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let timeout = self.stall_timeout;
+                let sleep = self
+                    .stall
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                // Polled with the writer's context: it is woken when the
+                // deadline passes, and finds it passed at its next attempt.
+                if sleep.as_mut().poll(cx).is_ready() {
+                    tracing::info!(
+                        pid = self.peer.pid,
+                        uid = self.peer.uid,
+                        stalled = ?timeout,
+                        "closing Workload API connection: the client does not read"
+                    );
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client does not read",
+                    )));
+                }
+                Poll::Pending
+            }
         }
     }
 }
@@ -308,11 +368,12 @@ impl AsyncRead for PeerStream {
 
 impl AsyncWrite for PeerStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.get_mut()
+            .guard_write(cx, |s, cx| s.poll_write(cx, buf))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -321,11 +382,12 @@ impl AsyncWrite for PeerStream {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.get_mut()
+            .guard_write(cx, |s, cx| s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -409,6 +471,61 @@ mod tests {
         let r: RawLimits = toml::from_str("idle_timeout = \"25h\"").unwrap();
         assert_eq!(r.validate().unwrap_err().0, "limits.idle_timeout");
         assert!(toml::from_str::<RawLimits>("max_conns = 1").is_err());
+    }
+
+    fn stream_with_stall_timeout(stall: Duration) -> (PeerStream, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let peer = Peer::from_socket(&ours).unwrap();
+        let permit = WorkloadLimits::default()
+            .limiter(4096)
+            .try_acquire(peer.uid)
+            .unwrap();
+        let s = PeerStream::with_stall_timeout(ours, peer, permit, Duration::from_secs(60), stall);
+        (s, theirs)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_cut_off_after_the_stall_timeout() {
+        use tokio::io::AsyncWriteExt;
+        let stall = Duration::from_millis(300);
+        let (mut s, _theirs) = stream_with_stall_timeout(stall);
+        let chunk = vec![0u8; 64 * 1024];
+        let start = std::time::Instant::now();
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(10), s.write_all(&chunk)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => break e,
+                Err(_) => panic!("a write stayed blocked past the stall timeout"),
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(start.elapsed() >= stall);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_slowly_is_not_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The reader pauses for less than the stall timeout between reads:
+        // every write blocks for a while, none for too long.
+        let (mut s, mut theirs) = stream_with_stall_timeout(Duration::from_millis(500));
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            loop {
+                match theirs.read(&mut buf).await {
+                    Ok(0) | Err(_) => return total,
+                    Ok(n) => total += n,
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let chunk = vec![1u8; 64 * 1024];
+        for _ in 0..64 {
+            s.write_all(&chunk).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+        drop(s);
+        assert_eq!(reader.await.unwrap(), 64 * chunk.len());
     }
 
     #[test]

@@ -283,7 +283,8 @@ async fn fetch_bundle(
 }
 
 /// GETs `url` over HTTPS (HTTP/1.1, 10 s connect and request timeouts)
-/// with the server trust `trust`; the body is bounded to `max` bytes.
+/// with the server trust `trust`; the body is bounded to `max` bytes and
+/// [`BODY_TIMEOUT`].
 async fn https_get(url: &http::Uri, trust: ServerTrust, max: usize) -> Result<Bytes, String> {
     let host = url
         .host()
@@ -324,12 +325,24 @@ async fn https_get(url: &http::Uri, trust: ServerTrust, max: usize) -> Result<By
     if resp.status() != StatusCode::OK {
         return Err(format!("HTTP status {}", resp.status()));
     }
-    let body = http_body_util::Limited::new(resp.into_body(), max)
-        .collect()
+    bounded_body(resp.into_body(), max, BODY_TIMEOUT).await
+}
+
+/// How long a foreign endpoint has to send its whole response body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Collects `body`, refusing more than `max` bytes or a body not complete
+/// `within` (an endpoint trickling its body must not hold the fetch for ever).
+async fn bounded_body<B>(body: B, max: usize, within: Duration) -> Result<Bytes, String>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let collected = tokio::time::timeout(within, http_body_util::Limited::new(body, max).collect())
         .await
-        .map_err(|e| format!("body: {e}"))?
-        .to_bytes();
-    Ok(body)
+        .map_err(|_| format!("body: not complete within {within:?}"))?
+        .map_err(|e| format!("body: {e}"))?;
+    Ok(collected.to_bytes())
 }
 
 /// [`https_get`] verifying the endpoint against the PEM roots in
@@ -388,5 +401,48 @@ pub async fn federation_loop(state: Arc<ServerState>, f: FederationConfig) {
                 tokio::time::sleep(backoff.next_delay()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use tokio_stream::StreamExt;
+
+    fn frames(
+        parts: Vec<&'static [u8]>,
+    ) -> impl tokio_stream::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>> {
+        tokio_stream::iter(
+            parts
+                .into_iter()
+                .map(|p| Ok(Frame::data(Bytes::from_static(p)))),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_foreign_body_is_bounded_in_size_and_time() {
+        let t = Duration::from_millis(200);
+        // Complete and small: taken.
+        let ok = bounded_body(StreamBody::new(frames(vec![b"{\"keys\"", b": []}"])), 64, t).await;
+        assert_eq!(ok.unwrap(), Bytes::from_static(b"{\"keys\": []}"));
+        // Too long: refused, whether it would end or not.
+        let big = bounded_body(
+            StreamBody::new(frames(vec![&[b' '; 40], &[b' '; 40]])),
+            64,
+            t,
+        )
+        .await
+        .unwrap_err();
+        assert!(big.contains("length limit exceeded"), "{big}");
+        // A first byte, then nothing: refused once `within` passes.
+        let trickle = frames(vec![b"{"]).chain(tokio_stream::pending());
+        let start = std::time::Instant::now();
+        let slow = bounded_body(StreamBody::new(trickle), 64, t)
+            .await
+            .unwrap_err();
+        assert!(slow.contains("not complete within"), "{slow}");
+        assert!(start.elapsed() >= t);
     }
 }

@@ -10,7 +10,16 @@
 //!   on that server: it refuses the server at the TLS handshake (a server
 //!   certificate for `/sigil/server` from a foreign CA), and the token
 //!   stays unused, so the legitimate agent attests with it afterwards;
-//! - an agent configured for another trust domain than the server's.
+//! - an agent configured for another trust domain than the server's;
+//! - the admin sockets used by another uid;
+//! - an agent minting or syncing another agent's entries with its own SVID;
+//! - x509pop proofs that do not answer the server's challenge: a signature
+//!   over another nonce, and a signature replayed from an earlier
+//!   successful attestation (a test gRPC client speaking `Attest`).
+//!
+//! The federation attacks (a hostile bundle endpoint) are in
+//! `attacks_federation.rs`, the HTTP/2 floods on the Workload API socket
+//! in `attacks_h2.rs`.
 
 #![allow(
     clippy::unwrap_used,
@@ -311,4 +320,179 @@ async fn an_agent_can_neither_mint_nor_sync_another_agents_entries() {
         !ids.contains(&foreign),
         "agent A was sent agent B's entry: {ids:?}"
     );
+}
+
+/// An agent-API channel to `c`'s server without a client certificate, as
+/// a node that has not attested yet opens one.
+async fn node_channel(c: &Cluster) -> tonic::transport::Channel {
+    let bundle = sigil_core::x509::pem_to_certs(&c.server_ok(&["bundle", "show"])).unwrap();
+    let tls = sigil_tests::svid_tls_connector(None, bundle, "spiffe://example.org/sigil/server");
+    let port = c.port;
+    tonic::transport::Endpoint::from_static("http://sigil-server")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                let name = rustls_pki_types::ServerName::try_from("sigil-server").unwrap();
+                let s = tls.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// One x509pop `Attest` conversation presenting `node`'s chain and
+/// answering the server's challenge with `answer(nonce)`: the nonce the
+/// server sent, the signature sent, and the outcome.
+async fn x509pop_attest(
+    c: &Cluster,
+    node: &sigil_attestors::x509pop::NodeKey,
+    answer: impl FnOnce(&[u8]) -> Vec<u8>,
+) -> (
+    Vec<u8>,
+    Vec<u8>,
+    Result<sigil_proto::agent::AttestResult, tonic::Status>,
+) {
+    use sigil_proto::agent::agent_api_client::AgentApiClient;
+    use sigil_proto::agent::attest_begin::Evidence;
+    use sigil_proto::agent::attest_request::Step as ReqStep;
+    use sigil_proto::agent::attest_response::Step as RespStep;
+    use sigil_proto::agent::{AttestBegin, AttestRequest, X509PopEvidence, X509PopResponse};
+    let (csr, _key) = sigil_core::x509::new_key_and_csr().unwrap();
+    let (out, rx) = tokio::sync::mpsc::channel(2);
+    out.send(AttestRequest {
+        step: Some(ReqStep::Begin(AttestBegin {
+            evidence: Some(Evidence::X509pop(X509PopEvidence {
+                chain: node.chain.clone(),
+            })),
+            csr,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut api = AgentApiClient::new(node_channel(c).await);
+    let mut inbound = match api
+        .attest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(st) => return (vec![], vec![], Err(st)),
+    };
+    let first = tokio::time::timeout(LONG, inbound.message())
+        .await
+        .expect("a challenge in time");
+    let nonce = match first {
+        Ok(Some(m)) => match m.step {
+            Some(RespStep::X509popChallenge(ch)) => ch.nonce,
+            other => panic!("expected an x509pop challenge, got {other:?}"),
+        },
+        Ok(None) => panic!("the server ended the stream before its challenge"),
+        Err(st) => return (vec![], vec![], Err(st)),
+    };
+    let signature = answer(&nonce);
+    out.send(AttestRequest {
+        step: Some(ReqStep::X509popResponse(X509PopResponse {
+            signature: signature.clone(),
+        })),
+    })
+    .await
+    .unwrap();
+    let result = match tokio::time::timeout(LONG, inbound.message())
+        .await
+        .expect("an answer in time")
+    {
+        Ok(Some(m)) => match m.step {
+            Some(RespStep::Result(r)) => Ok(r),
+            other => panic!("expected a result, got {other:?}"),
+        },
+        Ok(None) => panic!("the server ended the stream without a result"),
+        Err(st) => Err(st),
+    };
+    (nonce, signature, result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509pop_signatures_over_another_nonce_or_replayed_are_refused() {
+    let pki = sigil_tests::Scratch::new("pop-attack");
+    sigil_tests::pki::x509pop_node(&pki.0, "nodeca", "node-1");
+    let c = Cluster::start_with(&format!(
+        "[x509pop]\nca_bundle_path = \"{}/nodeca.pem\"\n",
+        pki.0.display()
+    ));
+    let read = |f: &str| std::fs::read_to_string(pki.0.join(f)).unwrap();
+    let node =
+        sigil_attestors::x509pop::NodeKey::load(&read("node-1.pem"), &read("node-1.key")).unwrap();
+    let refusals = || log_count(&c.dir.0, "server.log", "node attestation refused");
+    let no_agents = |c: &Cluster| {
+        c.agents_json()["agents"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    };
+
+    // 1. A valid certificate, but the signature covers a nonce of the
+    //    client's choosing rather than the server's challenge.
+    let (nonce, _, r) = x509pop_attest(&c, &node, |nonce| {
+        let mut other = nonce.to_vec();
+        other[0] ^= 0xff;
+        node.sign(&other).unwrap()
+    })
+    .await;
+    assert_eq!(nonce.len(), 32);
+    let st = r.expect_err("a signature over another nonce was accepted");
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    assert!(
+        st.message().contains("x509pop signature does not verify"),
+        "{st:?}"
+    );
+    wait_for("the refusal in the server log", LONG, || refusals() >= 1);
+    assert!(no_agents(&c), "{}", c.agents_json());
+
+    // 2. A genuine attestation, whose challenge and answer are recorded ...
+    let (nonce1, sig1, r) = x509pop_attest(&c, &node, |n| node.sign(n).unwrap()).await;
+    let first = r.expect("a correct x509pop attestation");
+    assert!(
+        first
+            .spiffe_id
+            .starts_with("spiffe://example.org/sigil/agent/x509pop/"),
+        "{}",
+        first.spiffe_id
+    );
+    let agents = c.agents_json();
+    assert_eq!(
+        agents["agents"].as_array().map_or(0, Vec::len),
+        1,
+        "{agents}"
+    );
+
+    // ... replayed in a later conversation: the server's nonce is new, so
+    //     the old signature does not cover it.
+    let (nonce2, _, r) = x509pop_attest(&c, &node, |_| sig1.clone()).await;
+    assert_ne!(nonce1, nonce2, "the server repeated a challenge");
+    let st = r.expect_err("a replayed x509pop signature was accepted");
+    assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+    assert!(
+        st.message().contains("x509pop signature does not verify"),
+        "{st:?}"
+    );
+    wait_for("the second refusal in the server log", LONG, || {
+        refusals() >= 2
+    });
+    assert_eq!(
+        c.agents_json(),
+        agents,
+        "a refused replay changed the agent record"
+    );
+    let log = std::fs::read_to_string(c.dir.0.join("server.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("node attestation refused")
+            && l.contains("PermissionDenied")
+            && l.contains("x509pop signature does not verify")),
+        "the refusal is not logged with its reason"
+    );
+
+    // 3. The same certificate, signing the server's nonce, still attests.
+    let (_, _, r) = x509pop_attest(&c, &node, |n| node.sign(n).unwrap()).await;
+    let again = r.expect("a correct attestation after the refusals");
+    assert_eq!(again.spiffe_id, first.spiffe_id);
 }
