@@ -1,20 +1,2 @@
-//! `agent.toml` parsing and validation (`AgentConfig::parse`).
-
 #![no_main]
-
-use libfuzzer_sys::fuzz_target;
-use sigil_agent::config::AgentConfig;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    match AgentConfig::parse(text) {
-        Ok(cfg) => {
-            // Deterministic: the same text gives the same configuration.
-            let again = AgentConfig::parse(text).expect("parses twice");
-            assert_eq!(format!("{cfg:?}"), format!("{again:?}"));
-        }
-        Err(e) => assert!(!e.to_string().is_empty()),
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sigil_fuzz::targets::config_agent::run(data));

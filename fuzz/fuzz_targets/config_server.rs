@@ -1,20 +1,2 @@
-//! `server.toml` parsing and validation (`ServerConfig::parse`), with its
-//! datastore, attestation and federation sections.
-
 #![no_main]
-
-use libfuzzer_sys::fuzz_target;
-use sigil_server::config::ServerConfig;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    match ServerConfig::parse(text) {
-        Ok(cfg) => {
-            let again = ServerConfig::parse(text).expect("parses twice");
-            assert_eq!(format!("{cfg:?}"), format!("{again:?}"));
-        }
-        Err(e) => assert!(!e.to_string().is_empty()),
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sigil_fuzz::targets::config_server::run(data));

@@ -1,9 +1,35 @@
-//! Shared pieces of Sigil's fuzz targets: the input layout of multi-part
-//! targets and the fixed trust material (`fixtures/`, written by
+//! Sigil's fuzz targets and what they share: the input layout of
+//! multi-part targets and the fixed trust material (`fixtures/`, written by
 //! `fuzz/gen-seeds` together with the seed corpora) that chain, bundle and
 //! token targets verify against.
+//!
+//! Each target is a module of [`targets`] with `run(data: &[u8])`, which
+//! panics when one of its oracles fails. Two drivers call the same code:
+//! the libFuzzer bins in `fuzz_targets/` (`scripts/fuzz`, coverage-guided)
+//! and `tests/tests/fuzz_smoke.rs` in the main workspace (corpus replay and
+//! deterministic mutations in `cargo test`), which compiles this file as a
+//! module, so it depends on nothing but the main workspace's crates.
 
 #![forbid(unsafe_code)]
+
+/// One module per fuzz target, named as its bin and corpus directory.
+pub mod targets {
+    pub mod bundle;
+    pub mod config_agent;
+    pub mod config_server;
+    pub mod csr;
+    pub mod duration;
+    pub mod entry;
+    pub mod h2_authority;
+    pub mod jwt;
+    pub mod selector;
+    pub mod spiffe_id;
+    pub mod svid_chain;
+    pub mod sync;
+    pub mod tpm;
+    pub mod wit;
+    pub mod x509pop;
+}
 
 /// Unix time the fixtures were made: the targets verify as of ten minutes
 /// later, so the seed SVIDs, CRLs and tokens are valid.
