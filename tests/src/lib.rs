@@ -690,6 +690,16 @@ pub async fn fetch_x509_id(addr: &str) -> Result<String, String> {
         .map_err(|e| format!("{e} ({e:?})"))
 }
 
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// `sigil-agent api fetch x509 --socket ADDR [--write DIR]`, as a separate
 /// process (so entries selecting the `sigil-agent` binary match it).
 pub fn agent_fetch_x509(addr: &str, write: Option<&Path>) -> Output {

@@ -234,15 +234,6 @@ fn log_lines(c: &Cluster, needles: &[&str]) -> usize {
         .count()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Serves `what`, waits until the server logged one more line with all of
 /// `needles`, and checks that other.org's stored bundle is still `good`
 /// and the server still serves.
@@ -370,7 +361,7 @@ async fn a_hostile_federation_endpoint_can_neither_roll_back_swap_nor_flood_the_
 
     // (c) 64 MiB, chunked.
     let pid = a.server_pid().unwrap();
-    let rss_before = rss_kib(pid);
+    let rss_before = sigil_tests::rss_kib(pid);
     refused(
         &a,
         &ep,
@@ -384,7 +375,7 @@ async fn a_hostile_federation_endpoint_can_neither_roll_back_swap_nor_flood_the_
         &good,
     )
     .await;
-    let rss_after = rss_kib(pid);
+    let rss_after = sigil_tests::rss_kib(pid);
     // The endpoint's writer notices the hang-up when its next write fails.
     let written = eventually("the endpoint sees the hang-up", LONG, || async {
         let w = ep.huge_written.load(Ordering::SeqCst);

@@ -89,15 +89,6 @@ fn settings(pairs: &[(u16, u32)]) -> Vec<u8> {
     frame(SETTINGS, 0, 0, &p)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// What the agent sent on a flooding connection.
 #[derive(Debug, Default)]
 struct Seen {
@@ -192,7 +183,7 @@ async fn many_more_streams_than_allowed_are_refused_and_others_are_served() {
     let c = served_cluster();
     bystander_served(&c, "start-up").await;
     let pid = c.agent_pid().unwrap();
-    let before = rss_kib(pid);
+    let before = sigil_tests::rss_kib(pid);
     const STREAMS: u32 = 2000;
     let sock = UnixStream::connect(c.api_socket()).await.unwrap();
     let (mut rd, mut wr) = tokio::io::split(sock);
@@ -215,7 +206,7 @@ async fn many_more_streams_than_allowed_are_refused_and_others_are_served() {
     )
     .await;
     bystander_served(&c, "a stream flood").await;
-    let after = rss_kib(pid);
+    let after = sigil_tests::rss_kib(pid);
     let written = tokio::time::timeout(LONG, writer).await;
     println!(
         "{STREAMS} streams in one {burst_len}-byte write: {} answered, {} refused (REFUSED_STREAM), other resets by code {:?}, GOAWAY {:?}, closed {}; write finished: {}; agent RSS {before} KiB before, {after} KiB after",
@@ -244,7 +235,7 @@ async fn a_settings_flood_that_never_reads_its_acks_is_throttled() {
     let c = served_cluster();
     bystander_served(&c, "start-up").await;
     let pid = c.agent_pid().unwrap();
-    let before = rss_kib(pid);
+    let before = sigil_tests::rss_kib(pid);
     const FRAMES: usize = 100_000;
     let sock = UnixStream::connect(c.api_socket()).await.unwrap();
     let (mut rd, mut wr) = tokio::io::split(sock);
@@ -271,7 +262,7 @@ async fn a_settings_flood_that_never_reads_its_acks_is_throttled() {
     .await;
     // ... and another workload is served meanwhile.
     bystander_served(&c, "a SETTINGS flood").await;
-    let mid = rss_kib(pid);
+    let mid = sigil_tests::rss_kib(pid);
     let sent_then = written.load(Ordering::SeqCst);
     // Now read what the agent sent: it ACKs what it read, one by one.
     let mut seen = Seen::default();
@@ -280,7 +271,7 @@ async fn a_settings_flood_that_never_reads_its_acks_is_throttled() {
     })
     .await;
     let _ = tokio::time::timeout(LONG, writer).await;
-    let after = rss_kib(pid);
+    let after = sigil_tests::rss_kib(pid);
     println!(
         "SETTINGS flood: {sent_then} of {FRAMES} frames written when the bystander was served (the agent reads no further while its ACKs are unread); then read {} ACKs, GOAWAY {:?}, closed {}; agent RSS {before} KiB before, {mid} KiB during, {after} KiB after",
         seen.settings_acks, seen.goaway, seen.closed
@@ -297,7 +288,7 @@ async fn a_client_that_never_reads_its_svid_streams_is_closed_and_the_agent_stay
     let c = served_cluster();
     bystander_served(&c, "start-up").await;
     let pid = c.agent_pid().unwrap();
-    let before = rss_kib(pid);
+    let before = sigil_tests::rss_kib(pid);
     let sock = UnixStream::connect(c.api_socket()).await.unwrap();
     let (mut rd, mut wr) = tokio::io::split(sock);
     // Huge windows: flow control does not hold the agent back, only the
@@ -332,7 +323,7 @@ async fn a_client_that_never_reads_its_svid_streams_is_closed_and_the_agent_stay
         async move { (sigil_tests::x509_ids(&addr).await? == ids).then_some(()) }
     })
     .await;
-    let during = rss_kib(pid);
+    let during = sigil_tests::rss_kib(pid);
     // Its writes blocked, the agent closes the connection after the stall
     // timeout (15 s) ...
     let closing = "closing Workload API connection: the client does not read";
@@ -353,7 +344,7 @@ async fn a_client_that_never_reads_its_svid_streams_is_closed_and_the_agent_stay
         }
     }
     bystander_served(&c, "after the slow client").await;
-    let after = rss_kib(pid);
+    let after = sigil_tests::rss_kib(pid);
     println!(
         "slow client: 32 unread FetchX509SVID streams, 20 updates pushed; closed {closed_after:?} after the updates were out, {} KiB left in the socket; agent RSS {before} KiB before, {during} KiB while unread, {after} KiB after the close",
         drained / 1024

@@ -25,6 +25,17 @@ use sigil_tests::{
 const LONG: Duration = Duration::from_secs(60);
 const AGENT: &str = "spiffe://example.org/test-agent";
 
+/// Waits until the Workload API at `addr` serves `spiffe://example.org/w`.
+async fn served(addr: &str, what: &str) {
+    eventually(what, LONG, || async {
+        fetch_x509_id(addr)
+            .await
+            .ok()
+            .filter(|id| id == "spiffe://example.org/w")
+    })
+    .await;
+}
+
 fn sigkill(pid: u32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
@@ -308,13 +319,7 @@ async fn a_full_disk_fails_writes_clearly_keeps_serving_and_corrupts_nothing() {
         &["--selector", &my_uid_selector()],
     );
     let addr = c.api_addr();
-    eventually("the SVID", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID").await;
     let before = entry_ids(&c);
 
     // The disk fills up: the next writes fail, saying why.
@@ -411,13 +416,7 @@ async fn the_agent_survives_its_data_dir_deleted_and_refuses_a_corrupt_identity_
     let addr = c.api_addr();
     let dir = c.dir.0.clone();
     let data = dir.join("agent/data");
-    eventually("the SVID", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID").await;
 
     // While running: data_dir disappears. The agent keeps serving, and
     // the next renewal puts its identity back on disk.
@@ -437,13 +436,7 @@ async fn the_agent_survives_its_data_dir_deleted_and_refuses_a_corrupt_identity_
     // What it wrote back is a usable identity: a restart without a token
     // comes up from it.
     c.restart_agent();
-    eventually("the SVID after the restart", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID after the restart").await;
 
     // At start: a corrupt agent SVID file. The agent says which file and
     // what to do, and exits; it does not panic or silently start over.
@@ -467,13 +460,7 @@ async fn the_agent_survives_its_data_dir_deleted_and_refuses_a_corrupt_identity_
     // and a new join token attests again.
     c.server_ok(&["agent", "evict", AGENT]);
     c.start_agent(AGENT);
-    eventually("the SVID after re-attesting", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID after re-attesting").await;
 }
 
 /// Debian's libfaketime, which fakes the wall clock of the process it is
@@ -597,13 +584,7 @@ async fn an_x509pop_agent_outlives_a_server_outage_longer_than_its_svids_and_com
         &["--selector", &my_uid_selector()],
     );
     let addr = c.api_addr();
-    eventually("the SVID", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID").await;
 
     // The server is away longer than both lifetimes: the agent withdraws
     // the expired workload SVID, and its own SVID runs out.
@@ -623,13 +604,7 @@ async fn an_x509pop_agent_outlives_a_server_outage_longer_than_its_svids_and_com
     .await;
     // Once the server is back the agent attests again and serves.
     c.start_server();
-    eventually("the SVID after the outage", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID after the outage").await;
     assert!(log_count(&dir, "agent.log", "the agent SVID expired: attesting again") > 0);
     assert_eq!(log_count(&dir, "agent.log", "panicked"), 0);
 }
@@ -647,13 +622,7 @@ async fn an_agent_restarted_while_the_server_is_down_serves_nothing_until_it_res
         &["--selector", &my_uid_selector()],
     );
     let addr = c.api_addr();
-    eventually("the SVID", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID").await;
     let data = c.dir.0.join("agent/data");
     let stored: BTreeSet<String> = fs::read_dir(&data)
         .unwrap()
@@ -690,12 +659,6 @@ async fn an_agent_restarted_while_the_server_is_down_serves_nothing_until_it_res
     assert!(err.contains("not synced"), "{err}");
 
     c.start_server();
-    eventually("the SVID after the server is back", LONG, || async {
-        fetch_x509_id(&addr)
-            .await
-            .ok()
-            .filter(|id| id == "spiffe://example.org/w")
-    })
-    .await;
+    served(&addr, "the SVID after the server is back").await;
     assert_eq!(log_count(&dir, "agent.log", "panicked"), 0);
 }

@@ -383,15 +383,6 @@ async fn tls_connect(
         .unwrap()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 fn grpc_request(path: &str) -> http::Request<()> {
     http::Request::builder()
         .method("POST")
@@ -444,7 +435,7 @@ async fn the_agent_api_refuses_unauthenticated_and_oversized_calls_without_buffe
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let before = rss_kib(pid);
+    let before = sigil_tests::rss_kib(pid);
 
     // 40 calls without a client certificate, each announcing a 4 MiB
     // message and sending 1 MiB of it: refused before the body is read.
@@ -469,7 +460,7 @@ async fn the_agent_api_refuses_unauthenticated_and_oversized_calls_without_buffe
         assert_eq!(code, "16", "UNAUTHENTICATED expected: {msg}");
         refused += 1;
     }
-    let after_mint = rss_kib(pid);
+    let after_mint = sigil_tests::rss_kib(pid);
 
     // Attest is open without a certificate, but its body is capped: a
     // 600 KiB message (under the 1 MiB message limit) is cut off at 256 KiB.
@@ -510,7 +501,7 @@ async fn the_agent_api_refuses_unauthenticated_and_oversized_calls_without_buffe
         assert_ne!(status.0, "0", "an oversized attestation succeeded");
         attest_errors.push(status);
     }
-    let after_attest = rss_kib(pid);
+    let after_attest = sigil_tests::rss_kib(pid);
     println!(
         "server RSS: {before} KiB before, {after_mint} KiB after 40 x 1 MiB unauthenticated mint bodies ({refused} refused), {after_attest} KiB after 20 x 600 KiB Attest bodies; attest errors: {:?}",
         attest_errors.first()
