@@ -367,7 +367,7 @@ impl Cluster {
 
     /// Waits until the server answers `healthcheck` on its admin socket.
     pub fn wait_server(&self) {
-        wait_for("server admin socket", Duration::from_secs(20), || {
+        wait_for("server admin socket", Duration::from_secs(60), || {
             self.server_cli(&["healthcheck"]).status.success()
         });
     }
@@ -728,7 +728,7 @@ pub async fn x509_ids(addr: &str) -> Option<Vec<String>> {
 
 /// Waits until `sigil-agent healthcheck` succeeds on the admin socket `sock`.
 fn wait_agent_admin_healthy(sock: &Path) {
-    wait_for("agent healthy", Duration::from_secs(20), || {
+    wait_for("agent healthy", Duration::from_secs(60), || {
         Command::new(bin("sigil-agent"))
             .arg("healthcheck")
             .arg("--admin-socket")
