@@ -59,6 +59,10 @@ pub const FIRST_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection whose writes make no progress for this long (its client
 /// does not read) is closed.
 pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Descriptors a Workload API connection holds, however many streams it
+/// has open: the socket, the caller's pidfd, and that pidfd's one reactor
+/// registration (shared by every stream that waits for the caller to exit).
+pub const FDS_PER_CONNECTION: u64 = 3;
 /// Descriptors kept free for everything but Workload API connections.
 pub const FD_HEADROOM: u64 = 256;
 /// The last `total / 16` slots go only to uids holding fewer than this.
@@ -79,8 +83,8 @@ pub struct RawLimits {
 /// Bounds of the Workload API socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkloadLimits {
-    /// `limits.max_connections` (default 8192), further lowered so that two
-    /// descriptors per connection fit RLIMIT_NOFILE.
+    /// `limits.max_connections` (default 8192), further lowered so that
+    /// [`FDS_PER_CONNECTION`] descriptors per connection fit RLIMIT_NOFILE.
     pub max_connections: usize,
     /// `limits.max_connections_per_uid` (default 1024).
     pub max_connections_per_uid: usize,
@@ -139,15 +143,15 @@ impl RawLimits {
 impl WorkloadLimits {
     /// The per-uid limiter, its total fitted to `nofile` descriptors.
     pub fn limiter(&self, nofile: u64) -> ConnLimiter<u32> {
-        let fit =
-            usize::try_from(nofile.saturating_sub(FD_HEADROOM).max(32) / 2).unwrap_or(usize::MAX);
+        let fit = usize::try_from(nofile.saturating_sub(FD_HEADROOM).max(48) / FDS_PER_CONNECTION)
+            .unwrap_or(usize::MAX);
         let total = self.max_connections.min(fit);
         if total < self.max_connections {
             tracing::warn!(
                 configured = self.max_connections,
                 total,
                 nofile,
-                "limits.max_connections lowered to fit RLIMIT_NOFILE (two descriptors per connection)"
+                "limits.max_connections lowered to fit RLIMIT_NOFILE (three descriptors per connection)"
             );
         }
         ConnLimiter::new(ConnCaps {
@@ -529,9 +533,9 @@ mod tests {
     }
 
     #[test]
-    fn the_total_fits_two_descriptors_per_connection() {
+    fn the_total_fits_three_descriptors_per_connection() {
         let l = WorkloadLimits::default();
-        let lim = l.limiter(1024 + FD_HEADROOM);
+        let lim = l.limiter(1536 + FD_HEADROOM);
         assert_eq!(lim.caps().total, 512);
         assert_eq!(lim.caps().per_key, 512, "per-uid never above the total");
         assert_eq!(lim.caps().reserve, 32);

@@ -10,7 +10,8 @@
 //!
 //! - [`scenarios`] — one module per scenario of issue 5 (`sign-limit`,
 //!   `mint`, `fetch`, `propagation`, `kill`, `scale`, `startup`), `task`
-//!   (issue 11), plus `all`.
+//!   (issue 11), `soak` (hardening: a long run, errors, RSS, descriptors),
+//!   plus `all`.
 //! - [`harness`] — scratch directories, server/agent processes, RSS and CPU
 //!   readings from /proc, CPU pinning.
 //! - [`clients`] — the gRPC clients the bench drives the binaries with:
@@ -34,7 +35,7 @@ mod stats;
 use clap::{Parser, Subcommand};
 
 use crate::report::Reporter;
-use crate::scenarios::{fetch, kill, mint, propagation, scale, sign_limit, startup, task};
+use crate::scenarios::{fetch, kill, mint, propagation, scale, sign_limit, soak, startup, task};
 
 /// Errors of the harness: any failure aborts the scenario with a message.
 pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -75,6 +76,8 @@ enum Scenario {
     Startup(startup::Args),
     /// Task start to task SVID in hand, next to a plain FetchX509SVID.
     Task(task::Args),
+    /// Many workloads fetching and streaming for a long time: errors, RSS, descriptors.
+    Soak(soak::Args),
     /// (inside a container, for `fetch --docker`) closed-loop fetches, JSON out.
     #[command(hide = true)]
     FetchClient(scenarios::fetch_docker::ClientArgs),
@@ -101,6 +104,7 @@ async fn main() -> std::process::ExitCode {
         Scenario::Scale(a) => scale::run(&a, quick, &mut rep).await,
         Scenario::Startup(a) => startup::run(&a, quick, &mut rep).await,
         Scenario::Task(a) => task::run(&a, quick, &mut rep).await,
+        Scenario::Soak(a) => soak::run(&a, quick, &mut rep).await,
         Scenario::FetchClient(a) => scenarios::fetch_docker::client(&a).await,
         Scenario::BareRpcServe(a) => scenarios::bare_rpc::serve(&a).await,
         Scenario::All => scenarios::all(quick, &mut rep).await,

@@ -247,6 +247,63 @@ fn idle_workload_connections_are_closed_but_streams_stay_open() {
     });
 }
 
+/// Descriptors process `pid` has open.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn many_streams_on_one_connection_cost_the_agent_no_descriptor_each() {
+    // The connection cap counts descriptors per connection
+    // (FDS_PER_CONNECTION); a stream must not add any, or one uid within
+    // its connection cap could exhaust the agent's RLIMIT_NOFILE by
+    // opening streams (found by the soak: one pidfd duplicate per stream).
+    let c = cluster_with_agent("", "");
+    let sel = format!("unix:uid:{}", my_uid());
+    c.create_entry("spiffe://example.org/many-streams", &["--selector", &sel]);
+    let pid = c.agent_pid().expect("agent pid");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(c.api_addr())
+            .await
+            .unwrap();
+        // A stream that has delivered an SVID: the agent has set up the
+        // connection's exit watch.
+        let open = || async {
+            let start = Instant::now();
+            while start.elapsed() < LONG {
+                let mut s = client.stream_x509_contexts().await.unwrap();
+                match tokio::time::timeout(LONG, s.next()).await {
+                    Ok(Some(Ok(ctx))) if !ctx.svids().is_empty() => return s,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            panic!("no X.509 stream delivered an SVID");
+        };
+        let first = open().await;
+        let before = fd_count(pid);
+        let mut streams = vec![first];
+        // 15 more: with the first, the 16 calls a connection may have in
+        // handlers at once, so every one of them is being served.
+        for _ in 0..15 {
+            streams.push(open().await);
+        }
+        let after = fd_count(pid);
+        println!("agent descriptors: {before} with 1 stream, {after} with 16 on one connection");
+        // Slack of 2 for a /proc read in flight; one per stream would be +15.
+        assert!(
+            after <= before + 2,
+            "16 streams on one connection: agent descriptors went from {before} to {after}"
+        );
+        drop(streams);
+    });
+}
+
 /// A TLS client that does not send anything after its handshake.
 fn s_client(port: u16) -> (Child, Receiver<String>) {
     let mut child = Command::new("openssl")

@@ -16,13 +16,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::{Gid, Group, Uid, User};
 use sigil_core::selector::{Selector, SelectorSet, escape_bytes};
+use tokio::io::unix::AsyncFd;
 
 /// Attestation of a peer failed; the caller must get no identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +57,11 @@ pub struct Peer {
     /// peer was first seen: a later change of that same inode is a binary
     /// modified under a running process, however soon after its start.
     exe_at_connect: Option<ExeStamp>,
+    /// The pidfd registered with the reactor, made by the first
+    /// [`Peer::exited`] and shared by every later one: a connection holds
+    /// one such descriptor however many of its streams wait on it (`None`
+    /// inside: no pidfd, or the reactor refused it; then waiters poll).
+    exit_watch: OnceLock<Option<AsyncFd<OwnedFd>>>,
 }
 
 /// (device, inode, ctime s, ctime ns) of an executable.
@@ -91,6 +97,7 @@ impl Peer {
             pidfd,
             start_time,
             exe_at_connect: exe_stamp(cred.pid()),
+            exit_watch: OnceLock::new(),
         })
     }
 
@@ -121,6 +128,7 @@ impl Peer {
             pidfd: None,
             start_time: Some(start),
             exe_at_connect: exe_stamp(pid),
+            exit_watch: OnceLock::new(),
         })
     }
 
@@ -156,19 +164,10 @@ impl Peer {
     /// gone, so that a connection handed to another process (or surviving
     /// its container) stops carrying the caller's identity.
     pub async fn exited(&self) {
-        // `with_interest` is deprecated because a borrowed raw fd could be
-        // closed under the reactor; here the `AsyncFd` owns `dup` (an
-        // `OwnedFd`) for its whole life, which is what registration needs,
-        // and the workspace forbids the `unsafe` replacement.
-        #[allow(deprecated)]
-        let registered = self.pidfd.as_ref().and_then(|fd| {
-            let dup = fd.try_clone().ok()?;
-            tokio::io::unix::AsyncFd::with_interest(dup, tokio::io::Interest::READABLE).ok()
-        });
-        if let (Some(fd), Some(afd)) = (&self.pidfd, registered) {
+        if let Some(afd) = self.exit_watch() {
             // Readable means exited; a spurious wakeup is re-checked.
             while let Ok(mut guard) = afd.readable().await {
-                if !self.pidfd_alive(fd) {
+                if !self.pidfd_alive(afd.get_ref()) {
                     return;
                 }
                 guard.clear_ready();
@@ -181,6 +180,24 @@ impl Peer {
                 return;
             }
         }
+    }
+
+    /// The pidfd's reactor registration, made once per peer (see
+    /// `exit_watch`). A duplicate is registered because the original stays
+    /// usable for the synchronous [`Peer::is_alive`] checks.
+    fn exit_watch(&self) -> Option<&AsyncFd<OwnedFd>> {
+        self.exit_watch
+            .get_or_init(|| {
+                let dup = self.pidfd.as_ref()?.try_clone().ok()?;
+                // `with_interest` is deprecated because a borrowed raw fd
+                // could be closed under the reactor; here the `AsyncFd` owns
+                // `dup` (an `OwnedFd`) for its whole life, which is what
+                // registration needs, and the workspace forbids the `unsafe`
+                // replacement.
+                #[allow(deprecated)]
+                AsyncFd::with_interest(dup, tokio::io::Interest::READABLE).ok()
+            })
+            .as_ref()
     }
 
     fn pidfd_alive(&self, fd: &OwnedFd) -> bool {

@@ -9,6 +9,7 @@ pub(crate) mod propagation;
 pub(crate) mod scale;
 pub(crate) mod scale_cluster;
 pub(crate) mod sign_limit;
+pub(crate) mod soak;
 pub(crate) mod startup;
 pub(crate) mod task;
 
