@@ -61,8 +61,11 @@ pub async fn run(cfg: ServerConfig) -> Result<(), StartupError> {
         crate::key_manager::KeyManager::open(&cfg.key_manager)?,
     )?;
     let (store, shared): (Arc<dyn Datastore>, Option<Arc<PostgresStore>>) = match &cfg.datastore {
-        DatastoreKind::Redb => (
-            Arc::new(RedbStore::open(&cfg.data_dir.join("datastore.redb"))?),
+        DatastoreKind::Redb { cache_mib } => (
+            Arc::new(RedbStore::open_with_cache(
+                &cfg.data_dir.join("datastore.redb"),
+                *cache_mib,
+            )?),
             None,
         ),
         DatastoreKind::Postgres(pg) => {

@@ -207,16 +207,7 @@ fn idle_workload_connections_are_closed_but_streams_stay_open() {
         let client = spiffe::WorkloadApiClient::connect_to(c.api_addr())
             .await
             .unwrap();
-        let mut stream = None;
-        let start = Instant::now();
-        while stream.is_none() && start.elapsed() < LONG {
-            let mut s = client.stream_x509_contexts().await.unwrap();
-            match tokio::time::timeout(LONG, s.next()).await {
-                Ok(Some(Ok(ctx))) if !ctx.svids().is_empty() => stream = Some(s),
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        let mut stream = stream.expect("no X.509 stream");
+        let mut stream = svid_stream(&client).await;
 
         // Five connections that never make a call are closed after the
         // idle timeout...
@@ -247,6 +238,23 @@ fn idle_workload_connections_are_closed_but_streams_stay_open() {
     });
 }
 
+/// An X.509-context stream that has delivered an SVID (retried until the
+/// agent has synced the caller's entry, within `LONG`).
+async fn svid_stream(
+    client: &spiffe::WorkloadApiClient,
+) -> impl tokio_stream::Stream<Item = Result<spiffe::X509Context, spiffe::WorkloadApiError>> + use<>
+{
+    let start = Instant::now();
+    while start.elapsed() < LONG {
+        let mut s = client.stream_x509_contexts().await.unwrap();
+        match tokio::time::timeout(LONG, s.next()).await {
+            Ok(Some(Ok(ctx))) if !ctx.svids().is_empty() => return s,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    panic!("no X.509 stream delivered an SVID");
+}
+
 /// Descriptors process `pid` has open.
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -274,24 +282,13 @@ fn many_streams_on_one_connection_cost_the_agent_no_descriptor_each() {
             .unwrap();
         // A stream that has delivered an SVID: the agent has set up the
         // connection's exit watch.
-        let open = || async {
-            let start = Instant::now();
-            while start.elapsed() < LONG {
-                let mut s = client.stream_x509_contexts().await.unwrap();
-                match tokio::time::timeout(LONG, s.next()).await {
-                    Ok(Some(Ok(ctx))) if !ctx.svids().is_empty() => return s,
-                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-            panic!("no X.509 stream delivered an SVID");
-        };
-        let first = open().await;
+        let first = svid_stream(&client).await;
         let before = fd_count(pid);
         let mut streams = vec![first];
         // 15 more: with the first, the 16 calls a connection may have in
         // handlers at once, so every one of them is being served.
         for _ in 0..15 {
-            streams.push(open().await);
+            streams.push(svid_stream(&client).await);
         }
         let after = fd_count(pid);
         println!("agent descriptors: {before} with 1 stream, {after} with 16 on one connection");

@@ -71,6 +71,9 @@ pub(crate) struct Args {
     /// Entries for other workloads on the agent (default 100; 10 with --quick).
     #[arg(long)]
     other_entries: Option<usize>,
+    /// The server's `datastore.cache_mib` (default: the server's default).
+    #[arg(long)]
+    redb_cache_mib: Option<u32>,
 }
 
 /// Counters shared by every workload task.
@@ -420,7 +423,17 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
 
     let bins = Bins::locate()?;
     let scratch = Scratch::new("soak")?;
-    let server = Server::start(&bins, &scratch.0, None).await?;
+    let extra = match a.redb_cache_mib {
+        Some(m) => format!("[datastore]\nkind = \"redb\"\ncache_mib = {m}\n"),
+        None => String::new(),
+    };
+    let server = Server::start_with(&bins, &scratch.0, None, &extra).await?;
+    let db_path = scratch.0.join("server/datastore.redb");
+    let db_kib = || {
+        std::fs::metadata(&db_path)
+            .map(|m| m.len() / 1024)
+            .unwrap_or(0)
+    };
     let adm = server.admin.clone();
     let mut agent = Agent::configure(&server, &scratch.0, "agent-0")?;
     let watched = format!("spiffe://{TD}/soak/workload");
@@ -538,6 +551,7 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     let m0 = t0.elapsed().as_secs_f64() / 60.0;
     let mut server_r = vec![read_proc(server_pid, m0)?];
     let mut agent_r = vec![read_proc(agent_pid, m0)?];
+    let db_kib_start = db_kib();
     let mut next_sample = t0 + sample_every;
     let mut next_openssl = t0 + openssl_every;
     let ssl_dir = scratch.0.join("openssl");
@@ -569,12 +583,14 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             agent.proc.as_mut().ok_or("agent gone")?.check_alive()?;
             let (s, g) = (read_proc(server_pid, m)?, read_proc(agent_pid, m)?);
             progress(format!(
-                "soak: {m:.1} min: x509 {} jwt {} errors {} | server {} KiB {} fds | agent {} KiB {} fds",
+                "soak: {m:.1} min: x509 {} jwt {} errors {} | server {} KiB {} fds, \
+                 datastore {} KiB | agent {} KiB {} fds",
                 counters.x509_checked.load(Relaxed),
                 counters.jwt_checked.load(Relaxed),
                 counters.errors.load(Relaxed),
                 s.rss_kib,
                 s.fds,
+                db_kib(),
                 g.rss_kib,
                 g.fds
             ));
@@ -631,6 +647,8 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
                 "server_rss_slope_kib_per_min_2nd_half",
                 slope(&half(&server_r), |r| r.rss_kib as f64),
             )
+            .with("server_db_kib_start", db_kib_start)
+            .with("server_db_kib_end", db_kib())
             .with("server_fds_start", s0.fds)
             .with("server_fds_end", s1.fds)
             .with("server_fds_max", max(&server_r, |r| r.fds))

@@ -23,13 +23,20 @@ pub(super) struct RawDatastore {
     ca_path: Option<PathBuf>,
     #[serde(default)]
     pool_size: Option<u32>,
+    #[serde(default)]
+    cache_mib: Option<u32>,
 }
 
 /// Which datastore backs the server.
 #[derive(Debug, Clone)]
 pub enum DatastoreKind {
     /// redb file under `data_dir` (default).
-    Redb,
+    Redb {
+        /// `datastore.cache_mib`: the most memory redb's page cache may
+        /// hold, in MiB. redb's own default (1 GiB) lets the cache follow
+        /// the file as the audit trail grows; the server bounds it.
+        cache_mib: u32,
+    },
     /// A PostgreSQL database, shared by several servers.
     Postgres(Box<PostgresConfig>),
 }
@@ -38,6 +45,10 @@ pub enum DatastoreKind {
 pub const MAX_POOL_SIZE: u32 = 256;
 /// Default `datastore.pool_size`.
 pub const DEFAULT_POOL_SIZE: u32 = 8;
+/// Default `datastore.cache_mib`.
+pub const DEFAULT_CACHE_MIB: u32 = 32;
+/// Largest `datastore.cache_mib`.
+pub const MAX_CACHE_MIB: u32 = 16 * 1024;
 
 /// `[datastore] kind = "postgres"`.
 #[derive(Clone)]
@@ -210,7 +221,9 @@ impl RawDatastore {
     /// Validates the section; without one the server uses redb.
     pub(super) fn validate(d: Option<Self>) -> Result<DatastoreKind, ConfigError> {
         Ok(match d {
-            None => DatastoreKind::Redb,
+            None => DatastoreKind::Redb {
+                cache_mib: DEFAULT_CACHE_MIB,
+            },
             Some(d) => match d.kind.as_str() {
                 "redb" => {
                     for (key, set) in [
@@ -224,9 +237,24 @@ impl RawDatastore {
                             return Err(key_err(key, "not used by the redb datastore"));
                         }
                     }
-                    DatastoreKind::Redb
+                    let cache_mib = d.cache_mib.unwrap_or(DEFAULT_CACHE_MIB);
+                    if !(1..=MAX_CACHE_MIB).contains(&cache_mib) {
+                        return Err(key_err(
+                            "datastore.cache_mib",
+                            format!("{cache_mib} is out of range (1 to {MAX_CACHE_MIB})"),
+                        ));
+                    }
+                    DatastoreKind::Redb { cache_mib }
                 }
-                "postgres" => DatastoreKind::Postgres(Box::new(postgres_config(d)?)),
+                "postgres" => {
+                    if d.cache_mib.is_some() {
+                        return Err(key_err(
+                            "datastore.cache_mib",
+                            "not used by the postgres datastore",
+                        ));
+                    }
+                    DatastoreKind::Postgres(Box::new(postgres_config(d)?))
+                }
                 other => {
                     return Err(key_err(
                         "datastore.kind",

@@ -26,7 +26,8 @@ pub use attestation::TpmConfig;
 use attestation::{RawTpm, RawX509Pop};
 use datastore::RawDatastore;
 pub use datastore::{
-    DEFAULT_POOL_SIZE, DatastoreKind, MAX_POOL_SIZE, PgSslMode, PostgresConfig, postgres_url,
+    DEFAULT_CACHE_MIB, DEFAULT_POOL_SIZE, DatastoreKind, MAX_CACHE_MIB, MAX_POOL_SIZE, PgSslMode,
+    PostgresConfig, postgres_url,
 };
 pub use federation::{BundleEndpointConfig, EndpointProfile, FederationConfig, OidcConfig};
 use federation::{RawBundleEndpoint, RawFederation, RawOidc};
@@ -616,6 +617,53 @@ mod tests {
             assert!(
                 e.contains(&format!("`{key}`")) && e.contains("absolute"),
                 "{line}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses() {
+        let c = ServerConfig::parse(include_str!("../../../deploy/config/server.toml")).unwrap();
+        assert!(matches!(
+            c.datastore,
+            DatastoreKind::Redb {
+                cache_mib: DEFAULT_CACHE_MIB
+            }
+        ));
+    }
+
+    #[test]
+    fn redb_cache_is_bounded_by_default_and_checked_naming_the_key() {
+        let base = "trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"\n";
+        let c = ServerConfig::parse(base).unwrap();
+        assert!(matches!(
+            c.datastore,
+            DatastoreKind::Redb {
+                cache_mib: DEFAULT_CACHE_MIB
+            }
+        ));
+        let c = ServerConfig::parse(&format!(
+            "{base}[datastore]\nkind = \"redb\"\ncache_mib = 8\n"
+        ))
+        .unwrap();
+        assert!(matches!(c.datastore, DatastoreKind::Redb { cache_mib: 8 }));
+        for (lines, says) in [
+            ("kind = \"redb\"\ncache_mib = 0", "out of range"),
+            (
+                &*format!("kind = \"redb\"\ncache_mib = {}", MAX_CACHE_MIB + 1),
+                "out of range",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://sigil@db/sigil\"\ncache_mib = 8",
+                "not used by the postgres datastore",
+            ),
+        ] {
+            let e = ServerConfig::parse(&format!("{base}[datastore]\n{lines}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("datastore.cache_mib") && e.contains(says),
+                "{lines}: {e}"
             );
         }
     }

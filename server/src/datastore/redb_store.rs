@@ -92,12 +92,23 @@ impl RedbStore {
     /// An existing file must be a regular file (not a link) owned by this
     /// process's uid or root and not writable by group or others.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, crate::config::DEFAULT_CACHE_MIB)
+    }
+
+    /// As [`RedbStore::open`], with redb's page cache (reads and the write
+    /// buffer) held to `cache_mib` MiB. Without a bound redb would keep up
+    /// to 1 GiB of the file in memory, and the file grows with the audit
+    /// trail, so the server's memory would follow it.
+    pub fn open_with_cache(path: &Path, cache_mib: u32) -> Result<Self, StoreError> {
         match sigil_fs::check_trusted_file(path, sigil_fs::Links::Refuse) {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         }
-        let db = Database::create(path).map_err(be)?;
+        let db = Database::builder()
+            .set_cache_size((cache_mib as usize).saturating_mul(1024 * 1024))
+            .create(path)
+            .map_err(be)?;
         let tx = db.begin_write().map_err(be)?;
         for t in [
             ENTRIES,

@@ -49,7 +49,7 @@ impl ServerState {
     /// Checks the datastore now (one read) and reports it. Blocking.
     pub fn datastore_health(&self) -> DatastoreHealth {
         let (kind, target) = match &self.cfg.datastore {
-            DatastoreKind::Redb => (
+            DatastoreKind::Redb { .. } => (
                 "redb",
                 self.cfg
                     .data_dir
