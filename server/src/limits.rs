@@ -53,6 +53,26 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// File descriptors kept free for everything but client connections.
 pub const FD_HEADROOM: u64 = 256;
 
+/// Threads of the blocking pool that datastore and signing work runs on,
+/// beyond one per PostgreSQL connection. tokio's default (512) lets a burst
+/// start hundreds of threads, each with its own stack and a claim on a
+/// malloc arena; bounded, the pool cannot grow past what two cores can use,
+/// and queued work waits its turn instead.
+pub const BLOCKING_THREADS: usize = 16;
+/// How long an idle blocking-pool thread is kept. With tokio's default
+/// (10 s) the pool shrank between bursts and grew again on the next (19 to
+/// 34 threads in one soak run), so fresh stacks kept being touched; kept
+/// for 10 minutes, the same threads serve every burst.
+pub const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(600);
+
+/// The blocking pool's size for a datastore with `pg_connections`
+/// PostgreSQL connections (0 for redb): a thread per connection, since a
+/// call holds its thread while it waits for its connection's answer, plus
+/// [`BLOCKING_THREADS`] for signing and redb.
+pub fn blocking_threads(pg_connections: u32) -> usize {
+    BLOCKING_THREADS + pg_connections as usize
+}
+
 /// Bundle endpoint and OIDC discovery (HTTP/1.1, tiny public documents).
 pub mod http_endpoint {
     use std::time::Duration;

@@ -672,3 +672,37 @@ fn too_many_or_too_long_audiences_are_refused_naming_the_field() {
         }
     });
 }
+
+/// `MALLOC_ARENA_MAX` as the process `pid` runs with, from its environment.
+fn malloc_arena_max(pid: u32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    env.split(|b| *b == 0)
+        .filter_map(|kv| kv.strip_prefix(b"MALLOC_ARENA_MAX=".as_slice()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .next_back()
+}
+
+/// The server bounds glibc's malloc arenas (it re-execs itself once with
+/// `MALLOC_ARENA_MAX=2`; the soak found unbounded arenas growing its
+/// memory) and keeps a value the operator set. Checked once it answers its
+/// admin socket, so the exec is behind it.
+#[test]
+fn the_server_caps_malloc_arenas_unless_the_operator_chose_a_value() {
+    assert!(
+        std::env::var_os("MALLOC_ARENA_MAX").is_none(),
+        "run this test without MALLOC_ARENA_MAX in its environment"
+    );
+    let c = Cluster::start_with("");
+    assert_eq!(
+        malloc_arena_max(c.server_pid().unwrap()).as_deref(),
+        Some("2")
+    );
+    let healthy = c.server_cli(&["healthcheck"]);
+    assert!(healthy.status.success(), "{healthy:?}");
+
+    let own = Cluster::start_with_env("", vec![("MALLOC_ARENA_MAX".into(), "4".into())]);
+    assert_eq!(
+        malloc_arena_max(own.server_pid().unwrap()).as_deref(),
+        Some("4")
+    );
+}
