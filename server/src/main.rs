@@ -53,11 +53,12 @@ fn runtime(pg_connections: u32) -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// glibc malloc arenas the server runs with unless `MALLOC_ARENA_MAX` is
-/// already set. glibc's default is 8 per core: under a steady load a new
-/// arena is made whenever two threads contend, and each one keeps the
-/// memory freed into it. An hour of `sigil-bench soak` grew the server's
-/// anonymous memory by ~10 MiB that way while its live heap stayed under
-/// 1 MiB (heaptrack); with two arenas it stays flat (docs/SECURITY-TESTS.md).
+/// already set. glibc's default is 8 per core, and a new arena is made
+/// whenever two threads contend for one; each keeps the memory freed into
+/// it. In `sigil-bench soak` new arenas kept appearing for the whole run and
+/// the server's anonymous memory grew with them, while heaptrack showed a
+/// live heap of about 1 MiB; with two arenas it levels off once the redb
+/// cache is full (figures in docs/SECURITY-TESTS.md).
 const MALLOC_ARENAS: &str = "2";
 
 /// Restarts this process image with `MALLOC_ARENA_MAX` set, when it is not.

@@ -199,14 +199,8 @@ fn idle_workload_connections_are_closed_but_streams_stay_open() {
     let sel = format!("unix:uid:{}", my_uid());
     c.create_entry("spiffe://example.org/streamer", &["--selector", &sel]);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = spiffe::WorkloadApiClient::connect_to(c.api_addr())
-            .await
-            .unwrap();
+    block_on(async {
+        let client = workload_client(&c).await;
         let mut stream = svid_stream(&client).await;
 
         // Five connections that never make a call are closed after the
@@ -236,6 +230,22 @@ fn idle_workload_connections_are_closed_but_streams_stay_open() {
         .await;
         assert!(update.is_ok(), "no update on the long-lived stream");
     });
+}
+
+/// Runs `f` to completion on a current-thread runtime of its own.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A Workload API client of `c`'s agent.
+async fn workload_client(c: &Cluster) -> spiffe::WorkloadApiClient {
+    spiffe::WorkloadApiClient::connect_to(c.api_addr())
+        .await
+        .unwrap()
 }
 
 /// An X.509-context stream that has delivered an SVID (retried until the
@@ -272,14 +282,8 @@ fn many_streams_on_one_connection_cost_the_agent_no_descriptor_each() {
     let sel = format!("unix:uid:{}", my_uid());
     c.create_entry("spiffe://example.org/many-streams", &["--selector", &sel]);
     let pid = c.agent_pid().expect("agent pid");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = spiffe::WorkloadApiClient::connect_to(c.api_addr())
-            .await
-            .unwrap();
+    block_on(async {
+        let client = workload_client(&c).await;
         // A stream that has delivered an SVID: the agent has set up the
         // connection's exit watch.
         let first = svid_stream(&client).await;
@@ -633,11 +637,7 @@ fn too_many_or_too_long_audiences_are_refused_naming_the_field() {
     );
 
     // The server refuses the same, even from a genuine agent.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let port = c.port;
         let cfg = tls_config(Some(agent_identity(&c)));
         let ch = tonic::transport::Endpoint::from_static("http://sigil-server")
