@@ -65,12 +65,15 @@ pub const BLOCKING_THREADS: usize = 16;
 /// for 10 minutes, the same threads serve every burst.
 pub const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(600);
 
-/// The blocking pool's size for a datastore with `pg_connections`
-/// PostgreSQL connections (0 for redb): a thread per connection, since a
-/// call holds its thread while it waits for its connection's answer, plus
-/// [`BLOCKING_THREADS`] for signing and redb.
-pub fn blocking_threads(pg_connections: u32) -> usize {
-    BLOCKING_THREADS + pg_connections as usize
+/// The blocking pool's size for `datastore`: [`BLOCKING_THREADS`] for
+/// signing and redb, plus a thread per PostgreSQL connection, since a call
+/// holds its thread while it waits for its connection's answer.
+pub fn blocking_threads(datastore: &crate::config::DatastoreKind) -> usize {
+    use crate::config::DatastoreKind;
+    match datastore {
+        DatastoreKind::Redb { .. } => BLOCKING_THREADS,
+        DatastoreKind::Postgres(pg) => BLOCKING_THREADS + pg.pool_size as usize,
+    }
 }
 
 /// Bundle endpoint and OIDC discovery (HTTP/1.1, tiny public documents).

@@ -41,12 +41,12 @@ fn init_tracing(level: &str) {
         .try_init();
 }
 
-/// A multi-threaded runtime whose blocking pool is sized for `pg_connections`
-/// PostgreSQL connections (see `limits::blocking_threads`).
-fn runtime(pg_connections: u32) -> Result<tokio::runtime::Runtime, String> {
+/// A multi-threaded runtime whose blocking pool holds at most
+/// `blocking_threads` threads (see `limits::blocking_threads`).
+fn runtime(blocking_threads: usize) -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .max_blocking_threads(limits::blocking_threads(pg_connections))
+        .max_blocking_threads(blocking_threads)
         .thread_keep_alive(limits::BLOCKING_KEEP_ALIVE)
         .build()
         .map_err(|e| format!("cannot start runtime: {e}"))
@@ -95,17 +95,12 @@ fn main() -> ExitCode {
         Cmd::Run { config } => config::ServerConfig::load(&config)
             .map_err(|e| e.to_string())
             .and_then(|cfg| {
-                let pg_connections = match &cfg.datastore {
-                    config::DatastoreKind::Postgres(pg) => pg.pool_size,
-                    config::DatastoreKind::Redb { .. } => 0,
-                };
-                let rt = runtime(pg_connections)?;
+                let rt = runtime(limits::blocking_threads(&cfg.datastore))?;
                 init_tracing(&cfg.log_level);
                 rt.block_on(run::run(cfg)).map_err(|e| e.to_string())
             }),
-        Cmd::Admin(c) => {
-            runtime(0).and_then(|rt| rt.block_on(cli::run(c)).map_err(|e| e.to_string()))
-        }
+        Cmd::Admin(c) => runtime(limits::BLOCKING_THREADS)
+            .and_then(|rt| rt.block_on(cli::run(c)).map_err(|e| e.to_string())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
