@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use sigil_attestors::workload::AttestorSet;
-use sigil_attestors::workload::unix::Peer;
+use sigil_attestors::workload::unix::{Peer, UnixNeeds};
 use sigil_core::SpiffeId;
 use sigil_core::limits::Activity;
 use sigil_core::tls::{SharedBundle, SpiffeClientVerifier, SvidCertResolver};
@@ -137,11 +137,15 @@ impl BrokerApi {
     where
         M: PartialEq + Clone + 'static,
     {
-        let pinned = workload_api::has_digest(&r.selectors);
-        let call = Activity::new(Instant::now()).begin();
-        let selectors = r.selectors;
-        workload_api::updates(self.snapshots.clone(), (call, r.peer, pinned), move |s| {
-            build(s, &selectors).map(|o| o.map(map))
+        // Attested with every unix selector: nothing to re-attest for.
+        let caller = workload_api::Caller {
+            selectors: r.selectors,
+            call: Activity::new(Instant::now()).begin(),
+            peer: r.peer,
+            derived: UnixNeeds::ALL,
+        };
+        workload_api::updates(self.snapshots.clone(), caller, None, move |s, sel| {
+            build(s, sel).map(|o| o.map(map))
         })
     }
 }

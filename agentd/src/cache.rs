@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prost::bytes::Bytes;
+use sigil_attestors::workload::unix::UnixNeeds;
 use sigil_core::entry::Entry;
 use sigil_core::jwt::JwtBundle;
 use sigil_core::selector::{Selector, SelectorSet};
@@ -138,6 +139,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// What a caller's unix attestation must derive to be matched against
+    /// this snapshot's entries.
+    pub fn unix_needs(&self) -> UnixNeeds {
+        self.entries.unix_needs()
+    }
+
     /// The entries whose selectors `selectors` satisfies, in `entries` order
     /// (none while [`Snapshot::offline`]).
     pub fn entitled(&self, selectors: &SelectorSet) -> Vec<&Arc<Entry>> {
@@ -166,10 +173,18 @@ impl Snapshot {
 
 /// An agent's entries, sorted by ID, with a selector index built on first
 /// use.
-#[derive(Default)]
 pub struct EntrySet {
     list: Vec<Arc<Entry>>,
     index: OnceLock<EntryIndex>,
+    /// The costlier unix selectors any of these entries names: what a
+    /// caller's attestation must derive to be matched against them.
+    unix_needs: UnixNeeds,
+}
+
+impl Default for EntrySet {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
 }
 
 impl EntrySet {
@@ -178,10 +193,17 @@ impl EntrySet {
         if !entries.is_sorted_by(|a, b| a.id <= b.id) {
             entries.sort_by(|a, b| a.id.cmp(&b.id));
         }
+        let unix_needs = UnixNeeds::of(entries.iter().flat_map(|e| e.selectors.iter()));
         Self {
             list: entries,
             index: OnceLock::new(),
+            unix_needs,
         }
+    }
+
+    /// The costlier unix selectors these entries use (see [`UnixNeeds`]).
+    pub fn unix_needs(&self) -> UnixNeeds {
+        self.unix_needs
     }
 
     pub fn len(&self) -> usize {

@@ -286,6 +286,7 @@ impl SecretDiscoveryService for Sds {
                 selectors,
                 call: _call,
                 peer,
+                ..
             } = caller;
             let mut names: Option<Vec<String>> = None;
             let mut version = 0u64;

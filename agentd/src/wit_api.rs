@@ -195,6 +195,7 @@ pub(crate) async fn fetch_witsvid(
         selectors,
         call,
         peer,
+        ..
     } = caller;
     let snap = snaps.borrow_and_update().clone();
     let first = wit_response(&src, &snap, &selectors).await?;

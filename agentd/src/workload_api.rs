@@ -18,8 +18,8 @@ use sigil_core::limits::CallGuard;
 use std::task::{Context, Poll};
 
 use prost_types::value::Kind;
-use sigil_attestors::workload::AttestorSet;
-use sigil_attestors::workload::unix::Peer;
+use sigil_attestors::workload::unix::{AttestError, Peer, UnixNeeds};
+use sigil_attestors::workload::{Attested, AttestorSet};
 use sigil_core::SpiffeId;
 use sigil_core::entry::Entry;
 use sigil_core::selector::SelectorSet;
@@ -83,9 +83,27 @@ impl WorkloadApi {
     }
 
     /// Checks the security header and attests the caller; the guard keeps
-    /// the connection busy for as long as the caller holds it.
-    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        attest_caller(&self.attestors, req).await
+    /// the connection busy for as long as the caller holds it. Derives
+    /// the unix selectors that the entries of `snap` use (see
+    /// [`UnixNeeds`]): what the call matches against.
+    async fn caller<T>(&self, req: &Request<T>, snap: &Snapshot) -> Result<Caller, Status> {
+        check_header(req)?;
+        attest_peer_for(&self.attestors, req, snap.unix_needs()).await
+    }
+
+    /// [`WorkloadApi::caller`] against the current snapshot, for a stream:
+    /// the stream re-attests if later entries use more (see [`Updates`]).
+    async fn stream_caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let snap = self.snapshots.borrow().clone();
+        self.caller(req, &snap).await
+    }
+
+    /// How a stream of this service re-attests its caller.
+    fn reattest(&self, derived: UnixNeeds) -> Reattest {
+        Reattest {
+            attestors: self.attestors.clone(),
+            derived,
+        }
     }
 }
 
@@ -143,6 +161,8 @@ pub(crate) struct Caller {
     pub(crate) selectors: SelectorSet,
     pub(crate) call: CallGuard,
     pub(crate) peer: Arc<Peer>,
+    /// Which of the costlier unix selectors `selectors` were derived for.
+    pub(crate) derived: UnixNeeds,
 }
 
 /// Checks the security header and attests the caller (also for the task
@@ -152,6 +172,12 @@ pub(crate) async fn attest_caller<T>(
     attestors: &AttestorSet,
     req: &Request<T>,
 ) -> Result<Caller, Status> {
+    check_header(req)?;
+    attest_peer(attestors, req).await
+}
+
+/// The Workload API's security header must be present and `true`.
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     let hdr = req
         .metadata()
         .get(WORKLOAD_API_HEADER)
@@ -161,7 +187,7 @@ pub(crate) async fn attest_caller<T>(
             "security header missing from request",
         ));
     }
-    attest_peer(attestors, req).await
+    Ok(())
 }
 
 /// Attests the process at the other end of the call's connection, without
@@ -169,6 +195,16 @@ pub(crate) async fn attest_caller<T>(
 pub(crate) async fn attest_peer<T>(
     attestors: &AttestorSet,
     req: &Request<T>,
+) -> Result<Caller, Status> {
+    attest_peer_for(attestors, req, UnixNeeds::ALL).await
+}
+
+/// [`attest_peer`], deriving the costlier unix selectors only as far as
+/// `needs` asks.
+async fn attest_peer_for<T>(
+    attestors: &AttestorSet,
+    req: &Request<T>,
+    needs: UnixNeeds,
 ) -> Result<Caller, Status> {
     let (peer, call) = req
         .extensions()
@@ -180,7 +216,22 @@ pub(crate) async fn attest_peer<T>(
     // Every call is attested afresh: `unix` inline when its caches are
     // warm (else on a blocking thread), then every enabled attestor
     // under its own deadline (see `AttestorSet::attest`).
-    let attested = attestors.attest(peer).await.map_err(|e| {
+    let selectors = attested_selectors(attestors.attest_for(peer, needs).await, pid)?;
+    Ok(Caller {
+        selectors,
+        call,
+        peer: process,
+        derived: needs,
+    })
+}
+
+/// The selectors of a finished attestation, or the status that refuses the
+/// caller.
+fn attested_selectors(
+    attested: Result<Attested, AttestError>,
+    pid: i32,
+) -> Result<SelectorSet, Status> {
+    let attested = attested.map_err(|e| {
         tracing::info!(pid, error = %e, "workload attestation failed");
         Status::permission_denied("could not attest the calling process")
     })?;
@@ -194,11 +245,7 @@ pub(crate) async fn attest_peer<T>(
             kinds.join(", ")
         )));
     }
-    Ok(Caller {
-        selectors: attested.selectors,
-        call,
-        peer: process,
-    })
+    Ok(attested.selectors)
 }
 
 /// Whether `selectors` include a `unix:sha256` digest of the binary.
@@ -372,10 +419,16 @@ pub(crate) fn jwt_bundles_response(
 /// The stream is polled by the connection that carries it and dropped with
 /// the call: no task or channel per call, and the first message is built
 /// once, in [`Updates::start`].
+///
+/// A caller attested for only the unix selectors the entries used then
+/// (see [`UnixNeeds`]) is attested again, once, when a later snapshot's
+/// entries use more, before that snapshot is matched: a stream never
+/// matches entries against selectors that were not derived for them.
 pub struct Updates<M, F> {
     first: Option<M>,
     changes: WatchStream<Arc<Snapshot>>,
     build: F,
+    selectors: SelectorSet,
     last: Option<M>,
     done: bool,
     /// Resolves when the attested caller has exited.
@@ -383,14 +436,28 @@ pub struct Updates<M, F> {
     /// The caller, and whether its identity rested on a binary digest.
     peer: Arc<Peer>,
     pinned_digest: bool,
+    /// How to re-attest (`None`: every unix selector was derived).
+    reattest: Option<Reattest>,
+    /// A snapshot waiting for the re-attestation in flight.
+    pending: Option<(Arc<Snapshot>, Reattesting)>,
     /// Keeps the connection busy while the stream runs.
     _call: CallGuard,
+}
+
+/// A re-attestation in flight.
+type Reattesting = Pin<Box<dyn Future<Output = Result<Attested, AttestError>> + Send>>;
+
+/// What a stream needs to attest its caller again, and what its current
+/// selectors were derived for.
+pub(crate) struct Reattest {
+    attestors: Arc<AttestorSet>,
+    derived: UnixNeeds,
 }
 
 impl<M, F> Updates<M, F>
 where
     M: PartialEq + Clone,
-    F: Fn(&Snapshot) -> Result<Option<M>, Status>,
+    F: Fn(&Snapshot, &SelectorSet) -> Result<Option<M>, Status>,
 {
     /// Builds the first message from the current snapshot; refuses at once
     /// (rather than in-stream) when the caller has no identity. `Ok(None)`
@@ -399,35 +466,91 @@ where
     fn start(
         mut snaps: watch::Receiver<Arc<Snapshot>>,
         build: F,
-        call: CallGuard,
-        peer: Arc<Peer>,
-        pinned_digest: bool,
+        caller: Caller,
+        reattest: Option<Reattest>,
     ) -> Result<Self, Status> {
         // Mark this version seen before reading it, so that a snapshot
         // published meanwhile is delivered as a change.
         let snap = snaps.borrow_and_update().clone();
-        let first = build(&snap)?;
-        Ok(Self {
-            last: first.clone(),
-            first,
+        let Caller {
+            selectors,
+            call,
+            peer,
+            ..
+        } = caller;
+        let mut this = Self {
+            first: None,
+            last: None,
             changes: WatchStream::from_changes(snaps),
             build,
+            pinned_digest: has_digest(&selectors),
+            selectors,
             done: false,
             gone: {
                 let p = peer.clone();
                 Box::pin(async move { p.exited().await })
             },
             peer,
-            pinned_digest,
+            reattest,
+            pending: None,
             _call: call,
-        })
+        };
+        // The snapshot may have changed since the caller was attested.
+        match this.reattest_for(&snap) {
+            Some(fut) => this.pending = Some((snap, fut)),
+            None => {
+                let first = (this.build)(&snap, &this.selectors)?;
+                this.last = first.clone();
+                this.first = first;
+            }
+        }
+        Ok(this)
+    }
+
+    /// A re-attestation when `snap`'s entries use unix selectors the
+    /// current ones were not derived for.
+    fn reattest_for(&self, snap: &Snapshot) -> Option<Reattesting> {
+        let r = self.reattest.as_ref()?;
+        let needs = snap.unix_needs();
+        if r.derived.covers(needs) {
+            return None;
+        }
+        let (set, peer, wider) = (
+            r.attestors.clone(),
+            self.peer.clone(),
+            r.derived.union(needs),
+        );
+        Some(Box::pin(async move { set.attest_for(peer, wider).await }))
+    }
+
+    /// The message for `snap`, if it is one to send.
+    fn message(&mut self, snap: &Snapshot) -> Option<Result<M, Status>> {
+        // The digest was computed when the stream opened: a binary
+        // changed under the process since ends what it entitled.
+        if self.pinned_digest && self.peer.exe_changed() {
+            self.done = true;
+            return Some(Err(Status::permission_denied(
+                "the caller's executable changed on disk after it was attested: its unix:sha256 identity ended",
+            )));
+        }
+        match (self.build)(snap, &self.selectors) {
+            Ok(Some(m)) if self.last.as_ref() != Some(&m) => {
+                self.last = Some(m.clone());
+                Some(Ok(m))
+            }
+            Ok(_) => None,
+            Err(st) => {
+                self.done = true;
+                Some(Err(st))
+            }
+        }
     }
 }
 
 impl<M, F> Stream for Updates<M, F>
 where
     M: PartialEq + Clone + Unpin,
-    F: Fn(&Snapshot) -> Result<Option<M>, Status> + Unpin,
+    F: Fn(&Snapshot, &SelectorSet) -> Result<Option<M>, Status> + Unpin,
 {
     type Item = Result<M, Status>;
 
@@ -441,46 +564,64 @@ where
             return Poll::Ready(Some(Ok(m)));
         }
         while !this.done {
-            let Some(snap) = std::task::ready!(Pin::new(&mut this.changes).poll_next(cx)) else {
-                return Poll::Ready(None);
+            let snap = match this.pending.as_mut() {
+                Some((_, fut)) => {
+                    let attested = std::task::ready!(fut.as_mut().poll(cx));
+                    let Some((snap, _)) = this.pending.take() else {
+                        continue;
+                    };
+                    match attested_selectors(attested, this.peer.pid) {
+                        Ok(selectors) => {
+                            if let Some(r) = this.reattest.as_mut() {
+                                r.derived = r.derived.union(snap.unix_needs());
+                            }
+                            this.pinned_digest = has_digest(&selectors);
+                            this.selectors = selectors;
+                        }
+                        Err(st) => {
+                            this.done = true;
+                            return Poll::Ready(Some(Err(st)));
+                        }
+                    }
+                    snap
+                }
+                None => {
+                    let Some(snap) = std::task::ready!(Pin::new(&mut this.changes).poll_next(cx))
+                    else {
+                        return Poll::Ready(None);
+                    };
+                    if let Some(fut) = this.reattest_for(&snap) {
+                        this.pending = Some((snap, fut));
+                        continue;
+                    }
+                    snap
+                }
             };
-            // The digest was computed when the stream opened: a binary
-            // changed under the process since ends what it entitled.
-            if this.pinned_digest && this.peer.exe_changed() {
-                this.done = true;
-                return Poll::Ready(Some(Err(Status::permission_denied(
-                    "the caller's executable changed on disk after it was attested: its unix:sha256 identity ended",
-                ))));
-            }
-            match (this.build)(&snap) {
-                Ok(Some(m)) if this.last.as_ref() != Some(&m) => {
-                    this.last = Some(m.clone());
-                    return Poll::Ready(Some(Ok(m)));
-                }
-                Ok(_) => {}
-                Err(st) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(st)));
-                }
+            if let Some(m) = this.message(&snap) {
+                return Poll::Ready(Some(m));
             }
         }
         Poll::Ready(None)
     }
 }
 
-/// A stream of `M` built by a boxed closure over the snapshot.
+/// A stream of `M` built by a boxed closure over the snapshot and the
+/// caller's selectors.
 pub(crate) type UpdateStream<M> =
-    Updates<M, Box<dyn Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync>>;
+    Updates<M, Box<dyn Fn(&Snapshot, &SelectorSet) -> Result<Option<M>, Status> + Send + Sync>>;
 
+/// The stream of `build`'s messages for `caller`; `reattest` as
+/// [`Updates`] describes (`None` when the caller's selectors are complete).
 pub(crate) fn updates<M>(
     snaps: watch::Receiver<Arc<Snapshot>>,
-    caller: (CallGuard, Arc<Peer>, bool),
-    build: impl Fn(&Snapshot) -> Result<Option<M>, Status> + Send + Sync + 'static,
+    caller: Caller,
+    reattest: Option<Reattest>,
+    build: impl Fn(&Snapshot, &SelectorSet) -> Result<Option<M>, Status> + Send + Sync + 'static,
 ) -> Result<UpdateStream<M>, Status>
 where
     M: PartialEq + Clone,
 {
-    Updates::start(snaps, Box::new(build), caller.0, caller.1, caller.2)
+    Updates::start(snaps, Box::new(build), caller, reattest)
 }
 
 /// JSON → protobuf `Value`, for the claims `Struct`.
@@ -576,7 +717,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
-        let caller = self.caller(&req).await?;
+        // The WIT stream keeps its first selectors: derive all of them.
+        check_header(&req)?;
+        let caller = attest_peer(&self.attestors, &req).await?;
         crate::wit_api::fetch_witsvid(self.wit.clone(), self.snapshots.clone(), caller).await
     }
 
@@ -584,16 +727,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
-        let Caller {
-            selectors,
-            call,
-            peer,
-        } = self.caller(&req).await?;
+        let caller = self.stream_caller(&req).await?;
+        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
-            (call, peer, has_digest(&selectors)),
-            move |s| crate::wit_api::wit_bundles_response(s, &selectors),
+            caller,
+            Some(reattest),
+            crate::wit_api::wit_bundles_response,
         )?))
     }
 
@@ -601,16 +742,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let Caller {
-            selectors,
-            call,
-            peer,
-        } = self.caller(&req).await?;
+        let caller = self.stream_caller(&req).await?;
+        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
-            (call, peer, has_digest(&selectors)),
-            move |s| x509_response(s, &selectors),
+            caller,
+            Some(reattest),
+            x509_response,
         )?))
     }
 
@@ -618,16 +757,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let Caller {
-            selectors,
-            call,
-            peer,
-        } = self.caller(&req).await?;
+        let caller = self.stream_caller(&req).await?;
+        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
-            (call, peer, has_digest(&selectors)),
-            move |s| x509_bundles_response(s, &selectors),
+            caller,
+            Some(reattest),
+            x509_bundles_response,
         )?))
     }
 
@@ -635,13 +772,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
+        let snap = self.snapshots.borrow().clone();
         let Caller {
             selectors,
             call: _call,
             ..
-        } = self.caller(&req).await?;
+        } = self.caller(&req, &snap).await?;
         let r = req.into_inner();
-        let snap = self.snapshots.borrow().clone();
         let svids = jwt_svids(&self.jwt, &snap, &selectors, r.audience, &r.spiffe_id).await?;
         Ok(Response::new(JwtsvidResponse { svids }))
     }
@@ -650,16 +787,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let Caller {
-            selectors,
-            call,
-            peer,
-        } = self.caller(&req).await?;
+        let caller = self.stream_caller(&req).await?;
+        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
-            (call, peer, has_digest(&selectors)),
-            move |s| jwt_bundles_response(s, &selectors),
+            caller,
+            Some(reattest),
+            jwt_bundles_response,
         )?))
     }
 
@@ -667,7 +802,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        let _call = self.caller(&req).await?;
+        // Any identity will do: only the socket's credentials are derived.
+        let _call = {
+            check_header(&req)?;
+            attest_peer_for(&self.attestors, &req, UnixNeeds::NONE).await?
+        };
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));

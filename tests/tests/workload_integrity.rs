@@ -9,7 +9,12 @@
 //!   SVIDs to whoever holds the socket);
 //! - the child's executable (a copy, pinned by `unix:sha256`) is modified
 //!   on disk while it runs: the next fetch is refused and the open stream
-//!   ends at the next update.
+//!   ends at the next update;
+//! - a stream opened while the entries used only the socket's credentials
+//!   (so the agent derived no `unix:path`, `unix:sha256` or
+//!   `unix:supplementary_gid`) is re-attested when an entry starts to use
+//!   them, and receives that entry's SVID when the caller matches it, and
+//!   not when it does not.
 
 #![allow(
     clippy::unwrap_used,
@@ -34,7 +39,11 @@ const LONG: Duration = Duration::from_secs(20);
 
 /// Connects the socket on its stdin (shared with the test) to `api`, so
 /// that the kernel records this process as the peer.
-const CONNECTOR: &str = "import socket, sys, time\n\
+/// With `SIGIL_TEST_SETGROUPS=N` (as root) its supplementary groups are
+/// set to just N first.
+const CONNECTOR: &str = "import os, socket, sys, time\n\
+g = os.environ.get('SIGIL_TEST_SETGROUPS')\n\
+if g: os.setgroups([int(g)])\n\
 s = socket.socket(fileno=0)\n\
 s.connect(sys.argv[1])\n\
 print('connected', flush=True)\n\
@@ -55,6 +64,11 @@ impl Drop for Handed {
 /// Starts `python` as the connecting process and returns a gRPC client over
 /// the connection it made.
 async fn handed_connection(python: &Path, api: &Path) -> Handed {
+    handed_connection_with(python, api, &[]).await
+}
+
+/// [`handed_connection`] with extra environment for the child.
+async fn handed_connection_with(python: &Path, api: &Path, env: &[(&str, &str)]) -> Handed {
     // One unconnected socket, two descriptors: the child connects it,
     // the test speaks over its own copy (the same open file).
     let mine = socket(
@@ -67,6 +81,7 @@ async fn handed_connection(python: &Path, api: &Path) -> Handed {
     let theirs = mine.try_clone().unwrap();
     let mut child = Command::new(python)
         .env("PYTHONHOME", "/usr")
+        .envs(env.iter().copied())
         .arg("-c")
         .arg(CONNECTOR)
         .arg(api)
@@ -238,4 +253,104 @@ async fn a_binary_modified_on_disk_after_start_loses_its_digest_identity() {
     let st = next_end(&mut stream).await;
     assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
     assert!(st.message().contains("changed"), "{st:?}");
+}
+
+/// The SPIFFE IDs of a stream message, sorted.
+fn ids(m: &X509svidResponse) -> Vec<String> {
+    let mut v: Vec<String> = m.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+    v.sort();
+    v
+}
+
+/// The next message on `stream` within `LONG`.
+async fn next_message(stream: &mut tonic::Streaming<X509svidResponse>) -> X509svidResponse {
+    tokio::time::timeout(LONG, stream.message())
+        .await
+        .expect("no update reached the stream")
+        .expect("the stream failed")
+        .expect("the stream ended")
+}
+
+#[tokio::test]
+async fn a_stream_is_re_attested_when_entries_start_to_use_costlier_unix_selectors() {
+    let c = Cluster::with_agent();
+    let uid = my_uid_selector();
+    c.create_entry("spiffe://example.org/by-uid", &["--selector", &uid]);
+    let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
+    // As root the child sets a supplementary group the entries can name.
+    let root = nix::unistd::geteuid().is_root();
+    let env: &[(&str, &str)] = if root {
+        &[("SIGIL_TEST_SETGROUPS", "4242")]
+    } else {
+        &[]
+    };
+    let mut h = handed_connection_with(&python, &c.api_socket(), env).await;
+    // Opened while the only entry names a uid: only credentials derived.
+    let (mut stream, first) = first_svid(&mut h).await;
+    assert_eq!(ids(&first), ["spiffe://example.org/by-uid"]);
+
+    // An entry pinning the caller's binary by path and digest (and, as
+    // root, its supplementary group): the stream re-attests and gets it.
+    let path = format!("unix:path:{}", python.display());
+    let digest = format!("unix:sha256:{}", sha256(&python));
+    let mut sel = vec![
+        "--selector",
+        &uid,
+        "--selector",
+        &path,
+        "--selector",
+        &digest,
+    ];
+    if root {
+        sel.extend(["--selector", "unix:supplementary_gid:4242"]);
+    }
+    c.create_entry("spiffe://example.org/pinned", &sel);
+    let update = next_message(&mut stream).await;
+    assert_eq!(
+        ids(&update),
+        ["spiffe://example.org/by-uid", "spiffe://example.org/pinned"]
+    );
+
+    // An entry for another binary, and one for a group the caller lacks:
+    // not delivered. The entry created after them proves the stream saw
+    // those changes and moved on.
+    c.create_entry(
+        "spiffe://example.org/other-binary",
+        &[
+            "--selector",
+            &uid,
+            "--selector",
+            "unix:path:/usr/bin/no-such-binary",
+        ],
+    );
+    c.create_entry(
+        "spiffe://example.org/other-group",
+        &[
+            "--selector",
+            &uid,
+            "--selector",
+            "unix:supplementary_gid:4343",
+        ],
+    );
+    c.create_entry("spiffe://example.org/by-uid-2", &["--selector", &uid]);
+    // Each change may arrive as its own message; each must be within LONG.
+    let update = loop {
+        let m = next_message(&mut stream).await;
+        if ids(&m).contains(&"spiffe://example.org/by-uid-2".to_string()) {
+            break m;
+        }
+        assert_eq!(
+            ids(&m),
+            ["spiffe://example.org/by-uid", "spiffe://example.org/pinned"],
+            "an entry the caller does not match was delivered"
+        );
+    };
+    assert_eq!(
+        ids(&update),
+        [
+            "spiffe://example.org/by-uid",
+            "spiffe://example.org/by-uid-2",
+            "spiffe://example.org/pinned"
+        ]
+    );
 }

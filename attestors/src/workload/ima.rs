@@ -90,6 +90,10 @@ impl WorkloadAttestor for ImaAttestor {
         self.cfg.timeout
     }
 
+    fn needs_exe_digest(&self) -> bool {
+        true
+    }
+
     fn attest<'a>(
         &'a self,
         workload: &'a Workload,

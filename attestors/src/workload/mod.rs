@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use sigil_core::selector::{Selector, SelectorSet};
 
-use self::unix::{AttestError, Peer, UnixAttestor};
+use self::unix::{AttestError, Peer, UnixAttestor, UnixNeeds};
 
 /// A boxed, sendable future (what [`WorkloadAttestor::attest`] returns).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -85,6 +85,13 @@ pub trait WorkloadAttestor: Send + Sync + std::fmt::Debug {
         &'a self,
         workload: &'a Workload,
     ) -> BoxFuture<'a, Result<Vec<Selector>, WorkloadAttestError>>;
+
+    /// Whether [`Workload::exe_sha256`] must be known for this attestor to
+    /// answer (the IMA attestor), so the unix attestor derives it on every
+    /// call even when no entry names a `unix:sha256`.
+    fn needs_exe_digest(&self) -> bool {
+        false
+    }
 }
 
 /// The result of attesting one caller.
@@ -127,13 +134,32 @@ impl AttestorSet {
     /// runtime API delays only the callers that need it, by at most that
     /// deadline.
     pub async fn attest(&self, peer: Arc<Peer>) -> Result<Attested, AttestError> {
+        self.attest_for(peer, UnixNeeds::ALL).await
+    }
+
+    /// [`AttestorSet::attest`], with the unix attestor deriving its costlier
+    /// selectors only as far as `needs` asks (see [`UnixNeeds`]; an
+    /// attestor that needs the binary's digest widens it).
+    pub async fn attest_for(
+        &self,
+        peer: Arc<Peer>,
+        needs: UnixNeeds,
+    ) -> Result<Attested, AttestError> {
+        let needs = if self.others.iter().any(|a| a.needs_exe_digest()) {
+            needs.union(UnixNeeds {
+                groups: false,
+                exe: true,
+            })
+        } else {
+            needs
+        };
         let pid = peer.pid;
-        let mut selectors = match self.unix.attest_cached(&peer) {
+        let mut selectors = match self.unix.attest_cached_for(&peer, needs) {
             Ok(Some(s)) => s,
             Ok(None) => {
                 let unix = self.unix.clone();
                 let p = peer.clone();
-                tokio::task::spawn_blocking(move || unix.attest(&p))
+                tokio::task::spawn_blocking(move || unix.attest_for(&p, needs))
                     .await
                     .map_err(|_| AttestError::Proc(pid, "attestation task failed".into()))??
             }
@@ -143,7 +169,7 @@ impl AttestorSet {
         if self.others.is_empty() {
             return Ok(Attested { selectors, failed });
         }
-        let cgroup = std::fs::read(format!("/proc/{pid}/cgroup"))
+        let cgroup = unix::read_proc(pid, "cgroup")
             .map_err(|e| AttestError::Proc(pid, format!("cgroup: {e}")))?;
         if !peer.is_alive() {
             return Err(AttestError::ProcessGone(pid));

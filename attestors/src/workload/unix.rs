@@ -40,6 +40,59 @@ pub enum AttestError {
     Proc(i32, String),
 }
 
+/// Which of the unix attestor's costlier selectors a call derives. The
+/// cheap ones (`uid`, `gid`, `user`, `group`) always are; these two cost
+/// reads of `/proc` on every call and are skipped when no registration
+/// entry on the agent uses them, which cannot change what a caller is
+/// entitled to: an entry matches when the caller has *all* its selectors,
+/// so a selector no entry names decides nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixNeeds {
+    /// `unix:supplementary_gid` (reads `/proc/<pid>/status`).
+    pub groups: bool,
+    /// `unix:path` and `unix:sha256` (a `readlink` and a `stat` of
+    /// `/proc/<pid>/exe`, and hashing the binary when its digest is not
+    /// cached).
+    pub exe: bool,
+}
+
+impl UnixNeeds {
+    /// Every unix selector (the operator's `api debug selectors`, the broker).
+    pub const ALL: UnixNeeds = UnixNeeds {
+        groups: true,
+        exe: true,
+    };
+    /// Only the selectors that come from the socket's credentials.
+    pub const NONE: UnixNeeds = UnixNeeds {
+        groups: false,
+        exe: false,
+    };
+
+    /// What entries with `selectors` need derived.
+    pub fn of<'a>(selectors: impl IntoIterator<Item = &'a Selector>) -> UnixNeeds {
+        let mut n = UnixNeeds::NONE;
+        for s in selectors {
+            let t = s.as_str();
+            n.groups |= t.starts_with("unix:supplementary_gid:");
+            n.exe |= t.starts_with("unix:path:") || t.starts_with("unix:sha256:");
+        }
+        n
+    }
+
+    /// Both sets together.
+    pub fn union(self, other: UnixNeeds) -> UnixNeeds {
+        UnixNeeds {
+            groups: self.groups || other.groups,
+            exe: self.exe || other.exe,
+        }
+    }
+
+    /// Whether a set derived with `self` has every selector `other` needs.
+    pub fn covers(self, other: UnixNeeds) -> bool {
+        self.union(other) == self
+    }
+}
+
 /// The process at the other end of a Unix socket, as the kernel reported it
 /// when the connection was made.
 #[derive(Debug)]
@@ -51,7 +104,10 @@ pub struct Peer {
     /// Effective group ID at connect time.
     pub gid: u32,
     pidfd: Option<OwnedFd>,
-    /// Start time read at accept, only when there is no pidfd.
+    /// Start time (clock ticks since boot) read at accept. Without a pidfd
+    /// it is what pins the process; with one, the pidfd does, and the
+    /// start time only dates the executable's changes (a process keeps its
+    /// start time across `exec`, so one reading serves the connection).
     start_time: Option<u64>,
     /// (device, inode, ctime s, ctime ns) of `/proc/<pid>/exe` when the
     /// peer was first seen: a later change of that same inode is a binary
@@ -70,7 +126,11 @@ type ExeStamp = (u64, u64, i64, i64);
 fn exe_stamp(pid: i32) -> Option<ExeStamp> {
     fs::metadata(format!("/proc/{pid}/exe"))
         .ok()
-        .map(|m| (m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
+        .map(|m| stamp_of(&m))
+}
+
+fn stamp_of(m: &fs::Metadata) -> ExeStamp {
+    (m.dev(), m.ino(), m.ctime(), m.ctime_nsec())
 }
 
 impl Peer {
@@ -86,10 +146,10 @@ impl Peer {
             Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => None,
             Err(e) => return Err(AttestError::PeerCredentials(format!("SO_PEERPIDFD: {e}"))),
         };
-        let start_time = match &pidfd {
-            Some(_) => None,
-            None => start_time(cred.pid()).ok(),
-        };
+        // Read after the pidfd was taken: if the process has already gone
+        // and its pid was reused, this may describe another process, but
+        // then the pidfd is readable and every attestation fails.
+        let start_time = start_time(cred.pid()).ok();
         Ok(Peer {
             pid: cred.pid(),
             uid: cred.uid(),
@@ -110,8 +170,7 @@ impl Peer {
             return Err(AttestError::PeerCredentials(format!("invalid pid {pid}")));
         }
         let start = start_time(pid)?;
-        let status = fs::read(format!("/proc/{pid}/status"))
-            .map_err(|e| AttestError::Proc(pid, e.to_string()))?;
+        let status = read_proc(pid, "status").map_err(|e| AttestError::Proc(pid, e.to_string()))?;
         let status = String::from_utf8_lossy(&status);
         let effective = |key: &str| {
             status
@@ -149,8 +208,13 @@ impl Peer {
     /// dropped), chmod or chown. A stat, no hashing: cheap enough for every
     /// stream update.
     pub fn exe_changed(&self) -> bool {
+        self.exe_changed_from(exe_stamp(self.pid))
+    }
+
+    /// [`Peer::exe_changed`] against a stamp of `/proc/<pid>/exe` read now.
+    fn exe_changed_from(&self, now: Option<ExeStamp>) -> bool {
         matches!(
-            (self.exe_at_connect, exe_stamp(self.pid)),
+            (self.exe_at_connect, now),
             (Some(a), Some(b)) if (a.0, a.1) == (b.0, b.1) && a != b
         )
     }
@@ -339,7 +403,13 @@ impl UnixAttestor {
     /// then simply do not match. May block (NSS lookups, hashing the
     /// binary): call it from a blocking thread.
     pub fn attest(&self, peer: &Peer) -> Result<SelectorSet, AttestError> {
-        self.attest_with(peer, true)?
+        self.attest_for(peer, UnixNeeds::ALL)
+    }
+
+    /// [`UnixAttestor::attest`], deriving the costlier selectors only as
+    /// far as `needs` asks.
+    pub fn attest_for(&self, peer: &Peer, needs: UnixNeeds) -> Result<SelectorSet, AttestError> {
+        self.attest_with(peer, true, needs)?
             .ok_or_else(|| AttestError::Proc(peer.pid, "attestation incomplete".into()))
     }
 
@@ -349,7 +419,16 @@ impl UnixAttestor {
     /// call, expired, or the process now runs another binary): call
     /// [`UnixAttestor::attest`] then.
     pub fn attest_cached(&self, peer: &Peer) -> Result<Option<SelectorSet>, AttestError> {
-        self.attest_with(peer, false)
+        self.attest_cached_for(peer, UnixNeeds::ALL)
+    }
+
+    /// [`UnixAttestor::attest_cached`] as far as `needs` asks.
+    pub fn attest_cached_for(
+        &self,
+        peer: &Peer,
+        needs: UnixNeeds,
+    ) -> Result<Option<SelectorSet>, AttestError> {
+        self.attest_with(peer, false, needs)
     }
 
     /// `may_block = false` returns `Ok(None)` as soon as blocking work
@@ -358,6 +437,7 @@ impl UnixAttestor {
         &self,
         peer: &Peer,
         may_block: bool,
+        needs: UnixNeeds,
     ) -> Result<Option<SelectorSet>, AttestError> {
         let pid = peer.pid;
         if pid <= 0 {
@@ -407,9 +487,14 @@ impl UnixAttestor {
         }
         // Read as bytes: the `Name:` line is the process's comm, which its
         // owner may set to any bytes, not necessarily UTF-8. Only the
-        // numeric `Uid:` and `Groups:` lines are used.
-        let status = fs::read(format!("/proc/{pid}/status"))
-            .map_err(|e| AttestError::Proc(pid, e.to_string()))?;
+        // numeric `Uid:` and `Groups:` lines are used. Without a pidfd the
+        // `Uid:` line is part of pinning the process, so it is read then
+        // even when no entry uses the groups.
+        let status = if needs.groups || peer.pidfd.is_none() {
+            read_proc(pid, "status").map_err(|e| AttestError::Proc(pid, e.to_string()))?
+        } else {
+            Vec::new()
+        };
         let status = String::from_utf8_lossy(&status);
         let mut proc_uid = None;
         for line in status.lines() {
@@ -428,7 +513,9 @@ impl UnixAttestor {
             }
         }
         let exe = format!("/proc/{pid}/exe");
-        if let Ok(path) = fs::read_link(&exe) {
+        if !needs.exe {
+            // Neither `unix:path` nor `unix:sha256` is derived.
+        } else if let Ok(path) = fs::read_link(&exe) {
             // Lossless: non-UTF-8 bytes, `%` and control characters are
             // percent-escaped, exactly as entries must spell them.
             add("path", &escape_bytes(path.as_os_str().as_bytes()));
@@ -441,17 +528,27 @@ impl UnixAttestor {
             // Also no digest if the inode seen when the peer connected has
             // changed since (precise, unlike the start-time slack); an
             // exec of another binary is another inode, attested afresh.
-            if peer.exe_changed() || self.changed_since_start(Path::new(&exe), pid) {
-                tracing::info!(
-                    pid,
-                    "executable changed after the process started: no unix:sha256"
-                );
-            } else {
-                match self.file_sha256(Path::new(&exe), may_block, SystemTime::now()) {
-                    Ok(Some(hash)) => add("sha256", &hash),
-                    Ok(None) => return Ok(None),
-                    Err(_) => {}
+            // One stat of the binary answers all three questions (changed
+            // since connect, changed since start, which hash-cache key).
+            match fs::metadata(&exe) {
+                Ok(meta)
+                    if peer.exe_changed_from(Some(stamp_of(&meta)))
+                        || self.changed_since_start(&meta, peer.start_time, pid) =>
+                {
+                    tracing::info!(
+                        pid,
+                        "executable changed after the process started: no unix:sha256"
+                    );
                 }
+                Ok(meta) => {
+                    match self.file_sha256(Path::new(&exe), &meta, may_block, SystemTime::now()) {
+                        Ok(Some(hash)) => add("sha256", &hash),
+                        Ok(None) => return Ok(None),
+                        Err(_) => {}
+                    }
+                }
+                // Unreadable: no digest, as when hashing fails.
+                Err(_) => {}
             }
         }
 
@@ -471,15 +568,18 @@ impl UnixAttestor {
         Ok(Some(set))
     }
 
-    /// True when the inode behind `exe` had its status changed (ctime:
-    /// content, mode, owner, links; not settable by users) later than
-    /// `exe_change_slack` after process `pid` started. The start time is
+    /// True when the executable whose stat is `meta` had its status changed
+    /// (ctime: content, mode, owner, links; not settable by users) later
+    /// than `exe_change_slack` after process `pid` started (at `started`
+    /// ticks, as read at accept, or read now when unknown). The start time is
     /// known to about a second (boot time in /proc/stat has whole seconds),
     /// which the slack absorbs; unknown times count as unchanged.
-    fn changed_since_start(&self, exe: &Path, pid: i32) -> bool {
-        let (Ok(meta), Ok(ticks), Some((btime, hz))) =
-            (fs::metadata(exe), start_time(pid), boot_clock())
-        else {
+    fn changed_since_start(&self, meta: &fs::Metadata, started: Option<u64>, pid: i32) -> bool {
+        let ticks = match started {
+            Some(t) => Ok(t),
+            None => start_time(pid),
+        };
+        let (Ok(ticks), Some((btime, hz))) = (ticks, boot_clock()) else {
             return false;
         };
         let started =
@@ -521,16 +621,18 @@ impl UnixAttestor {
         }
     }
 
-    /// SHA-256 of the file at `path` (following links), from the cache when
-    /// its stat matches, else computed if `may_block` (`Ok(None)` if not).
-    /// `now` decides whether the file has settled enough to be cached.
+    /// SHA-256 of the file at `path` (following links), whose stat the
+    /// caller just read as `meta`: from the cache when that stat matches,
+    /// else computed if `may_block` (`Ok(None)` if not). `now` decides
+    /// whether the file has settled enough to be cached.
     fn file_sha256(
         &self,
         path: &Path,
+        meta: &fs::Metadata,
         may_block: bool,
         now: SystemTime,
     ) -> std::io::Result<Option<String>> {
-        let key = file_key(&fs::metadata(path)?);
+        let key = file_key(meta);
         if let Ok(cache) = self.hashes.lock()
             && let Some(h) = cache.get(&key)
         {
@@ -594,11 +696,19 @@ fn boot_clock() -> Option<(u64, u64)> {
     })
 }
 
+/// Reads `/proc/<pid>/<file>` whole. Unlike `fs::read` it asks for no
+/// size hint first (a /proc file reports size 0, so that `fstat` would be
+/// wasted on every attestation).
+pub(crate) fn read_proc(pid: i32, file: &str) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(2048);
+    fs::File::open(format!("/proc/{pid}/{file}"))?.read_to_end(&mut out)?;
+    Ok(out)
+}
+
 /// Process start time in clock ticks since boot (field 22 of /proc/<pid>/stat).
 fn start_time(pid: i32) -> Result<u64, AttestError> {
     // Bytes, not a string: the command name (field 2) need not be UTF-8.
-    let stat =
-        fs::read(format!("/proc/{pid}/stat")).map_err(|e| AttestError::Proc(pid, e.to_string()))?;
+    let stat = read_proc(pid, "stat").map_err(|e| AttestError::Proc(pid, e.to_string()))?;
     let stat = String::from_utf8_lossy(&stat);
     // The command name (field 2) may contain spaces and ')': split after the last ')'.
     let after = stat
@@ -642,6 +752,62 @@ mod tests {
         let bytes = fs::read(&exe).unwrap();
         let want = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
         assert!(texts.contains(&format!("unix:sha256:{want}")), "{texts:?}");
+    }
+
+    #[test]
+    fn only_the_unix_selectors_entries_use_are_derived() {
+        let sel = |t: &str| t.parse::<Selector>().unwrap();
+        assert_eq!(
+            UnixNeeds::of(&[sel("unix:uid:1"), sel("k8s:ns:default")]),
+            UnixNeeds::NONE
+        );
+        let groups = UnixNeeds::of(&[sel("unix:supplementary_gid:7")]);
+        let exe = UnixNeeds::of(&[sel("unix:path:/bin/x")]);
+        assert_eq!(
+            exe,
+            UnixNeeds::of(&[sel(&format!("unix:sha256:{}", "ab".repeat(32)))])
+        );
+        assert!(groups.groups && !groups.exe && exe.exe && !exe.groups);
+        assert_eq!(groups.union(exe), UnixNeeds::ALL);
+        assert!(UnixNeeds::ALL.covers(groups) && groups.covers(UnixNeeds::NONE));
+        assert!(!groups.covers(exe) && !UnixNeeds::NONE.covers(groups));
+
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = Peer::from_socket(&a).unwrap();
+        let att = UnixAttestor::new();
+        let kinds = |set: &SelectorSet| -> Vec<String> {
+            set.iter()
+                .map(|s| {
+                    s.as_str()
+                        .splitn(3, ':')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(":")
+                })
+                .collect()
+        };
+        let all = kinds(&att.attest(&peer).unwrap());
+        assert!(all.iter().any(|k| k == "unix:path"), "{all:?}");
+        assert!(all.iter().any(|k| k == "unix:sha256"), "{all:?}");
+        let none = kinds(&att.attest_for(&peer, UnixNeeds::NONE).unwrap());
+        assert!(none.iter().any(|k| k == "unix:uid"), "{none:?}");
+        assert!(
+            !none.iter().any(|k| k == "unix:path" || k == "unix:sha256"),
+            "{none:?}"
+        );
+        // With a pidfd the status file is not read, so no groups either;
+        // without one it is read to pin the process, and they come along.
+        if peer.pidfd.is_some() {
+            assert!(
+                !none.iter().any(|k| k == "unix:supplementary_gid"),
+                "{none:?}"
+            );
+        }
+        let cached = att
+            .attest_cached_for(&peer, UnixNeeds::NONE)
+            .unwrap()
+            .unwrap();
+        assert_eq!(kinds(&cached), none);
     }
 
     #[test]
@@ -781,16 +947,23 @@ mod tests {
         // Just written: hashed, but not cached while racily clean.
         let now = SystemTime::now();
         assert_eq!(
-            att.file_sha256(&path, true, now).unwrap(),
+            att.file_sha256(&path, &fs::metadata(&path).unwrap(), true, now)
+                .unwrap(),
             Some(sha(b"original contents"))
         );
-        assert_eq!(att.file_sha256(&path, false, now).unwrap(), None);
+        assert_eq!(
+            att.file_sha256(&path, &fs::metadata(&path).unwrap(), false, now)
+                .unwrap(),
+            None
+        );
 
         // Once settled it is cached and served without blocking work.
         let later = now + RACY_WINDOW + Duration::from_secs(1);
-        att.file_sha256(&path, true, later).unwrap();
+        att.file_sha256(&path, &fs::metadata(&path).unwrap(), true, later)
+            .unwrap();
         assert_eq!(
-            att.file_sha256(&path, false, later).unwrap(),
+            att.file_sha256(&path, &fs::metadata(&path).unwrap(), false, later)
+                .unwrap(),
             Some(sha(b"original contents"))
         );
 
@@ -803,9 +976,14 @@ mod tests {
         f.set_modified(mtime).unwrap();
         drop(f);
         let later = SystemTime::now() + RACY_WINDOW + Duration::from_secs(1);
-        assert_eq!(att.file_sha256(&path, false, later).unwrap(), None);
         assert_eq!(
-            att.file_sha256(&path, true, later).unwrap(),
+            att.file_sha256(&path, &fs::metadata(&path).unwrap(), false, later)
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            att.file_sha256(&path, &fs::metadata(&path).unwrap(), true, later)
+                .unwrap(),
             Some(sha(b"tampered contents"))
         );
         fs::remove_dir_all(&dir).unwrap();

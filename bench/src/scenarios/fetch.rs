@@ -46,6 +46,11 @@ pub(crate) struct Args {
     /// workloads, which every fetch must still skip (default 1).
     #[arg(long)]
     entries: Option<usize>,
+    /// The bench's entry also pins the client binary (`unix:path` and
+    /// `unix:sha256` of this executable), so every fetch derives them;
+    /// without it the entry names the uid only and the agent reads neither.
+    #[arg(long)]
+    pin_binary: bool,
     /// Instead: the clients in Docker containers, against a unix-only agent
     /// and an agent with the docker attestor (see `fetch_docker`); default
     /// client counts 1,100.
@@ -229,6 +234,7 @@ async fn measure(
     secs: f64,
     warm: Duration,
     agent_entries: usize,
+    entry_selectors: &str,
     bare: Option<f64>,
     rep: &mut Reporter,
 ) -> Result<()> {
@@ -266,7 +272,8 @@ async fn measure(
             agent_cpu.as_secs_f64() / start.elapsed().as_secs_f64(),
         )
         .f("agent_rss_mb", mem.rss_mb)
-        .with("agent_entries", agent_entries);
+        .with("agent_entries", agent_entries)
+        .with("entry_selectors", entry_selectors);
     if let Some(rate) = open_rate {
         rec = rec.f("offered_per_sec", rate);
     }
@@ -306,10 +313,22 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     let server = Server::start(&bins, &scratch.0, None).await?;
     let mut agent = Agent::configure(&server, &scratch.0, "agent-0")?;
     let n_entries = a.entries.unwrap_or(1).max(1);
+    let mut mine = vec![my_uid_selector()];
+    if a.pin_binary {
+        let exe = std::fs::canonicalize(std::env::current_exe()?)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(&exe)?);
+        mine.push(format!("unix:path:{}", exe.display()));
+        mine.push(format!("unix:sha256:{}", hex::encode(digest)));
+    }
+    let entry_selectors = if a.pin_binary {
+        "uid+path+sha256"
+    } else {
+        "uid"
+    };
     let mut entries = vec![admin::entry(
         &format!("spiffe://{TD}/bench/fetch"),
         &agent.spiffe_id,
-        &[my_uid_selector()],
+        &mine,
     )];
     entries.extend((1..n_entries).map(|j| {
         admin::entry(
@@ -338,7 +357,18 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
         progress(format!("fetch: {n} clients, bare RPC reference, {secs} s"));
         let b = bare_per_sec(&bare.socket, n, secs, warm).await?;
         progress(format!("fetch: {n} clients, closed loop, {secs} s"));
-        measure(&agent, n, None, secs, warm, n_entries, Some(b), rep).await?;
+        measure(
+            &agent,
+            n,
+            None,
+            secs,
+            warm,
+            n_entries,
+            entry_selectors,
+            Some(b),
+            rep,
+        )
+        .await?;
     }
     drop(bare);
     if let Some(&n) = levels.iter().max() {
@@ -346,7 +376,18 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             progress(format!(
                 "fetch: {n} clients, open loop at {rate} fetches/s, {secs} s"
             ));
-            measure(&agent, n, Some(rate), secs, warm, n_entries, None, rep).await?;
+            measure(
+                &agent,
+                n,
+                Some(rate),
+                secs,
+                warm,
+                n_entries,
+                entry_selectors,
+                None,
+                rep,
+            )
+            .await?;
         }
     }
     rep.table("fetch");
