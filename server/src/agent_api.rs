@@ -410,7 +410,6 @@ impl AgentApi for AgentService {
             )));
         }
         let state = self.state.clone();
-        let ids: Vec<String> = csrs.iter().map(|c| c.0.clone()).collect();
         // Signing is CPU-bound: at most one batch per core at a time, so a
         // rotation storm queues (and is counted) instead of starving the
         // runtime.
@@ -420,9 +419,11 @@ impl AgentApi for AgentService {
             .acquire(csrs.len())
             .await
             .ok_or_else(|| Status::unavailable("server shutting down"))?;
-        let batch = blocking({
+        // The CSRs come back with the batch: their entry IDs name the
+        // results, without a copy of each.
+        let (batch, csrs) = blocking({
             let (state, id) = (state.clone(), id.clone());
-            move || state.sign_for_agent(&id, &csrs)
+            move || state.sign_for_agent(&id, &csrs).map(|b| (b, csrs))
         })
         .await?;
         slot.signed(batch.signed());
@@ -435,8 +436,9 @@ impl AgentApi for AgentService {
             .mint_batch_duration
             .observe(started.elapsed().as_secs_f64());
         Ok(Response::new(MintX509SvidsResponse {
-            results: ids
+            results: csrs
                 .into_iter()
+                .map(|(entry_id, _)| entry_id)
                 .zip(results)
                 .map(|(entry_id, r)| match r {
                     Ok(chain) => MintResult {

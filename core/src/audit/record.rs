@@ -136,31 +136,54 @@ pub fn next_with_line(
     caller: Caller,
     event: Event,
 ) -> (Record, String) {
+    let (new_head, line) = next_line(head, time, &caller, &event);
+    let record = Record {
+        seq: new_head.seq,
+        time,
+        caller,
+        event,
+        prev_hash: head.map_or(Digest::ZERO, |h| h.hash),
+        hash: new_head.hash,
+    };
+    (record, line)
+}
+
+/// The export line of the record that follows `head` and the head after
+/// it, from borrowed parts: what [`next_with_line`] returns without
+/// building (or owning) the record, so an event can be appended again if
+/// its transaction is retried without being copied first.
+pub fn next_line(head: Option<&Head>, time: i64, caller: &Caller, event: &Event) -> (Head, String) {
     let (seq, prev_hash) = match head {
         Some(h) => (h.seq.saturating_add(1), h.hash),
         None => (1, Digest::ZERO),
     };
-    let mut record = Record {
+    let out = RecordOut {
         seq,
         time,
+        at: crate::rfc3339(time),
         caller,
         event,
-        prev_hash,
-        hash: Digest::ZERO,
+        prev_hash: &prev_hash,
+        hash: None,
     };
-    let mut line = json(&record.out(false));
+    let mut line = json(&out);
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(RECORD_DOMAIN);
     ctx.update(line.as_bytes());
     let mut hash = [0u8; 32];
     hash.copy_from_slice(ctx.finish().as_ref());
-    record.hash = Digest(hash);
     // The object ends in `}`: reopen it for the last member.
     line.pop();
     line.push_str(",\"hash\":\"");
     line.push_str(&hex::encode(hash));
     line.push_str("\"}");
-    (record, line)
+    (
+        Head {
+            seq,
+            hash: Digest(hash),
+        },
+        line,
+    )
 }
 
 impl Head {

@@ -135,13 +135,10 @@ pub trait WriteTx: ReadTx {
     /// [`append_audit`], which builds it from the head in this
     /// transaction, so appends are serialized on the chain head).
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError>;
-    /// [`WriteTx::put_audit`] with the record's export line already
-    /// rendered (`line == r.to_jsonl_line()`), for a backend that stores
-    /// the line as it is; by default the line is rendered again.
-    fn put_audit_line(&mut self, r: &audit::Record, line: &str) -> Result<(), StoreError> {
-        let _ = line;
-        self.put_audit(r)
-    }
+    /// [`WriteTx::put_audit`] for a record given as its export line
+    /// (`Record::to_jsonl_line`, as `audit::next_line` renders it) and its
+    /// sequence number: both backends store the line as it is.
+    fn put_audit_line(&mut self, seq: u64, line: &str) -> Result<(), StoreError>;
     /// Deletes the audit records with `seq <= through` (retention) and
     /// returns how many went. Only ever a prefix of the chain, followed by
     /// a checkpoint that anchors what remains.
@@ -155,10 +152,20 @@ pub fn append_audit(
     caller: &Caller,
     event: audit::Event,
 ) -> Result<(), RegistryError> {
+    append_audit_ref(tx, caller, &event)
+}
+
+/// [`append_audit`] of a borrowed event: a transaction that may run more
+/// than once (PostgreSQL retries a conflicting write) appends it without a
+/// copy per attempt.
+pub fn append_audit_ref(
+    tx: &mut dyn WriteTx,
+    caller: &Caller,
+    event: &audit::Event,
+) -> Result<(), RegistryError> {
     let head = tx.audit_head()?;
-    let (rec, line) =
-        audit::next_with_line(head.as_ref(), sigil_core::now_unix(), caller.clone(), event);
-    tx.put_audit_line(&rec, &line)?;
+    let (new_head, line) = audit::next_line(head.as_ref(), sigil_core::now_unix(), caller, event);
+    tx.put_audit_line(new_head.seq, &line)?;
     Ok(())
 }
 

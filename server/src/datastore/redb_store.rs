@@ -376,12 +376,12 @@ impl WriteTx for WriteTransaction {
         Ok(take(self, SERVER_KEYS, id)?.is_some())
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
-        self.put_audit_line(r, &r.to_jsonl_line())
+        self.put_audit_line(r.seq, &r.to_jsonl_line())
     }
-    fn put_audit_line(&mut self, r: &audit::Record, line: &str) -> Result<(), StoreError> {
+    fn put_audit_line(&mut self, seq: u64, line: &str) -> Result<(), StoreError> {
         self.open_table(AUDIT)
             .map_err(be)?
-            .insert(r.seq, line)
+            .insert(seq, line)
             .map_err(be)?;
         Ok(())
     }

@@ -20,7 +20,7 @@ use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, now_unix};
 
 use super::{MintOutcome, MintRefusal, ServerState, poisoned};
-use crate::datastore::append_audit;
+use crate::datastore::append_audit_ref;
 use crate::error::RegistryError;
 
 /// A signed mint batch whose audit record is not written yet: hand it to
@@ -127,7 +127,7 @@ impl ServerState {
             svids: issued,
         };
         self.store
-            .transact(|tx| append_audit(tx, &caller, event.clone()))?;
+            .transact(|tx| append_audit_ref(tx, &caller, &event))?;
         if self.any_kill()
             && let Event::X509SvidsIssued { svids, .. } = &event
         {
@@ -184,7 +184,7 @@ impl ServerState {
                 expires_at: jwt.expires_at,
             };
             self.store
-                .transact(|tx| append_audit(tx, &caller, event.clone()))?;
+                .transact(|tx| append_audit_ref(tx, &caller, &event))?;
         }
         Ok(jwt.token)
     }

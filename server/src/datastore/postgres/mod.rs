@@ -610,9 +610,12 @@ impl WriteTx for PgTx<'_> {
         Ok(())
     }
     fn put_audit(&mut self, r: &audit::Record) -> Result<(), StoreError> {
+        self.put_audit_line(r.seq, &r.to_jsonl_line())
+    }
+    fn put_audit_line(&mut self, seq: u64, line: &str) -> Result<(), StoreError> {
         self.s.execute(
             "INSERT INTO audit (seq, line) VALUES ($1, $2)",
-            vec![seq_param(r.seq)?, Param::Text(r.to_jsonl_line())],
+            vec![seq_param(seq)?, Param::Text(line.to_string())],
         )?;
         Ok(())
     }
