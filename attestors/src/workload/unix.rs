@@ -512,10 +512,11 @@ impl UnixAttestor {
                     .and_then(|u| u.parse::<u32>().ok());
             }
         }
-        let exe = format!("/proc/{pid}/exe");
-        if !needs.exe {
-            // Neither `unix:path` nor `unix:sha256` is derived.
-        } else if let Ok(path) = fs::read_link(&exe) {
+        // `unix:path` and `unix:sha256` only when some entry can use them.
+        let exe = needs.exe.then(|| format!("/proc/{pid}/exe"));
+        if let Some(exe) = exe.as_deref()
+            && let Ok(path) = fs::read_link(exe)
+        {
             // Lossless: non-UTF-8 bytes, `%` and control characters are
             // percent-escaped, exactly as entries must spell them.
             add("path", &escape_bytes(path.as_os_str().as_bytes()));
@@ -530,7 +531,7 @@ impl UnixAttestor {
             // exec of another binary is another inode, attested afresh.
             // One stat of the binary answers all three questions (changed
             // since connect, changed since start, which hash-cache key).
-            match fs::metadata(&exe) {
+            match fs::metadata(exe) {
                 Ok(meta)
                     if peer.exe_changed_from(Some(stamp_of(&meta)))
                         || self.changed_since_start(&meta, peer.start_time, pid) =>
