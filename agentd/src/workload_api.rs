@@ -97,14 +97,6 @@ impl WorkloadApi {
         let snap = self.snapshots.borrow().clone();
         self.caller(req, &snap).await
     }
-
-    /// How a stream of this service re-attests its caller.
-    fn reattest(&self, derived: UnixNeeds) -> Reattest {
-        Reattest {
-            attestors: self.attestors.clone(),
-            derived,
-        }
-    }
 }
 
 impl JwtSource {
@@ -436,8 +428,10 @@ pub struct Updates<M, F> {
     /// The caller, and whether its identity rested on a binary digest.
     peer: Arc<Peer>,
     pinned_digest: bool,
-    /// How to re-attest (`None`: every unix selector was derived).
-    reattest: Option<Reattest>,
+    /// Which costlier unix selectors `selectors` were derived for.
+    derived: UnixNeeds,
+    /// Who attests the caller again (`None`: `derived` is every one).
+    attestors: Option<Arc<AttestorSet>>,
     /// A snapshot waiting for the re-attestation in flight.
     pending: Option<(Arc<Snapshot>, Reattesting)>,
     /// Keeps the connection busy while the stream runs.
@@ -446,13 +440,6 @@ pub struct Updates<M, F> {
 
 /// A re-attestation in flight.
 type Reattesting = Pin<Box<dyn Future<Output = Result<Attested, AttestError>> + Send>>;
-
-/// What a stream needs to attest its caller again, and what its current
-/// selectors were derived for.
-pub(crate) struct Reattest {
-    attestors: Arc<AttestorSet>,
-    derived: UnixNeeds,
-}
 
 impl<M, F> Updates<M, F>
 where
@@ -467,7 +454,7 @@ where
         mut snaps: watch::Receiver<Arc<Snapshot>>,
         build: F,
         caller: Caller,
-        reattest: Option<Reattest>,
+        attestors: Option<Arc<AttestorSet>>,
     ) -> Result<Self, Status> {
         // Mark this version seen before reading it, so that a snapshot
         // published meanwhile is delivered as a change.
@@ -476,7 +463,7 @@ where
             selectors,
             call,
             peer,
-            ..
+            derived,
         } = caller;
         let mut this = Self {
             first: None,
@@ -491,7 +478,8 @@ where
                 Box::pin(async move { p.exited().await })
             },
             peer,
-            reattest,
+            derived,
+            attestors,
             pending: None,
             _call: call,
         };
@@ -510,16 +498,12 @@ where
     /// A re-attestation when `snap`'s entries use unix selectors the
     /// current ones were not derived for.
     fn reattest_for(&self, snap: &Snapshot) -> Option<Reattesting> {
-        let r = self.reattest.as_ref()?;
+        let set = self.attestors.as_ref()?;
         let needs = snap.unix_needs();
-        if r.derived.covers(needs) {
+        if self.derived.covers(needs) {
             return None;
         }
-        let (set, peer, wider) = (
-            r.attestors.clone(),
-            self.peer.clone(),
-            r.derived.union(needs),
-        );
+        let (set, peer, wider) = (set.clone(), self.peer.clone(), self.derived.union(needs));
         Some(Box::pin(async move { set.attest_for(peer, wider).await }))
     }
 
@@ -572,9 +556,7 @@ where
                     };
                     match attested_selectors(attested, this.peer.pid) {
                         Ok(selectors) => {
-                            if let Some(r) = this.reattest.as_mut() {
-                                r.derived = r.derived.union(snap.unix_needs());
-                            }
+                            this.derived = this.derived.union(snap.unix_needs());
                             this.pinned_digest = has_digest(&selectors);
                             this.selectors = selectors;
                         }
@@ -610,18 +592,19 @@ where
 pub(crate) type UpdateStream<M> =
     Updates<M, Box<dyn Fn(&Snapshot, &SelectorSet) -> Result<Option<M>, Status> + Send + Sync>>;
 
-/// The stream of `build`'s messages for `caller`; `reattest` as
-/// [`Updates`] describes (`None` when the caller's selectors are complete).
+/// The stream of `build`'s messages for `caller`, attested again by
+/// `attestors` as [`Updates`] describes (`None` when the caller's
+/// selectors are complete).
 pub(crate) fn updates<M>(
     snaps: watch::Receiver<Arc<Snapshot>>,
     caller: Caller,
-    reattest: Option<Reattest>,
+    attestors: Option<Arc<AttestorSet>>,
     build: impl Fn(&Snapshot, &SelectorSet) -> Result<Option<M>, Status> + Send + Sync + 'static,
 ) -> Result<UpdateStream<M>, Status>
 where
     M: PartialEq + Clone,
 {
-    Updates::start(snaps, Box::new(build), caller, reattest)
+    Updates::start(snaps, Box::new(build), caller, attestors)
 }
 
 /// JSON → protobuf `Value`, for the claims `Struct`.
@@ -728,12 +711,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         let caller = self.stream_caller(&req).await?;
-        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
             caller,
-            Some(reattest),
+            Some(self.attestors.clone()),
             crate::wit_api::wit_bundles_response,
         )?))
     }
@@ -743,12 +725,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let caller = self.stream_caller(&req).await?;
-        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
             caller,
-            Some(reattest),
+            Some(self.attestors.clone()),
             x509_response,
         )?))
     }
@@ -758,12 +739,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let caller = self.stream_caller(&req).await?;
-        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
             caller,
-            Some(reattest),
+            Some(self.attestors.clone()),
             x509_bundles_response,
         )?))
     }
@@ -788,12 +768,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let caller = self.stream_caller(&req).await?;
-        let reattest = self.reattest(caller.derived);
         // Refuses at once (rather than in-stream) when the caller has no identity.
         Ok(Response::new(updates(
             self.snapshots.clone(),
             caller,
-            Some(reattest),
+            Some(self.attestors.clone()),
             jwt_bundles_response,
         )?))
     }

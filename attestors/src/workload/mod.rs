@@ -109,14 +109,22 @@ pub struct Attested {
 pub struct AttestorSet {
     unix: Arc<UnixAttestor>,
     others: Vec<Arc<dyn WorkloadAttestor>>,
+    /// What the unix attestor derives on every call whatever the entries
+    /// use: the binary's digest when an attestor needs it.
+    floor: UnixNeeds,
 }
 
 impl AttestorSet {
     /// `unix` and `others`, which run in this order for every call.
     pub fn new(others: Vec<Arc<dyn WorkloadAttestor>>) -> Self {
+        let floor = UnixNeeds {
+            groups: false,
+            exe: others.iter().any(|a| a.needs_exe_digest()),
+        };
         Self {
             unix: Arc::new(UnixAttestor::new()),
             others,
+            floor,
         }
     }
 
@@ -145,14 +153,7 @@ impl AttestorSet {
         peer: Arc<Peer>,
         needs: UnixNeeds,
     ) -> Result<Attested, AttestError> {
-        let needs = if self.others.iter().any(|a| a.needs_exe_digest()) {
-            needs.union(UnixNeeds {
-                groups: false,
-                exe: true,
-            })
-        } else {
-            needs
-        };
+        let needs = needs.union(self.floor);
         let pid = peer.pid;
         let mut selectors = match self.unix.attest_cached_for(&peer, needs) {
             Ok(Some(s)) => s,

@@ -46,7 +46,7 @@ pub enum AttestError {
 /// entry on the agent uses them, which cannot change what a caller is
 /// entitled to: an entry matches when the caller has *all* its selectors,
 /// so a selector no entry names decides nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnixNeeds {
     /// `unix:supplementary_gid` (reads `/proc/<pid>/status`).
     pub groups: bool,
@@ -697,13 +697,22 @@ fn boot_clock() -> Option<(u64, u64)> {
     })
 }
 
-/// Reads `/proc/<pid>/<file>` whole. Unlike `fs::read` it asks for no
-/// size hint first (a /proc file reports size 0, so that `fstat` would be
-/// wasted on every attestation).
+/// Reads `/proc/<pid>/<file>` whole. Unlike `fs::read` (and `File`'s own
+/// `read_to_end`) it asks for no size hint first: a /proc file reports
+/// size 0, so that `fstat` and `lseek` would be wasted on every
+/// attestation.
 pub(crate) fn read_proc(pid: i32, file: &str) -> std::io::Result<Vec<u8>> {
+    let mut f = fs::File::open(format!("/proc/{pid}/{file}"))?;
     let mut out = Vec::with_capacity(2048);
-    fs::File::open(format!("/proc/{pid}/{file}"))?.read_to_end(&mut out)?;
-    Ok(out)
+    let mut buf = [0u8; 4096];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(buf.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Process start time in clock ticks since boot (field 22 of /proc/<pid>/stat).
