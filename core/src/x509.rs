@@ -110,6 +110,16 @@ fn random_serial_bytes() -> [u8; 16] {
     b
 }
 
+/// A 16-byte serial as lowercase hex, without `hex::encode`'s
+/// char-at-a-time collect (this runs once per SVID signed).
+fn hex_serial(serial: &[u8; 16]) -> String {
+    let mut text = [0u8; 32];
+    // Cannot fail: the output is exactly twice the input's length.
+    let _ = hex::encode_to_slice(serial, &mut text);
+    // Hex digits are ASCII, so this never falls back.
+    String::from_utf8(text.to_vec()).unwrap_or_default()
+}
+
 fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&random_serial_bytes())
 }
@@ -413,7 +423,7 @@ impl Ca {
         let signature = self.issuer.key().sign_der(&tbs)?;
         Ok(SignedSvid {
             der: self.template.certificate(&tbs, &signature),
-            serial: hex::encode(serial),
+            serial: hex_serial(&serial),
             // Certificate times have whole seconds: the encoding drops the
             // fraction, as `unix_timestamp` does.
             not_after: not_after.unix_timestamp(),

@@ -84,10 +84,12 @@ fn nest(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
     body(out);
     let len = out.len() - start;
     let (bytes, n) = der_len(len);
-    out.splice(
-        start..start,
-        std::iter::once(tag).chain(bytes[..n].iter().copied()),
-    );
+    // Grow by the header, move the body up, write the header in the gap
+    // (`Vec::splice` does the same through a generic, slower path).
+    out.resize(out.len() + 1 + n, 0);
+    out.copy_within(start..start + len, start + 1 + n);
+    out[start] = tag;
+    out[start + 1..start + 1 + n].copy_from_slice(&bytes[..n]);
 }
 
 /// Appends an Extension { extnID, critical?, extnValue OCTET STRING }.
