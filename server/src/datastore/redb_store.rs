@@ -3,6 +3,7 @@
 //! (entries are re-validated through `Entry::from_proto` when read). Every
 //! [`Datastore::write`] is one redb write transaction.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use prost::Message;
@@ -105,9 +106,20 @@ impl RedbStore {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         }
+        // Created owner-only, and never through a link (the check above
+        // and this open are not one step).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let db = Database::builder()
             .set_cache_size((cache_mib as usize).saturating_mul(1024 * 1024))
-            .create(path)
+            .create_with_backend(redb::backends::FileBackend::new(file).map_err(be)?)
             .map_err(be)?;
         let tx = db.begin_write().map_err(be)?;
         for t in [
@@ -501,6 +513,30 @@ mod tests {
         let take = |s: &dyn Datastore| s.transact(|tx| Ok(tx.take_token("h")?));
         assert_eq!(take(s.as_ref()).unwrap().unwrap().expires_at, 5);
         assert!(take(s.as_ref()).unwrap().is_none(), "second use must fail");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_new_database_file_is_owner_only_and_a_link_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sigil-redb-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.redb");
+        drop(RedbStore::open(&path).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "database file mode {mode:o}");
+        // A link where the database should be is not followed, whether it
+        // points at a database or at nothing yet.
+        for (name, target) in [("to-db", path.clone()), ("dangling", dir.join("absent"))] {
+            let link = dir.join(name);
+            std::os::unix::fs::symlink(&target, &link).unwrap();
+            assert!(RedbStore::open(&link).is_err(), "{name}: link followed");
+        }
+        assert!(
+            !dir.join("absent").exists(),
+            "nothing created through the link"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
