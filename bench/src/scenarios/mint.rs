@@ -12,6 +12,11 @@
 //!   issuance audited as always (one audit record and commit per batch);
 //!   `no_audit_svids_per_sec` is the same run with the hidden server key
 //!   `audit_issuance = false`, the baseline the audit's cost is read from.
+//!   Each run is split into `--rounds` rounds with the sign limit of the
+//!   server's core measured before the first and after each (nothing in
+//!   flight then); the ratio is the SVIDs minted over the signatures that
+//!   core could have made in the same seconds, so a host whose speed moves
+//!   during the run moves both sides of it.
 //! - in process: `sigil_core::x509::Ca::sign_svid` in a loop on one core,
 //!   interleaved with sign-limit runs on the same core.
 //! - with `--key-manager pkcs11`, also end to end with the server's CA key
@@ -29,6 +34,7 @@ use crate::Result;
 use crate::clients::{SimAgent, admin};
 use crate::harness::{
     Bins, Scratch, Server, TD, cpu_split, nproc, on_pinned_thread, other_uid_selector,
+    pin_current_thread,
 };
 use crate::report::{Record, Reporter, progress};
 use crate::scenarios::sign_limit::{self, bench_cpu};
@@ -47,6 +53,10 @@ pub(crate) struct Args {
     /// Calls in flight (default 2).
     #[arg(long)]
     inflight: Option<usize>,
+    /// Rounds each end-to-end run is split into, the server core's sign
+    /// limit measured between them (default 5; 2 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// `pkcs11`: also mint with the CA key in a SoftHSM2 token (`disk`,
     /// the default, runs only the keys.json server).
     #[arg(long, default_value = "disk", value_parser = ["disk", "pkcs11"])]
@@ -110,26 +120,43 @@ fn in_process(n: usize, rounds: usize, slice: Duration) -> Result<InProcess> {
     })
 }
 
+/// The load of one end-to-end run.
+#[derive(Clone, Copy)]
+struct Load {
+    /// SVIDs to mint, in calls of `batch` CSRs.
+    total: usize,
+    batch: usize,
+    /// Calls in flight.
+    inflight: usize,
+    /// Rounds the calls are split into, with a sign-limit measurement of
+    /// the server's core before the first and after each.
+    rounds: usize,
+    /// How long each sign-limit measurement signs.
+    slice: Duration,
+}
+
 /// One end-to-end run against a fresh server.
 struct EndToEnd {
     svids_per_sec: f64,
     minted: usize,
-    /// The server core's sign limit, measured just before and after.
+    /// The server core's sign limit over the run: the mean of the limits
+    /// measured around each round, weighted by the round's duration.
     sign_limit: f64,
-    drift: f64,
+    /// Highest minus lowest of those limits, over their mean.
+    spread: f64,
     server_cpu_util: f64,
     /// The part of `server_cpu_util` spent in the kernel.
     server_sys_util: f64,
 }
 
-async fn end_to_end(
-    total: usize,
-    batch: usize,
-    inflight: usize,
-    slice: Duration,
-    extra_config: &str,
-    env: &[(String, String)],
-) -> Result<EndToEnd> {
+async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) -> Result<EndToEnd> {
+    let Load {
+        total,
+        batch,
+        inflight,
+        rounds,
+        slice,
+    } = load;
     let bins = Bins::locate()?;
     let scratch = Scratch::new("mint")?;
     let server_cpu = (nproc() > 1).then_some(0);
@@ -151,17 +178,13 @@ async fn end_to_end(
         .map(|e| e.id)
         .collect();
     progress(format!(
-        "mint: {total} SVIDs through MintX509Svids, batches of {batch}, {inflight} in flight, server on {}",
+        "mint: {total} SVIDs through MintX509Svids, batches of {batch}, {inflight} in flight, {rounds} rounds, server on {}",
         server_cpu.map_or("all cores".to_string(), |c| format!("CPU {c}"))
     ));
     let port = server.port;
     let pid = server.proc.pid();
-    let limit_slice = slice * 2;
-    let before = on_pinned_thread(server_cpu, move || async move {
-        sign_limit::signs_per_sec(limit_slice)
-    })
-    .await?;
-    let (elapsed, minted, server_cpu_time) = on_pinned_thread(bench_cpu(), move || async move {
+    let rounds = rounds.max(1);
+    let m = on_pinned_thread(bench_cpu(), move || async move {
         let sim = SimAgent::attest(port, &token).await?;
         let csrs = ids
             .iter()
@@ -185,52 +208,94 @@ async fn end_to_end(
                 .await?
                 .into_inner(),
         )?;
-        let calls = total.div_ceil(batch);
-        let cpu0 = cpu_split(pid)?;
-        let start = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        let (mut sent, mut minted) = (0, 0);
-        loop {
-            while set.len() < inflight && sent < calls {
-                let mut api = sim.api.clone();
-                let r = req.clone();
-                set.spawn(async move { api.mint_x509_svids(r).await });
-                sent += 1;
+        let per_round = total.div_ceil(batch).div_ceil(rounds).max(1);
+        let mut calls_left = total.div_ceil(batch);
+        let mut m = Measured::default();
+        // The server's core between rounds, while nothing is in flight.
+        m.limits.push(limit_on(server_cpu, slice)?);
+        while calls_left > 0 {
+            let calls = per_round.min(calls_left);
+            calls_left -= calls;
+            let cpu0 = cpu_split(pid)?;
+            let start = Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            let (mut sent, mut minted) = (0, 0);
+            loop {
+                while set.len() < inflight && sent < calls {
+                    let mut api = sim.api.clone();
+                    let r = req.clone();
+                    set.spawn(async move { api.mint_x509_svids(r).await });
+                    sent += 1;
+                }
+                match set.join_next().await {
+                    None => break,
+                    Some(r) => minted += issued(&r??.into_inner())?,
+                }
             }
-            match set.join_next().await {
-                None => break,
-                Some(r) => minted += issued(&r??.into_inner())?,
-            }
+            let elapsed = start.elapsed().as_secs_f64();
+            let cpu = cpu_split(pid)? - cpu0;
+            m.limits.push(limit_on(server_cpu, slice)?);
+            let limit = m.limits[m.limits.len() - 2..].iter().sum::<f64>() / 2.0;
+            m.minted += minted;
+            m.elapsed += elapsed;
+            m.could_sign += elapsed * limit;
+            m.cpu.0 += cpu.user.as_secs_f64();
+            m.cpu.1 += cpu.system.as_secs_f64();
         }
-        let elapsed = start.elapsed();
-        Ok((elapsed, minted, cpu_split(pid)? - cpu0))
+        Ok(m)
     })
     .await?;
-    let after = on_pinned_thread(server_cpu, move || async move {
-        sign_limit::signs_per_sec(limit_slice)
-    })
-    .await?;
-    // The server's core, measured just before and after the run.
-    let limit = (before + after) / 2.0;
     drop(server);
+    let mean = m.limits.iter().sum::<f64>() / m.limits.len() as f64;
+    let (lo, hi) = m
+        .limits
+        .iter()
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), &l| {
+            (lo.min(l), hi.max(l))
+        });
     Ok(EndToEnd {
-        svids_per_sec: minted as f64 / elapsed.as_secs_f64(),
-        minted,
-        sign_limit: limit,
-        drift: (after - before) / limit,
-        server_cpu_util: (server_cpu_time.user + server_cpu_time.system).as_secs_f64()
-            / elapsed.as_secs_f64(),
-        server_sys_util: server_cpu_time.system.as_secs_f64() / elapsed.as_secs_f64(),
+        svids_per_sec: m.minted as f64 / m.elapsed,
+        minted: m.minted,
+        sign_limit: m.could_sign / m.elapsed,
+        spread: (hi - lo) / mean,
+        server_cpu_util: (m.cpu.0 + m.cpu.1) / m.elapsed,
+        server_sys_util: m.cpu.1 / m.elapsed,
+    })
+}
+
+/// What the rounds of one end-to-end run add up to.
+#[derive(Default)]
+struct Measured {
+    /// Sign limits of the server's core: before the first round and after
+    /// each.
+    limits: Vec<f64>,
+    minted: usize,
+    /// Seconds of minting, all rounds.
+    elapsed: f64,
+    /// Signatures the server's core could have made in those seconds: each
+    /// round's duration times the mean of the limits around it.
+    could_sign: f64,
+    /// The server's user and system CPU seconds during the rounds.
+    cpu: (f64, f64),
+}
+
+/// The sign limit of `cpu` (any core when `None`), from a thread pinned
+/// there; blocks the caller for `d`.
+fn limit_on(cpu: Option<usize>, d: Duration) -> Result<f64> {
+    std::thread::scope(|s| {
+        s.spawn(move || -> Result<f64> {
+            if let Some(cpu) = cpu {
+                pin_current_thread(cpu)?;
+            }
+            sign_limit::signs_per_sec(d)
+        })
+        .join()
+        .map_err(|_| "sign-limit thread panicked")?
     })
 }
 
 /// The default end-to-end run with the CA key in a fresh SoftHSM2 token.
-async fn pkcs11_end_to_end(
-    total: usize,
-    batch: usize,
-    inflight: usize,
-    slice: Duration,
-) -> Result<EndToEnd> {
+async fn pkcs11_end_to_end(load: Load) -> Result<EndToEnd> {
     use sigil_tests::softhsm::{self, SoftHsm};
     if !softhsm::available() {
         return Err(format!(
@@ -246,15 +311,7 @@ async fn pkcs11_end_to_end(
         hsm.label,
         softhsm::module().display()
     ));
-    end_to_end(
-        total,
-        batch,
-        inflight,
-        slice,
-        &hsm.key_manager_toml(),
-        &hsm.env(),
-    )
-    .await
+    end_to_end(load, &hsm.key_manager_toml(), &hsm.env()).await
 }
 
 pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()> {
@@ -272,30 +329,21 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
         in_process(n_in, rounds, slice)
     })
     .await?;
+    let load = Load {
+        total,
+        batch,
+        inflight,
+        rounds: a.rounds.unwrap_or(rounds),
+        slice,
+    };
 
     // Baseline first: the same run with issuance audit off (a hidden
     // server key, for this comparison only), then the default (audited).
-    let no_audit = end_to_end(
-        total,
-        batch,
-        inflight,
-        slice,
-        "audit_issuance = false\n",
-        &[],
-    )
-    .await?;
-    let run = end_to_end(total, batch, inflight, slice, "", &[]).await?;
-    let verify = end_to_end(
-        total,
-        batch,
-        inflight,
-        slice,
-        "verify_csr_signatures = true\n",
-        &[],
-    )
-    .await?;
+    let no_audit = end_to_end(load, "audit_issuance = false\n", &[]).await?;
+    let run = end_to_end(load, "", &[]).await?;
+    let verify = end_to_end(load, "verify_csr_signatures = true\n", &[]).await?;
     let pkcs11 = match a.key_manager.as_str() {
-        "pkcs11" => Some(pkcs11_end_to_end(total, batch, inflight, slice).await?),
+        "pkcs11" => Some(pkcs11_end_to_end(load).await?),
         _ => None,
     };
     let mut record = Record::new("mint");
@@ -311,7 +359,7 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .f("svids_per_sec", run.svids_per_sec)
             .f("ratio_to_sign_limit", run.svids_per_sec / run.sign_limit)
             .f("sign_limit_per_sec", run.sign_limit)
-            .f("sign_limit_drift", run.drift)
+            .f("sign_limit_spread", run.spread)
             .with("svids", run.minted)
             .with("batch", batch)
             .with("inflight", inflight)
