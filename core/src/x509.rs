@@ -409,20 +409,21 @@ impl Ca {
         let key = csr_public_key(csr_der, check)?;
         let now = OffsetDateTime::now_utc();
         let serial = random_serial_bytes();
-        let spiffe_id = id.to_string();
         let not_after = offset(now, ttl, true).min(self.not_after);
-        let tbs = self.template.tbs(&leaf::Leaf {
+        let leaf = leaf::Leaf {
             serial: &serial,
             not_before: offset(now, BACKDATE, false),
             not_after,
             spki: key.spki,
             public_key: key.point,
-            spiffe_id: &spiffe_id,
+            spiffe_id: id,
             dns_names,
-        });
-        let signature = self.issuer.key().sign_der(&tbs)?;
+        };
+        let der = self
+            .template
+            .certificate(&leaf, |tbs| self.issuer.key().sign_der(tbs))?;
         Ok(SignedSvid {
-            der: self.template.certificate(&tbs, &signature),
+            der,
             serial: hex_serial(&serial),
             // Certificate times have whole seconds: the encoding drops the
             // fraction, as `unix_timestamp` does.

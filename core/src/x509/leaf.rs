@@ -76,20 +76,17 @@ fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Appends `tag`, then what `body` writes, with the DER length between
-/// them: everything is written into one buffer and the header is inserted
-/// afterwards (a short move of the body), with no buffer per level.
-fn nest(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
-    let start = out.len();
-    body(out);
-    let len = out.len() - start;
-    let (bytes, n) = der_len(len);
-    // Grow by the header, move the body up, write the header in the gap
-    // (`Vec::splice` does the same through a generic, slower path).
-    out.resize(out.len() + 1 + n, 0);
-    out.copy_within(start..start + len, start + 1 + n);
-    out[start] = tag;
-    out[start + 1..start + 1 + n].copy_from_slice(&bytes[..n]);
+/// The size of a TLV whose content is `len` bytes.
+fn tlv_len(len: usize) -> usize {
+    1 + der_len(len).1 + len
+}
+
+/// Appends a tag and the DER length of the `len` content bytes the caller
+/// writes next: with every length computed first, no level of nesting
+/// moves what is already written.
+fn push_header(out: &mut Vec<u8>, tag: u8, len: usize) {
+    out.push(tag);
+    push_len(out, len);
 }
 
 /// Appends an Extension { extnID, critical?, extnValue OCTET STRING }.
@@ -102,17 +99,17 @@ fn push_extension(out: &mut Vec<u8>, oid: &[u8], critical: bool, value: &[u8]) {
     push_tlv(out, SEQUENCE, &ext);
 }
 
-/// Appends a Time: UTCTime through 2049, GeneralizedTime from 2050
-/// (RFC 5280 §4.1.2.5).
-fn push_time(out: &mut Vec<u8>, t: OffsetDateTime) {
+/// A Time as a complete TLV: UTCTime through 2049, GeneralizedTime from
+/// 2050 (RFC 5280 §4.1.2.5). Returns the bytes and how many are used.
+fn time_tlv(t: OffsetDateTime) -> ([u8; 17], usize) {
     let t = t.to_offset(time::UtcOffset::UTC);
     let y = t.year();
     let utc = (1950..2050).contains(&y);
-    let mut text = [0u8; 15];
-    let mut n = 0;
+    let mut out = [0u8; 17];
+    let mut n = 2;
     let mut two = |v: u32| {
-        text[n] = b'0' + (v / 10 % 10) as u8;
-        text[n + 1] = b'0' + (v % 10) as u8;
+        out[n] = b'0' + (v / 10 % 10) as u8;
+        out[n + 1] = b'0' + (v % 10) as u8;
         n += 2;
     };
     let y = y.clamp(0, 9999) as u32;
@@ -125,10 +122,35 @@ fn push_time(out: &mut Vec<u8>, t: OffsetDateTime) {
     two(t.hour().into());
     two(t.minute().into());
     two(t.second().into());
-    text[n] = b'Z';
-    let tag = if utc { UTC_TIME } else { GENERALIZED_TIME };
-    push_tlv(out, tag, &text[..=n]);
+    out[n] = b'Z';
+    out[0] = if utc { UTC_TIME } else { GENERALIZED_TIME };
+    // 13 or 15 characters: always the short length form.
+    out[1] = (n - 1) as u8;
+    (out, n + 1)
 }
+
+/// The size of the RDN SET { SEQUENCE { oid, UTF8String value } }.
+fn rdn_len(oid: &[u8], value: &str) -> usize {
+    tlv_len(tlv_len(tlv_len(oid.len()) + tlv_len(value.len())))
+}
+
+/// Appends that RDN.
+fn push_rdn(out: &mut Vec<u8>, oid: &[u8], value: &str) {
+    let atv = tlv_len(oid.len()) + tlv_len(value.len());
+    push_header(out, SET, tlv_len(atv));
+    push_header(out, SEQUENCE, atv);
+    push_tlv(out, OID, oid);
+    push_tlv(out, UTF8_STRING, value.as_bytes());
+}
+
+/// `spiffe://` before the trust domain in the URI SAN.
+const SPIFFE_PREFIX: &[u8] = b"spiffe://";
+
+/// The subject's organization.
+const ORGANIZATION: &str = "Sigil";
+
+/// The size of the subjectKeyIdentifier extension: a 20-byte key ID.
+const SKI_EXT_LEN: usize = 2 + 5 + 2 + 2 + 20;
 
 /// What every leaf of one CA shares, encoded once.
 #[derive(Debug, Clone)]
@@ -154,7 +176,8 @@ pub(super) struct Leaf<'a> {
     pub(super) spki: &'a [u8],
     /// The public key bits, for the subject key identifier.
     pub(super) public_key: &'a [u8],
-    pub(super) spiffe_id: &'a str,
+    /// Written as `spiffe://` + trust domain + path, without a copy.
+    pub(super) spiffe_id: &'a crate::SpiffeId,
     pub(super) dns_names: &'a [String],
 }
 
@@ -203,82 +226,153 @@ impl Template {
         }
     }
 
-    /// The TBSCertificate of `leaf`.
+    /// The Certificate of `leaf`: its TBSCertificate is written into the
+    /// buffer that is returned, `sign` signs it in place (DER ECDSA), and
+    /// the algorithm and signature follow.
+    pub(super) fn certificate<E>(
+        &self,
+        leaf: &Leaf<'_>,
+        sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
+    ) -> Result<Vec<u8>, E> {
+        let tbs_len = self.tbs_len(leaf);
+        // Room for the outer header: 4 bytes while the certificate is
+        // 256..65,535 bytes long (every leaf in practice), adjusted below.
+        const ROOM: usize = 4;
+        let mut out = Vec::with_capacity(ROOM + tbs_len + self.sig_alg.len() + 3 + 73 + 1);
+        out.resize(ROOM, 0);
+        self.write_tbs(&mut out, leaf);
+        let signature = sign(&out[ROOM..])?;
+        out.extend_from_slice(self.sig_alg);
+        push_header(&mut out, BIT_STRING, 1 + signature.len());
+        out.push(0); // no unused bits
+        out.extend_from_slice(&signature);
+        let body = out.len() - ROOM;
+        let (len, n) = der_len(body);
+        let header = 1 + n;
+        if header <= ROOM {
+            let at = ROOM - header;
+            out[at] = SEQUENCE;
+            out[at + 1..ROOM].copy_from_slice(&len[..n]);
+            out.drain(..at);
+        } else {
+            let mut h = vec![SEQUENCE];
+            h.extend_from_slice(&len[..n]);
+            out.splice(..ROOM, h);
+        }
+        Ok(out)
+    }
+
+    /// The TBSCertificate of `leaf` on its own (the tests compare it with
+    /// a reference encoder).
+    #[cfg(test)]
     pub(super) fn tbs(&self, leaf: &Leaf<'_>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(640);
-        nest(&mut out, SEQUENCE, |b| {
-            // version [0] EXPLICIT INTEGER 2 (v3)
-            b.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]);
-            push_tlv(b, INTEGER, leaf.serial);
-            b.extend_from_slice(self.sig_alg);
-            b.extend_from_slice(&self.issuer);
-            nest(b, SEQUENCE, |v| {
-                push_time(v, leaf.not_before);
-                push_time(v, leaf.not_after);
-            });
-            nest(b, SEQUENCE, |name| subject(name, leaf.dns_names.first()));
-            b.extend_from_slice(leaf.spki);
-            nest(b, 0xa3, |e| nest(e, SEQUENCE, |x| self.extensions(x, leaf)));
-        });
+        let mut out = Vec::new();
+        self.write_tbs(&mut out, leaf);
         out
     }
 
-    fn extensions(&self, x: &mut Vec<u8>, leaf: &Leaf<'_>) {
-        x.extend_from_slice(&self.fixed_extensions);
+    /// The content size of the SAN's GeneralNames SEQUENCE.
+    fn names_len(leaf: &Leaf<'_>) -> usize {
+        tlv_len(Self::uri_len(leaf))
+            + leaf
+                .dns_names
+                .iter()
+                .map(|d| tlv_len(d.len()))
+                .sum::<usize>()
+    }
+
+    /// The size of the SPIFFE ID as a URI.
+    fn uri_len(leaf: &Leaf<'_>) -> usize {
+        SPIFFE_PREFIX.len() + leaf.spiffe_id.trust_domain_name().len() + leaf.spiffe_id.path().len()
+    }
+
+    /// The content size of the subjectAltName extension's SEQUENCE.
+    fn san_len(leaf: &Leaf<'_>) -> usize {
+        tlv_len(OID_SUBJECT_ALT_NAME.len()) + tlv_len(tlv_len(Self::names_len(leaf)))
+    }
+
+    /// The content size of the extensions SEQUENCE.
+    fn extensions_len(&self, leaf: &Leaf<'_>) -> usize {
+        self.fixed_extensions.len()
+            + tlv_len(Self::san_len(leaf))
+            + SKI_EXT_LEN
+            + self.authority_key_id.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The content size of the subject Name.
+    fn subject_len(leaf: &Leaf<'_>) -> usize {
+        rdn_len(OID_ORGANIZATION, ORGANIZATION)
+            + leaf
+                .dns_names
+                .first()
+                .map_or(0, |cn| rdn_len(OID_COMMON_NAME, cn))
+    }
+
+    /// The content size of the TBSCertificate.
+    fn tbs_len(&self, leaf: &Leaf<'_>) -> usize {
+        let times = time_tlv(leaf.not_before).1 + time_tlv(leaf.not_after).1;
+        5 + tlv_len(leaf.serial.len())
+            + self.sig_alg.len()
+            + self.issuer.len()
+            + tlv_len(times)
+            + tlv_len(Self::subject_len(leaf))
+            + leaf.spki.len()
+            + tlv_len(tlv_len(self.extensions_len(leaf)))
+    }
+
+    /// Appends the TBSCertificate of `leaf`, every length computed before
+    /// the bytes it covers are written.
+    fn write_tbs(&self, out: &mut Vec<u8>, leaf: &Leaf<'_>) {
+        let start = out.len();
+        let tbs_len = self.tbs_len(leaf);
+        push_header(out, SEQUENCE, tbs_len);
+        // version [0] EXPLICIT INTEGER 2 (v3)
+        out.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]);
+        push_tlv(out, INTEGER, leaf.serial);
+        out.extend_from_slice(self.sig_alg);
+        out.extend_from_slice(&self.issuer);
+        let (nb, nb_len) = time_tlv(leaf.not_before);
+        let (na, na_len) = time_tlv(leaf.not_after);
+        push_header(out, SEQUENCE, nb_len + na_len);
+        out.extend_from_slice(&nb[..nb_len]);
+        out.extend_from_slice(&na[..na_len]);
+        // Subject: O=Sigil, plus CN=<first DNS name> when there is one.
+        push_header(out, SEQUENCE, Self::subject_len(leaf));
+        push_rdn(out, OID_ORGANIZATION, ORGANIZATION);
+        if let Some(cn) = leaf.dns_names.first() {
+            push_rdn(out, OID_COMMON_NAME, cn);
+        }
+        out.extend_from_slice(leaf.spki);
+        let ext_len = self.extensions_len(leaf);
+        push_header(out, 0xa3, tlv_len(ext_len));
+        push_header(out, SEQUENCE, ext_len);
+        out.extend_from_slice(&self.fixed_extensions);
         // subjectAltName: the SPIFFE ID as the only URI, then DNS names.
-        nest(x, SEQUENCE, |ext| {
-            push_tlv(ext, OID, OID_SUBJECT_ALT_NAME);
-            nest(ext, OCTET_STRING, |o| {
-                nest(o, SEQUENCE, |names| {
-                    push_tlv(names, 0x86, leaf.spiffe_id.as_bytes());
-                    for d in leaf.dns_names {
-                        push_tlv(names, 0x82, d.as_bytes());
-                    }
-                })
-            });
-        });
+        let names = Self::names_len(leaf);
+        push_header(out, SEQUENCE, Self::san_len(leaf));
+        push_tlv(out, OID, OID_SUBJECT_ALT_NAME);
+        push_header(out, OCTET_STRING, tlv_len(names));
+        push_header(out, SEQUENCE, names);
+        push_header(out, 0x86, Self::uri_len(leaf));
+        out.extend_from_slice(SPIFFE_PREFIX);
+        out.extend_from_slice(leaf.spiffe_id.trust_domain_name().as_bytes());
+        out.extend_from_slice(leaf.spiffe_id.path().as_bytes());
+        for d in leaf.dns_names {
+            push_tlv(out, 0x82, d.as_bytes());
+        }
         // subjectKeyIdentifier: SHA-256 of the key bits, first 160 bits
         // (RFC 7093 §2 method 1).
         let digest = ring::digest::digest(&ring::digest::SHA256, leaf.public_key);
-        let key_id = digest.as_ref().get(..20).unwrap_or_default();
-        nest(x, SEQUENCE, |ext| {
-            push_tlv(ext, OID, OID_SUBJECT_KEY_ID);
-            nest(ext, OCTET_STRING, |o| push_tlv(o, OCTET_STRING, key_id));
-        });
+        let mut key_id = [0u8; 20];
+        key_id.copy_from_slice(&digest.as_ref()[..20]);
+        push_header(out, SEQUENCE, SKI_EXT_LEN - 2);
+        push_tlv(out, OID, OID_SUBJECT_KEY_ID);
+        push_header(out, OCTET_STRING, 22);
+        push_tlv(out, OCTET_STRING, &key_id);
         if let Some(aki) = &self.authority_key_id {
-            x.extend_from_slice(aki);
+            out.extend_from_slice(aki);
         }
-    }
-
-    /// The Certificate: `tbs`, the algorithm, and `signature` (DER ECDSA).
-    pub(super) fn certificate(&self, tbs: &[u8], signature: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(tbs.len() + signature.len() + 24);
-        nest(&mut out, SEQUENCE, |b| {
-            b.extend_from_slice(tbs);
-            b.extend_from_slice(self.sig_alg);
-            nest(b, BIT_STRING, |bits| {
-                bits.push(0); // no unused bits
-                bits.extend_from_slice(signature);
-            });
-        });
-        out
-    }
-}
-
-/// The subject Name's RDNs: O=Sigil, plus CN=<first DNS name> when there is
-/// one.
-fn subject(name: &mut Vec<u8>, cn: Option<&String>) {
-    let mut rdn = |oid: &[u8], value: &str| {
-        nest(name, SET, |set| {
-            nest(set, SEQUENCE, |atv| {
-                push_tlv(atv, OID, oid);
-                push_tlv(atv, UTF8_STRING, value.as_bytes());
-            })
-        })
-    };
-    rdn(OID_ORGANIZATION, "Sigil");
-    if let Some(cn) = cn {
-        rdn(OID_COMMON_NAME, cn);
+        debug_assert_eq!(out.len() - start, tlv_len(tbs_len), "TBS length");
     }
 }
 
@@ -304,19 +398,139 @@ mod tests {
 
     #[test]
     fn times_switch_to_generalized_in_2050() {
-        let mut out = Vec::new();
-        push_time(
-            &mut out,
+        let (t, n) = time_tlv(
             OffsetDateTime::from_unix_timestamp(2_524_607_999).unwrap(), // 2049-12-31T23:59:59Z
         );
-        assert_eq!(out[0], UTC_TIME);
-        assert_eq!(&out[2..], b"491231235959Z");
-        out.clear();
-        push_time(
-            &mut out,
+        assert_eq!(t[..2], [UTC_TIME, 13]);
+        assert_eq!(&t[2..n], b"491231235959Z");
+        let (t, n) = time_tlv(
             OffsetDateTime::from_unix_timestamp(2_524_608_000).unwrap(), // 2050-01-01T00:00:00Z
         );
-        assert_eq!(out[0], GENERALIZED_TIME);
-        assert_eq!(&out[2..], b"20500101000000Z");
+        assert_eq!(t[..2], [GENERALIZED_TIME, 15]);
+        assert_eq!(&t[2..n], b"20500101000000Z");
+    }
+
+    /// The same leaf the plain way: every level its own buffer, wrapped
+    /// by [`tlv`] once its content is complete.
+    fn reference_tbs(t: &Template, leaf: &Leaf<'_>) -> Vec<u8> {
+        let time = |x| {
+            let (b, n) = time_tlv(x);
+            b[..n].to_vec()
+        };
+        let rdn = |oid: &[u8], v: &str| {
+            let mut atv = tlv(OID, oid);
+            atv.extend(tlv(UTF8_STRING, v.as_bytes()));
+            tlv(SET, &tlv(SEQUENCE, &atv))
+        };
+        let mut subject = rdn(OID_ORGANIZATION, "Sigil");
+        if let Some(cn) = leaf.dns_names.first() {
+            subject.extend(rdn(OID_COMMON_NAME, cn));
+        }
+        let mut names = tlv(0x86, leaf.spiffe_id.to_string().as_bytes());
+        for d in leaf.dns_names {
+            names.extend(tlv(0x82, d.as_bytes()));
+        }
+        let mut san = tlv(OID, OID_SUBJECT_ALT_NAME);
+        san.extend(tlv(OCTET_STRING, &tlv(SEQUENCE, &names)));
+        let digest = ring::digest::digest(&ring::digest::SHA256, leaf.public_key);
+        let mut ski = tlv(OID, OID_SUBJECT_KEY_ID);
+        ski.extend(tlv(
+            OCTET_STRING,
+            &tlv(OCTET_STRING, &digest.as_ref()[..20]),
+        ));
+        let mut exts = t.fixed_extensions.clone();
+        exts.extend(tlv(SEQUENCE, &san));
+        exts.extend(tlv(SEQUENCE, &ski));
+        exts.extend(t.authority_key_id.clone().unwrap_or_default());
+        let mut validity = time(leaf.not_before);
+        validity.extend(time(leaf.not_after));
+        let mut body = vec![0xa0, 0x03, 0x02, 0x01, 0x02];
+        body.extend(tlv(INTEGER, leaf.serial));
+        body.extend(t.sig_alg);
+        body.extend(&t.issuer);
+        body.extend(tlv(SEQUENCE, &validity));
+        body.extend(tlv(SEQUENCE, &subject));
+        body.extend(leaf.spki);
+        body.extend(tlv(0xa3, &tlv(SEQUENCE, &exts)));
+        tlv(SEQUENCE, &body)
+    }
+
+    #[test]
+    fn leaves_match_the_reference_encoding_at_every_length_boundary() {
+        let issuer = tlv(SEQUENCE, &tlv(SET, b"issuer name bytes"));
+        let key_id = [7u8; 20];
+        let spkis = [vec![0x30u8; 91], vec![0x30u8; 4]];
+        let point = [4u8; 65];
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let later = OffsetDateTime::from_unix_timestamp(2_600_000_000).unwrap(); // 2052
+        // DNS name lists whose SAN, extensions and certificate cross the
+        // one-, two- and three-byte length forms (the last one is over
+        // 64 KiB, so the certificate's header does not fit its room).
+        let dns_sets: Vec<Vec<String>> = [0usize, 1, 2, 5, 9, 40, 700, 3000]
+            .iter()
+            .map(|&n| (0..n).map(|i| format!("host-{i}.example.org")).collect())
+            .collect();
+        let ids = [
+            crate::SpiffeId::new("spiffe://example.org").unwrap(),
+            crate::SpiffeId::new("spiffe://example.org/ns/prod/sa/agent").unwrap(),
+            crate::SpiffeId::new(format!("spiffe://example.org/{}", "p".repeat(300))).unwrap(),
+        ];
+        let mut sizes = std::collections::BTreeSet::new();
+        for (alg, aki) in [(ECDSA_SHA256, Some(&key_id[..])), (ECDSA_SHA384, None)] {
+            let t = Template::new(alg, &issuer, aki);
+            for dns in &dns_sets {
+                for (id, spki) in ids.iter().flat_map(|i| spkis.iter().map(move |k| (i, k))) {
+                    for (serial, not_after) in [(&[0x01u8][..], now), (&[0x7fu8; 20][..], later)] {
+                        let leaf = Leaf {
+                            serial,
+                            not_before: now,
+                            not_after,
+                            spki,
+                            public_key: &point,
+                            spiffe_id: id,
+                            dns_names: dns,
+                        };
+                        let want = reference_tbs(&t, &leaf);
+                        assert_eq!(t.tbs(&leaf), want, "{id} with {} DNS names", dns.len());
+                        let mut signed = Vec::new();
+                        let sig = [0x30u8, 0x45, 9, 9];
+                        let cert = t
+                            .certificate(&leaf, |tbs| {
+                                signed = tbs.to_vec();
+                                Ok::<_, ()>(sig.to_vec())
+                            })
+                            .unwrap();
+                        assert_eq!(signed, want, "the signer is given the TBSCertificate");
+                        let mut body = want.clone();
+                        body.extend(alg);
+                        body.extend(tlv(BIT_STRING, &[&[0u8][..], &sig].concat()));
+                        assert_eq!(cert, tlv(SEQUENCE, &body));
+                        // The header's size: 2 + the length's extra bytes.
+                        sizes.insert(
+                            2 + usize::from(cert[1] & 0x80 != 0) * usize::from(cert[1] & 0x7f),
+                        );
+                    }
+                }
+            }
+        }
+        // Headers shorter than the 4 bytes of room, that size, and longer
+        // (the fallback) all ran.
+        assert_eq!(sizes, [3, 4, 5].into_iter().collect());
+    }
+
+    #[test]
+    fn a_signer_error_is_returned() {
+        let t = Template::new(ECDSA_SHA256, &tlv(SEQUENCE, &[]), None);
+        let id = crate::SpiffeId::new("spiffe://example.org/w").unwrap();
+        let leaf = Leaf {
+            serial: &[1],
+            not_before: OffsetDateTime::UNIX_EPOCH,
+            not_after: OffsetDateTime::UNIX_EPOCH,
+            spki: &[0x30, 0],
+            public_key: &[4],
+            spiffe_id: &id,
+            dns_names: &[],
+        };
+        assert_eq!(t.certificate(&leaf, |_| Err("no key")), Err("no key"));
     }
 }
