@@ -34,7 +34,6 @@ use crate::Result;
 use crate::clients::{SimAgent, admin};
 use crate::harness::{
     Bins, Scratch, Server, TD, cpu_split, nproc, on_pinned_thread, other_uid_selector,
-    pin_current_thread,
 };
 use crate::report::{Record, Reporter, progress};
 use crate::scenarios::sign_limit::{self, bench_cpu};
@@ -212,7 +211,7 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
         let mut calls_left = total.div_ceil(batch);
         let mut m = Measured::default();
         // The server's core between rounds, while nothing is in flight.
-        m.limits.push(limit_on(server_cpu, slice)?);
+        m.limits.push(limit_on(server_cpu, slice).await?);
         while calls_left > 0 {
             let calls = per_round.min(calls_left);
             calls_left -= calls;
@@ -234,7 +233,7 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
             }
             let elapsed = start.elapsed().as_secs_f64();
             let cpu = cpu_split(pid)? - cpu0;
-            m.limits.push(limit_on(server_cpu, slice)?);
+            m.limits.push(limit_on(server_cpu, slice).await?);
             let limit = m.limits[m.limits.len() - 2..].iter().sum::<f64>() / 2.0;
             m.minted += minted;
             m.elapsed += elapsed;
@@ -279,19 +278,9 @@ struct Measured {
     cpu: (f64, f64),
 }
 
-/// The sign limit of `cpu` (any core when `None`), from a thread pinned
-/// there; blocks the caller for `d`.
-fn limit_on(cpu: Option<usize>, d: Duration) -> Result<f64> {
-    std::thread::scope(|s| {
-        s.spawn(move || -> Result<f64> {
-            if let Some(cpu) = cpu {
-                pin_current_thread(cpu)?;
-            }
-            sign_limit::signs_per_sec(d)
-        })
-        .join()
-        .map_err(|_| "sign-limit thread panicked")?
-    })
+/// The sign limit of the server's core, from a thread pinned there.
+async fn limit_on(cpu: Option<usize>, d: Duration) -> Result<f64> {
+    on_pinned_thread(cpu, move || async move { sign_limit::signs_per_sec(d) }).await
 }
 
 /// The default end-to-end run with the CA key in a fresh SoftHSM2 token.

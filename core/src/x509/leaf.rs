@@ -234,13 +234,13 @@ impl Template {
         leaf: &Leaf<'_>,
         sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
     ) -> Result<Vec<u8>, E> {
-        let tbs_len = self.tbs_len(leaf);
+        let layout = self.layout(leaf);
         // Room for the outer header: 4 bytes while the certificate is
         // 256..65,535 bytes long (every leaf in practice), adjusted below.
         const ROOM: usize = 4;
-        let mut out = Vec::with_capacity(ROOM + tbs_len + self.sig_alg.len() + 3 + 73 + 1);
+        let mut out = Vec::with_capacity(ROOM + tlv_len(layout.tbs) + self.sig_alg.len() + 3 + 73);
         out.resize(ROOM, 0);
-        self.write_tbs(&mut out, leaf);
+        self.write_tbs(&mut out, leaf, &layout);
         let signature = sign(&out[ROOM..])?;
         out.extend_from_slice(self.sig_alg);
         push_header(&mut out, BIT_STRING, 1 + signature.len());
@@ -267,93 +267,83 @@ impl Template {
     #[cfg(test)]
     pub(super) fn tbs(&self, leaf: &Leaf<'_>) -> Vec<u8> {
         let mut out = Vec::new();
-        self.write_tbs(&mut out, leaf);
+        self.write_tbs(&mut out, leaf, &self.layout(leaf));
         out
     }
 
-    /// The content size of the SAN's GeneralNames SEQUENCE.
-    fn names_len(leaf: &Leaf<'_>) -> usize {
-        tlv_len(Self::uri_len(leaf))
+    /// Every length the TBSCertificate of `leaf` needs, and its times,
+    /// worked out once before anything is written.
+    fn layout(&self, leaf: &Leaf<'_>) -> Layout {
+        let uri = SPIFFE_PREFIX.len()
+            + leaf.spiffe_id.trust_domain_name().len()
+            + leaf.spiffe_id.path().len();
+        let names = tlv_len(uri)
             + leaf
                 .dns_names
                 .iter()
                 .map(|d| tlv_len(d.len()))
-                .sum::<usize>()
-    }
-
-    /// The size of the SPIFFE ID as a URI.
-    fn uri_len(leaf: &Leaf<'_>) -> usize {
-        SPIFFE_PREFIX.len() + leaf.spiffe_id.trust_domain_name().len() + leaf.spiffe_id.path().len()
-    }
-
-    /// The content size of the subjectAltName extension's SEQUENCE.
-    fn san_len(leaf: &Leaf<'_>) -> usize {
-        tlv_len(OID_SUBJECT_ALT_NAME.len()) + tlv_len(tlv_len(Self::names_len(leaf)))
-    }
-
-    /// The content size of the extensions SEQUENCE.
-    fn extensions_len(&self, leaf: &Leaf<'_>) -> usize {
-        self.fixed_extensions.len()
-            + tlv_len(Self::san_len(leaf))
+                .sum::<usize>();
+        let san = tlv_len(OID_SUBJECT_ALT_NAME.len()) + tlv_len(tlv_len(names));
+        let extensions = self.fixed_extensions.len()
+            + tlv_len(san)
             + SKI_EXT_LEN
-            + self.authority_key_id.as_ref().map_or(0, Vec::len)
-    }
-
-    /// The content size of the subject Name.
-    fn subject_len(leaf: &Leaf<'_>) -> usize {
-        rdn_len(OID_ORGANIZATION, ORGANIZATION)
+            + self.authority_key_id.as_ref().map_or(0, Vec::len);
+        let subject = rdn_len(OID_ORGANIZATION, ORGANIZATION)
             + leaf
                 .dns_names
                 .first()
-                .map_or(0, |cn| rdn_len(OID_COMMON_NAME, cn))
-    }
-
-    /// The content size of the TBSCertificate.
-    fn tbs_len(&self, leaf: &Leaf<'_>) -> usize {
-        let times = time_tlv(leaf.not_before).1 + time_tlv(leaf.not_after).1;
-        5 + tlv_len(leaf.serial.len())
+                .map_or(0, |cn| rdn_len(OID_COMMON_NAME, cn));
+        let not_before = time_tlv(leaf.not_before);
+        let not_after = time_tlv(leaf.not_after);
+        let tbs = 5
+            + tlv_len(leaf.serial.len())
             + self.sig_alg.len()
             + self.issuer.len()
-            + tlv_len(times)
-            + tlv_len(Self::subject_len(leaf))
+            + tlv_len(not_before.1 + not_after.1)
+            + tlv_len(subject)
             + leaf.spki.len()
-            + tlv_len(tlv_len(self.extensions_len(leaf)))
+            + tlv_len(tlv_len(extensions));
+        Layout {
+            uri,
+            names,
+            san,
+            extensions,
+            subject,
+            not_before,
+            not_after,
+            tbs,
+        }
     }
 
-    /// Appends the TBSCertificate of `leaf`, every length computed before
-    /// the bytes it covers are written.
-    fn write_tbs(&self, out: &mut Vec<u8>, leaf: &Leaf<'_>) {
+    /// Appends the TBSCertificate of `leaf` as `l` lays it out.
+    fn write_tbs(&self, out: &mut Vec<u8>, leaf: &Leaf<'_>, l: &Layout) {
         let start = out.len();
-        let tbs_len = self.tbs_len(leaf);
-        push_header(out, SEQUENCE, tbs_len);
+        push_header(out, SEQUENCE, l.tbs);
         // version [0] EXPLICIT INTEGER 2 (v3)
         out.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]);
         push_tlv(out, INTEGER, leaf.serial);
         out.extend_from_slice(self.sig_alg);
         out.extend_from_slice(&self.issuer);
-        let (nb, nb_len) = time_tlv(leaf.not_before);
-        let (na, na_len) = time_tlv(leaf.not_after);
+        let ((nb, nb_len), (na, na_len)) = (l.not_before, l.not_after);
         push_header(out, SEQUENCE, nb_len + na_len);
         out.extend_from_slice(&nb[..nb_len]);
         out.extend_from_slice(&na[..na_len]);
         // Subject: O=Sigil, plus CN=<first DNS name> when there is one.
-        push_header(out, SEQUENCE, Self::subject_len(leaf));
+        push_header(out, SEQUENCE, l.subject);
         push_rdn(out, OID_ORGANIZATION, ORGANIZATION);
         if let Some(cn) = leaf.dns_names.first() {
             push_rdn(out, OID_COMMON_NAME, cn);
         }
         out.extend_from_slice(leaf.spki);
-        let ext_len = self.extensions_len(leaf);
-        push_header(out, 0xa3, tlv_len(ext_len));
-        push_header(out, SEQUENCE, ext_len);
+        push_header(out, 0xa3, tlv_len(l.extensions));
+        push_header(out, SEQUENCE, l.extensions);
         out.extend_from_slice(&self.fixed_extensions);
         // subjectAltName: the SPIFFE ID as the only URI, then DNS names.
-        let names = Self::names_len(leaf);
-        push_header(out, SEQUENCE, Self::san_len(leaf));
+        push_header(out, SEQUENCE, l.san);
         push_tlv(out, OID, OID_SUBJECT_ALT_NAME);
-        push_header(out, OCTET_STRING, tlv_len(names));
-        push_header(out, SEQUENCE, names);
-        push_header(out, 0x86, Self::uri_len(leaf));
+        push_header(out, OCTET_STRING, tlv_len(l.names));
+        push_header(out, SEQUENCE, l.names);
+        push_header(out, 0x86, l.uri);
         out.extend_from_slice(SPIFFE_PREFIX);
         out.extend_from_slice(leaf.spiffe_id.trust_domain_name().as_bytes());
         out.extend_from_slice(leaf.spiffe_id.path().as_bytes());
@@ -372,8 +362,27 @@ impl Template {
         if let Some(aki) = &self.authority_key_id {
             out.extend_from_slice(aki);
         }
-        debug_assert_eq!(out.len() - start, tlv_len(tbs_len), "TBS length");
+        debug_assert_eq!(out.len() - start, tlv_len(l.tbs), "TBS length");
     }
+}
+
+/// The sizes of one leaf's nested parts (content octets, without their
+/// own header) and its two times, encoded.
+struct Layout {
+    /// The SPIFFE ID as a URI.
+    uri: usize,
+    /// The SAN's GeneralNames SEQUENCE.
+    names: usize,
+    /// The subjectAltName extension's SEQUENCE.
+    san: usize,
+    /// The extensions SEQUENCE.
+    extensions: usize,
+    /// The subject Name.
+    subject: usize,
+    not_before: ([u8; 17], usize),
+    not_after: ([u8; 17], usize),
+    /// The TBSCertificate.
+    tbs: usize,
 }
 
 #[cfg(test)]
