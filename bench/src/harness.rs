@@ -134,12 +134,19 @@ pub(crate) fn cpu_time(pid: u32) -> Result<Duration> {
 }
 
 /// CPU time a process has used, split as the kernel accounts it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CpuSplit {
     /// In user space (what callgrind counts).
     pub(crate) user: Duration,
     /// In the kernel on the process's behalf (syscalls: I/O, fsync, futex).
     pub(crate) system: Duration,
+}
+
+impl std::ops::AddAssign for CpuSplit {
+    fn add_assign(&mut self, o: CpuSplit) {
+        self.user += o.user;
+        self.system += o.system;
+    }
 }
 
 impl std::ops::Sub for CpuSplit {

@@ -33,7 +33,7 @@ use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest, MintX509SvidsRespons
 use crate::Result;
 use crate::clients::{SimAgent, admin};
 use crate::harness::{
-    Bins, Scratch, Server, TD, cpu_split, nproc, on_pinned_thread, other_uid_selector,
+    Bins, CpuSplit, Scratch, Server, TD, cpu_split, nproc, on_pinned_thread, other_uid_selector,
 };
 use crate::report::{Record, Reporter, progress};
 use crate::scenarios::sign_limit::{self, bench_cpu};
@@ -238,8 +238,7 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
             m.minted += minted;
             m.elapsed += elapsed;
             m.could_sign += elapsed * limit;
-            m.cpu.0 += cpu.user.as_secs_f64();
-            m.cpu.1 += cpu.system.as_secs_f64();
+            m.cpu += cpu;
         }
         Ok(m)
     })
@@ -257,8 +256,8 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
         minted: m.minted,
         sign_limit: m.could_sign / m.elapsed,
         spread: (hi - lo) / mean,
-        server_cpu_util: (m.cpu.0 + m.cpu.1) / m.elapsed,
-        server_sys_util: m.cpu.1 / m.elapsed,
+        server_cpu_util: (m.cpu.user + m.cpu.system).as_secs_f64() / m.elapsed,
+        server_sys_util: m.cpu.system.as_secs_f64() / m.elapsed,
     })
 }
 
@@ -274,8 +273,8 @@ struct Measured {
     /// Signatures the server's core could have made in those seconds: each
     /// round's duration times the mean of the limits around it.
     could_sign: f64,
-    /// The server's user and system CPU seconds during the rounds.
-    cpu: (f64, f64),
+    /// The server's CPU time during the rounds.
+    cpu: CpuSplit,
 }
 
 /// The sign limit of the server's core, from a thread pinned there.

@@ -129,14 +129,19 @@ fn time_tlv(t: OffsetDateTime) -> ([u8; 17], usize) {
     (out, n + 1)
 }
 
+/// The content size of an RDN's SEQUENCE { oid, UTF8String value }.
+fn atv_len(oid: &[u8], value: &str) -> usize {
+    tlv_len(oid.len()) + tlv_len(value.len())
+}
+
 /// The size of the RDN SET { SEQUENCE { oid, UTF8String value } }.
 fn rdn_len(oid: &[u8], value: &str) -> usize {
-    tlv_len(tlv_len(tlv_len(oid.len()) + tlv_len(value.len())))
+    tlv_len(tlv_len(atv_len(oid, value)))
 }
 
 /// Appends that RDN.
 fn push_rdn(out: &mut Vec<u8>, oid: &[u8], value: &str) {
-    let atv = tlv_len(oid.len()) + tlv_len(value.len());
+    let atv = atv_len(oid, value);
     push_header(out, SET, tlv_len(atv));
     push_header(out, SEQUENCE, atv);
     push_tlv(out, OID, oid);
@@ -161,6 +166,8 @@ pub(super) struct Template {
     pub(super) issuer: Vec<u8>,
     /// keyUsage, extKeyUsage and basicConstraints, the same in every leaf.
     fixed_extensions: Vec<u8>,
+    /// The subject's first RDN, O=Sigil, the same in every leaf.
+    organization: Vec<u8>,
     /// The complete authorityKeyIdentifier extension, if the CA has a
     /// subject key identifier.
     authority_key_id: Option<Vec<u8>>,
@@ -222,6 +229,11 @@ impl Template {
             sig_alg,
             issuer: issuer.to_vec(),
             fixed_extensions,
+            organization: {
+                let mut o = Vec::new();
+                push_rdn(&mut o, OID_ORGANIZATION, ORGANIZATION);
+                o
+            },
             authority_key_id,
         }
     }
@@ -288,7 +300,7 @@ impl Template {
             + tlv_len(san)
             + SKI_EXT_LEN
             + self.authority_key_id.as_ref().map_or(0, Vec::len);
-        let subject = rdn_len(OID_ORGANIZATION, ORGANIZATION)
+        let subject = self.organization.len()
             + leaf
                 .dns_names
                 .first()
@@ -330,7 +342,7 @@ impl Template {
         out.extend_from_slice(&na[..na_len]);
         // Subject: O=Sigil, plus CN=<first DNS name> when there is one.
         push_header(out, SEQUENCE, l.subject);
-        push_rdn(out, OID_ORGANIZATION, ORGANIZATION);
+        out.extend_from_slice(&self.organization);
         if let Some(cn) = leaf.dns_names.first() {
             push_rdn(out, OID_COMMON_NAME, cn);
         }
