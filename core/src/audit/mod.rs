@@ -45,6 +45,7 @@
 //! remaining chain starts at that checkpoint, and [`verify`] with the key
 //! proves that it extends a head the server signed.
 
+mod batch_line;
 mod event;
 mod key;
 mod record;

@@ -157,16 +157,23 @@ pub fn next_line(head: Option<&Head>, time: i64, caller: &Caller, event: &Event)
         Some(h) => (h.seq.saturating_add(1), h.hash),
         None => (1, Digest::ZERO),
     };
-    let out = RecordOut {
-        seq,
-        time,
-        at: crate::rfc3339(time),
-        caller,
-        event,
-        prev_hash: &prev_hash,
-        hash: None,
-    };
-    let mut line = json(&out);
+    let at = crate::rfc3339(time);
+    // A mint batch's record is the one written per batch on the signing
+    // path: it has a direct writer of the same bytes.
+    let mut line = super::batch_line::hashed_object(seq, time, &at, caller, event, &prev_hash)
+        .unwrap_or_else(|| {
+            json(&RecordOut {
+                seq,
+                time,
+                at: at.clone(),
+                caller,
+                event,
+                prev_hash: &prev_hash,
+                hash: None,
+            })
+        });
+    // Room for the `hash` member without a reallocation.
+    line.reserve(76);
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(RECORD_DOMAIN);
     ctx.update(line.as_bytes());

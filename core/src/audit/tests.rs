@@ -359,6 +359,61 @@ fn next_with_line_agrees_with_next_and_the_export_line() {
     }
 }
 
+/// The direct writer of mint-batch records (`batch_line`) against
+/// serde_json, the definition of the encoding: the same line for every
+/// caller kind, for empty and large batches, and for strings serde_json
+/// escapes (quotes, backslashes, control characters) or passes through
+/// (non-ASCII, `/`, U+2028).
+#[test]
+fn a_batch_line_is_spelled_as_serde_json_spells_it() {
+    let odd = [
+        "plain-entry",
+        "quote\"in",
+        "back\\slash",
+        "tab\tnewline\n",
+        "\u{1}\u{1f}",
+        "caf\u{e9} \u{2028} / <>&",
+        "",
+    ];
+    let mut head = None;
+    for n in [0usize, 1, 2, 7, 500] {
+        for c in 0..4 {
+            let event = Event::X509SvidsIssued {
+                agent_id: agent_id(n),
+                svids: (0..n)
+                    .map(|k| IssuedX509Svid {
+                        entry_id: format!("{}-{k}", odd[k % odd.len()]),
+                        spiffe_id: id(&format!("spiffe://example.org/app/w{k}/x-y_z.1")),
+                        serial: format!("{:032x}", k * 7919),
+                        expires_at: if k % 3 == 0 {
+                            -(k as i64)
+                        } else {
+                            1_700_000_300 + k as i64
+                        },
+                    })
+                    .collect(),
+            };
+            let time = 1_700_000_000 + (n * 4 + c) as i64;
+            let (record, line) = next_with_line(head.as_ref(), time, caller(c), event);
+            assert_eq!(line, record.to_jsonl_line(), "{n} SVIDs, caller {c}");
+            assert_eq!(record.hash, record.compute_hash(), "{n} SVIDs, caller {c}");
+            head = Some(record.head());
+        }
+    }
+    // A serial is a plain string field: an odd one is escaped the same way.
+    let event = Event::X509SvidsIssued {
+        agent_id: agent_id(1),
+        svids: vec![IssuedX509Svid {
+            entry_id: "e".into(),
+            spiffe_id: id("spiffe://example.org/a"),
+            serial: "\"\\\u{7f}".into(),
+            expires_at: i64::MIN,
+        }],
+    };
+    let (record, line) = next_with_line(None, i64::MAX / 4, caller(1), event);
+    assert_eq!(line, record.to_jsonl_line());
+}
+
 #[test]
 fn a_head_is_read_from_the_ends_of_a_line_only_when_they_are_well_formed() {
     let r = next(
