@@ -19,6 +19,44 @@ use spiffe::SpiffeId;
 use super::{Digest, Event, IssuedX509Svid};
 use crate::caller::Caller;
 
+/// One SVID of a mint batch, borrowed from wherever the server holds it
+/// (its entry, its signed leaf): what [`super::next_batch_line`] lists
+/// without copying each entry's ID and SPIFFE ID into an
+/// [`IssuedX509Svid`] first. Written exactly as that type is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuedRef<'a> {
+    /// The entry it was issued under.
+    pub entry_id: &'a str,
+    /// Its URI SAN.
+    pub spiffe_id: &'a SpiffeId,
+    /// Its serial number, lowercase hex.
+    pub serial: &'a str,
+    /// Its `notAfter`, Unix seconds.
+    pub expires_at: i64,
+}
+
+impl<'a> IssuedRef<'a> {
+    /// A borrowed view of an owned row.
+    pub fn of(s: &'a IssuedX509Svid) -> Self {
+        Self {
+            entry_id: &s.entry_id,
+            spiffe_id: &s.spiffe_id,
+            serial: &s.serial,
+            expires_at: s.expires_at,
+        }
+    }
+
+    /// The owned row, as the event holds it.
+    pub fn to_owned(&self) -> IssuedX509Svid {
+        IssuedX509Svid {
+            entry_id: self.entry_id.to_string(),
+            spiffe_id: self.spiffe_id.clone(),
+            serial: self.serial.to_string(),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
 /// The hashed object of the record (`hash` absent) when `event` is an
 /// [`Event::X509SvidsIssued`]; `None` for every other event, which the
 /// caller serializes with serde_json.
@@ -33,7 +71,24 @@ pub(super) fn hashed_object(
     let Event::X509SvidsIssued { agent_id, svids } = event else {
         return None;
     };
-    // About 170 bytes per SVID; the fixed part is under 400 bytes.
+    let rows: Vec<IssuedRef<'_>> = svids.iter().map(IssuedRef::of).collect();
+    batch_object(seq, time, at, caller, agent_id, &rows, prev_hash)
+}
+
+/// The hashed object of an `x509_svids_issued` record of `svids`; `None`
+/// only if the caller cannot be serialized (then the caller falls back to
+/// serde_json for the whole record).
+pub(super) fn batch_object(
+    seq: u64,
+    time: i64,
+    at: &str,
+    caller: &Caller,
+    agent_id: &SpiffeId,
+    svids: &[IssuedRef<'_>],
+    prev_hash: &Digest,
+) -> Option<String> {
+    // About 170 bytes per SVID; the fixed part is under 400 bytes; the
+    // `hash` member the line gets last is 76.
     let mut out = String::with_capacity(512 + svids.len() * 192);
     out.push_str("{\"seq\":");
     out.push_str(itoa::Buffer::new().format(seq));
@@ -61,18 +116,17 @@ pub(super) fn hashed_object(
     Some(out)
 }
 
-fn push_svid(out: &mut String, s: &IssuedX509Svid) {
+fn push_svid(out: &mut String, s: &IssuedRef<'_>) {
     out.push_str("{\"entry_id\":");
-    push_str(out, &s.entry_id);
+    push_str(out, s.entry_id);
     out.push_str(",\"spiffe_id\":");
-    push_id(out, &s.spiffe_id);
+    push_id(out, s.spiffe_id);
     out.push_str(",\"serial\":");
-    push_str(out, &s.serial);
+    push_str(out, s.serial);
     out.push_str(",\"expires_at\":");
     out.push_str(itoa::Buffer::new().format(s.expires_at));
     out.push('}');
 }
-
 /// Whether serde_json writes `s` between quotes unchanged: it escapes only
 /// `"`, `\` and the control characters below U+0020.
 fn plain(s: &str) -> bool {

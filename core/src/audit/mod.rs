@@ -54,11 +54,12 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use batch_line::IssuedRef;
 pub use event::{Event, IssuedX509Svid, KeyKind, KillTarget, join_token_fingerprint};
 pub use key::{AuditKey, AuditPublicKey, CHECKPOINT_DOMAIN, KeyError, checkpoint_message};
 pub use record::{
-    Digest, DigestError, Head, LineError, ParseError, RECORD_DOMAIN, Record, next, next_line,
-    next_with_line, parse_jsonl, to_jsonl,
+    Digest, DigestError, Head, LineError, ParseError, RECORD_DOMAIN, Record, next, next_batch_line,
+    next_line, next_with_line, parse_jsonl, to_jsonl,
 };
 pub use verify::{
     Authenticity, PrunePlan, Start, Summary, VerifyError, export_start, prune_plan, verify,

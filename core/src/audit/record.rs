@@ -6,7 +6,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::Event;
+use spiffe::SpiffeId;
+
+use super::{Event, IssuedRef};
 use crate::caller::Caller;
 
 /// Domain-separation prefix of the bytes a record's hash is taken over.
@@ -153,14 +155,11 @@ pub fn next_with_line(
 /// building (or owning) the record, so an event can be appended again if
 /// its transaction is retried without being copied first.
 pub fn next_line(head: Option<&Head>, time: i64, caller: &Caller, event: &Event) -> (Head, String) {
-    let (seq, prev_hash) = match head {
-        Some(h) => (h.seq.saturating_add(1), h.hash),
-        None => (1, Digest::ZERO),
-    };
+    let (seq, prev_hash) = follow(head);
     let at = crate::rfc3339(time);
     // A mint batch's record is the one written per batch on the signing
     // path: it has a direct writer of the same bytes.
-    let mut line = super::batch_line::hashed_object(seq, time, &at, caller, event, &prev_hash)
+    let line = super::batch_line::hashed_object(seq, time, &at, caller, event, &prev_hash)
         .unwrap_or_else(|| {
             json(&RecordOut {
                 seq,
@@ -172,8 +171,44 @@ pub fn next_line(head: Option<&Head>, time: i64, caller: &Caller, event: &Event)
                 hash: None,
             })
         });
-    // Room for the `hash` member without a reallocation.
-    line.reserve(76);
+    finish_line(seq, line)
+}
+
+/// [`next_line`] of an [`Event::X509SvidsIssued`] by `agent_id` listing
+/// `svids`, from borrowed rows: the same head and line as `next_line` of
+/// that event, without the event.
+pub fn next_batch_line(
+    head: Option<&Head>,
+    time: i64,
+    caller: &Caller,
+    agent_id: &SpiffeId,
+    svids: &[IssuedRef<'_>],
+) -> (Head, String) {
+    let (seq, prev_hash) = follow(head);
+    let at = crate::rfc3339(time);
+    match super::batch_line::batch_object(seq, time, &at, caller, agent_id, svids, &prev_hash) {
+        Some(line) => finish_line(seq, line),
+        None => {
+            let event = Event::X509SvidsIssued {
+                agent_id: agent_id.clone(),
+                svids: svids.iter().map(IssuedRef::to_owned).collect(),
+            };
+            next_line(head, time, caller, &event)
+        }
+    }
+}
+
+/// The sequence number and `prev_hash` of the record after `head`.
+fn follow(head: Option<&Head>) -> (u64, Digest) {
+    match head {
+        Some(h) => (h.seq.saturating_add(1), h.hash),
+        None => (1, Digest::ZERO),
+    }
+}
+
+/// Hashes the hashed object `line` of record `seq` and appends its `hash`
+/// member, making it the export line.
+fn finish_line(seq: u64, mut line: String) -> (Head, String) {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(RECORD_DOMAIN);
     ctx.update(line.as_bytes());
@@ -181,6 +216,7 @@ pub fn next_line(head: Option<&Head>, time: i64, caller: &Caller, event: &Event)
     hash.copy_from_slice(ctx.finish().as_ref());
     // The object ends in `}`: reopen it for the last member.
     line.pop();
+    line.reserve(76);
     line.push_str(",\"hash\":\"");
     line.push_str(&hex::encode(hash));
     line.push_str("\"}");

@@ -359,8 +359,9 @@ fn next_with_line_agrees_with_next_and_the_export_line() {
     }
 }
 
-/// The direct writer of mint-batch records (`batch_line`) against
-/// serde_json, the definition of the encoding: the same line for every
+/// The direct writer of mint-batch records (`batch_line`), from the event
+/// and from borrowed rows, against serde_json, the definition of the
+/// encoding: the same line for every
 /// caller kind, for empty and large batches, and for strings serde_json
 /// escapes (quotes, backslashes, control characters) or passes through
 /// (non-ASCII, `/`, U+2028).
@@ -394,9 +395,15 @@ fn a_batch_line_is_spelled_as_serde_json_spells_it() {
                     .collect(),
             };
             let time = 1_700_000_000 + (n * 4 + c) as i64;
-            let (record, line) = next_with_line(head.as_ref(), time, caller(c), event);
+            let Event::X509SvidsIssued { agent_id, svids } = &event else {
+                unreachable!()
+            };
+            let rows: Vec<IssuedRef<'_>> = svids.iter().map(IssuedRef::of).collect();
+            let borrowed = next_batch_line(head.as_ref(), time, &caller(c), agent_id, &rows);
+            let (record, line) = next_with_line(head.as_ref(), time, caller(c), event.clone());
             assert_eq!(line, record.to_jsonl_line(), "{n} SVIDs, caller {c}");
             assert_eq!(record.hash, record.compute_hash(), "{n} SVIDs, caller {c}");
+            assert_eq!(borrowed, (record.head(), line), "{n} SVIDs, caller {c}");
             head = Some(record.head());
         }
     }

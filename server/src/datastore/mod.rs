@@ -169,6 +169,27 @@ pub fn append_audit_ref(
     Ok(())
 }
 
+/// Appends the `x509_svids_issued` record of one mint batch from borrowed
+/// rows ([`audit::next_batch_line`]): the record [`append_audit_ref`]
+/// would write for that event, without building it.
+pub fn append_batch_audit(
+    tx: &mut dyn WriteTx,
+    caller: &Caller,
+    agent_id: &sigil_core::SpiffeId,
+    svids: &[audit::IssuedRef<'_>],
+) -> Result<(), RegistryError> {
+    let head = tx.audit_head()?;
+    let (new_head, line) = audit::next_batch_line(
+        head.as_ref(),
+        sigil_core::now_unix(),
+        caller,
+        agent_id,
+        svids,
+    );
+    tx.put_audit_line(new_head.seq, &line)?;
+    Ok(())
+}
+
 /// Everything the server persists.
 pub trait Datastore: Send + Sync + 'static {
     /// A consistent read snapshot.

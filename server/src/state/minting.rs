@@ -14,13 +14,13 @@
 
 use std::sync::Arc;
 
-use sigil_core::audit::{Event, IssuedX509Svid};
+use sigil_core::audit::{Event, IssuedRef};
 use sigil_core::caller::Caller;
 use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, now_unix};
 
 use super::{MintOutcome, MintRefusal, ServerState, poisoned};
-use crate::datastore::append_audit_ref;
+use crate::datastore::{append_audit_ref, append_batch_audit};
 use crate::error::RegistryError;
 
 /// A signed mint batch whose audit record is not written yet: hand it to
@@ -28,7 +28,27 @@ use crate::error::RegistryError;
 #[must_use = "a signed batch must be audited before its SVIDs are returned"]
 pub struct MintBatch {
     outcomes: Vec<MintOutcome>,
-    issued: Vec<IssuedX509Svid>,
+    issued: Vec<Signed>,
+}
+
+/// One leaf of a batch as its audit row needs it: the entry it was signed
+/// under (shared with the index, so its ID and SPIFFE ID are not copied per
+/// SVID), its serial and its expiry.
+struct Signed {
+    entry: Arc<Entry>,
+    serial: String,
+    expires_at: i64,
+}
+
+impl Signed {
+    fn row(&self) -> IssuedRef<'_> {
+        IssuedRef {
+            entry_id: &self.entry.id,
+            spiffe_id: &self.entry.spiffe_id,
+            serial: &self.serial,
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 impl MintBatch {
@@ -96,9 +116,8 @@ impl ServerState {
                         entry_id: e.id.clone(),
                         reason,
                     })?;
-                issued.push(IssuedX509Svid {
-                    entry_id: e.id.clone(),
-                    spiffe_id: e.spiffe_id.clone(),
+                issued.push(Signed {
+                    entry: e,
                     serial: leaf.serial,
                     expires_at: leaf.not_after,
                 });
@@ -117,21 +136,16 @@ impl ServerState {
         batch: MintBatch,
     ) -> Result<Vec<MintOutcome>, RegistryError> {
         let MintBatch { outcomes, issued } = batch;
-        self.note_entries_used(issued.iter().map(|s| s.entry_id.as_str()));
+        self.note_entries_used(issued.iter().map(|s| s.entry.id.as_str()));
         if issued.is_empty() || !self.cfg.audit_issuance {
             return Ok(outcomes);
         }
         let caller = Caller::agent(agent.clone());
-        let event = Event::X509SvidsIssued {
-            agent_id: agent.clone(),
-            svids: issued,
-        };
+        let rows: Vec<IssuedRef<'_>> = issued.iter().map(Signed::row).collect();
         self.store
-            .transact(|tx| append_audit_ref(tx, &caller, &event))?;
-        if self.any_kill()
-            && let Event::X509SvidsIssued { svids, .. } = &event
-        {
-            self.revoke_raced(agent, svids)?;
+            .transact(|tx| append_batch_audit(tx, &caller, agent, &rows))?;
+        if self.any_kill() {
+            self.revoke_raced(agent, &rows)?;
         }
         Ok(outcomes)
     }

@@ -260,7 +260,7 @@ impl ServerState {
     pub(super) fn revoke_raced(
         &self,
         agent: &SpiffeId,
-        issued: &[sigil_core::audit::IssuedX509Svid],
+        issued: &[sigil_core::audit::IssuedRef<'_>],
     ) -> Result<(), RegistryError> {
         let kills = self.kills.read().unwrap_or_else(|p| p.into_inner()).clone();
         let found: Vec<(String, i64)> = {
@@ -272,8 +272,8 @@ impl ServerState {
             };
             issued
                 .iter()
-                .filter(|s| w.workload(agent, &s.entry_id, &s.spiffe_id))
-                .map(|s| (s.serial.clone(), s.expires_at))
+                .filter(|s| w.workload(agent, s.entry_id, s.spiffe_id))
+                .map(|s| (s.serial.to_string(), s.expires_at))
                 .collect()
         };
         if found.is_empty() {

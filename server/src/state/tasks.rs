@@ -30,7 +30,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use sigil_core::audit::{Event, IssuedX509Svid};
+use sigil_core::audit::{Event, IssuedRef, IssuedX509Svid};
 use sigil_core::entry::{Entry, validate_text_max};
 use sigil_core::ids::{new_entry_id, parse_spiffe_id};
 use sigil_core::jwt::SignedJwt;
@@ -411,7 +411,7 @@ impl ServerState {
         // A kill of the task's ID that committed after the check above
         // but scanned the audit trail before this record: revoke now.
         if self.any_kill() {
-            self.revoke_raced(agent, std::slice::from_ref(&issued.x509))?;
+            self.revoke_raced(agent, &[IssuedRef::of(&issued.x509)])?;
         }
         self.note_entries_used([e.id.as_str()]);
         Ok(TaskSvid {
