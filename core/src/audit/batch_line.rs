@@ -8,7 +8,8 @@
 //! once for the characters JSON must escape and handing only those strings
 //! to serde_json.
 //!
-//! It is an optimization of [`super::next_line`] only: the canonical
+//! It is an optimization of [`super::next_line`] and
+//! [`super::next_batch_line`] only: the canonical
 //! encoding stays defined by serde_json ([`super::Record::canonical_encoding`]
 //! and the verifier use it), so a difference here would make `audit
 //! verify` refuse the record, and the tests compare both writers byte for
@@ -127,6 +128,7 @@ fn push_svid(out: &mut String, s: &IssuedRef<'_>) {
     out.push_str(itoa::Buffer::new().format(s.expires_at));
     out.push('}');
 }
+
 /// Whether serde_json writes `s` between quotes unchanged: it escapes only
 /// `"`, `\` and the control characters below U+0020.
 fn plain(s: &str) -> bool {

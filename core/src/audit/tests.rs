@@ -361,10 +361,9 @@ fn next_with_line_agrees_with_next_and_the_export_line() {
 
 /// The direct writer of mint-batch records (`batch_line`), from the event
 /// and from borrowed rows, against serde_json, the definition of the
-/// encoding: the same line for every
-/// caller kind, for empty and large batches, and for strings serde_json
-/// escapes (quotes, backslashes, control characters) or passes through
-/// (non-ASCII, `/`, U+2028).
+/// encoding: the same line for every caller kind, for empty and large
+/// batches, and for strings serde_json escapes (quotes, backslashes,
+/// control characters) or passes through (non-ASCII, `/`, U+2028).
 #[test]
 fn a_batch_line_is_spelled_as_serde_json_spells_it() {
     let odd = [
