@@ -48,7 +48,7 @@ impl<'a> IssuedRef<'a> {
     }
 
     /// The owned row, as the event holds it.
-    pub fn to_owned(&self) -> IssuedX509Svid {
+    pub fn to_row(&self) -> IssuedX509Svid {
         IssuedX509Svid {
             entry_id: self.entry_id.to_string(),
             spiffe_id: self.spiffe_id.clone(),
@@ -88,8 +88,8 @@ pub(super) fn batch_object(
     svids: &[IssuedRef<'_>],
     prev_hash: &Digest,
 ) -> Option<String> {
-    // About 170 bytes per SVID; the fixed part is under 400 bytes; the
-    // `hash` member the line gets last is 76.
+    // About 170 bytes per SVID and under 400 for the rest; the `hash`
+    // member is reserved for when it is appended.
     let mut out = String::with_capacity(512 + svids.len() * 192);
     out.push_str("{\"seq\":");
     out.push_str(itoa::Buffer::new().format(seq));

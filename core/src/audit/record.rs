@@ -159,18 +159,18 @@ pub fn next_line(head: Option<&Head>, time: i64, caller: &Caller, event: &Event)
     let at = crate::rfc3339(time);
     // A mint batch's record is the one written per batch on the signing
     // path: it has a direct writer of the same bytes.
-    let line = super::batch_line::hashed_object(seq, time, &at, caller, event, &prev_hash)
-        .unwrap_or_else(|| {
-            json(&RecordOut {
-                seq,
-                time,
-                at: at.clone(),
-                caller,
-                event,
-                prev_hash: &prev_hash,
-                hash: None,
-            })
-        });
+    let line = match super::batch_line::hashed_object(seq, time, &at, caller, event, &prev_hash) {
+        Some(line) => line,
+        None => json(&RecordOut {
+            seq,
+            time,
+            at,
+            caller,
+            event,
+            prev_hash: &prev_hash,
+            hash: None,
+        }),
+    };
     finish_line(seq, line)
 }
 
@@ -191,7 +191,7 @@ pub fn next_batch_line(
         None => {
             let event = Event::X509SvidsIssued {
                 agent_id: agent_id.clone(),
-                svids: svids.iter().map(IssuedRef::to_owned).collect(),
+                svids: svids.iter().map(IssuedRef::to_row).collect(),
             };
             next_line(head, time, caller, &event)
         }
