@@ -23,6 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Workload API messages (the file has no package) change type.
         .bytes(".X509SVID")
         .bytes(".X509SVIDResponse")
+        // A mint batch's CSRs are read in place from the request buffer
+        // (one shared buffer per call) instead of copied into a vector
+        // each: 500 allocations and copies fewer per batch.
+        .bytes(".sigil.agent.CsrForEntry.csr")
         // Entry claims in key order: the same entry always encodes alike.
         .btree_map(".sigil.common.Entry.jwt_claims")
         .build_client(true)

@@ -521,7 +521,7 @@ impl Cache {
             keys.insert(e.id.clone(), key);
             csrs.push(CsrForEntry {
                 entry_id: e.id.clone(),
-                csr,
+                csr: csr.into(),
             });
         }
         let ch = self.channel.borrow().clone();

@@ -393,6 +393,25 @@ impl Ca {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<SignedSvid, X509Error> {
+        self.sign_svid_at(csr_der, check, id, dns_names, ttl, crate::now_unix())
+    }
+
+    /// [`Ca::sign_svid_issued`] for a leaf issued at `now` (Unix seconds):
+    /// `notBefore` is `now` less [`BACKDATE`] and `notAfter` is `now` plus
+    /// `ttl` (clamped to the CA's expiry), to the second. A caller that
+    /// capped `ttl` against `now` (an entry's expiry, a task's deadline)
+    /// therefore gets a leaf that ends no later than the cap, however much
+    /// time passes between the two; a mint batch also reads the clock once
+    /// instead of once per leaf.
+    pub fn sign_svid_at(
+        &self,
+        csr_der: &[u8],
+        check: CsrSignature,
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+        now: i64,
+    ) -> Result<SignedSvid, X509Error> {
         if !id.is_member_of(&self.trust_domain) {
             return Err(X509Error::Certificate(format!(
                 "{id} is not in trust domain {}",
@@ -407,7 +426,8 @@ impl Ca {
             }
         }
         let key = csr_public_key(csr_der, check)?;
-        let now = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::from_unix_timestamp(now)
+            .map_err(|e| X509Error::Certificate(format!("issue time {now}: {e}")))?;
         let serial = random_serial_bytes();
         let not_after = offset(now, ttl, true).min(self.not_after);
         let leaf = leaf::Leaf {
@@ -623,6 +643,53 @@ mod tests {
             assert_eq!(s.serial.len(), 32);
             assert_eq!(s.not_after, info.not_after);
         }
+    }
+
+    #[test]
+    fn a_leaf_signed_at_a_given_time_is_dated_from_it_not_from_the_clock() {
+        let (ca, _) = Ca::generate(&td(), Duration::from_secs(86_400)).unwrap();
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let (csr, _key) = new_key_and_csr().unwrap();
+        // Far enough from the wall clock that reading it would show.
+        let at = crate::now_unix() - 1_000;
+        let s = ca
+            .sign_svid_at(
+                &csr,
+                CsrSignature::TrustChannel,
+                &id,
+                &[],
+                Duration::from_secs(300),
+                at,
+            )
+            .unwrap();
+        let info = SvidInfo::from_der(&s.der).unwrap();
+        assert_eq!(info.not_before, at - BACKDATE.as_secs() as i64);
+        assert_eq!(info.not_after, at + 300);
+        assert_eq!(s.not_after, at + 300);
+        // Still clamped to the CA's own expiry.
+        let late = ca
+            .sign_svid_at(
+                &csr,
+                CsrSignature::TrustChannel,
+                &id,
+                &[],
+                Duration::from_secs(86_400 * 30),
+                at,
+            )
+            .unwrap();
+        assert_eq!(late.not_after, ca.not_after().unix_timestamp());
+        // A time the certificate cannot carry is an error, not a panic.
+        assert!(matches!(
+            ca.sign_svid_at(
+                &csr,
+                CsrSignature::TrustChannel,
+                &id,
+                &[],
+                Duration::from_secs(1),
+                i64::MAX
+            ),
+            Err(X509Error::Certificate(_))
+        ));
     }
 
     #[test]

@@ -398,7 +398,7 @@ impl AgentApi for AgentService {
     ) -> Result<Response<MintX509SvidsResponse>, Status> {
         let (id, _) = self.authenticate(&req)?;
         let started = std::time::Instant::now();
-        let csrs: Vec<(String, Vec<u8>)> = req
+        let csrs: Vec<(String, bytes::Bytes)> = req
             .into_inner()
             .csrs
             .into_iter()

@@ -265,6 +265,7 @@ async fn an_agent_can_neither_mint_nor_sync_another_agents_entries() {
     // Agent A's own credential, used directly against the agent API.
     let mut api = AgentApiClient::new(agent_channel(&c, &c.dir.0.join("agent/data")).await);
     let (csr, _key) = sigil_core::x509::new_key_and_csr().unwrap();
+    let csr = tonic::codegen::Bytes::from(csr);
     let resp = api
         .mint_x509_svids(MintX509SvidsRequest {
             csrs: vec![

@@ -190,7 +190,7 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
             .map(|id| {
                 Ok(CsrForEntry {
                     entry_id: id.clone(),
-                    csr: new_key_and_csr()?.0,
+                    csr: new_key_and_csr()?.0.into(),
                     ..Default::default()
                 })
             })

@@ -240,7 +240,7 @@ struct Storm {
 async fn storm(server: &Server, sims: &[SimAgent], created: &[Entry]) -> Result<Storm> {
     use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest};
     let pool = (0..32)
-        .map(|_| sigil_core::x509::new_key_and_csr().map(|(c, _)| c))
+        .map(|_| sigil_core::x509::new_key_and_csr().map(|(c, _)| bytes::Bytes::from(c)))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut by_parent: std::collections::HashMap<&str, Vec<&str>> = Default::default();
     for e in created {

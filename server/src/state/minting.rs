@@ -64,7 +64,7 @@ impl ServerState {
     pub fn mint_for_agent(
         &self,
         agent: &SpiffeId,
-        csrs: &[(String, Vec<u8>)],
+        csrs: &[(String, impl AsRef<[u8]>)],
     ) -> Result<Vec<MintOutcome>, RegistryError> {
         let batch = self.sign_for_agent(agent, csrs)?;
         self.audit_batch(agent, batch)
@@ -76,7 +76,7 @@ impl ServerState {
     pub fn sign_for_agent(
         &self,
         agent: &SpiffeId,
-        csrs: &[(String, Vec<u8>)],
+        csrs: &[(String, impl AsRef<[u8]>)],
     ) -> Result<MintBatch, RegistryError> {
         let now = now_unix();
         let ca = self.ca();
@@ -105,12 +105,13 @@ impl ServerState {
                     now,
                 )?;
                 let leaf = ca
-                    .sign_svid_issued(
-                        csr,
+                    .sign_svid_at(
+                        csr.as_ref(),
                         self.cfg.workload_csr_check,
                         &e.spiffe_id,
                         &e.dns_names,
                         ttl,
+                        now,
                     )
                     .map_err(|reason| MintRefusal::Unsignable {
                         entry_id: e.id.clone(),

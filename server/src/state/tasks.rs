@@ -152,12 +152,13 @@ impl ServerState {
         )?;
         let ca = self.ca();
         let leaf = ca
-            .sign_svid_issued(
+            .sign_svid_at(
                 csr,
                 self.cfg.workload_csr_check,
                 &task.spiffe_id,
                 &e.dns_names,
                 x509_ttl,
+                now,
             )
             .map_err(|err| invalid("csr", err))?;
         let x509 = IssuedX509Svid {
