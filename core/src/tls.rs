@@ -426,12 +426,13 @@ mod tests {
         let id = SpiffeId::new("spiffe://example.org/w").unwrap();
         let mint = |ca: &Ca| {
             let (csr, _) = new_key_and_csr().unwrap();
-            ca.sign_svid_issued(
+            ca.sign_svid_at(
                 &csr,
                 crate::x509::CsrSignature::Verify,
                 &id,
                 &[],
                 Duration::from_secs(60),
+                crate::now_unix(),
             )
             .unwrap()
         };

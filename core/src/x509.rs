@@ -378,31 +378,19 @@ impl Ca {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<Vec<u8>, X509Error> {
-        self.sign_svid_issued(csr_der, check, id, dns_names, ttl)
+        self.sign_svid_at(csr_der, check, id, dns_names, ttl, crate::now_unix())
             .map(|s| s.der)
     }
 
-    /// [`Ca::sign_svid`], also returning the leaf's serial and `notAfter`
-    /// as they were encoded (for the audit trail, without re-parsing the
-    /// certificate).
-    pub fn sign_svid_issued(
-        &self,
-        csr_der: &[u8],
-        check: CsrSignature,
-        id: &SpiffeId,
-        dns_names: &[String],
-        ttl: Duration,
-    ) -> Result<SignedSvid, X509Error> {
-        self.sign_svid_at(csr_der, check, id, dns_names, ttl, crate::now_unix())
-    }
-
-    /// [`Ca::sign_svid_issued`] for a leaf issued at `now` (Unix seconds):
-    /// `notBefore` is `now` less [`BACKDATE`] and `notAfter` is `now` plus
-    /// `ttl` (clamped to the CA's expiry), to the second. A caller that
-    /// capped `ttl` against `now` (an entry's expiry, a task's deadline)
-    /// therefore gets a leaf that ends no later than the cap, however much
-    /// time passes between the two; a mint batch also reads the clock once
-    /// instead of once per leaf.
+    /// [`Ca::sign_svid`] for a leaf issued at `now` (Unix seconds), also
+    /// returning the leaf's serial and `notAfter` as they were encoded (for
+    /// the audit trail, without re-parsing the certificate). `notBefore` is
+    /// `now` less [`BACKDATE`] and `notAfter` is `now` plus `ttl` (clamped
+    /// to the CA's expiry), to the second. A caller that capped `ttl`
+    /// against `now` (an entry's expiry, a task's deadline) therefore gets a
+    /// leaf that ends no later than the cap, however much time passes
+    /// between the two; a mint batch also reads the clock once instead of
+    /// once per leaf.
     pub fn sign_svid_at(
         &self,
         csr_der: &[u8],
@@ -452,7 +440,7 @@ impl Ca {
     }
 }
 
-/// A leaf signed by [`Ca::sign_svid_issued`].
+/// A leaf signed by [`Ca::sign_svid_at`].
 #[derive(Debug, Clone)]
 pub struct SignedSvid {
     /// The certificate, DER.
@@ -630,12 +618,13 @@ mod tests {
         for ttl in [1, 300, 7200] {
             let (csr, _key) = new_key_and_csr().unwrap();
             let s = ca
-                .sign_svid_issued(
+                .sign_svid_at(
                     &csr,
                     CsrSignature::TrustChannel,
                     &id,
                     &[],
                     Duration::from_secs(ttl),
+                    crate::now_unix(),
                 )
                 .unwrap();
             let info = SvidInfo::from_der(&s.der).unwrap();

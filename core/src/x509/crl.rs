@@ -90,12 +90,13 @@ mod tests {
             .serialize_request(&key)
             .unwrap_or_else(|e| panic!("{e}"));
         let id = SpiffeId::new("spiffe://example.org/w").unwrap_or_else(|e| panic!("{e}"));
-        ca.sign_svid_issued(
+        ca.sign_svid_at(
             csr.der(),
             CsrSignature::Verify,
             &id,
             &[],
             Duration::from_secs(60),
+            crate::now_unix(),
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }
