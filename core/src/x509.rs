@@ -611,22 +611,18 @@ mod tests {
         TrustDomain::new("example.org").unwrap()
     }
 
+    /// Signs a fresh CSR for `spiffe://example.org/svc` at `at`.
+    fn sign_at(ca: &Ca, ttl: Duration, at: i64) -> Result<SignedSvid, X509Error> {
+        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
+        let (csr, _key) = new_key_and_csr().unwrap();
+        ca.sign_svid_at(&csr, CsrSignature::TrustChannel, &id, &[], ttl, at)
+    }
+
     #[test]
     fn issued_serial_and_expiry_match_the_signed_leaf() {
         let (ca, _) = Ca::generate(&td(), Duration::from_secs(3600)).unwrap();
-        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
         for ttl in [1, 300, 7200] {
-            let (csr, _key) = new_key_and_csr().unwrap();
-            let s = ca
-                .sign_svid_at(
-                    &csr,
-                    CsrSignature::TrustChannel,
-                    &id,
-                    &[],
-                    Duration::from_secs(ttl),
-                    crate::now_unix(),
-                )
-                .unwrap();
+            let s = sign_at(&ca, Duration::from_secs(ttl), crate::now_unix()).unwrap();
             let info = SvidInfo::from_der(&s.der).unwrap();
             assert_eq!(s.serial, info.serial);
             assert_eq!(s.serial.len(), 32);
@@ -637,46 +633,19 @@ mod tests {
     #[test]
     fn a_leaf_signed_at_a_given_time_is_dated_from_it_not_from_the_clock() {
         let (ca, _) = Ca::generate(&td(), Duration::from_secs(86_400)).unwrap();
-        let id = SpiffeId::new("spiffe://example.org/svc").unwrap();
-        let (csr, _key) = new_key_and_csr().unwrap();
         // Far enough from the wall clock that reading it would show.
         let at = crate::now_unix() - 1_000;
-        let s = ca
-            .sign_svid_at(
-                &csr,
-                CsrSignature::TrustChannel,
-                &id,
-                &[],
-                Duration::from_secs(300),
-                at,
-            )
-            .unwrap();
+        let s = sign_at(&ca, Duration::from_secs(300), at).unwrap();
         let info = SvidInfo::from_der(&s.der).unwrap();
         assert_eq!(info.not_before, at - BACKDATE.as_secs() as i64);
         assert_eq!(info.not_after, at + 300);
         assert_eq!(s.not_after, at + 300);
         // Still clamped to the CA's own expiry.
-        let late = ca
-            .sign_svid_at(
-                &csr,
-                CsrSignature::TrustChannel,
-                &id,
-                &[],
-                Duration::from_secs(86_400 * 30),
-                at,
-            )
-            .unwrap();
+        let late = sign_at(&ca, Duration::from_secs(86_400 * 30), at).unwrap();
         assert_eq!(late.not_after, ca.not_after().unix_timestamp());
         // A time the certificate cannot carry is an error, not a panic.
         assert!(matches!(
-            ca.sign_svid_at(
-                &csr,
-                CsrSignature::TrustChannel,
-                &id,
-                &[],
-                Duration::from_secs(1),
-                i64::MAX
-            ),
+            sign_at(&ca, Duration::from_secs(1), i64::MAX),
             Err(X509Error::Certificate(_))
         ));
     }
