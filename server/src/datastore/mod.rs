@@ -163,10 +163,7 @@ pub fn append_audit_ref(
     caller: &Caller,
     event: &audit::Event,
 ) -> Result<(), RegistryError> {
-    let head = tx.audit_head()?;
-    let (new_head, line) = audit::next_line(head.as_ref(), sigil_core::now_unix(), caller, event);
-    tx.put_audit_line(new_head.seq, &line)?;
-    Ok(())
+    append_line(tx, |head, now| audit::next_line(head, now, caller, event))
 }
 
 /// Appends the `x509_svids_issued` record of one mint batch from borrowed
@@ -178,14 +175,19 @@ pub fn append_batch_audit(
     agent_id: &sigil_core::SpiffeId,
     svids: &[audit::IssuedRef<'_>],
 ) -> Result<(), RegistryError> {
+    append_line(tx, |head, now| {
+        audit::next_batch_line(head, now, caller, agent_id, svids)
+    })
+}
+
+/// Stores the line `line_after` writes after the transaction's audit head,
+/// timed now.
+fn append_line(
+    tx: &mut dyn WriteTx,
+    line_after: impl FnOnce(Option<&audit::Head>, i64) -> (audit::Head, String),
+) -> Result<(), RegistryError> {
     let head = tx.audit_head()?;
-    let (new_head, line) = audit::next_batch_line(
-        head.as_ref(),
-        sigil_core::now_unix(),
-        caller,
-        agent_id,
-        svids,
-    );
+    let (new_head, line) = line_after(head.as_ref(), sigil_core::now_unix());
     tx.put_audit_line(new_head.seq, &line)?;
     Ok(())
 }
