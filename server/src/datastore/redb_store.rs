@@ -64,16 +64,20 @@ fn out_of_space(e: &redb::StorageError) -> bool {
 /// redb-backed [`Datastore`].
 pub struct RedbStore {
     db: Database,
-    /// The database file's directory, whose filesystem's free space
-    /// decides whether a write may start.
-    dir: std::path::PathBuf,
+    /// A second handle on the open database file: the free space of the
+    /// filesystem that holds it (`fstatvfs`, no path lookup per write, and
+    /// never another filesystem mounted at the path since) decides whether
+    /// a write may start.
+    file: std::fs::File,
+    /// The file's path, for messages.
+    path: std::path::PathBuf,
 }
 
 impl RedbStore {
     /// Refuses a write when the database's filesystem has less than
     /// [`SPACE_RESERVE`] bytes free for this process.
     fn check_space(&self) -> Result<(), StoreError> {
-        let Ok(st) = nix::sys::statvfs::statvfs(&self.dir) else {
+        let Ok(st) = nix::sys::statvfs::fstatvfs(&self.file) else {
             // No figure: let redb try (and report what it finds).
             return Ok(());
         };
@@ -81,7 +85,7 @@ impl RedbStore {
         if free < SPACE_RESERVE {
             return Err(StoreError::NoSpace(format!(
                 "{free} bytes free on the filesystem of {}, below the {SPACE_RESERVE} kept in reserve (no space left for writes)",
-                self.dir.display()
+                self.path.display()
             )));
         }
         Ok(())
@@ -117,6 +121,9 @@ impl RedbStore {
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let space_handle = file
+            .try_clone()
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let db = Database::builder()
             .set_cache_size((cache_mib as usize).saturating_mul(1024 * 1024))
             .create_with_backend(redb::backends::FileBackend::new(file).map_err(be)?)
@@ -138,11 +145,11 @@ impl RedbStore {
         tx.open_table(AUDIT).map_err(be)?;
         migrate_agents_v1(&tx)?;
         tx.commit().map_err(be)?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
-        };
-        Ok(Self { db, dir })
+        Ok(Self {
+            db,
+            file: space_handle,
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -429,7 +436,7 @@ impl Datastore for RedbStore {
             Ok(()) => tx.commit().map_err(|e| {
                 RegistryError::Store(match &e {
                     redb::CommitError::Storage(s) if out_of_space(s) => StoreError::NoSpace(
-                        format!("no space left on the disk of {}: {e}", self.dir.display()),
+                        format!("no space left on the disk of {}: {e}", self.path.display()),
                     ),
                     _ => be(e),
                 })
