@@ -25,8 +25,10 @@ use sigil_proto::common::FederatedBundle;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
-/// Largest CSR batch sent in one mint call.
-const MINT_BATCH: usize = 500;
+/// Largest CSR batch sent in one mint call: the server's cap, so that a
+/// rotation of many SVIDs pays each call's fixed cost (above all its audit
+/// commit) as few times as it can.
+const MINT_BATCH: usize = sigil_proto::agent::MAX_MINT_BATCH;
 /// First retry delay after a failed mint; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);

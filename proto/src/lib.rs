@@ -47,6 +47,15 @@ pub mod common {
 /// Agent <-> server API.
 pub mod agent {
     tonic::include_proto!("sigil.agent");
+
+    /// Most CSRs in one `MintX509Svids` call: the server refuses a longer
+    /// `csrs` list (`InvalidArgument`, nothing signed), and the agent sends
+    /// its due SVIDs in calls of this many. A call has a fixed cost besides
+    /// its signatures (its audit record's commit, the HTTP/2 exchange, the
+    /// hand-offs to the signing thread), so the agent fills calls to the
+    /// cap; 1000 CSRs make a request of about 280 KB and a response of
+    /// about 600 KB, well under gRPC's 4 MiB message limit.
+    pub const MAX_MINT_BATCH: usize = 1000;
 }
 
 /// Operator CLI <-> server admin API.

@@ -23,9 +23,10 @@ use sigil_core::x509::SvidInfo;
 use sigil_core::{SpiffeId, now_unix};
 use sigil_proto::agent::agent_api_server::AgentApi;
 use sigil_proto::agent::{
-    AttestRequest, AttestResponse, MintJwtSvidRequest, MintJwtSvidResponse, MintResult,
-    MintWitSvidRequest, MintWitSvidResponse, MintX509SvidsRequest, MintX509SvidsResponse,
-    RenewAgentRequest, RenewAgentResponse, SyncRequest, SyncUpdate, attest_response,
+    AttestRequest, AttestResponse, MAX_MINT_BATCH, MintJwtSvidRequest, MintJwtSvidResponse,
+    MintResult, MintWitSvidRequest, MintWitSvidResponse, MintX509SvidsRequest,
+    MintX509SvidsResponse, RenewAgentRequest, RenewAgentResponse, SyncRequest, SyncUpdate,
+    attest_response,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,9 +37,6 @@ use crate::blocking;
 use crate::limits::{ConnPeer, MAX_ATTEST_BYTES, MAX_ATTESTATIONS};
 use crate::state::ServerState;
 use crate::sync::{SyncTracker, Trust, chunks};
-
-/// Most CSRs accepted in one mint call.
-pub const MAX_MINT_BATCH: usize = 1000;
 
 pub struct AgentService {
     state: Arc<ServerState>,

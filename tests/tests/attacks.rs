@@ -13,6 +13,8 @@
 //! - an agent configured for another trust domain than the server's;
 //! - the admin sockets used by another uid;
 //! - an agent minting or syncing another agent's entries with its own SVID;
+//! - a mint call over the batch cap (refused whole, nothing signed or
+//!   recorded; a call at the cap is one audited batch);
 //! - x509pop proofs that do not answer the server's challenge: a signature
 //!   over another nonce, and a signature replayed from an earlier
 //!   successful attestation (a test gRPC client speaking `Attest`).
@@ -321,6 +323,106 @@ async fn an_agent_can_neither_mint_nor_sync_another_agents_entries() {
         !ids.contains(&foreign),
         "agent A was sent agent B's entry: {ids:?}"
     );
+}
+
+/// The serials of each `x509_svids_issued` record in `c`'s audit trail, in
+/// order, with the entry IDs they were issued under.
+fn issued_batches(c: &Cluster) -> Vec<Vec<(String, String)>> {
+    c.server_ok(&["audit", "export"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"]["kind"] == "x509_svids_issued")
+        .map(|r| {
+            r["event"]["svids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| {
+                    (
+                        s["entry_id"].as_str().unwrap().to_string(),
+                        s["serial"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_mint_call_over_the_batch_cap_is_refused_whole_and_one_at_the_cap_is_one_audited_batch() {
+    use sigil_proto::agent::agent_api_client::AgentApiClient;
+    use sigil_proto::agent::{CsrForEntry as Csr, MAX_MINT_BATCH, MintX509SvidsRequest};
+    let c = Cluster::with_agent();
+    let own = c.create_entry(
+        "spiffe://example.org/batch-workload",
+        &["--selector", "unix:uid:4303"],
+    );
+    // The running agent mints the entry once by itself: wait for its
+    // record, so that every record after `before` is one of this test's.
+    wait_for("the agent's own mint of the entry, audited", LONG, || {
+        issued_batches(&c)
+            .iter()
+            .flatten()
+            .any(|(entry, _)| *entry == own)
+    });
+    let before = issued_batches(&c);
+    let mut api = AgentApiClient::new(agent_channel(&c, &c.dir.0.join("agent/data")).await);
+    let (csr, _key) = sigil_core::x509::new_key_and_csr().unwrap();
+    let call = |n: usize| MintX509SvidsRequest {
+        csrs: vec![
+            Csr {
+                entry_id: own.clone(),
+                csr: csr.clone().into(),
+            };
+            n
+        ],
+    };
+
+    let refused = api
+        .mint_x509_svids(call(MAX_MINT_BATCH + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("`csrs`")
+            && refused.message().contains(&MAX_MINT_BATCH.to_string()),
+        "{}",
+        refused.message()
+    );
+
+    // The agent's batch size, the cap itself, is signed in one call.
+    let resp = api
+        .mint_x509_svids(call(MAX_MINT_BATCH))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.results.len(), MAX_MINT_BATCH);
+    let mut serials = std::collections::BTreeSet::new();
+    for r in &resp.results {
+        assert!(r.error.is_empty(), "{}", r.error);
+        let leaf = sigil_core::x509::SvidInfo::from_der(&r.svid_chain[0]).unwrap();
+        assert_eq!(
+            leaf.spiffe_id.to_string(),
+            "spiffe://example.org/batch-workload"
+        );
+        serials.insert(leaf.serial);
+    }
+    assert_eq!(serials.len(), MAX_MINT_BATCH, "serials repeat");
+
+    // One record since `before`: the call at the cap, listing every SVID it
+    // returned. The refused call signed and recorded nothing.
+    let after = issued_batches(&c);
+    assert_eq!(after[..before.len()], before[..], "the trail was rewritten");
+    let new = &after[before.len()..];
+    assert_eq!(new.len(), 1, "expected one new record, got {}", new.len());
+    let recorded: std::collections::BTreeSet<String> = new[0]
+        .iter()
+        .map(|(entry, serial)| {
+            assert_eq!(*entry, own);
+            serial.clone()
+        })
+        .collect();
+    assert_eq!(recorded, serials);
 }
 
 /// An agent-API channel to `c`'s server without a client certificate, as

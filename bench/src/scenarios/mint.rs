@@ -4,7 +4,8 @@
 //! channel vouches for its CSRs' keys) and with `verify_csr_signatures =
 //! true` (every CSR's self-signature verified, as SPIRE does):
 //! - end to end: the real `sigil-server`, pinned to one core, receives
-//!   `MintX509Svids` calls of `--batch` CSRs (the agent's batch size is 500)
+//!   `MintX509Svids` calls of `--batch` CSRs (by default the agent's batch,
+//!   `MAX_MINT_BATCH` = 1000)
 //!   from a simulated agent (join token, then mTLS with its agent SVID) on
 //!   another core, `--inflight` calls at a time so the server never waits
 //!   for the client. CSRs are generated before the clock starts (key
@@ -28,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use sigil_core::x509::{Ca, CsrSignature, new_key_and_csr};
 use sigil_core::{SpiffeId, TrustDomain};
-use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest, MintX509SvidsResponse};
+use sigil_proto::agent::{
+    CsrForEntry, MAX_MINT_BATCH, MintX509SvidsRequest, MintX509SvidsResponse,
+};
 
 use crate::Result;
 use crate::clients::{SimAgent, admin};
@@ -46,7 +49,8 @@ pub(crate) struct Args {
     /// SVIDs minted through the agent API (default 20000; 200 with --quick).
     #[arg(long)]
     svids: Option<usize>,
-    /// CSRs per MintX509Svids call (default 500, the agent's batch; 50 with --quick).
+    /// CSRs per MintX509Svids call (default 1000, the agent's batch and the
+    /// server's cap; 50 with --quick).
     #[arg(long)]
     batch: Option<usize>,
     /// Calls in flight (default 2).
@@ -305,7 +309,10 @@ async fn pkcs11_end_to_end(load: Load) -> Result<EndToEnd> {
 pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()> {
     let n_in = a.inprocess.unwrap_or(if quick { 200 } else { 5000 });
     let total = a.svids.unwrap_or(if quick { 200 } else { 20_000 });
-    let batch = a.batch.unwrap_or(if quick { 50 } else { 500 }).max(1);
+    let batch = a
+        .batch
+        .unwrap_or(if quick { 50 } else { MAX_MINT_BATCH })
+        .max(1);
     let inflight = a.inflight.unwrap_or(2).max(1);
 
     let slice = Duration::from_secs_f64(if quick { 0.1 } else { 0.5 });

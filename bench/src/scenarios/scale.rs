@@ -255,7 +255,7 @@ async fn storm(server: &Server, sims: &[SimAgent], created: &[Entry]) -> Result<
             .unwrap_or_default();
         let csrs: Vec<CsrForEntry> = ids
             .iter()
-            .take(1000) // the server's MAX_MINT_BATCH
+            .take(sigil_proto::agent::MAX_MINT_BATCH)
             .enumerate()
             .map(|(i, id)| CsrForEntry {
                 entry_id: id.to_string(),
