@@ -53,7 +53,7 @@ pub mod agent {
     /// its due SVIDs in calls of this many. A call has a fixed cost besides
     /// its signatures (its audit record's commit, the HTTP/2 exchange, the
     /// hand-offs to the signing thread), so the agent fills calls to the
-    /// cap; 1000 CSRs make a request of about 280 KB and a response of
+    /// cap; 1000 CSRs make a request of about 270 KB and a response of
     /// about 600 KB, well under gRPC's 4 MiB message limit.
     pub const MAX_MINT_BATCH: usize = 1000;
 }
