@@ -390,12 +390,15 @@ async fn a_mint_call_over_the_batch_cap_is_refused_whole_and_one_at_the_cap_is_o
         refused.message()
     );
 
-    // The agent's batch size, the cap itself, is signed in one call.
-    let resp = api
-        .mint_x509_svids(call(MAX_MINT_BATCH))
-        .await
-        .unwrap()
-        .into_inner();
+    // The agent's batch size, the cap itself, is signed in one call, and
+    // both messages stay under gRPC's default 4 MiB decoding limit, which
+    // the agent's client keeps.
+    let full = call(MAX_MINT_BATCH);
+    let request_len = prost::Message::encoded_len(&full);
+    let resp = api.mint_x509_svids(full).await.unwrap().into_inner();
+    let response_len = prost::Message::encoded_len(&resp);
+    eprintln!("a full mint call: request {request_len} B, response {response_len} B");
+    assert!(request_len < 4 << 20 && response_len < 4 << 20);
     assert_eq!(resp.results.len(), MAX_MINT_BATCH);
     let mut serials = std::collections::BTreeSet::new();
     for r in &resp.results {
