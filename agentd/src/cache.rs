@@ -20,15 +20,11 @@ use sigil_core::x509::BACKDATE;
 use sigil_core::x509::{SvidInfo, new_key_and_csr};
 use sigil_core::{SpiffeId, TrustDomain, now_unix, steady_unix};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
-use sigil_proto::agent::{CsrForEntry, MintX509SvidsRequest};
+use sigil_proto::agent::{CsrForEntry, MAX_MINT_BATCH, MintX509SvidsRequest};
 use sigil_proto::common::FederatedBundle;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
-/// Largest CSR batch sent in one mint call: the server's cap, so that a
-/// rotation of many SVIDs pays each call's fixed cost (above all its audit
-/// commit) as few times as it can.
-const MINT_BATCH: usize = sigil_proto::agent::MAX_MINT_BATCH;
 /// First retry delay after a failed mint; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -614,7 +610,10 @@ impl Cache {
             let mut changed = false;
             if !due.is_empty() {
                 let mut failed = false;
-                for chunk in due.chunks(MINT_BATCH) {
+                // Calls filled to the server's cap: a rotation of many SVIDs
+                // pays each call's fixed cost (above all its audit commit)
+                // as few times as it can.
+                for chunk in due.chunks(MAX_MINT_BATCH) {
                     match self.mint(chunk).await {
                         Ok(n) => changed |= n > 0,
                         Err(st) => {

@@ -110,6 +110,7 @@ impl RedbStore {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(StoreError::Backend(e.to_string())),
         }
+        let io = |e: std::io::Error| StoreError::Backend(format!("{}: {e}", path.display()));
         // Created owner-only, and never through a link (the check above
         // and this open are not one step).
         let file = std::fs::OpenOptions::new()
@@ -120,10 +121,8 @@ impl RedbStore {
             .mode(0o600)
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)
-            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
-        let space_handle = file
-            .try_clone()
-            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+            .map_err(io)?;
+        let space_handle = file.try_clone().map_err(io)?;
         let db = Database::builder()
             .set_cache_size((cache_mib as usize).saturating_mul(1024 * 1024))
             .create_with_backend(redb::backends::FileBackend::new(file).map_err(be)?)
