@@ -1,6 +1,6 @@
 //! The hashed JSON of an `x509_svids_issued` record, written directly.
 //!
-//! A mint batch's record lists up to 500 SVIDs (about 170 bytes each) and
+//! A mint batch's record lists up to 1000 SVIDs (about 170 bytes each) and
 //! is written once per batch on the server's signing path. serde_json
 //! produces it through a serializer call per key and per value, escaping
 //! every key and formatting each SPIFFE ID through `Display`; this module
@@ -9,7 +9,8 @@
 //! to serde_json.
 //!
 //! It is an optimization of [`super::next_line`] and
-//! [`super::next_batch_line`] only: the canonical
+//! [`super::next_batch_line`] only ([`BatchRows`] lets the server write the
+//! rows while it signs): the canonical
 //! encoding stays defined by serde_json ([`super::Record::canonical_encoding`]
 //! and the verifier use it), so a difference here would make `audit
 //! verify` refuse the record, and the tests compare both writers byte for
@@ -46,15 +47,55 @@ impl<'a> IssuedRef<'a> {
             expires_at: s.expires_at,
         }
     }
+}
 
-    /// The owned row, as the event holds it.
-    pub fn to_row(&self) -> IssuedX509Svid {
-        IssuedX509Svid {
-            entry_id: self.entry_id.to_string(),
-            spiffe_id: self.spiffe_id.clone(),
-            serial: self.serial.to_string(),
-            expires_at: self.expires_at,
+/// The `svids` array of an `x509_svids_issued` record, written one row at
+/// a time: the server appends each SVID's row right after signing it, while
+/// the entry's ID and SPIFFE ID are still in the core's cache, instead of
+/// walking a thousand cold entries again when the record is built. The
+/// rows are the same bytes [`super::next_line`] writes for the event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchRows {
+    /// The rows, comma-separated, without the enclosing brackets.
+    json: String,
+    len: usize,
+}
+
+impl BatchRows {
+    /// Room for `n` rows of the usual size (about 170 bytes each).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            json: String::with_capacity(n.saturating_mul(192)),
+            len: 0,
         }
+    }
+
+    /// Appends one SVID's row.
+    pub fn push(&mut self, row: &IssuedRef<'_>) {
+        if self.len > 0 {
+            self.json.push(',');
+        }
+        push_svid(&mut self.json, row);
+        self.len += 1;
+    }
+
+    /// How many rows there are.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<'a> FromIterator<IssuedRef<'a>> for BatchRows {
+    fn from_iter<I: IntoIterator<Item = IssuedRef<'a>>>(rows: I) -> Self {
+        let rows = rows.into_iter();
+        let mut out = Self::with_capacity(rows.size_hint().0);
+        rows.for_each(|r| out.push(&r));
+        out
     }
 }
 
@@ -72,25 +113,25 @@ pub(super) fn hashed_object(
     let Event::X509SvidsIssued { agent_id, svids } = event else {
         return None;
     };
-    let rows: Vec<IssuedRef<'_>> = svids.iter().map(IssuedRef::of).collect();
-    batch_object(seq, time, at, caller, agent_id, &rows, prev_hash)
+    let rows: BatchRows = svids.iter().map(IssuedRef::of).collect();
+    Some(batch_object(
+        seq, time, at, caller, agent_id, &rows, prev_hash,
+    ))
 }
 
-/// The hashed object of an `x509_svids_issued` record of `svids`; `None`
-/// only if the caller cannot be serialized (then the caller falls back to
-/// serde_json for the whole record).
+/// The hashed object of an `x509_svids_issued` record of `rows`.
 pub(super) fn batch_object(
     seq: u64,
     time: i64,
     at: &str,
     caller: &Caller,
     agent_id: &SpiffeId,
-    svids: &[IssuedRef<'_>],
+    rows: &BatchRows,
     prev_hash: &Digest,
-) -> Option<String> {
-    // About 170 bytes per SVID and under 400 for the rest; the `hash`
-    // member is reserved for when it is appended.
-    let mut out = String::with_capacity(512 + svids.len() * 192);
+) -> String {
+    // Under 400 bytes besides the rows; the `hash` member is reserved for
+    // when it is appended.
+    let mut out = String::with_capacity(512 + rows.json.len());
     out.push_str("{\"seq\":");
     out.push_str(itoa::Buffer::new().format(seq));
     out.push_str(",\"time\":");
@@ -98,23 +139,15 @@ pub(super) fn batch_object(
     out.push_str(",\"at\":");
     push_str(&mut out, at);
     out.push_str(",\"caller\":");
-    out.push_str(&serde_json::to_string(caller).ok()?);
+    out.push_str(&super::record::json(caller));
     out.push_str(",\"event\":{\"kind\":\"x509_svids_issued\",\"agent_id\":");
     push_id(&mut out, agent_id);
     out.push_str(",\"svids\":[");
-    for (i, s) in svids.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        push_svid(&mut out, s);
-    }
+    out.push_str(&rows.json);
     out.push_str("]},\"prev_hash\":\"");
-    let mut hex = [0u8; 64];
-    // Cannot fail: the output is exactly twice the digest's length.
-    hex::encode_to_slice(prev_hash.as_bytes(), &mut hex).ok()?;
-    out.push_str(std::str::from_utf8(&hex).ok()?);
+    out.push_str(&hex::encode(prev_hash.as_bytes()));
     out.push_str("\"}");
-    Some(out)
+    out
 }
 
 fn push_svid(out: &mut String, s: &IssuedRef<'_>) {

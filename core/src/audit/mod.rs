@@ -54,7 +54,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
-pub use batch_line::IssuedRef;
+pub use batch_line::{BatchRows, IssuedRef};
 pub use event::{Event, IssuedX509Svid, KeyKind, KillTarget, join_token_fingerprint};
 pub use key::{AuditKey, AuditPublicKey, CHECKPOINT_DOMAIN, KeyError, checkpoint_message};
 pub use record::{

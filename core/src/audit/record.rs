@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use spiffe::SpiffeId;
 
-use super::{Event, IssuedRef};
+use super::{BatchRows, Event};
 use crate::caller::Caller;
 
 /// Domain-separation prefix of the bytes a record's hash is taken over.
@@ -175,27 +175,19 @@ pub fn next_line(head: Option<&Head>, time: i64, caller: &Caller, event: &Event)
 }
 
 /// [`next_line`] of an [`Event::X509SvidsIssued`] by `agent_id` listing
-/// `svids`, from borrowed rows: the same head and line as `next_line` of
-/// that event, without the event.
+/// `rows`: the same head and line as `next_line` of that event, without
+/// the event.
 pub fn next_batch_line(
     head: Option<&Head>,
     time: i64,
     caller: &Caller,
     agent_id: &SpiffeId,
-    svids: &[IssuedRef<'_>],
+    rows: &BatchRows,
 ) -> (Head, String) {
     let (seq, prev_hash) = follow(head);
     let at = crate::rfc3339(time);
-    match super::batch_line::batch_object(seq, time, &at, caller, agent_id, svids, &prev_hash) {
-        Some(line) => finish_line(seq, line),
-        None => {
-            let event = Event::X509SvidsIssued {
-                agent_id: agent_id.clone(),
-                svids: svids.iter().map(IssuedRef::to_row).collect(),
-            };
-            next_line(head, time, caller, &event)
-        }
-    }
+    let line = super::batch_line::batch_object(seq, time, &at, caller, agent_id, rows, &prev_hash);
+    finish_line(seq, line)
 }
 
 /// The sequence number and `prev_hash` of the record after `head`.
@@ -373,7 +365,7 @@ impl Record {
     }
 }
 
-fn json<T: Serialize>(value: &T) -> String {
+pub(super) fn json<T: Serialize>(value: &T) -> String {
     #[expect(
         clippy::expect_used,
         reason = "records hold only strings, integers, lists and string-keyed JSON \

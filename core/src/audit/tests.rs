@@ -397,7 +397,7 @@ fn a_batch_line_is_spelled_as_serde_json_spells_it() {
             let Event::X509SvidsIssued { agent_id, svids } = &event else {
                 unreachable!()
             };
-            let rows: Vec<IssuedRef<'_>> = svids.iter().map(IssuedRef::of).collect();
+            let rows: BatchRows = svids.iter().map(IssuedRef::of).collect();
             let borrowed = next_batch_line(head.as_ref(), time, &caller(c), agent_id, &rows);
             let (record, line) = next_with_line(head.as_ref(), time, caller(c), event.clone());
             assert_eq!(line, record.to_jsonl_line(), "{n} SVIDs, caller {c}");

@@ -166,14 +166,15 @@ pub fn append_audit_ref(
     append_line(tx, |head, now| audit::next_line(head, now, caller, event))
 }
 
-/// Appends the `x509_svids_issued` record of one mint batch from borrowed
-/// rows ([`audit::next_batch_line`]): the record [`append_audit_ref`]
-/// would write for that event, without building it.
+/// Appends the `x509_svids_issued` record of one mint batch from its rows,
+/// written as the batch was signed ([`audit::next_batch_line`]): the
+/// record [`append_audit_ref`] would write for that event, without
+/// building it.
 pub fn append_batch_audit(
     tx: &mut dyn WriteTx,
     caller: &Caller,
     agent_id: &sigil_core::SpiffeId,
-    svids: &[audit::IssuedRef<'_>],
+    svids: &audit::BatchRows,
 ) -> Result<(), RegistryError> {
     append_line(tx, |head, now| {
         audit::next_batch_line(head, now, caller, agent_id, svids)

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use sigil_core::audit::{Event, IssuedRef};
+use sigil_core::audit::{BatchRows, Event, IssuedRef};
 use sigil_core::caller::Caller;
 use sigil_core::entry::Entry;
 use sigil_core::{SpiffeId, now_unix};
@@ -29,6 +29,9 @@ use crate::error::RegistryError;
 pub struct MintBatch {
     outcomes: Vec<MintOutcome>,
     issued: Vec<Signed>,
+    /// The record's rows, written as each leaf was signed (empty when
+    /// issuance is not audited).
+    rows: BatchRows,
 }
 
 /// One leaf of a batch as its audit row needs it: the entry it was signed
@@ -91,6 +94,8 @@ impl ServerState {
                 .collect()
         };
         let mut issued = Vec::with_capacity(csrs.len());
+        let audited = self.cfg.audit_issuance;
+        let mut rows = BatchRows::with_capacity(if audited { csrs.len() } else { 0 });
         let outcomes = csrs
             .iter()
             .zip(entries)
@@ -117,15 +122,24 @@ impl ServerState {
                         entry_id: e.id.clone(),
                         reason,
                     })?;
-                issued.push(Signed {
+                let signed = Signed {
                     entry: e,
                     serial: leaf.serial,
                     expires_at: leaf.not_after,
-                });
+                };
+                // Now, while the entry is in the cache.
+                if audited {
+                    rows.push(&signed.row());
+                }
+                issued.push(signed);
                 Ok(ca.svid_chain(leaf.der))
             })
             .collect();
-        Ok(MintBatch { outcomes, issued })
+        Ok(MintBatch {
+            outcomes,
+            issued,
+            rows,
+        })
     }
 
     /// Writes a signed batch's one `x509_svids_issued` record (when it
@@ -136,17 +150,21 @@ impl ServerState {
         agent: &SpiffeId,
         batch: MintBatch,
     ) -> Result<Vec<MintOutcome>, RegistryError> {
-        let MintBatch { outcomes, issued } = batch;
+        let MintBatch {
+            outcomes,
+            issued,
+            rows,
+        } = batch;
         self.note_entries_used(issued.iter().map(|s| s.entry.id.as_str()));
         if issued.is_empty() || !self.cfg.audit_issuance {
             return Ok(outcomes);
         }
         let caller = Caller::agent(agent.clone());
-        let rows: Vec<IssuedRef<'_>> = issued.iter().map(Signed::row).collect();
         self.store
             .transact(|tx| append_batch_audit(tx, &caller, agent, &rows))?;
         if self.any_kill() {
-            self.revoke_raced(agent, &rows)?;
+            let issued: Vec<IssuedRef<'_>> = issued.iter().map(Signed::row).collect();
+            self.revoke_raced(agent, &issued)?;
         }
         Ok(outcomes)
     }
