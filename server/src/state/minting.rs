@@ -34,9 +34,11 @@ pub struct MintBatch {
     rows: BatchRows,
 }
 
-/// One leaf of a batch as its audit row needs it: the entry it was signed
-/// under (shared with the index, so its ID and SPIFFE ID are not copied per
-/// SVID), its serial and its expiry.
+/// One signed leaf of a batch: the entry it was signed under (shared with
+/// the index, so its ID and SPIFFE ID are not copied per SVID), its serial
+/// and its expiry. Its audit row is written from it as it is signed; after
+/// the commit it serves the entries' use marks and, when a kill raced the
+/// batch, the revocation of what the kill covers.
 struct Signed {
     entry: Arc<Entry>,
     serial: String,
