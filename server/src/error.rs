@@ -89,8 +89,9 @@ impl StartupError {
     }
 }
 
-/// Why a registry operation failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a registry operation failed. `Clone`, so that one failed group
+/// commit can answer every record in it.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
     /// The request is malformed; the message names the field.

@@ -40,7 +40,7 @@ use sigil_proto::common::FederatedBundle;
 use crate::error::RegistryError;
 
 /// A datastore operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The backend (database, file) failed.

@@ -4,8 +4,10 @@
 //! Issuance is audited before anything is handed out: one
 //! `x509_svids_issued` record per mint batch (listing the serial and expiry
 //! of every leaf actually signed) and one `jwt_svid_issued` record per
-//! JWT-SVID (with its random `jti`), each committed in its own write
-//! transaction before the SVIDs are returned. A crash or a failed commit
+//! JWT-SVID (with its random `jti`), each committed before the SVIDs are
+//! returned, in a write transaction it shares only with the issuance
+//! records that were waiting at the same time ([`super::group_commit`]). A crash
+//! or a failed commit
 //! therefore never leaves an SVID in an agent's hands without its record;
 //! it can leave a record for SVIDs that were never delivered, which is the
 //! safe direction. Signing a batch ([`ServerState::sign_for_agent`]) and
@@ -161,9 +163,11 @@ impl ServerState {
         if issued.is_empty() || !self.cfg.audit_issuance {
             return Ok(outcomes);
         }
-        let caller = Caller::agent(agent.clone());
-        self.store
-            .transact(|tx| append_batch_audit(tx, &caller, agent, &rows))?;
+        let (caller, agent_id) = (Caller::agent(agent.clone()), agent.clone());
+        self.issuance.append(
+            &*self.store,
+            Box::new(move |tx| append_batch_audit(tx, &caller, &agent_id, &rows)),
+        )?;
         if self.any_kill() {
             let issued: Vec<IssuedRef<'_>> = issued.iter().map(Signed::row).collect();
             self.revoke_raced(agent, &issued)?;
@@ -218,8 +222,10 @@ impl ServerState {
                 jti: jwt.jti,
                 expires_at: jwt.expires_at,
             };
-            self.store
-                .transact(|tx| append_audit_ref(tx, &caller, &event))?;
+            self.issuance.append(
+                &*self.store,
+                Box::new(move |tx| append_audit_ref(tx, &caller, &event)),
+            )?;
         }
         Ok(jwt.token)
     }

@@ -39,6 +39,7 @@ mod cluster;
 mod delegation;
 mod entries;
 mod federation;
+mod group_commit;
 mod health;
 mod kills;
 mod minting;
@@ -119,6 +120,8 @@ pub struct ServerState {
     revision: std::sync::atomic::AtomicU64,
     /// Bounds concurrent X.509 signing and measures the queue.
     pub signing: crate::signing::SigningQueue,
+    /// Issuance records waiting for their commit, grouped.
+    issuance: group_commit::GroupCommit,
     /// Agent IDs named by unused join tokens, with the latest expiry of the
     /// tokens naming each: they are reserved for agents (namespace rule).
     token_ids: std::sync::Mutex<HashMap<SpiffeId, i64>>,
@@ -199,6 +202,7 @@ impl ServerState {
             agent_watch: std::sync::Mutex::new(HashMap::new()),
             revision: std::sync::atomic::AtomicU64::new(0),
             signing: crate::signing::SigningQueue::per_core(),
+            issuance: group_commit::GroupCommit::default(),
             token_ids: std::sync::Mutex::new(token_ids),
             kills: RwLock::new(kills),
             killed_ids: RwLock::default(),
