@@ -20,6 +20,12 @@
 //!   during the run moves both sides of it.
 //! - in process: `sigil_core::x509::Ca::sign_svid` in a loop on one core,
 //!   interleaved with sign-limit runs on the same core.
+//! - with `--jwt N`, also N JWT-SVIDs through `MintJwtSvid` from one
+//!   simulated agent, `--jwt-inflight` calls at a time (each for its own
+//!   entry), the server pinned to one core as above: `jwt_per_sec` audited
+//!   (one record per JWT-SVID, issuance records sharing commits when they
+//!   wait together) and `no_audit_jwt_per_sec`, with the server's CPU per
+//!   JWT-SVID for each.
 //! - with `--key-manager pkcs11`, also end to end with the server's CA key
 //!   in a SoftHSM2 token made for the run (`[key_manager] kind =
 //!   "pkcs11"`): `pkcs11_svids_per_sec`, its ratio to the sign limit and
@@ -30,7 +36,7 @@ use std::time::{Duration, Instant};
 use sigil_core::x509::{Ca, CsrSignature, new_key_and_csr};
 use sigil_core::{SpiffeId, TrustDomain};
 use sigil_proto::agent::{
-    CsrForEntry, MAX_MINT_BATCH, MintX509SvidsRequest, MintX509SvidsResponse,
+    CsrForEntry, MAX_MINT_BATCH, MintJwtSvidRequest, MintX509SvidsRequest, MintX509SvidsResponse,
 };
 
 use crate::Result;
@@ -64,6 +70,13 @@ pub(crate) struct Args {
     /// the default, runs only the keys.json server).
     #[arg(long, default_value = "disk", value_parser = ["disk", "pkcs11"])]
     key_manager: String,
+    /// Also mint this many JWT-SVIDs through MintJwtSvid, audited and not
+    /// (default 0: skipped).
+    #[arg(long, default_value_t = 0)]
+    jwt: usize,
+    /// MintJwtSvid calls in flight, each for its own entry (default 64).
+    #[arg(long, default_value_t = 64)]
+    jwt_inflight: usize,
 }
 
 /// Counts the SVIDs in a response; fails on the first per-CSR error.
@@ -265,6 +278,90 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
     })
 }
 
+/// What one JWT-SVID run measured.
+struct JwtRun {
+    per_sec: f64,
+    /// Server CPU time (user + system) per JWT-SVID, microseconds.
+    cpu_us: f64,
+}
+
+/// `n` JWT-SVIDs through `MintJwtSvid`, `inflight` calls at a time from one
+/// simulated agent, each caller for its own entry; the server on CPU 0.
+async fn jwt_end_to_end(n: usize, inflight: usize, extra_config: &str) -> Result<JwtRun> {
+    let inflight = inflight.clamp(1, n.max(1));
+    let bins = Bins::locate()?;
+    let scratch = Scratch::new("mint-jwt")?;
+    let server_cpu = (nproc() > 1).then_some(0);
+    let server = Server::start_with_env(&bins, &scratch.0, server_cpu, extra_config, &[]).await?;
+    let agent_id = format!("spiffe://{TD}/bench/jwt-agent");
+    let token = server.token(&agent_id).await?;
+    let entries = (0..inflight)
+        .map(|i| {
+            admin::entry(
+                &format!("spiffe://{TD}/bench/jwt/{i}"),
+                &agent_id,
+                &[other_uid_selector(i)],
+            )
+        })
+        .collect();
+    let ids: Vec<String> = admin::create_many(&server.admin, entries, 8)
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    progress(format!(
+        "mint: {n} JWT-SVIDs through MintJwtSvid, {inflight} in flight{}",
+        if extra_config.is_empty() {
+            ""
+        } else {
+            ", issuance not audited"
+        }
+    ));
+    let (port, pid) = (server.port, server.proc.pid());
+    let (minted, elapsed, cpu) = on_pinned_thread(bench_cpu(), move || async move {
+        let sim = SimAgent::attest(port, &token).await?;
+        let request = |id: &str| MintJwtSvidRequest {
+            entry_id: id.to_string(),
+            audience: vec!["bench".to_string()],
+        };
+        // Warm-up: the connection, the first signature.
+        sim.api.clone().mint_jwt_svid(request(&ids[0])).await?;
+        let cpu0 = cpu_split(pid)?;
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, id) in ids.iter().enumerate() {
+            let calls = n / inflight + usize::from(i < n % inflight);
+            let (mut api, req) = (sim.api.clone(), request(id));
+            set.spawn(async move {
+                for _ in 0..calls {
+                    if api
+                        .mint_jwt_svid(req.clone())
+                        .await?
+                        .into_inner()
+                        .token
+                        .is_empty()
+                    {
+                        return Err::<usize, crate::Error>("an empty JWT-SVID".into());
+                    }
+                }
+                Ok(calls)
+            });
+        }
+        let mut minted = 0;
+        while let Some(r) = set.join_next().await {
+            minted += r??;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        Ok::<_, crate::Error>((minted, elapsed, cpu_split(pid)? - cpu0))
+    })
+    .await?;
+    drop(server);
+    Ok(JwtRun {
+        per_sec: minted as f64 / elapsed,
+        cpu_us: 1e6 * (cpu.user + cpu.system).as_secs_f64() / minted.max(1) as f64,
+    })
+}
+
 /// What the rounds of one end-to-end run add up to.
 #[derive(Default)]
 struct Measured {
@@ -337,6 +434,13 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
     let no_audit = end_to_end(load, "audit_issuance = false\n", &[]).await?;
     let run = end_to_end(load, "", &[]).await?;
     let verify = end_to_end(load, "verify_csr_signatures = true\n", &[]).await?;
+    let jwt = match a.jwt {
+        0 => None,
+        n => Some((
+            jwt_end_to_end(n, a.jwt_inflight, "audit_issuance = false\n").await?,
+            jwt_end_to_end(n, a.jwt_inflight, "").await?,
+        )),
+    };
     let pkcs11 = match a.key_manager.as_str() {
         "pkcs11" => Some(pkcs11_end_to_end(load).await?),
         _ => None,
@@ -348,6 +452,14 @@ pub(crate) async fn run(a: &Args, quick: bool, rep: &mut Reporter) -> Result<()>
             .f("pkcs11_ratio", p.svids_per_sec / p.sign_limit)
             .f("pkcs11_vs_disk", p.svids_per_sec / run.svids_per_sec)
             .f("pkcs11_server_cpu_util", p.server_cpu_util);
+    }
+    if let Some((off, on)) = &jwt {
+        record = record
+            .f("jwt_per_sec", on.per_sec)
+            .f("jwt_server_cpu_us", on.cpu_us)
+            .f("no_audit_jwt_per_sec", off.per_sec)
+            .f("no_audit_jwt_server_cpu_us", off.cpu_us)
+            .with("jwt_inflight", a.jwt_inflight);
     }
     rep.emit(
         record
