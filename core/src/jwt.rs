@@ -225,8 +225,12 @@ impl JwtKeyType {
 /// What a [`JwtSigner`] signs with.
 #[derive(Clone)]
 enum JwsKey {
-    /// In process, through jsonwebtoken.
-    Local(EncodingKey),
+    /// An EC key in process, signing with ring (the library the CA signs
+    /// with; jsonwebtoken's pure-Rust ECDSA took about ten times longer per
+    /// token).
+    Ec(Arc<ring::signature::EcdsaKeyPair>),
+    /// An RSA key in process, through jsonwebtoken.
+    Rsa(EncodingKey),
     /// Outside the process (`ES256` only).
     External(Arc<dyn ExternalKey>),
 }
@@ -291,7 +295,7 @@ impl JwtSigner {
         pkcs8: Vec<u8>,
         not_after: i64,
     ) -> Result<Self, JwtError> {
-        let (mut public_jwk, encoding) = match key_type.ec() {
+        let (mut public_jwk, key) = match key_type.ec() {
             Some((alg, crv, n)) => {
                 use ring::signature::KeyPair;
                 let rng = ring::rand::SystemRandom::new();
@@ -307,7 +311,7 @@ impl JwtSigner {
                     "x": URL_SAFE_NO_PAD.encode(&point[1..1 + n]),
                     "y": URL_SAFE_NO_PAD.encode(&point[1 + n..]),
                 });
-                (jwk, EncodingKey::from_ec_der(&pkcs8))
+                (jwk, JwsKey::Ec(Arc::new(kp)))
             }
             None => {
                 use rsa::pkcs1::EncodeRsaPrivateKey;
@@ -323,7 +327,7 @@ impl JwtSigner {
                 let pkcs1 = key
                     .to_pkcs1_der()
                     .map_err(|e| JwtError::Crypto(e.to_string()))?;
-                (jwk, EncodingKey::from_rsa_der(pkcs1.as_bytes()))
+                (jwk, JwsKey::Rsa(EncodingKey::from_rsa_der(pkcs1.as_bytes())))
             }
         };
         public_jwk["kid"] = json!(kid);
@@ -332,7 +336,7 @@ impl JwtSigner {
             kid,
             key_type,
             pkcs8,
-            key: JwsKey::Local(encoding),
+            key,
             public_jwk,
             not_after,
         })
@@ -369,23 +373,23 @@ impl JwtSigner {
     /// The external key this signer signs with, if it has one.
     pub fn external_key(&self) -> Option<&Arc<dyn ExternalKey>> {
         match &self.key {
-            JwsKey::Local(_) => None,
+            JwsKey::Ec(_) | JwsKey::Rsa(_) => None,
             JwsKey::External(k) => Some(k),
         }
     }
 
     /// The compact JWS of `header` and `claims`, signed with this key.
     fn encode<T: Serialize>(&self, header: &Header, claims: &T) -> Result<String, JwtError> {
-        let key = match &self.key {
-            JwsKey::Local(k) => {
-                return jsonwebtoken::encode(header, claims, k)
-                    .map_err(|e| JwtError::Crypto(e.to_string()));
-            }
-            JwsKey::External(k) => k,
-        };
-        if header.alg != Algorithm::ES256 {
+        if let JwsKey::Rsa(k) = &self.key {
+            return jsonwebtoken::encode(header, claims, k)
+                .map_err(|e| JwtError::Crypto(e.to_string()));
+        }
+        if header.alg != self.key_type.jose_alg() {
             return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
         }
+        // The compact serialization (RFC 7515 §7.1), as jsonwebtoken writes
+        // it: BASE64URL(header) '.' BASE64URL(claims) '.' BASE64URL(sig),
+        // the signature over the first two parts, `r || s` (RFC 7518 §3.4).
         let part = |v: Result<Vec<u8>, serde_json::Error>| {
             v.map(|b| URL_SAFE_NO_PAD.encode(b))
                 .map_err(|e| JwtError::Malformed(e.to_string()))
@@ -393,9 +397,18 @@ impl JwtSigner {
         let mut token = part(serde_json::to_vec(header))?;
         token.push('.');
         token.push_str(&part(serde_json::to_vec(claims))?);
-        let sig = key
-            .sign_p256_sha256(token.as_bytes())
-            .map_err(|e| JwtError::Crypto(e.to_string()))?;
+        let sig = match &self.key {
+            JwsKey::Ec(kp) => kp
+                .sign(&ring::rand::SystemRandom::new(), token.as_bytes())
+                .map_err(|_| JwtError::Crypto("signing failed".into()))?
+                .as_ref()
+                .to_vec(),
+            JwsKey::External(k) => k
+                .sign_p256_sha256(token.as_bytes())
+                .map_err(|e| JwtError::Crypto(e.to_string()))?
+                .to_vec(),
+            JwsKey::Rsa(_) => return Err(JwtError::Algorithm("RS256".into())),
+        };
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(sig));
         Ok(token)
