@@ -327,7 +327,10 @@ impl JwtSigner {
                 let pkcs1 = key
                     .to_pkcs1_der()
                     .map_err(|e| JwtError::Crypto(e.to_string()))?;
-                (jwk, JwsKey::Rsa(EncodingKey::from_rsa_der(pkcs1.as_bytes())))
+                (
+                    jwk,
+                    JwsKey::Rsa(EncodingKey::from_rsa_der(pkcs1.as_bytes())),
+                )
             }
         };
         public_jwk["kid"] = json!(kid);

@@ -173,26 +173,15 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
         rounds,
         slice,
     } = load;
-    let bins = Bins::locate()?;
-    let scratch = Scratch::new("mint")?;
     let server_cpu = (nproc() > 1).then_some(0);
-    let server = Server::start_with_env(&bins, &scratch.0, server_cpu, extra_config, env).await?;
-    let agent_id = format!("spiffe://{TD}/bench/mint-agent");
-    let token = server.token(&agent_id).await?;
-    let entries = (0..batch)
-        .map(|i| {
-            admin::entry(
-                &format!("spiffe://{TD}/bench/mint/{i}"),
-                &agent_id,
-                &[other_uid_selector(i)],
-            )
-        })
-        .collect();
-    let ids: Vec<String> = admin::create_many(&server.admin, entries, 8)
-        .await?
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    // The setup stays bound whole: its fields go in order (the server
+    // before its directory), also on an early return.
+    let mut run = setup("mint", batch, extra_config, env).await?;
+    let (server, token, ids) = (
+        &run.server,
+        std::mem::take(&mut run.token),
+        std::mem::take(&mut run.ids),
+    );
     progress(format!(
         "mint: {total} SVIDs through MintX509Svids, batches of {batch}, {inflight} in flight, {rounds} rounds, server on {}",
         server_cpu.map_or("all cores".to_string(), |c| format!("CPU {c}"))
@@ -260,7 +249,7 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
         Ok(m)
     })
     .await?;
-    drop(server);
+    drop(run);
     let mean = m.limits.iter().sum::<f64>() / m.limits.len() as f64;
     let (lo, hi) = m
         .limits
@@ -278,6 +267,53 @@ async fn end_to_end(load: Load, extra_config: &str, env: &[(String, String)]) ->
     })
 }
 
+/// A server for one run and what its simulated agent needs.
+struct Setup {
+    server: Server,
+    /// A join token for `spiffe://<TD>/bench/<name>-agent`.
+    token: String,
+    /// The IDs of that agent's entries.
+    ids: Vec<String>,
+    /// The server's directory; declared last, so it goes after the server.
+    _scratch: Scratch,
+}
+
+/// Starts a server (on CPU 0 when there are two cores) with `extra_config`
+/// and `env`, and creates `n` entries for the agent `bench/<name>-agent`.
+async fn setup(
+    name: &str,
+    n: usize,
+    extra_config: &str,
+    env: &[(String, String)],
+) -> Result<Setup> {
+    let bins = Bins::locate()?;
+    let scratch = Scratch::new(name)?;
+    let server_cpu = (nproc() > 1).then_some(0);
+    let server = Server::start_with_env(&bins, &scratch.0, server_cpu, extra_config, env).await?;
+    let agent_id = format!("spiffe://{TD}/bench/{name}-agent");
+    let token = server.token(&agent_id).await?;
+    let entries = (0..n)
+        .map(|i| {
+            admin::entry(
+                &format!("spiffe://{TD}/bench/{name}/{i}"),
+                &agent_id,
+                &[other_uid_selector(i)],
+            )
+        })
+        .collect();
+    let ids = admin::create_many(&server.admin, entries, 8)
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    Ok(Setup {
+        server,
+        token,
+        ids,
+        _scratch: scratch,
+    })
+}
+
 /// What one JWT-SVID run measured.
 struct JwtRun {
     per_sec: f64,
@@ -289,26 +325,14 @@ struct JwtRun {
 /// simulated agent, each caller for its own entry; the server on CPU 0.
 async fn jwt_end_to_end(n: usize, inflight: usize, extra_config: &str) -> Result<JwtRun> {
     let inflight = inflight.clamp(1, n.max(1));
-    let bins = Bins::locate()?;
-    let scratch = Scratch::new("mint-jwt")?;
-    let server_cpu = (nproc() > 1).then_some(0);
-    let server = Server::start_with_env(&bins, &scratch.0, server_cpu, extra_config, &[]).await?;
-    let agent_id = format!("spiffe://{TD}/bench/jwt-agent");
-    let token = server.token(&agent_id).await?;
-    let entries = (0..inflight)
-        .map(|i| {
-            admin::entry(
-                &format!("spiffe://{TD}/bench/jwt/{i}"),
-                &agent_id,
-                &[other_uid_selector(i)],
-            )
-        })
-        .collect();
-    let ids: Vec<String> = admin::create_many(&server.admin, entries, 8)
-        .await?
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    // The setup stays bound whole: its fields go in order (the server
+    // before its directory), also on an early return.
+    let mut run = setup("jwt", inflight, extra_config, &[]).await?;
+    let (server, token, ids) = (
+        &run.server,
+        std::mem::take(&mut run.token),
+        std::mem::take(&mut run.ids),
+    );
     progress(format!(
         "mint: {n} JWT-SVIDs through MintJwtSvid, {inflight} in flight{}",
         if extra_config.is_empty() {
@@ -355,7 +379,7 @@ async fn jwt_end_to_end(n: usize, inflight: usize, extra_config: &str) -> Result
         Ok::<_, crate::Error>((minted, elapsed, cpu_split(pid)? - cpu0))
     })
     .await?;
-    drop(server);
+    drop(run);
     Ok(JwtRun {
         per_sec: minted as f64 / elapsed,
         cpu_us: 1e6 * (cpu.user + cpu.system).as_secs_f64() / minted.max(1) as f64,
