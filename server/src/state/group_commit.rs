@@ -43,7 +43,7 @@ struct Queue {
     results: HashMap<u64, Result<(), RegistryError>>,
     /// A waiter is committing a group now.
     committing: bool,
-    /// Transactions committed (or failed), for the tests and metrics.
+    /// Transactions committed (or failed), read by the tests.
     groups: u64,
 }
 
