@@ -43,6 +43,8 @@ pub struct ServerMetrics {
     pub agents: Gauge,
     pub node_attestations: Family<AttestationLabels, Counter>,
     pub kills_created: Counter,
+    pub audit_issuance_commits: Counter,
+    pub audit_issuance_records: Counter,
     pub kills_in_force: Gauge,
     pub datastore_errors: Counter,
     pub agent_api: Arc<GrpcMetrics>,
@@ -73,6 +75,8 @@ impl ServerMetrics {
             agents: Gauge::default(),
             node_attestations: Family::default(),
             kills_created: Counter::default(),
+            audit_issuance_commits: Counter::default(),
+            audit_issuance_records: Counter::default(),
             kills_in_force: Gauge::default(),
             datastore_errors: Counter::default(),
             agent_api: GrpcMetrics::new(&mut r, "agent_api", AGENT_API_METHODS),
@@ -128,6 +132,16 @@ impl ServerMetrics {
             m.node_attestations.clone(),
         );
         r.register("kills_created", "Kills created", m.kills_created.clone());
+        r.register(
+            "audit_issuance_commits",
+            "Write transactions that committed issuance audit records (one may hold several)",
+            m.audit_issuance_commits.clone(),
+        );
+        r.register(
+            "audit_issuance_records",
+            "Issuance audit records committed (one per mint batch or JWT-SVID)",
+            m.audit_issuance_records.clone(),
+        );
         r.register("kills_in_force", "Kills in force", m.kills_in_force.clone());
         r.register(
             "datastore_errors",
@@ -224,6 +238,8 @@ mod tests {
             "sigil_server_sync_sent_bytes_total",
             "sigil_server_sync_streams",
             "sigil_server_datastore_errors_total",
+            "sigil_server_audit_issuance_commits_total",
+            "sigil_server_audit_issuance_records_total",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -148,6 +148,12 @@ async fn server_and_agent_metrics_parse_and_move_and_probes_answer() {
     let signed = |s: &Samples| v(s, "sigil_server_x509_svids_signed_total", &[]);
     assert!(signed(&after) >= signed(&before) + 1.0, "{after:?}");
     assert!(v(&after, "sigil_server_jwt_svids_signed_total", &[]) >= 1.0);
+    // At least the X.509 batch and the JWT-SVID were audited, in at most
+    // as many commits as records.
+    let records = v(&after, "sigil_server_audit_issuance_records_total", &[]);
+    let commits = v(&after, "sigil_server_audit_issuance_commits_total", &[]);
+    assert!(records >= 2.0, "{after:?}");
+    assert!(commits >= 1.0 && commits <= records, "{after:?}");
     assert!(
         v(
             &after,

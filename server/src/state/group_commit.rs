@@ -104,12 +104,18 @@ impl GroupCommit {
             tickets,
             result: None,
         };
-        post.result = Some(store.write(&mut |tx| {
+        let result = store.write(&mut |tx| {
             for job in jobs.iter_mut() {
                 job(tx)?;
             }
             Ok(())
-        }));
+        });
+        if result.is_ok() {
+            let m = &crate::metrics::METRICS;
+            m.audit_issuance_commits.inc();
+            m.audit_issuance_records.inc_by(jobs.len() as u64);
+        }
+        post.result = Some(result);
         drop(post);
         self.lock()
     }
