@@ -401,19 +401,18 @@ impl JwtSigner {
         token.push('.');
         token.push_str(&part(serde_json::to_vec(claims))?);
         let sig = match &self.key {
-            JwsKey::Ec(kp) => kp
-                .sign(&ring::rand::SystemRandom::new(), token.as_bytes())
-                .map_err(|_| JwtError::Crypto("signing failed".into()))?
-                .as_ref()
-                .to_vec(),
-            JwsKey::External(k) => k
-                .sign_p256_sha256(token.as_bytes())
-                .map_err(|e| JwtError::Crypto(e.to_string()))?
-                .to_vec(),
+            JwsKey::Ec(kp) => URL_SAFE_NO_PAD.encode(
+                kp.sign(&ring::rand::SystemRandom::new(), token.as_bytes())
+                    .map_err(|_| JwtError::Crypto("signing failed".into()))?,
+            ),
+            JwsKey::External(k) => URL_SAFE_NO_PAD.encode(
+                k.sign_p256_sha256(token.as_bytes())
+                    .map_err(|e| JwtError::Crypto(e.to_string()))?,
+            ),
             JwsKey::Rsa(_) => return Err(JwtError::Algorithm("RS256".into())),
         };
         token.push('.');
-        token.push_str(&URL_SAFE_NO_PAD.encode(sig));
+        token.push_str(&sig);
         Ok(token)
     }
 

@@ -58,7 +58,6 @@ impl<'a> IssuedRef<'a> {
 pub struct BatchRows {
     /// The rows, comma-separated, without the enclosing brackets.
     json: String,
-    len: usize,
 }
 
 impl BatchRows {
@@ -66,27 +65,16 @@ impl BatchRows {
     pub fn with_capacity(n: usize) -> Self {
         Self {
             json: String::with_capacity(n.saturating_mul(192)),
-            len: 0,
         }
     }
 
-    /// Appends one SVID's row.
+    /// Appends one SVID's row (a row is never empty, so an empty buffer
+    /// means the first row).
     pub fn push(&mut self, row: &IssuedRef<'_>) {
-        if self.len > 0 {
+        if !self.json.is_empty() {
             self.json.push(',');
         }
         push_svid(&mut self.json, row);
-        self.len += 1;
-    }
-
-    /// How many rows there are.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
